@@ -1,0 +1,187 @@
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3) as one readable transformer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagoda.model.attention import AttentionMetadata, paged_attention
+from pagoda.model.rope import RotaryEmbedding
+from pagoda.model.spec import ModelLoadError, ModelSpec
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, as the reference does, then scale in the run dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.spec = spec
+        self.qkv_proj = nn.Linear(
+            spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.attention_bias
+        )
+        self.o_proj = nn.Linear(spec.q_size, spec.hidden_size, bias=False)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+        self.rope = rope
+        self.scale = spec.head_dim**-0.5
+        # Set by the runner once the cache is allocated: (k_cache, v_cache).
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, attn: AttentionMetadata
+    ) -> torch.Tensor:
+        spec = self.spec
+        q, k, v = self.qkv_proj(x).split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
+        q = q.view(-1, spec.num_heads, spec.head_dim)  # [num_tokens, num_heads, head_dim]
+        k = k.view(-1, spec.num_kv_heads, spec.head_dim)  # [num_tokens, num_kv_heads, head_dim]
+        v = v.view(-1, spec.num_kv_heads, spec.head_dim)
+        if spec.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(positions, q, k)
+        assert self.kv_cache is not None, "the runner binds a KV cache before the first forward"
+        out = paged_attention(q, k, v, *self.kv_cache, attn, self.scale)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec, rope)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, attn: AttentionMetadata
+    ) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Token ids in, hidden states out; compute_logits turns chosen rows into logits."""
+
+    # Hugging Face weight name -> (our fused parameter, shard); shards are stacked in this order.
+    FUSED = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        # One table for all layers: the rotations do not depend on the layer.
+        self.rope = RotaryEmbedding(
+            spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling
+        )
+        self.layers = nn.ModuleList(DecoderLayer(spec, self.rope) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        if not spec.tie_word_embeddings:
+            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata
+    ) -> torch.Tensor:
+        """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden_size]."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x, attn)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, hidden_size] -> float32 logits [n, vocab_size]."""
+        weight = self.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def bind_kv_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Hands each layer its (k_cache, v_cache) pair."""
+        assert len(caches) == len(self.layers)
+        for layer, cache in zip(self.layers, caches):
+            layer.self_attn.kv_cache = cache
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies Hugging Face-named tensors in, fusing q/k/v and gate/up; checks completeness."""
+        params = dict(self.named_parameters())
+        expected = {name: 1 for name in params}
+        for name in params:
+            if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
+                expected[name] = 3
+            elif name.endswith("gate_up_proj.weight"):
+                expected[name] = 2
+        seen: dict[str, set[int]] = {name: set() for name in params}
+
+        for hf_name, tensor in weights:
+            name, shard = self._param_name(hf_name)
+            if name is None:
+                continue
+            if name not in params:
+                raise ModelLoadError(f"unexpected tensor {hf_name!r} for a {self.spec.family} model")
+            target = self._shard_view(params[name], name, shard)
+            if target.shape != tensor.shape:
+                raise ModelLoadError(
+                    f"tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(target.shape)}"
+                )
+            target.copy_(tensor)
+            seen[name].add(shard)
+
+        missing = [n for n, count in expected.items() if len(seen[n]) != count]
+        if missing:
+            raise ModelLoadError(f"missing weights: {', '.join(sorted(missing)[:8])}")
+        self.rope.init_table()
+
+    def _param_name(self, hf_name: str) -> tuple[str | None, int]:
+        """Our parameter and shard for a Hugging Face tensor name; None for tensors we ignore."""
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            return None, 0
+        name = hf_name.removeprefix("model.")
+        if name == "lm_head.weight" and self.spec.tie_word_embeddings:
+            return None, 0
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            if part in self.FUSED:
+                fused, shard = self.FUSED[part]
+                parts[i] = fused
+                return ".".join(parts), shard
+        return name, 0
+
+    def _shard_view(self, param: torch.Tensor, name: str, shard: int) -> torch.Tensor:
+        spec = self.spec
+        if ".qkv_proj." in name:
+            sizes = [spec.q_size, spec.kv_size, spec.kv_size]
+        elif ".gate_up_proj." in name:
+            sizes = [spec.intermediate_size] * 2
+        else:
+            return param
+        return param.narrow(0, sum(sizes[:shard]), sizes[shard])

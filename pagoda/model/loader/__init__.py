@@ -1,0 +1,61 @@
+"""load_model: a model directory or GGUF file -> a ready LlamaForCausalLM on a device."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pagoda.model.llama import LlamaForCausalLM
+from pagoda.model.loader import gguf as gguf_loader
+from pagoda.model.loader import safetensors as st_loader
+from pagoda.model.spec import ModelSpec
+from pagoda.model_files import is_gguf
+
+logger = logging.getLogger(__name__)
+
+
+def read_spec(path: Path) -> ModelSpec:
+    """The hyper-parameters of a model directory or GGUF file, without loading weights."""
+    if is_gguf(path):
+        return gguf_loader.read_spec(gguf_loader.open_reader(path))
+    return st_loader.read_spec(path)
+
+
+def load_model(
+    path: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> LlamaForCausalLM:
+    """Builds the model on the meta device, then streams the weights in; logs time and memory."""
+    start = time.perf_counter()
+    weights: Iterator[tuple[str, torch.Tensor]]
+    if is_gguf(path):
+        reader = gguf_loader.open_reader(path)
+        spec = gguf_loader.read_spec(reader)
+        weights = gguf_loader.iter_weights(reader, spec, dtype)
+        num_tensors = len(reader.tensors)
+    else:
+        spec = st_loader.read_spec(path)
+        weights = st_loader.iter_weights(path, dtype)
+        num_tensors = 0
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(spec)
+    model = model.to_empty(device=device).to(dtype)
+    model.rope.cos_sin = model.rope.cos_sin.float()  # the rotation table stays float32
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    progress = tqdm(
+        weights, total=num_tensors or None, desc="Loading weights", unit="tensor",
+        disable=nbytes < (1 << 30),  # small models load in a blink
+    )
+    model.load_weights(progress)
+    model.eval().requires_grad_(False)
+    logger.info(
+        "Loaded %s (%s, %d layers) in %.2f s: %.1f MiB of weights in %s",
+        path.name, spec.family, spec.num_layers, time.perf_counter() - start,
+        nbytes / 2**20, dtype,
+    )
+    return model

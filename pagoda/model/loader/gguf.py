@@ -1,0 +1,151 @@
+"""Single GGUF files: hyper-parameters from the metadata, tensors dequantized to the run dtype."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from pagoda.model.loader.quants import BLOCK_BYTES, dequantize
+from pagoda.model.spec import ModelLoadError, ModelSpec
+
+# GGUF architecture -> our family. Mistral files declare "llama".
+FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+# GGUF tensor name -> Hugging Face name; {i} is the layer number.
+NAME_TABLE = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+def open_reader(path: Path) -> gguf.GGUFReader:
+    """Opens a GGUF file, turning the reader's errors into one that names the file."""
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from e
+
+
+def field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    """The value of a metadata field, or default when absent (None default = required)."""
+    f = reader.fields.get(key)
+    if f is None:
+        if default is None:
+            raise ModelLoadError(f"GGUF metadata lacks the field {key!r}")
+        return default
+    return f.contents()
+
+
+def read_spec(reader: gguf.GGUFReader) -> ModelSpec:
+    """Reads the hyper-parameters from the metadata into a ModelSpec."""
+    arch = field(reader, "general.architecture")
+    if arch not in FAMILIES:
+        raise ModelLoadError(
+            f"unsupported GGUF architecture {arch!r}; supported: {', '.join(FAMILIES)}"
+        )
+    names = {t.name for t in reader.tensors}
+    hidden = field(reader, f"{arch}.embedding_length")
+    heads = field(reader, f"{arch}.attention.head_count")
+    return ModelSpec(
+        family=FAMILIES[arch],
+        vocab_size=field(reader, f"{arch}.vocab_size", 0)
+        or len(reader.fields["tokenizer.ggml.tokens"].data),
+        hidden_size=hidden,
+        intermediate_size=field(reader, f"{arch}.feed_forward_length"),
+        num_layers=field(reader, f"{arch}.block_count"),
+        num_heads=heads,
+        num_kv_heads=field(reader, f"{arch}.attention.head_count_kv", heads),
+        head_dim=field(reader, f"{arch}.attention.key_length", hidden // heads),
+        rms_norm_eps=field(reader, f"{arch}.attention.layer_norm_rms_epsilon"),
+        rope_theta=field(reader, f"{arch}.rope.freq_base", 10000.0),
+        max_position_embeddings=field(reader, f"{arch}.context_length"),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names,
+        rope_scaling=_rope_factors(reader),
+    )
+
+
+def _rope_factors(reader: gguf.GGUFReader) -> dict[str, Any] | None:
+    """llama3-style scaling, which GGUF stores as a tensor of per-frequency divisors."""
+    t = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if t is None:
+        return None
+    return {"rope_type": "factors", "factors": tensor_values(t).tolist()}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor, or None for tensors without one."""
+    m = _LAYER.match(gguf_name)
+    key = _LAYER.sub("blk.{i}.", gguf_name) if m else gguf_name
+    target = NAME_TABLE.get(key)
+    return target.format(i=m.group(1)) if (target and m) else target
+
+
+def unpermute(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undoes llama.cpp's reordering of Q/K rows (interleaved -> rotate-half pairs)."""
+    rows = w.shape[0]
+    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(
+        w.shape
+    )
+
+
+def tensor_values(t: Any) -> torch.Tensor:
+    """A reader tensor's values as float32 in PyTorch layout (rows first)."""
+    shape = tuple(int(n) for n in reversed(t.shape))
+    qtype = t.tensor_type.name
+    data = np.asarray(t.data)
+    if qtype in ("F32", "F16"):
+        values = torch.from_numpy(data.copy()).float()
+    elif qtype == "BF16":
+        raw = torch.from_numpy(data.copy().view(np.uint8))
+        values = raw.view(torch.bfloat16).float()
+    elif qtype in BLOCK_BYTES:
+        values = dequantize(torch.from_numpy(data.copy().view(np.uint8)), qtype)
+    else:
+        raise ModelLoadError(
+            f"tensor {t.name!r} has type {qtype}; supported: F32, F16, BF16, "
+            f"{', '.join(BLOCK_BYTES)}"
+        )
+    return values.reshape(shape)
+
+
+def iter_weights(
+    reader: gguf.GGUFReader, spec: ModelSpec, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (Hugging Face name, tensor in dtype) for every tensor the model uses."""
+    permuted = field(reader, "general.architecture") in ("llama", "mistral")
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name is None:
+            if t.name == "rope_freqs.weight":
+                continue  # read into the spec's rope scaling
+            raise ModelLoadError(f"unknown GGUF tensor {t.name!r}")
+        w = tensor_values(t)
+        if permuted and name.endswith("q_proj.weight"):
+            w = unpermute(w, spec.num_heads)
+        elif permuted and name.endswith("k_proj.weight"):
+            w = unpermute(w, spec.num_kv_heads)
+        yield name, w.to(dtype)

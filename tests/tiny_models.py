@@ -1,0 +1,62 @@
+"""Tiny random-weight models of each supported architecture, saved as Hugging Face directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+COMMON: dict[str, Any] = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+# name -> (transformers config class, extra config fields)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=True, rope_theta=10000.0)),
+    "llama3-rope": (
+        "LlamaConfig",
+        dict(
+            tie_word_embeddings=False,
+            rope_theta=500000.0,
+            rope_scaling=dict(
+                rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        ),
+    ),
+    "mistral": ("MistralConfig", dict(tie_word_embeddings=False, sliding_window=None)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=32)),
+}
+
+
+def make_hf_model(variant: str, seed: int = 0) -> torch.nn.Module:
+    """A transformers model of the variant with random weights in float32."""
+    import transformers
+
+    cls_name, extra = VARIANTS[variant]
+    config = getattr(transformers, cls_name)(**COMMON, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random init leaves norms at 1 and biases at 0; perturb them so that they are tested too.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def save_hf_model(variant: str, path: Path, seed: int = 0, **save_kwargs: Any) -> Path:
+    model = make_hf_model(variant, seed)
+    model.save_pretrained(path, **save_kwargs)
+    return path
