@@ -23,7 +23,11 @@ def _generate(args: argparse.Namespace) -> int:
     num_blocks = -(-(len(ids) + args.max_tokens) // block_size)
     model.bind_kv_cache(
         allocate_kv_cache(
-            spec.num_layers, num_blocks, block_size, spec.num_kv_heads, spec.head_dim,
+            spec.num_layers,
+            num_blocks,
+            block_size,
+            spec.num_kv_heads,
+            spec.head_dim,
             torch.float32,
         )
     )

@@ -123,8 +123,13 @@ class Tokenizer:
         eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
         if eos and backend.token_to_id(eos) is not None and backend.token_to_id(eos) not in eos_ids:
             eos_ids.append(backend.token_to_id(eos))
-        return cls(backend, eos_token_ids=eos_ids, bos_token=bos, eos_token=eos,
-                   chat_template=template if isinstance(template, str) else None)
+        return cls(
+            backend,
+            eos_token_ids=eos_ids,
+            bos_token=bos,
+            eos_token=eos,
+            chat_template=template if isinstance(template, str) else None,
+        )
 
     @classmethod
     def _from_gguf(cls, path: Path) -> Tokenizer:
@@ -133,7 +138,8 @@ class Tokenizer:
         meta = read_tokenizer_fields(path)
         if meta["model"] != "gpt2":
             raise ModelLoadError(
-                f"unsupported GGUF tokenizer model {meta['model']!r}; supported: gpt2 (byte-level BPE)"
+                f"unsupported GGUF tokenizer model {meta['model']!r}; "
+                "supported: gpt2 (byte-level BPE)"
             )
         tokens: list[str] = meta["tokens"]
         vocab = {token: i for i, token in enumerate(tokens)}
@@ -147,7 +153,11 @@ class Tokenizer:
             [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3]
         )
         backend.add_tokens(
-            [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4]
+            [
+                AddedToken(t, special=False, normalized=False)
+                for t, k in zip(tokens, types)
+                if k == 4
+            ]
         )
 
         def text(key: str) -> str | None:
@@ -157,9 +167,14 @@ class Tokenizer:
         eos_ids = [meta["eos_token_id"]] if meta.get("eos_token_id") is not None else []
         if meta.get("eot_token_id") is not None and meta["eot_token_id"] not in eos_ids:
             eos_ids.append(meta["eot_token_id"])
-        return cls(backend, eos_token_ids=eos_ids, bos_token=text("bos_token_id"),
-                   eos_token=text("eos_token_id"), add_bos=meta["add_bos"],
-                   chat_template=meta["chat_template"])
+        return cls(
+            backend,
+            eos_token_ids=eos_ids,
+            bos_token=text("bos_token_id"),
+            eos_token=text("eos_token_id"),
+            add_bos=meta["add_bos"],
+            chat_template=meta["chat_template"],
+        )
 
 
 def _raise_template_error(message: str) -> None:

@@ -146,7 +146,9 @@ class LlamaForCausalLM(nn.Module):
             if name is None:
                 continue
             if name not in params:
-                raise ModelLoadError(f"unexpected tensor {hf_name!r} for a {self.spec.family} model")
+                raise ModelLoadError(
+                    f"unexpected tensor {hf_name!r} for a {self.spec.family} model"
+                )
             target = self._shard_view(params[name], name, shard)
             if target.shape != tensor.shape:
                 raise ModelLoadError(

@@ -50,7 +50,11 @@ class ModelSpec:
     def from_hf_config(cls, config: dict[str, Any]) -> ModelSpec:
         """Builds a spec from a Hugging Face config.json dictionary."""
         archs = config.get("architectures") or []
-        family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        family = next(
+            (SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None
+        )
+        if not archs and config.get("model_type") in SUPPORTED_ARCHITECTURES.values():
+            family = config["model_type"]
         if family is None:
             raise ModelLoadError(
                 f"unsupported architecture {archs or config.get('model_type')!r}; "

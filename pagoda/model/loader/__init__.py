@@ -48,14 +48,21 @@ def load_model(
     model.rope.cos_sin = model.rope.cos_sin.float()  # the rotation table stays float32
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     progress = tqdm(
-        weights, total=num_tensors or None, desc="Loading weights", unit="tensor",
+        weights,
+        total=num_tensors or None,
+        desc="Loading weights",
+        unit="tensor",
         disable=nbytes < (1 << 30),  # small models load in a blink
     )
     model.load_weights(progress)
     model.eval().requires_grad_(False)
     logger.info(
         "Loaded %s (%s, %d layers) in %.2f s: %.1f MiB of weights in %s",
-        path.name, spec.family, spec.num_layers, time.perf_counter() - start,
-        nbytes / 2**20, dtype,
+        path.name,
+        spec.family,
+        spec.num_layers,
+        time.perf_counter() - start,
+        nbytes / 2**20,
+        dtype,
     )
     return model

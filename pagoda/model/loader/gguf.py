@@ -107,8 +107,10 @@ def hf_name(gguf_name: str) -> str | None:
 def unpermute(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Undoes llama.cpp's reordering of Q/K rows (interleaved -> rotate-half pairs)."""
     rows = w.shape[0]
-    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(
-        w.shape
+    return (
+        w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:])
+        .transpose(1, 2)
+        .reshape(w.shape)
     )
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import VARIANTS, make_hf_model
 
 from pagoda.model.attention import AttentionMetadata, allocate_kv_cache
 from pagoda.model.llama import LlamaForCausalLM
 from pagoda.model.loader import load_model
-from tiny_models import VARIANTS, make_hf_model
 
 # float32 against float32: only summation order differs.
 ATOL = 1e-4
@@ -18,8 +18,14 @@ BLOCK_SIZE = 4
 def bind_cache(model: LlamaForCausalLM, num_blocks: int = 64) -> None:
     s = model.spec
     model.bind_kv_cache(
-        allocate_kv_cache(s.num_layers, num_blocks, BLOCK_SIZE, s.num_kv_heads, s.head_dim,
-                          next(model.parameters()).dtype)
+        allocate_kv_cache(
+            s.num_layers,
+            num_blocks,
+            BLOCK_SIZE,
+            s.num_kv_heads,
+            s.head_dim,
+            next(model.parameters()).dtype,
+        )
     )
 
 
@@ -29,7 +35,9 @@ def forward(
 ) -> list[torch.Tensor]:
     """One forward pass over (new token ids, num computed, block table) per sequence."""
     attn, positions = AttentionMetadata.build(
-        [c for _, c, _ in chunks], [len(t) for t, _, _ in chunks], [b for _, _, b in chunks],
+        [c for _, c, _ in chunks],
+        [len(t) for t, _, _ in chunks],
+        [b for _, _, b in chunks],
         BLOCK_SIZE,
     )
     ids = torch.tensor([t for tokens, _, _ in chunks for t in tokens])
@@ -63,8 +71,9 @@ def test_sharded_safetensors_load(tmp_path) -> None:
     bind_cache(model)
     ids = list(range(3, 40))
     ours = forward(model, [(ids, 0, list(range(10)))])[0]
-    torch.testing.assert_close(ours, reference_logits(make_hf_model("llama3-rope"), ids),
-                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        ours, reference_logits(make_hf_model("llama3-rope"), ids), atol=ATOL, rtol=0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -108,16 +117,25 @@ def test_mixed_batch_matches_each_sequence_alone(qwen3_model) -> None:
     # Step 1: sequences 0 and 1 prefill a first part; 2 and 3 wait.
     step1 = forward(qwen3_model, [(prompts[0][:10], 0, tables[0]), (prompts[1], 0, tables[1])])
     # Step 2: seq 0 finishes its prefill, 1 decodes, 2 starts a chunk, 3 prefills whole.
-    step2 = forward(qwen3_model, [
-        (prompts[0][10:], 10, tables[0]),
-        ([5], 7, tables[1]),
-        (prompts[2][:13], 0, tables[2]),
-        (prompts[3], 0, tables[3]),
-    ])
+    step2 = forward(
+        qwen3_model,
+        [
+            (prompts[0][10:], 10, tables[0]),
+            ([5], 7, tables[1]),
+            (prompts[2][:13], 0, tables[2]),
+            (prompts[3], 0, tables[3]),
+        ],
+    )
     # Step 3: seq 0 and 1 decode, 2 finishes, 3 decodes.
-    step3 = forward(qwen3_model, [
-        ([4], 19, tables[0]), ([6], 8, tables[1]), (prompts[2][13:], 13, tables[2]), ([1], 3, tables[3])
-    ])
+    step3 = forward(
+        qwen3_model,
+        [
+            ([4], 19, tables[0]),
+            ([6], 8, tables[1]),
+            (prompts[2][13:], 13, tables[2]),
+            ([1], 3, tables[3]),
+        ],
+    )
     torch.testing.assert_close(torch.cat([step1[0], step2[0]]), expected[0], atol=ATOL, rtol=0)
     torch.testing.assert_close(step1[1], expected[1], atol=ATOL, rtol=0)
     torch.testing.assert_close(torch.cat([step2[2], step3[2]]), expected[2], atol=ATOL, rtol=0)
@@ -147,8 +165,9 @@ def test_default_model_matches_transformers(default_model_path) -> None:
     )
     model = load_model(default_model_path)
     s = model.spec
-    model.bind_kv_cache(allocate_kv_cache(s.num_layers, 16, 16, s.num_kv_heads, s.head_dim,
-                                          torch.float32))
+    model.bind_kv_cache(
+        allocate_kv_cache(s.num_layers, 16, 16, s.num_kv_heads, s.head_dim, torch.float32)
+    )
     ids = [504, 3575, 282, 4649, 314, 7042, 30, 378, 1345, 2939, 9646, 28, 253]
     attn, positions = AttentionMetadata.build([0], [len(ids)], [list(range(16))], 16)
     ours = model.compute_logits(model(torch.tensor(ids), positions, attn))

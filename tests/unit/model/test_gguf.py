@@ -1,0 +1,100 @@
+"""GGUF loading: dequantization, the name table, Q/K un-permutation, metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from tiny_models import COMMON, make_hf_model
+
+from pagoda.model.loader import load_model
+from pagoda.model.loader.gguf import NAME_TABLE
+from pagoda.model.loader.quants import dequantize
+
+QTYPES = ["Q8_0", "Q4_0", "Q4_1"]
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_dequantize_equals_gguf_package(qtype: str) -> None:
+    x = np.random.default_rng(0).standard_normal((8, 128)).astype(np.float32) * 3
+    raw = gguf.quants.quantize(x, gguf.GGMLQuantizationType[qtype])
+    expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])
+    ours = dequantize(torch.from_numpy(raw), qtype).reshape(8, 128)
+    assert torch.equal(ours, torch.from_numpy(expected))
+
+
+def permute(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of Q/K rows."""
+    return (
+        w.reshape(num_heads, 2, w.shape[0] // num_heads // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def write_gguf(path: Path, state: dict[str, torch.Tensor], qtype: str) -> dict[str, torch.Tensor]:
+    """Writes a tiny llama as GGUF (2-D weights in qtype); returns the weights as stored."""
+    to_gguf = {}
+    for g, h in NAME_TABLE.items():
+        for i in range(COMMON["num_hidden_layers"]):
+            to_gguf[h.format(i=i)] = g.format(i=i)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(COMMON["num_hidden_layers"])
+    writer.add_context_length(COMMON["max_position_embeddings"])
+    writer.add_embedding_length(COMMON["hidden_size"])
+    writer.add_feed_forward_length(COMMON["intermediate_size"])
+    writer.add_head_count(COMMON["num_attention_heads"])
+    writer.add_head_count_kv(COMMON["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(COMMON["rms_norm_eps"])
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(COMMON["vocab_size"])
+    stored = {}
+    for name, tensor in state.items():
+        w = tensor.numpy()
+        if name.endswith("q_proj.weight"):
+            w = permute(w, COMMON["num_attention_heads"])
+        elif name.endswith("k_proj.weight"):
+            w = permute(w, COMMON["num_key_value_heads"])
+        kind = gguf.GGMLQuantizationType[qtype if w.ndim == 2 else "F32"]
+        raw = (
+            gguf.quants.quantize(w, kind)
+            if kind.name not in ("F32", "F16")
+            else w.astype(np.float16 if kind.name == "F16" else np.float32)
+        )
+        writer.add_tensor(to_gguf[name], raw, raw_dtype=kind)
+        # What a faithful loader must reproduce: gguf's own dequantization, un-permuted.
+        stored[name] = torch.from_numpy(
+            gguf.quants.dequantize(raw, kind).reshape(tensor.shape).astype(np.float32)
+        )
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = COMMON["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
+            s = stored[name]
+            stored[name] = s.reshape(heads, -1, 2, s.shape[1]).transpose(1, 2).reshape(s.shape)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return stored
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", *QTYPES])
+def test_gguf_model_equals_safetensors_model(qtype: str, tmp_path: Path) -> None:
+    hf = make_hf_model("llama")
+    state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    stored = write_gguf(tmp_path / "tiny.gguf", state, qtype)
+    if qtype == "F32":
+        for name in state:
+            assert torch.equal(stored[name], state[name]), name  # the round trip is lossless
+    hf_dir = tmp_path / "hf"
+    hf.config.save_pretrained(hf_dir)
+    save_file(stored, hf_dir / "model.safetensors")
+
+    from_gguf = load_model(tmp_path / "tiny.gguf")
+    from_st = load_model(hf_dir)
+    assert from_gguf.spec.tie_word_embeddings and from_st.spec.tie_word_embeddings
+    for (name, a), (_, b) in zip(from_gguf.named_parameters(), from_st.named_parameters()):
+        assert torch.equal(a, b), name
