@@ -1,0 +1,95 @@
+"""Request: one sequence inside the engine, described by its token counts."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from pagoda.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return {3: "stop", 4: "length", 5: "abort"}.get(int(self))
+
+
+class Request:
+    """A sequence: prompt tokens, then output tokens, of which num_computed_tokens are cached.
+
+    | prompt .................... | output ...... |
+    |<-- num_computed_tokens -->|                 |  <- the scheduler gives the rest
+    |<----------------- num_tokens -------------->|
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        eos_token_ids: tuple[int, ...] = (),
+        parent_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        assert sampling_params.max_tokens is not None, "max_tokens is resolved at the edge"
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.sampling_params = sampling_params
+        self.eos_token_ids = eos_token_ids
+        self.parent_id = parent_id  # set for the samples of an n > 1 request
+        self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        self.all_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = -1  # prefix-cache hit on first scheduling; -1 until then
+        self.status = RequestStatus.WAITING
+        self.stop_reason: int | None = None
+        self.block_hashes: list[int] = []  # chain hashes of the full blocks of all_token_ids
+        # Seed of the counter-based sampler: fixed per request, so the batch cannot change it.
+        self.sampling_seed = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def check_stop(self, max_model_len: int) -> RequestStatus | None:
+        """The finished status the last token brings, or None while it goes on."""
+        params = self.sampling_params
+        last = self.output_token_ids[-1]
+        if self.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and last in self.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if params.stop_token_ids and last in params.stop_token_ids:
+                self.stop_reason = last
+                return RequestStatus.FINISHED_STOPPED
+        assert params.max_tokens is not None
+        if self.num_output_tokens >= params.max_tokens or self.num_tokens >= max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

@@ -1,0 +1,209 @@
+"""Scheduler: every step, which requests run and how many tokens each computes.
+
+There is no prefill or decode mode. Each step fills one token budget: running
+requests first (in the order they started), then waiting ones (first come,
+first served). A request is given up to num_tokens - num_computed_tokens
+tokens, which covers a whole prompt, a chunk of a long prompt (chunked
+prefill), the rest of a prompt after a prefix-cache hit, and one decode token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pagoda.config import CacheConfig, SchedulerConfig
+from pagoda.core.kv_cache import KVCacheManager
+from pagoda.core.request import Request, RequestStatus
+from pagoda.engine.messages import EngineOutput, EngineOutputs, SchedulerStats
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    block_ids: list[int]  # the request's whole block table after this step's allocation
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+@dataclass
+class RunnerOutput:
+    """What the model runner returns: a sampled token for each request that finished its prompt."""
+
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, dict[int, tuple[float, int]]] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[dict[int, tuple[float, int]] | None]] = field(
+        default_factory=dict
+    )
+
+
+class Scheduler:
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_blocks: int,
+        max_model_len: int,
+    ) -> None:
+        self.config = scheduler_config
+        self.max_model_len = max_model_len
+        self.kv = KVCacheManager(
+            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+        )
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self.last_step_tokens = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def schedule(self) -> SchedulerOutput:
+        """Chooses this step's requests and token counts, allocating their KV slots."""
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+
+        # Running requests first. When one cannot get blocks, the most recently
+        # started request is preempted (possibly itself) until it can.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while (new_ids := self.kv.allocate_slots(request, num_new)) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted_ids.append(victim.request_id)
+                if victim is request:
+                    break
+            if new_ids is None:
+                break
+            out.scheduled.append(
+                ScheduledRequest(request, num_new, self.kv.block_ids(request.request_id))
+            )
+            budget -= num_new
+            i += 1
+
+        # Then waiting ones, in arrival order, unless this step had to preempt.
+        while (
+            self.waiting
+            and budget > 0
+            and not out.preempted_ids
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self.waiting[0]
+            hits, num_hit = self.kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit, budget)
+            if self.kv.allocate_slots(request, num_new, hits) is None:
+                break  # no room: wait for running requests to finish
+            self.waiting.popleft()
+            request.num_computed_tokens = num_hit
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(
+                ScheduledRequest(request, num_new, self.kv.block_ids(request.request_id))
+            )
+            budget -= num_new
+        self.last_step_tokens = out.num_tokens
+        return out
+
+    def _preempt(self, request: Request) -> None:
+        """Frees the request's blocks; it returns to the front of the queue and recomputes."""
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput
+    ) -> EngineOutputs:
+        """Advances counts, appends sampled tokens, finishes requests; returns what is new."""
+        outputs = []
+        for s in scheduler_output.scheduled:
+            request = s.request
+            request.num_computed_tokens += s.num_new_tokens
+            token = runner_output.sampled.get(request.request_id)
+            prompt_logprobs = runner_output.prompt_logprobs.get(request.request_id)
+            if token is None and prompt_logprobs is None:
+                continue  # a prompt chunk: nothing to report yet
+            new_tokens: list[int] = []
+            status = None
+            if token is not None:
+                request.append_token(token)
+                new_tokens = [token]
+                status = request.check_stop(self.max_model_len)
+            if status is not None:
+                self._finish(request, status)
+            logprobs = runner_output.logprobs.get(request.request_id)
+            outputs.append(
+                EngineOutput(
+                    request_id=request.request_id,
+                    new_token_ids=new_tokens,
+                    finish_reason=status.finish_reason if status else None,
+                    stop_reason=request.stop_reason,
+                    new_logprobs=[_wire_logprobs(logprobs)] if logprobs is not None else None,
+                    prompt_logprobs=(
+                        [_wire_logprobs(p) for p in prompt_logprobs]
+                        if prompt_logprobs is not None
+                        else None
+                    ),
+                    num_cached_tokens=max(request.num_cached_tokens, 0),
+                )
+            )
+        return EngineOutputs(outputs=outputs, timestamp=time.time())
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[str]:
+        """Finishes (aborts) the named requests wherever they are; returns those that existed."""
+        done = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            if request in self.running:
+                self.running.remove(request)
+            elif request in self.waiting:
+                self.waiting.remove(request)
+            self._finish(request, status)
+            done.append(request_id)
+        return done
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        if request in self.running:
+            self.running.remove(request)
+        self.kv.free(request)
+        del self.requests[request.request_id]
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.kv.usage,
+            prefix_cache_queries=self.kv.prefix_stats.queries,
+            prefix_cache_hits=self.kv.prefix_stats.hits,
+            num_preemptions=self.num_preemptions,
+            step_num_tokens=self.last_step_tokens,
+        )
+
+
+def _wire_logprobs(logprobs: dict[int, tuple[float, int]] | None) -> list[tuple[int, float, int]]:
+    return [(t, lp, rank) for t, (lp, rank) in (logprobs or {}).items()]

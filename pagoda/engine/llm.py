@@ -1,0 +1,112 @@
+"""LLM: offline generation that steps an in-process EngineCore until every prompt is done."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from pagoda.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pagoda.engine.core import EngineCore
+from pagoda.engine.output import OutputProcessor
+from pagoda.model_files import resolve_model_path
+from pagoda.outputs import RequestOutput
+from pagoda.sampling_params import RequestOutputKind, SamplingParams
+from pagoda.tokenizer import Tokenizer
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """`LLM(model=None).generate(prompts, params)`: one RequestOutput per prompt, in order."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        kv_cache_memory: int = 1 << 30,
+        enable_prefix_caching: bool = True,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        seed: int = 0,
+        device: str = "cpu",
+    ) -> None:
+        path = resolve_model_path(model)
+        self.config = EngineConfig(
+            model=ModelConfig(path=path, dtype=dtype, max_model_len=max_model_len, seed=seed),
+            cache=CacheConfig(block_size, kv_cache_memory, enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
+            device=device,
+        )
+        self.tokenizer = Tokenizer.from_path(path)
+        self.engine = EngineCore(self.config)
+        self.processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params_list = (
+            list(sampling_params)
+            if isinstance(sampling_params, Sequence)
+            else [sampling_params or SamplingParams()] * len(prompts)
+        )
+        assert len(params_list) == len(prompts), "one SamplingParams per prompt, or one for all"
+        order = []
+        for prompt, params in zip(prompts, params_list):
+            order.append(self.add_request(prompt, params))
+        done = self.run_until_done(use_tqdm and len(order) >= 8)
+        return [done[request_id] for request_id in order]
+
+    def add_request(self, prompt: Prompt, params: SamplingParams) -> str:
+        """Validates and queues one prompt; returns its request id."""
+        text = prompt if isinstance(prompt, str) else None
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens; the context holds {self.max_model_len}"
+            )
+        room = self.max_model_len - len(token_ids)
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        params = _replace(params, max_tokens=max_tokens, output_kind=RequestOutputKind.FINAL_ONLY)
+        params.validate(self.tokenizer.vocab_size)
+        request_id = str(next(self._ids))
+        for engine_request in self.processor.add_request(request_id, text, token_ids, params):
+            self.engine.add_request(engine_request)
+        return request_id
+
+    def run_until_done(self, progress: bool = False) -> dict[str, RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(self.processor.requests), desc="Generating", disable=not progress)
+        while self.processor.has_unfinished():
+            step = self.engine.step()
+            outputs, to_abort = self.processor.process_outputs(step.outputs)
+            if to_abort:
+                self.engine.abort_requests(to_abort)
+            for output in outputs:
+                if output.finished:
+                    finished[output.request_id] = output
+                    bar.update(1)
+        bar.close()
+        return finished
+
+
+def _replace(params: SamplingParams, **changes: object) -> SamplingParams:
+    import msgspec
+
+    return msgspec.structs.replace(params, **changes)

@@ -1,0 +1,68 @@
+"""The wire between the API server and the engine process: msgspec Structs, one batch per step.
+
+A message to the engine is one type byte followed by the msgpack payload:
+
+    ADD       EngineRequest
+    ABORT     list[str]  (request ids)
+    SHUTDOWN  nothing
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from pagoda.sampling_params import SamplingParams
+
+
+class RequestType(bytes, enum.Enum):
+    ADD = b"\x00"
+    ABORT = b"\x01"
+    SHUTDOWN = b"\x02"
+
+
+class EngineRequest(msgspec.Struct, array_like=True, omit_defaults=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: list[int]
+    arrival_time: float
+    parent_id: str | None = None
+
+
+# (token id, logprob, rank) for one candidate at one position.
+WireLogprob = tuple[int, float, int]
+
+
+class EngineOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | None = None
+    new_logprobs: list[list[WireLogprob]] | None = None  # one list per new token
+    prompt_logprobs: list[list[WireLogprob]] | None = None
+    num_cached_tokens: int = 0
+
+
+class SchedulerStats(msgspec.Struct, array_like=True):
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0  # cumulative, in tokens
+    prefix_cache_hits: int = 0  # cumulative, in tokens
+    num_preemptions: int = 0  # cumulative
+    step_num_tokens: int = 0
+
+
+class EngineOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
+    outputs: list[EngineOutput]
+    timestamp: float = 0.0
+    stats: SchedulerStats | None = None
+    engine_error: str | None = None  # set once, when the engine dies of an exception
+
+
+encoder = msgspec.msgpack.Encoder()
+request_decoder = msgspec.msgpack.Decoder(EngineRequest)
+abort_decoder = msgspec.msgpack.Decoder(list[str])
+outputs_decoder = msgspec.msgpack.Decoder(EngineOutputs)

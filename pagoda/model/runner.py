@@ -1,0 +1,127 @@
+"""ModelRunner: a SchedulerOutput in, one forward pass and sampling, a RunnerOutput out."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pagoda.config import EngineConfig
+from pagoda.core.scheduler import RunnerOutput, SchedulerOutput
+from pagoda.model.attention import AttentionMetadata, allocate_kv_cache
+from pagoda.model.loader import load_model
+from pagoda.model.spec import ModelSpec
+from pagoda.sample.sampler import SamplingMetadata, sample
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """ "auto" is bfloat16 where the hardware computes in it natively, float32 elsewhere."""
+    if dtype == "auto":
+        native_bf16 = device.startswith("cuda") or _cpu_has_bf16()
+        dtype = "bfloat16" if native_bf16 else "float32"
+        logger.info("dtype auto: using %s", dtype)
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def kv_bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
+    element = torch.tensor([], dtype=dtype).element_size()
+    return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * element
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config.model.dtype, config.device)
+        self.model = load_model(config.model.path, self.dtype, self.device)
+        self.spec = self.model.spec
+        self.block_size = config.cache.block_size
+        per_block = kv_bytes_per_block(self.spec, self.block_size, self.dtype)
+        self.num_blocks = config.cache.kv_cache_memory // per_block
+        if self.num_blocks < 2:
+            raise ValueError(
+                f"--kv-cache-memory {config.cache.kv_cache_memory} holds fewer than 2 blocks "
+                f"of {per_block} bytes"
+            )
+        self.model.bind_kv_cache(
+            allocate_kv_cache(
+                self.spec.num_layers,
+                self.num_blocks,
+                self.block_size,
+                self.spec.num_kv_heads,
+                self.spec.head_dim,
+                self.dtype,
+                self.device,
+            )
+        )
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.0f MiB)",
+            self.num_blocks,
+            self.block_size,
+            self.num_blocks * per_block / 2**20,
+        )
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        """Runs the scheduled tokens; samples for each request whose prompt is now complete."""
+        scheduled = scheduler_output.scheduled
+        token_ids: list[int] = []
+        sample_rows: list[int] = []
+        for s in scheduled:
+            r = s.request
+            start = r.num_computed_tokens
+            token_ids.extend(r.all_token_ids[start : start + s.num_new_tokens])
+            if start + s.num_new_tokens == r.num_tokens:
+                sample_rows.append(len(token_ids) - 1)
+        attn, positions = AttentionMetadata.build(
+            [s.request.num_computed_tokens for s in scheduled],
+            [s.num_new_tokens for s in scheduled],
+            [s.block_ids for s in scheduled],
+            self.block_size,
+            self.device,
+        )
+        input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, positions.to(self.device), attn)
+
+        out = RunnerOutput()
+        sampling = [
+            s.request
+            for s in scheduled
+            if s.request.num_computed_tokens + s.num_new_tokens == s.request.num_tokens
+        ]
+        if not sampling:
+            return out
+        logits = self.model.compute_logits(hidden[sample_rows])
+        meta = SamplingMetadata.from_requests(sampling, logits.shape[1], self.device)
+        result = sample(logits, meta)
+        tokens = result.token_ids.tolist()
+        for i, request in enumerate(sampling):
+            out.sampled[request.request_id] = tokens[i]
+        if result.sampled_logprobs is not None:
+            self._collect_logprobs(sampling, result, out)
+        return out
+
+    def _collect_logprobs(self, requests, result, out: RunnerOutput) -> None:
+        sampled_lp = result.sampled_logprobs.tolist()
+        ranks = result.sampled_ranks.tolist()
+        top_lp = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+        top_ids = result.top_ids.tolist() if result.top_ids is not None else None
+        for i, request in enumerate(requests):
+            k = request.sampling_params.logprobs
+            if k is None:
+                continue
+            entry = {out.sampled[request.request_id]: (sampled_lp[i], ranks[i])}
+            for j in range(k):
+                assert top_ids is not None and top_lp is not None
+                entry.setdefault(top_ids[i][j], (top_lp[i][j], j + 1))
+            out.logprobs[request.request_id] = entry

@@ -1,0 +1,37 @@
+"""RequestOutput: what EngineClient.generate() and LLM.generate() hand back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# One position's logprobs: token id -> (logprob, rank), the sampled token among them.
+Logprobs = dict[int, tuple[float, int]]
+
+
+@dataclass
+class CompletionOutput:
+    """One of the n sequences generated for a prompt."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop string or token id that ended it
+    logprobs: list[Logprobs] | None = None
+    cumulative_logprob: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    num_cached_tokens: int = 0
+    prompt_logprobs: list[Logprobs | None] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,204 @@
+"""Sampler: logits of a batch -> one token per request, vectorized over the batch.
+
+Randomness is counter-based: the noise for a request at a position is a hash of
+(request seed, position, token id). The same seed therefore gives the same
+tokens whatever else shares the batch, and a preempted request resamples
+exactly what it sampled before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagoda.core.request import Request
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass
+class SamplingMetadata:
+    """Per-row sampling settings of one step, as tensors (built by from_requests)."""
+
+    temperature: torch.Tensor  # [B] float32, 0 = greedy
+    top_p: torch.Tensor  # [B]
+    top_k: torch.Tensor  # [B] int64, 0 = all
+    min_p: torch.Tensor  # [B]
+    seeds: torch.Tensor  # [B] int64 (32-bit values)
+    positions: torch.Tensor  # [B] int64: the position of the token being sampled
+    all_greedy: bool
+    needs_top_k_top_p: bool
+    needs_min_p: bool
+    # Penalties, only when some row uses one.
+    output_counts: torch.Tensor | None  # [B, V] float32 occurrences in the output
+    prompt_mask: torch.Tensor | None  # [B, V] bool, token occurs in the prompt
+    presence: torch.Tensor | None  # [B]
+    frequency: torch.Tensor | None  # [B]
+    repetition: torch.Tensor | None  # [B]
+    # Sparse edits: logit_bias additions and banned tokens (min_tokens not reached).
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # rows, token ids, values
+    banned: tuple[torch.Tensor, torch.Tensor] | None  # rows, token ids
+    max_logprobs: int | None  # the most top logprobs any row asked for; None = no row asked
+
+    @classmethod
+    def from_requests(
+        cls, requests: list[Request], vocab_size: int, device: torch.device | str
+    ) -> SamplingMetadata:
+        params = [r.sampling_params for r in requests]
+
+        def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
+        penalised = [
+            p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
+            for p in params
+        ]
+        counts = prompt_mask = None
+        if any(penalised):
+            counts = torch.zeros(len(requests), vocab_size, device=device)
+            prompt_mask = torch.zeros(len(requests), vocab_size, dtype=torch.bool, device=device)
+            for i, r in enumerate(requests):
+                if penalised[i]:
+                    out = torch.tensor(r.output_token_ids, dtype=torch.long, device=device)
+                    counts[i].index_add_(0, out, torch.ones(len(out), device=device))
+                    prompt_mask[i, torch.tensor(r.prompt_token_ids, device=device)] = True
+
+        bias_rows, bias_ids, bias_vals, ban_rows, ban_ids = [], [], [], [], []
+        for i, (r, p) in enumerate(zip(requests, params)):
+            for token_id, value in (p.logit_bias or {}).items():
+                bias_rows.append(i)
+                bias_ids.append(token_id)
+                bias_vals.append(value)
+            if r.num_output_tokens < p.min_tokens:
+                stops = [*(() if p.ignore_eos else r.eos_token_ids), *(p.stop_token_ids or ())]
+                ban_rows.extend([i] * len(stops))
+                ban_ids.extend(stops)
+        logprob_counts = [p.logprobs for p in params if p.logprobs is not None]
+
+        return cls(
+            temperature=column([p.temperature for p in params], torch.float32),
+            top_p=column([p.top_p for p in params], torch.float32),
+            top_k=column(top_k, torch.long),
+            min_p=column([p.min_p for p in params], torch.float32),
+            seeds=column([r.sampling_seed & _MASK32 for r in requests], torch.long),
+            positions=column([r.num_tokens for r in requests], torch.long),
+            all_greedy=all(p.temperature == 0 for p in params),
+            needs_top_k_top_p=any(k > 0 for k in top_k) or any(p.top_p < 1 for p in params),
+            needs_min_p=any(p.min_p > 0 for p in params),
+            output_counts=counts,
+            prompt_mask=prompt_mask,
+            presence=column([p.presence_penalty for p in params], torch.float32),
+            frequency=column([p.frequency_penalty for p in params], torch.float32),
+            repetition=column([p.repetition_penalty for p in params], torch.float32),
+            bias=(
+                (
+                    column(bias_rows, torch.long),
+                    column(bias_ids, torch.long),
+                    column(bias_vals, torch.float32),
+                )
+                if bias_rows
+                else None
+            ),
+            banned=(column(ban_rows, torch.long), column(ban_ids, torch.long))
+            if ban_rows
+            else None,
+            max_logprobs=max(logprob_counts) if logprob_counts else None,
+        )
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B]
+    # When some row asked for logprobs: of the sampled token, its rank, and the top-k.
+    sampled_logprobs: torch.Tensor | None = None  # [B]
+    sampled_ranks: torch.Tensor | None = None  # [B]
+    top_logprobs: torch.Tensor | None = None  # [B, k]
+    top_ids: torch.Tensor | None = None  # [B, k]
+
+
+def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+    """Penalties, bias and bans, then greedy or temperature/top-k/top-p/min-p sampling."""
+    # logits: [B, V] float32, straight from the model (logprobs are reported from these)
+    raw = logits
+    logits = logits.clone()
+    if meta.output_counts is not None:
+        logits = apply_penalties(logits, meta)
+    if meta.bias is not None:
+        rows, ids, values = meta.bias
+        logits.index_put_((rows, ids), values, accumulate=True)
+    if meta.banned is not None:
+        logits[meta.banned] = float("-inf")
+
+    greedy = logits.argmax(dim=-1)
+    if meta.all_greedy:
+        tokens = greedy
+    else:
+        temperature = torch.where(meta.temperature > 0, meta.temperature, 1.0)
+        logits = logits / temperature.unsqueeze(1)
+        if meta.needs_top_k_top_p:
+            logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
+        probs = logits.softmax(dim=-1)
+        if meta.needs_min_p:
+            keep = probs >= meta.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+            probs = torch.where(keep, probs, 0.0)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p exactly.
+        noise = exponential_noise(meta.seeds, meta.positions, probs.shape[1])
+        sampled = (probs / noise).argmax(dim=-1)
+        tokens = torch.where(meta.temperature > 0, sampled, greedy)
+
+    out = SamplerOutput(token_ids=tokens)
+    if meta.max_logprobs is not None:
+        logprobs = raw.log_softmax(dim=-1)
+        out.sampled_logprobs = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        out.sampled_ranks = (logprobs > out.sampled_logprobs.unsqueeze(1)).sum(dim=-1) + 1
+        if meta.max_logprobs > 0:
+            out.top_logprobs, out.top_ids = logprobs.topk(meta.max_logprobs, dim=-1)
+    return out
+
+
+def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """vLLM's (and OpenAI's) presence, frequency and repetition penalties."""
+    assert meta.output_counts is not None and meta.prompt_mask is not None
+    assert meta.repetition is not None and meta.presence is not None
+    assert meta.frequency is not None
+    counts = meta.output_counts
+    seen = meta.prompt_mask | (counts > 0)
+    rep = meta.repetition.unsqueeze(1)
+    # Repetition: seen tokens' positive logits are divided, negative ones multiplied.
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalised, logits)
+    logits = logits - meta.frequency.unsqueeze(1) * counts
+    return logits - meta.presence.unsqueeze(1) * (counts > 0).float()
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Masks (to -inf) what lies outside each row's top-k tokens and top-p nucleus."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[1]
+    k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
+    kth = sorted_logits.gather(1, (k - 1).unsqueeze(1))
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # Drop a token when the tokens before it already reach top_p (the first always stays).
+    before = probs.cumsum(dim=-1) - probs
+    sorted_logits = sorted_logits.masked_fill(before >= top_p.unsqueeze(1), float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+
+
+def exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) noise [B, vocab], a pure function of (seed, position, token id)."""
+    token = torch.arange(vocab, device=seeds.device, dtype=torch.long)
+    h = (seeds.unsqueeze(1) * 0x9E3779B1 + positions.unsqueeze(1) * 0x85EBCA77) & _MASK32
+    h = (h ^ (token.unsqueeze(0) * 0xC2B2AE3D)) & _MASK32
+    # murmur3's finaliser mixes every input bit into every output bit.
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _MASK32
+    h = h ^ (h >> 16)
+    uniform = (h.double() + 0.5) / 2.0**32  # in (0, 1), never 0
+    return (-uniform.log()).float()

@@ -1,0 +1,104 @@
+"""SamplingParams: how one request wants its tokens chosen and when it stops."""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class RequestOutputKind(enum.IntEnum):
+    CUMULATIVE = 0  # every output carries all text and tokens so far
+    DELTA = 1  # every output carries only what is new
+    FINAL_ONLY = 2  # one output, when the request finishes
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter out of range; `param` names the field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+MAX_LOGPROBS = 20
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """vLLM's sampling fields; validate() names the first bad one and never clamps."""
+
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = all tokens
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    max_tokens: int | None = 16  # None = up to the context length
+    ignore_eos: bool = False
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # top-k logprobs per sampled token (0 = only the sampled one)
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raises SamplingParamsError for the first field out of range."""
+
+        def check(ok: bool, param: str, message: str) -> None:
+            if not ok:
+                raise SamplingParamsError(param, message)
+
+        check(self.n >= 1, "n", f"must be at least 1, got {self.n}")
+        check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        check(self.top_k >= -1, "top_k", f"must be -1, 0 (disabled) or positive, got {self.top_k}")
+        check(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            check(-2 <= value <= 2, name, f"must be in [-2, 2], got {value}")
+        check(
+            self.repetition_penalty > 0,
+            "repetition_penalty",
+            f"must be > 0, got {self.repetition_penalty}",
+        )
+        if self.max_tokens is not None:
+            check(self.max_tokens >= 1, "max_tokens", f"must be at least 1, got {self.max_tokens}")
+        check(self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None:
+            check(
+                self.min_tokens <= self.max_tokens,
+                "min_tokens",
+                f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}",
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                check(
+                    0 <= value <= MAX_LOGPROBS,
+                    name,
+                    f"must be in [0, {MAX_LOGPROBS}], got {value}",
+                )
+        if self.stop is not None:
+            check(all(s for s in self.stop), "stop", "stop strings must not be empty")
+        for token_id, bias in (self.logit_bias or {}).items():
+            ok = token_id >= 0 and (vocab_size is None or token_id < vocab_size)
+            check(ok, "logit_bias", f"token id {token_id} is out of vocabulary")
+            check(-100 <= bias <= 100, "logit_bias", f"bias must be in [-100, 100], got {bias}")
+        for token_id in self.stop_token_ids or []:
+            ok = token_id >= 0 and (vocab_size is None or token_id < vocab_size)
+            check(ok, "stop_token_ids", f"token id {token_id} is out of vocabulary")
