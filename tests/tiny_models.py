@@ -59,7 +59,22 @@ def make_hf_model(variant: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def save_byte_tokenizer(path: Path) -> None:
+    """A byte-level tokenizer with one token per byte (256 ids) and no merges."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": alphabet[2]}))
+
+
 def save_hf_model(variant: str, path: Path, seed: int = 0, **save_kwargs: Any) -> Path:
     model = make_hf_model(variant, seed)
     model.save_pretrained(path, **save_kwargs)
+    save_byte_tokenizer(path)
     return path

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from pagoda.config import CacheConfig, SchedulerConfig
+from pagoda.core.request import Request
+from pagoda.core.scheduler import RunnerOutput, Scheduler, SchedulerOutput
+from pagoda.sampling_params import SamplingParams
+
+
+def make_request(request_id: str, num_tokens: int, max_tokens: int = 8, start: int = 0) -> Request:
+    """A request whose prompt is the token ids start, start + 1, ..."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    return Request(request_id, list(range(start, start + num_tokens)), params, eos_token_ids=(2,))
+
+
+def make_scheduler(
+    num_blocks: int = 32,
+    block_size: int = 4,
+    budget: int = 64,
+    max_num_seqs: int = 16,
+    caching: bool = True,
+) -> Scheduler:
+    return Scheduler(
+        SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget),
+        CacheConfig(block_size=block_size, enable_prefix_caching=caching),
+        num_blocks,
+        max_model_len=1024,
+    )
+
+
+def fake_run(out: SchedulerOutput, token: int = 7) -> RunnerOutput:
+    """What a runner would return: one token for each request whose prompt is complete."""
+    ro = RunnerOutput()
+    for s in out.scheduled:
+        if s.request.num_computed_tokens + s.num_new_tokens == s.request.num_tokens:
+            ro.sampled[s.request.request_id] = token
+    return ro
+
+
+def step(scheduler: Scheduler, token: int = 7) -> SchedulerOutput:
+    out = scheduler.schedule()
+    scheduler.update_from_output(out, fake_run(out, token))
+    scheduler.kv.check_invariants()
+    return out

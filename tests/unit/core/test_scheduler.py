@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+from helpers import make_request, make_scheduler, step
+
+from pagoda.core.request import RequestStatus
+
+
+def test_budget_is_shared_running_first_then_fcfs() -> None:
+    s = make_scheduler(budget=10)
+    s.add_request(make_request("a", 6))
+    s.add_request(make_request("b", 6, start=100))
+    out = step(s)
+    # a gets its whole prompt; b gets a 4-token chunk (chunked prefill)
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 6), ("b", 4)]
+    out = step(s)
+    # a decodes one token, b finishes its prompt with the last 2
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1), ("b", 2)]
+    assert s.requests["a"].num_output_tokens == 2 and s.requests["b"].num_output_tokens == 1
+
+
+def test_block_ids_are_allocated_per_block() -> None:
+    s = make_scheduler(block_size=4)
+    s.add_request(make_request("a", 5))
+    s.add_request(make_request("b", 3, start=100))
+    out = step(s)
+    assert [x.block_ids for x in out.scheduled] == [[0, 1], [2]]
+    out = step(s)  # a writes position 5 into block 1; b position 3 into block 2
+    assert [x.block_ids for x in out.scheduled] == [[0, 1], [2]]
+    out = step(s)  # b's position 4 needs a new block
+    assert [x.block_ids for x in out.scheduled] == [[0, 1], [2, 3]]
+
+
+def test_max_num_seqs_limits_running() -> None:
+    s = make_scheduler(max_num_seqs=2)
+    for i in range(3):
+        s.add_request(make_request(str(i), 4, start=10 * i))
+    out = step(s)
+    assert [x.request.request_id for x in out.scheduled] == ["0", "1"]
+    assert len(s.waiting) == 1
+
+
+def test_preemption_frees_the_newest_and_resumes_it() -> None:
+    s = make_scheduler(num_blocks=4, block_size=4, caching=False)
+    s.add_request(make_request("a", 7, max_tokens=6))
+    s.add_request(make_request("b", 7, max_tokens=6, start=50))
+    step(s)  # both prefill: 2 blocks each, pool full
+    step(s)  # position 7 of each fits in the second block
+    out = step(s)  # a needs a third block: b (newest) is preempted
+    assert out.preempted_ids == ["b"]
+    b = s.requests["b"]
+    assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0
+    assert b.output_token_ids == [7, 7]  # nothing lost
+    assert s.num_preemptions == 1
+    while s.has_work:
+        step(s)
+    assert s.kv.pool.num_free_blocks == 4
+
+
+def test_prefix_hit_skips_cached_blocks() -> None:
+    s = make_scheduler(block_size=4)
+    s.add_request(make_request("a", 10, max_tokens=1))
+    step(s)
+    assert "a" not in s.requests  # finished after one token; its blocks stay cached
+    s.add_request(make_request("b", 11, max_tokens=1))  # same first 10 tokens
+    out = step(s)
+    (x,) = out.scheduled
+    assert x.request.num_cached_tokens == 8  # two full blocks hit
+    assert x.num_new_tokens == 3
+    assert s.kv.prefix_stats.hits == 8
+
+
+def test_full_hit_still_computes_one_token() -> None:
+    s = make_scheduler(block_size=4)
+    s.add_request(make_request("a", 8, max_tokens=1))
+    step(s)
+    s.add_request(make_request("b", 8, max_tokens=1))
+    out = step(s)
+    assert out.scheduled[0].num_new_tokens == 4  # the last block is recomputed to sample
+
+
+def test_abort_in_every_state_returns_every_block() -> None:
+    s = make_scheduler(budget=6, block_size=4)
+    s.add_request(make_request("decoding", 3, max_tokens=50))
+    s.add_request(make_request("prefilling", 20, max_tokens=50, start=100))
+    s.add_request(make_request("waiting", 5, max_tokens=50, start=200))
+    step(s)
+    step(s)
+    assert s.requests["decoding"].num_output_tokens == 2
+    assert 0 < s.requests["prefilling"].num_computed_tokens < 20
+    assert s.requests["waiting"].status == RequestStatus.WAITING
+    for request_id in ("prefilling", "waiting", "decoding"):
+        assert s.finish_requests([request_id], RequestStatus.FINISHED_ABORTED) == [request_id]
+        s.kv.check_invariants()
+    assert s.kv.pool.num_free_blocks == s.kv.pool.num_blocks
+    assert not s.has_work
+
+
+def test_identical_prompts_in_one_step_share_full_blocks() -> None:
+    """Blocks are hashed when scheduled, so a second copy in the same step reuses them:
+    each layer writes the step's K/V before any query reads it."""
+    s = make_scheduler(block_size=4)
+    s.add_request(make_request("a", 10))
+    s.add_request(make_request("b", 10))
+    out = step(s)
+    assert [x.num_new_tokens for x in out.scheduled] == [10, 2]
+    assert out.scheduled[1].block_ids[:2] == out.scheduled[0].block_ids[:2]
+    assert s.kv.pool.blocks[out.scheduled[0].block_ids[0]].ref_cnt == 2

@@ -1,0 +1,162 @@
+"""The offline engine on the default model: greedy outputs do not depend on how they were batched."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pagoda.config import CacheConfig, SchedulerConfig
+from pagoda.core.scheduler import Scheduler
+from pagoda.engine.llm import LLM
+from pagoda.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a haiku about the sea.",
+    "1, 2, 3, 4,",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village at the edge of a great forest, there lived",
+    "Q: What is the boiling point of water at sea level?\nA:",
+    "The three primary colours are",
+    "Translate to French: good morning",
+    "A list of fruits: apple, banana,",
+    "In 1969, the first humans",
+    "The quick brown fox",
+    "Explain photosynthesis in one sentence. Photosynthesis is the process by which plants use "
+    "sunlight, water and carbon dioxide to",
+    "Hello",
+    "My favourite programming language is Python because",
+    "Roses are red, violets are blue,",
+    "The largest planet in the solar system is Jupiter. The second largest is",
+]
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(dtype="float32", kv_cache_memory=256 << 20)
+
+
+def reset_scheduler(
+    llm: LLM,
+    *,
+    num_blocks: int | None = None,
+    caching: bool = True,
+    budget: int = 2048,
+    max_num_seqs: int = 256,
+) -> None:
+    """A fresh scheduler (and block pool) over the same loaded model."""
+    llm.engine.scheduler = Scheduler(
+        SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget),
+        CacheConfig(block_size=16, enable_prefix_caching=caching),
+        num_blocks or llm.engine.runner.num_blocks,
+        llm.max_model_len,
+    )
+
+
+def tokens(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def alone(llm: LLM) -> list[list[int]]:
+    reset_scheduler(llm, caching=False)
+    return [tokens(llm.generate(p, GREEDY))[0] for p in PROMPTS]
+
+
+def test_demo_continuation_is_coherent(llm: LLM) -> None:
+    (out,) = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8))
+    assert "Paris" in out.outputs[0].text
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["together", "chunked", "no-prefix-cache", "preempted"],
+)
+def test_batching_does_not_change_greedy_tokens(llm: LLM, alone, setting: str) -> None:
+    kwargs = {
+        "together": {},
+        "chunked": {"budget": 7},
+        "no-prefix-cache": {"caching": False},
+        "preempted": {"num_blocks": 24},
+    }[setting]
+    reset_scheduler(llm, **kwargs)
+    together = tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+    assert together == alone
+    llm.engine.check_invariants()
+    if setting == "preempted":
+        assert llm.engine.scheduler.num_preemptions > 0
+
+
+def test_shared_prefix_is_computed_once_and_faster(llm: LLM) -> None:
+    reset_scheduler(llm)
+    prefix = list(range(1000, 1256))  # 256 tokens: 16 full blocks
+    one = SamplingParams(temperature=0, max_tokens=1)
+    llm.generate([prefix + [5, 6, 7]], one)
+
+    def first_token_time(prompt: list[int]) -> float:
+        start = time.perf_counter()
+        llm.generate([prompt], one)
+        return time.perf_counter() - start
+
+    hits_before = llm.engine.scheduler.kv.prefix_stats.hits
+    warm = first_token_time(prefix + [8, 9, 10, 11])
+    assert llm.engine.scheduler.kv.prefix_stats.hits - hits_before == 256
+    cold = first_token_time(list(range(3000, 3256)) + [8, 9, 10, 11])
+    assert warm < cold
+
+
+def test_seeded_sampling_ignores_batch_composition(llm: LLM) -> None:
+    reset_scheduler(llm)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16)
+    (solo,) = llm.generate("Tell me a story", seeded)
+    others = [SamplingParams(temperature=0.8, max_tokens=20), GREEDY]
+    batch = llm.generate(
+        ["Write a poem", "Tell me a story", "1, 2, 3"], [others[0], seeded, others[1]]
+    )
+    assert batch[1].outputs[0].token_ids == solo.outputs[0].token_ids
+
+
+def test_n_samples_share_prompt_blocks(llm: LLM) -> None:
+    reset_scheduler(llm)
+    prompt = list(range(2000, 2040))  # 2 full blocks and 8 tokens
+    hits_before = llm.engine.scheduler.kv.prefix_stats.hits
+    (out,) = llm.generate([prompt], SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=8))
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1  # different samples
+    # the three later samples find the first one's two full blocks
+    assert llm.engine.scheduler.kv.prefix_stats.hits - hits_before == 3 * 32
+
+
+def test_stop_string_spanning_tokens(llm: LLM) -> None:
+    reset_scheduler(llm)
+    (free,) = llm.generate("The capital of France is", GREEDY)
+    text = free.outputs[0].text  # " Paris.\n\nThe answer is: ..."
+    stop = "\n\nThe answer"
+    assert stop in text
+    for include in (False, True):
+        params = SamplingParams(
+            temperature=0, max_tokens=24, stop=[stop], include_stop_str_in_output=include
+        )
+        (out,) = llm.generate("The capital of France is", params)
+        cut = text[: text.index(stop) + (len(stop) if include else 0)]
+        assert out.outputs[0].text == cut
+        assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == stop
+    llm.engine.check_invariants()
+    assert not llm.engine.scheduler.has_work  # the engine request was aborted
+
+
+def test_logprobs_are_reported(llm: LLM) -> None:
+    reset_scheduler(llm)
+    (out,) = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=4, logprobs=3))
+    c = out.outputs[0]
+    assert len(c.logprobs) == 4
+    for token_id, entry in zip(c.token_ids, c.logprobs):
+        assert entry[token_id][1] == 1  # greedy: rank 1
+        assert len(entry) == 3
+    assert c.cumulative_logprob == pytest.approx(
+        sum(e[t][0] for t, e in zip(c.token_ids, c.logprobs))
+    )

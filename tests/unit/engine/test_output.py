@@ -1,0 +1,67 @@
+"""Detokenization and stop strings on the API-server side, without an engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagoda.engine.detokenizer import IncrementalDetokenizer
+from pagoda.engine.messages import EngineOutput
+from pagoda.engine.output import OutputProcessor
+from pagoda.sampling_params import RequestOutputKind, SamplingParams
+from pagoda.tokenizer import Tokenizer
+
+TEXT = " Tōkyō 東京 🙂🙂 naïve café, ü — done"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_path) -> Tokenizer:
+    return Tokenizer.from_path(default_model_path)
+
+
+def test_multibyte_text_streams_without_broken_characters(tokenizer: Tokenizer) -> None:
+    prompt = tokenizer.encode("Say:")
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    assert len(ids) > len(TEXT.split())  # some characters span several tokens
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    pieces = [detok.push([t]) for t in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == TEXT
+    assert "" in pieces  # some tokens completed no character on their own
+
+
+def feed(processor: OutputProcessor, engine_id: str, token_ids: list[int], finish=None):
+    outputs = []
+    to_abort = []
+    for i, t in enumerate(token_ids):
+        last = finish if i == len(token_ids) - 1 else None
+        out, abort = processor.process_outputs([EngineOutput(engine_id, [t], finish_reason=last)])
+        outputs += out
+        to_abort += abort
+    return outputs, to_abort
+
+
+def test_delta_stream_holds_back_a_possible_stop_string(tokenizer: Tokenizer) -> None:
+    processor = OutputProcessor(tokenizer)
+    params = SamplingParams(max_tokens=50, stop=["café,"], output_kind=RequestOutputKind.DELTA)
+    processor.add_request("r", None, [1], params)
+    outputs, to_abort = feed(processor, "r", tokenizer.encode(TEXT, add_special_tokens=False))
+    streamed = "".join(o.outputs[0].text for o in outputs)
+    assert streamed == TEXT[: TEXT.index("café,")]
+    assert outputs[-1].finished and outputs[-1].outputs[0].stop_reason == "café,"
+    assert to_abort == ["r"]  # the engine is told to stop the request
+    assert not processor.has_unfinished()
+
+
+def test_n_samples_are_gathered(tokenizer: Tokenizer) -> None:
+    processor = OutputProcessor(tokenizer)
+    params = SamplingParams(n=2, max_tokens=3, seed=5)
+    engine_requests = processor.add_request("r", "x", [1], params)
+    assert [e.request_id for e in engine_requests] == ["0_r", "1_r"]
+    assert [e.sampling_params.seed for e in engine_requests] == [5, 6]
+    ids = tokenizer.encode(" a b c", add_special_tokens=False)
+    feed(processor, "0_r", ids, finish="length")
+    outputs, _ = feed(processor, "1_r", ids[:2], finish="stop")
+    final = outputs[-1]
+    assert final.finished
+    assert [c.text for c in final.outputs] == [" a b c", " a b"]
+    assert [c.finish_reason for c in final.outputs] == ["length", "stop"]
