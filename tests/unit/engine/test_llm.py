@@ -1,4 +1,4 @@
-"""The offline engine on the default model: greedy outputs do not depend on how they were batched."""
+"""The offline engine on the default model: batching never changes greedy outputs."""
 
 from __future__ import annotations
 
