@@ -61,3 +61,87 @@ class EngineCore:
 
     def check_invariants(self) -> None:
         self.scheduler.kv.check_invariants()
+
+
+def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> None:
+    """The engine process: take requests, step while there is work, send outputs back.
+
+    Requests arrive on a PULL socket as a type byte and a msgpack payload; every
+    step's outputs leave as one EngineOutputs on a PUSH socket. An exception is
+    reported to the client as engine_error before the process exits non-zero.
+    """
+    import signal
+    import sys
+    import traceback
+
+    import zmq
+
+    from pagoda.engine import messages as m
+
+    _die_with_parent()
+    # Ctrl-C reaches the whole process group; the API server decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s engine: %(message)s")
+
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(input_addr)
+    outbox = ctx.socket(zmq.PUSH)
+    outbox.connect(output_addr)
+    try:
+        core = EngineCore(config)
+        runner = core.runner
+        outbox.send(
+            m.encoder.encode(
+                m.EngineReady(
+                    core.max_model_len,
+                    runner.num_blocks,
+                    runner.block_size,
+                    str(runner.dtype),
+                    runner.spec.vocab_size,
+                )
+            )
+        )
+        while True:
+            # Drain the inbox; wait on it only when there is nothing to compute.
+            timeout = 0 if core.has_work else 1000
+            aborted = False
+            while inbox.poll(timeout):
+                kind, payload = inbox.recv_multipart()
+                if kind == m.RequestType.ADD.value:
+                    core.add_request(m.request_decoder.decode(payload))
+                elif kind == m.RequestType.ABORT.value:
+                    aborted |= bool(core.abort_requests(m.abort_decoder.decode(payload)))
+                else:
+                    return
+                timeout = 0
+            stepped = core.has_work
+            if stepped:
+                outbox.send(m.encoder.encode(core.step()))
+            elif aborted:  # no step will report that the engine emptied
+                outbox.send(m.encoder.encode(m.EngineOutputs([], stats=core.scheduler.stats())))
+            if (stepped or aborted) and not core.has_work:
+                core.check_invariants()  # cheap, and the moment when all is quiet
+    except Exception:
+        logger.exception("engine core failed")
+        error = m.EngineOutputs(outputs=[], engine_error=traceback.format_exc())
+        outbox.send(m.encoder.encode(error))
+        sys.exit(1)
+    finally:
+        inbox.close(linger=0)
+        outbox.close(linger=1000)
+        ctx.term()
+
+
+def _die_with_parent() -> None:
+    """Asks Linux to kill this process when its parent dies, so that no engine is orphaned."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass  # not Linux: the client's shutdown still stops us

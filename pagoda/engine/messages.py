@@ -66,3 +66,16 @@ encoder = msgspec.msgpack.Encoder()
 request_decoder = msgspec.msgpack.Decoder(EngineRequest)
 abort_decoder = msgspec.msgpack.Decoder(list[str])
 outputs_decoder = msgspec.msgpack.Decoder(EngineOutputs)
+
+
+class EngineReady(msgspec.Struct, array_like=True):
+    """Sent once by the engine process when the model is loaded."""
+
+    max_model_len: int
+    num_blocks: int
+    block_size: int
+    dtype: str
+    vocab_size: int
+
+
+ready_decoder = msgspec.msgpack.Decoder(EngineReady)

@@ -1,0 +1,285 @@
+"""AsyncEngineClient: the engine core in its own process, reached over ZMQ.
+
+    API server process                        engine process
+    generate() -> OutputProcessor.add -> PUSH ====> PULL -> EngineCore.step()
+    per-request queues <- output loop <- PULL <==== PUSH <- EngineOutputs
+
+The output loop also watches the process: when it exits or reports an error,
+every waiting generate() raises EngineDeadError within a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from pagoda.config import EngineConfig
+from pagoda.engine import messages as m
+from pagoda.engine.core import run_engine_core
+from pagoda.engine.output import OutputProcessor
+from pagoda.engine.protocol import (
+    EngineClient,
+    EngineDeadError,
+    EngineShuttingDown,
+    PromptType,
+    RequestAborted,
+    ServingConfig,
+)
+from pagoda.outputs import RequestOutput
+from pagoda.sampling_params import SamplingParams
+from pagoda.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+_POLL_MS = 200  # how often a quiet output loop checks that the engine process lives
+
+
+class AsyncEngineClient(EngineClient):
+    def __init__(
+        self,
+        config: EngineConfig,
+        tokenizer: Tokenizer,
+        served_model_names: tuple[str, ...] = (),
+    ) -> None:
+        """Starts the engine process; call `await ready()` before generating."""
+        self.engine_config = config
+        self.tokenizer = tokenizer
+        self.served_model_names = served_model_names or (config.model.path.name,)
+        self.processor = OutputProcessor(tokenizer)
+        self.queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self.stats = m.SchedulerStats()
+        # Called with every step's EngineOutputs and the RequestOutputs made from them.
+        self.step_listeners: list[Callable[[m.EngineOutputs, list[RequestOutput]], None]] = []
+        self._dead: EngineDeadError | None = None
+        self._accepting = True
+        self._serving_config: ServingConfig | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._output_task: asyncio.Task[None] | None = None
+
+        base = os.path.join(tempfile.gettempdir(), f"pagoda-{uuid.uuid4().hex[:12]}")
+        input_addr, output_addr = f"ipc://{base}-in", f"ipc://{base}-out"
+        self._ipc_paths = [f"{base}-in", f"{base}-out"]
+        # LINGER 0: messages to an engine that is gone must not keep the process alive.
+        self._zmq = zmq.asyncio.Context()
+        self._inbox = self._zmq.socket(zmq.PULL)  # outputs from the engine
+        self._inbox.setsockopt(zmq.LINGER, 0)
+        self._inbox.bind(output_addr)
+        self._sync_zmq = zmq.Context()
+        self._outbox = self._sync_zmq.socket(zmq.PUSH)  # requests to the engine
+        self._outbox.setsockopt(zmq.LINGER, 0)
+        self._outbox.bind(input_addr)
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=run_engine_core,
+            args=(config, input_addr, output_addr),
+            name="pagoda-engine",
+            daemon=True,
+        )
+        self.process.start()
+
+    async def ready(self, timeout: float = 600.0) -> None:
+        """Waits for the engine to load its model, then starts the output loop."""
+        deadline = time.monotonic() + timeout
+        while not await self._inbox.poll(_POLL_MS):
+            if not self.process.is_alive():
+                raise EngineDeadError(
+                    f"the engine process exited with code {self.process.exitcode} while loading"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the engine was not ready within {timeout} s")
+        frame = await self._inbox.recv()
+        try:
+            info = m.ready_decoder.decode(frame)
+        except msgspec.ValidationError:
+            error = m.outputs_decoder.decode(frame).engine_error
+            raise EngineDeadError(f"the engine failed while loading:\n{error}") from None
+        self._serving_config = ServingConfig(
+            model_path=str(self.engine_config.model.path),
+            served_model_names=self.served_model_names,
+            max_model_len=info.max_model_len,
+            vocab_size=info.vocab_size,
+            dtype=info.dtype,
+        )
+        self._loop = asyncio.get_running_loop()
+        self._output_task = asyncio.create_task(self._output_loop(), name="engine-output-loop")
+
+    @property
+    def config(self) -> ServingConfig:
+        assert self._serving_config is not None, "await ready() first"
+        return self._serving_config
+
+    # ---- the contract -------------------------------------------------------------------
+
+    @property
+    def is_running(self) -> bool:
+        return self._dead is None and self.process.is_alive()
+
+    @property
+    def errored(self) -> bool:
+        """The engine died or raised (a process stopped by shutdown() did neither)."""
+        return self._dead is not None or (self._accepting and not self.process.is_alive())
+
+    @property
+    def dead_error(self) -> BaseException:
+        return self._dead or EngineDeadError("the engine process is not running")
+
+    async def check_health(self) -> None:
+        if self.errored:
+            raise self.dead_error
+
+    async def generate(
+        self, prompt: PromptType, sampling_params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        if not self._accepting:
+            raise EngineShuttingDown("the server is shutting down")
+        if self.errored:
+            raise self.dead_error
+        text, token_ids = self._split_prompt(prompt)
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.queues[request_id] = queue
+        for er in self.processor.add_request(request_id, text, token_ids, sampling_params):
+            self._send(m.RequestType.ADD, er)
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self.queues.pop(request_id, None)
+            if not finished:
+                self._abort_now(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._abort_now(request_id)
+
+    def shutdown(self, timeout: float = 0.0) -> None:
+        """Stops taking requests, drains for up to timeout seconds, aborts the rest, stops."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while self.processor.has_unfinished() and not self.errored:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        self._call_in_loop(self._abort_all)
+        self._stop_process()
+
+    # ---- internals ----------------------------------------------------------------------
+
+    def _split_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        return None, list(prompt)
+
+    def _send(self, kind: m.RequestType, payload: object) -> None:
+        self._outbox.send_multipart([kind.value, m.encoder.encode(payload)], copy=False)
+
+    def _abort_now(self, request_id: str) -> None:
+        """Forgets the request here, tells the engine, and ends its generate() cleanly."""
+        engine_ids = self.processor.abort_request(request_id)
+        if engine_ids and not self.errored:
+            self._send(m.RequestType.ABORT, engine_ids)
+        queue = self.queues.get(request_id)
+        if queue is not None:
+            queue.put_nowait(RequestAborted(f"request {request_id} was aborted"))
+
+    def _abort_all(self) -> None:
+        for request_id in list(self.processor.requests):
+            self._abort_now(request_id)
+
+    def _call_in_loop(self, fn: Callable[[], None]) -> None:
+        """Runs fn on the event loop's thread (ZMQ sockets are not thread-safe) and waits."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            fn()
+            return
+        try:
+            if asyncio.get_running_loop() is loop:
+                fn()
+                return
+        except RuntimeError:
+            pass  # no loop in this thread: we are in an executor
+        done = asyncio.run_coroutine_threadsafe(_as_coroutine(fn), loop)
+        done.result(timeout=5)
+
+    async def _output_loop(self) -> None:
+        try:
+            while True:
+                if not await self._inbox.poll(_POLL_MS):
+                    if not self.process.is_alive():
+                        self._mark_dead(
+                            f"the engine process exited with code {self.process.exitcode}"
+                        )
+                        return
+                    continue
+                step = m.outputs_decoder.decode(await self._inbox.recv())
+                if step.engine_error is not None:
+                    self._mark_dead(f"the engine failed:\n{step.engine_error}")
+                    return
+                if step.stats is not None:
+                    self.stats = step.stats
+                outputs, to_abort = self.processor.process_outputs(step.outputs)
+                if to_abort:
+                    self._send(m.RequestType.ABORT, to_abort)
+                for output in outputs:
+                    queue = self.queues.get(output.request_id)
+                    if queue is not None:
+                        queue.put_nowait(output)
+                for listener in self.step_listeners:
+                    listener(step, outputs)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._inbox.close(linger=0)
+            self._zmq.term()
+
+    def _mark_dead(self, reason: str) -> None:
+        logger.error("%s", reason)
+        self._dead = EngineDeadError(reason)
+        for queue in self.queues.values():
+            queue.put_nowait(self._dead)
+        self.processor.requests.clear()
+        self.processor.engine_ids.clear()
+
+    def _stop_process(self) -> None:
+        if self.process.is_alive():
+            try:
+                self._send(m.RequestType.SHUTDOWN, None)
+            except zmq.ZMQError:
+                pass
+            self.process.join(5)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(2)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        if self._output_task is None:
+            self._inbox.close(linger=0)
+            self._zmq.term()
+        elif self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._output_task.cancel)
+        self._outbox.close()
+        self._sync_zmq.term()
+        for path in self._ipc_paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+async def _as_coroutine(fn: Callable[[], None]) -> None:
+    fn()

@@ -1,0 +1,80 @@
+"""EngineClient: everything the HTTP layer may ask of an engine, and the errors it may meet."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TypedDict
+
+from pagoda.outputs import RequestOutput
+from pagoda.sampling_params import SamplingParams
+from pagoda.tokenizer import Tokenizer
+
+
+class EngineDeadError(RuntimeError):
+    """The engine process died or raised; no request can be served any more."""
+
+
+class EngineShuttingDown(RuntimeError):
+    """The engine is draining for shutdown and takes no new requests."""
+
+
+class RequestAborted(RuntimeError):
+    """The request was aborted (by abort(), or by a shutdown that ran out of time)."""
+
+
+class TokensPrompt(TypedDict, total=False):
+    prompt_token_ids: list[int]
+    prompt: str  # the text the ids came from, when there is one
+
+
+PromptType = str | list[int] | TokensPrompt
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What the HTTP layer needs to know about the engine behind it."""
+
+    model_path: str
+    served_model_names: tuple[str, ...]
+    max_model_len: int
+    vocab_size: int
+    dtype: str
+
+
+class EngineClient(abc.ABC):
+    tokenizer: Tokenizer
+
+    @property
+    @abc.abstractmethod
+    def config(self) -> ServingConfig: ...
+
+    @abc.abstractmethod
+    def generate(
+        self, prompt: PromptType, sampling_params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Yields outputs until the request finishes; leaving the iterator aborts it."""
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def is_running(self) -> bool: ...
+
+    @property
+    @abc.abstractmethod
+    def errored(self) -> bool: ...
+
+    @property
+    @abc.abstractmethod
+    def dead_error(self) -> BaseException: ...
+
+    @abc.abstractmethod
+    async def check_health(self) -> None:
+        """Raises EngineDeadError when the engine is dead."""
+
+    @abc.abstractmethod
+    def shutdown(self, timeout: float = 0.0) -> None:
+        """Drains for up to timeout seconds, aborts the rest, stops the engine. Blocking."""

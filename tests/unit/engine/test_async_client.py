@@ -1,0 +1,97 @@
+"""The engine in its own process: streaming, abort, death and shutdown, on the default model."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from pagoda.config import EngineConfig, ModelConfig
+from pagoda.engine.async_client import AsyncEngineClient
+from pagoda.engine.protocol import EngineDeadError, EngineShuttingDown, RequestAborted
+from pagoda.sampling_params import RequestOutputKind, SamplingParams
+from pagoda.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.slow
+
+LONG = SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)
+SHORT = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+
+async def start(path) -> AsyncEngineClient:
+    client = AsyncEngineClient(
+        EngineConfig(ModelConfig(path, dtype="float32")), Tokenizer.from_path(path)
+    )
+    await client.ready()
+    return client
+
+
+async def collect(client: AsyncEngineClient, prompt: str, params, request_id: str):
+    outputs = []
+    async for out in client.generate(prompt, params, request_id):
+        outputs.append(out)
+    return outputs
+
+
+def test_stream_abort_and_shutdown(default_model_path) -> None:
+    async def main() -> None:
+        client = await start(default_model_path)
+        delta = SamplingParams(temperature=0, max_tokens=8, output_kind=RequestOutputKind.DELTA)
+        outputs = await collect(client, "The capital of France is", delta, "a")
+        assert outputs[-1].finished and outputs[-1].outputs[0].finish_reason == "length"
+        assert "Paris" in "".join(o.outputs[0].text for o in outputs)
+
+        # Leaving the iterator early aborts the request in the engine.
+        stream = client.generate("Hello", LONG, "b")
+        await stream.__anext__()
+        await stream.aclose()
+        await asyncio.sleep(0.3)
+        assert client.stats.num_running == 0 and not client.processor.has_unfinished()
+
+        # An explicit abort ends a running generate() with RequestAborted.
+        task = asyncio.create_task(collect(client, "Hello", LONG, "c"))
+        await asyncio.sleep(0.3)
+        await client.abort("c")
+        with pytest.raises(RequestAborted):
+            await task
+
+        # shutdown(2): the short request completes, the long one is aborted, nothing remains.
+        short = asyncio.create_task(collect(client, "One", SHORT, "short"))
+        long = asyncio.create_task(collect(client, "Two", LONG, "long"))
+        await asyncio.sleep(0.2)
+        start_time = time.monotonic()
+        await asyncio.get_running_loop().run_in_executor(None, client.shutdown, 2.0)
+        assert time.monotonic() - start_time < 6
+        assert (await short)[-1].finished
+        with pytest.raises(RequestAborted):
+            await long
+        assert not client.process.is_alive()
+        with pytest.raises(EngineShuttingDown):
+            await collect(client, "Three", SHORT, "late")
+
+    asyncio.run(main())
+
+
+def test_engine_death_fails_requests_within_a_second(default_model_path) -> None:
+    async def main() -> None:
+        client = await start(default_model_path)
+        tasks = [asyncio.create_task(collect(client, f"Story {i}", LONG, str(i))) for i in range(3)]
+        await asyncio.sleep(0.5)
+        assert client.is_running and not client.errored
+        os.kill(client.process.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        for task in tasks:
+            with pytest.raises(EngineDeadError):
+                await task
+        assert time.monotonic() - killed < 1.0
+        assert client.errored and not client.is_running
+        with pytest.raises(EngineDeadError):
+            await client.check_health()
+        with pytest.raises(EngineDeadError):
+            await collect(client, "after", SHORT, "x")
+        client.shutdown(0)
+
+    asyncio.run(main())
