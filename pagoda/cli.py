@@ -47,14 +47,183 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pagoda.entrypoints.launcher import bind_socket
+
+    try:
+        sock = bind_socket(args.host, args.port)  # before the engine: a taken port fails fast
+    except OSError as e:
+        print(f"error: {e.strerror or e}", file=sys.stderr)
+        return 1
+    return asyncio.run(_run_server(args, sock))
+
+
+async def _run_server(args: argparse.Namespace, sock) -> int:
+    from pagoda import envs
+    from pagoda.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
+    from pagoda.engine.async_client import AsyncEngineClient
+    from pagoda.engine.protocol import EngineDeadError
+    from pagoda.entrypoints.launcher import serve_http
+    from pagoda.entrypoints.openai.api_server import build_app
+    from pagoda.model_files import DEFAULT_MODEL_NAME, resolve_model_path
+
+    path = resolve_model_path(args.model)
+    names = tuple(args.served_model_name or [args.model or DEFAULT_MODEL_NAME])
+    config = EngineConfig(
+        model=ModelConfig(path, args.dtype, args.max_model_len, names, args.seed),
+        cache=CacheConfig(args.block_size, args.kv_cache_memory, args.enable_prefix_caching),
+        scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens),
+        device=args.device,
+    )
+    engine = AsyncEngineClient(config, served_model_names=names)
+    try:
+        await engine.ready()
+    except (EngineDeadError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        engine.shutdown(0)
+        return 1
+    api_keys = list(args.api_key or [])
+    if not api_keys and envs.PAGODA_API_KEY:
+        api_keys = [k for k in envs.PAGODA_API_KEY.split(",") if k]
+    server_config = ServerConfig(
+        api_keys=tuple(api_keys),
+        allowed_origins=tuple(args.allowed_origins),
+        allowed_methods=tuple(args.allowed_methods),
+        allowed_headers=tuple(args.allowed_headers),
+        allow_credentials=args.allow_credentials,
+        root_path=args.root_path,
+        max_n=args.max_n,
+        disable_log_requests=args.disable_log_requests,
+    )
+    app = build_app(engine, server_config)
+    return await serve_http(
+        app,
+        sock,
+        enable_ssl_refresh=args.enable_ssl_refresh,
+        shutdown_timeout=args.shutdown_timeout,
+        host=args.host,
+        port=args.port,
+        root_path=args.root_path,
+        log_level=args.uvicorn_log_level,
+        access_log=not args.disable_uvicorn_access_log,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
+        ssl_ca_certs=args.ssl_ca_certs,
+        ssl_cert_reqs=args.ssl_cert_reqs,
+        h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+        h11_max_header_count=args.h11_max_header_count,
+        timeout_keep_alive=5,
+    )
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '536870912', '512M', '512MiB', '1G' or '1.5GB' (binary units)."""
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    number, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        return int(float(number) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def _json_list(text: str) -> list[str]:
+    import json
+
+    value = json.loads(text)
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"expected a JSON list, got {text!r}")
+    return [str(v) for v in value]
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    from pagoda.config import DTYPES
+
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument(
+        "--kv-cache-memory",
+        type=parse_size,
+        default=512 << 20,
+        help="memory for the KV cache, e.g. 512M or 2G (default 512M)",
+    )
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagoda", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
     gen = sub.add_parser("generate", help="greedily continue a prompt and print it")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="model directory or GGUF file")
     gen.add_argument("--max-tokens", type=int, default=32)
     gen.set_defaults(func=_generate)
+
+    serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    serve.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="model directory or GGUF file (default: SmolLM2-135M-Instruct)",
+    )
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        help="require this bearer key on /v1 (repeatable; env PAGODA_API_KEY)",
+    )
+    serve.add_argument("--served-model-name", nargs="+", default=None)
+    serve.add_argument("--max-n", type=int, default=64, help="the largest n a request may ask")
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=0.0,
+        help="seconds that in-flight requests get to finish on SIGTERM",
+    )
+    serve.add_argument("--ssl-keyfile")
+    serve.add_argument("--ssl-certfile")
+    serve.add_argument("--ssl-ca-certs")
+    serve.add_argument("--ssl-cert-reqs", type=int, default=0)
+    serve.add_argument(
+        "--enable-ssl-refresh",
+        action="store_true",
+        help="reload the TLS files when they change on disk",
+    )
+    serve.add_argument(
+        "--h11-max-incomplete-event-size",
+        type=parse_size,
+        default=None,
+        help="the largest request head in bytes (default 4M)",
+    )
+    serve.add_argument(
+        "--h11-max-header-count",
+        type=int,
+        default=None,
+        help="the most headers a request may carry (default 256)",
+    )
+    serve.add_argument("--allowed-origins", type=_json_list, default=["*"])
+    serve.add_argument("--allowed-methods", type=_json_list, default=["*"])
+    serve.add_argument("--allowed-headers", type=_json_list, default=["*"])
+    serve.add_argument("--allow-credentials", action="store_true")
+    serve.add_argument("--root-path", default="")
+    serve.add_argument(
+        "--uvicorn-log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+    )
+    serve.add_argument("--disable-uvicorn-access-log", action="store_true")
+    serve.add_argument("--disable-log-requests", action="store_true")
+    _add_engine_flags(serve)
+    serve.set_defaults(func=_serve)
     return parser
 
 

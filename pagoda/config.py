@@ -40,3 +40,17 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP layer's settings (the launcher's own are its keyword arguments)."""
+
+    api_keys: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ("*",)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+    root_path: str = ""
+    max_n: int = 64  # the largest n a request may ask for
+    disable_log_requests: bool = False

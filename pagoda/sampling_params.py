@@ -85,14 +85,13 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                 "min_tokens",
                 f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}",
             )
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            if value is not None:
-                check(
-                    0 <= value <= MAX_LOGPROBS,
-                    name,
-                    f"must be in [0, {MAX_LOGPROBS}], got {value}",
-                )
+        if self.logprobs is not None:
+            check(
+                0 <= self.logprobs <= MAX_LOGPROBS,
+                "logprobs",
+                f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
+            )
+        check(self.prompt_logprobs is None, "prompt_logprobs", "is not supported yet")
         if self.stop is not None:
             check(all(s for s in self.stop), "stop", "stop strings must not be empty")
         for token_id, bias in (self.logit_bias or {}).items():

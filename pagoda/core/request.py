@@ -48,7 +48,9 @@ class Request:
         self.sampling_params = sampling_params
         self.eos_token_ids = eos_token_ids
         self.parent_id = parent_id  # set for the samples of an n > 1 request
-        self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        self.arrival_time = arrival_time if arrival_time is not None else time.time()
+        self.added_at = time.monotonic()  # this process's clock, for the queue time
+        self.first_scheduled_at: float | None = None
         self.all_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0

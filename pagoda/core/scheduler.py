@@ -116,6 +116,7 @@ class Scheduler:
             request.num_computed_tokens = num_hit
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
+                request.first_scheduled_at = time.monotonic()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.scheduled.append(
@@ -167,6 +168,7 @@ class Scheduler:
                         else None
                     ),
                     num_cached_tokens=max(request.num_cached_tokens, 0),
+                    queue_time=_queue_time(request) if request.num_output_tokens == 1 else None,
                 )
             )
         return EngineOutputs(outputs=outputs, timestamp=time.time())
@@ -203,6 +205,12 @@ class Scheduler:
             num_preemptions=self.num_preemptions,
             step_num_tokens=self.last_step_tokens,
         )
+
+
+def _queue_time(request: Request) -> float | None:
+    if request.first_scheduled_at is None:
+        return None
+    return request.first_scheduled_at - request.added_at
 
 
 def _wire_logprobs(logprobs: dict[int, tuple[float, int]] | None) -> list[tuple[int, float, int]]:

@@ -11,6 +11,7 @@ every waiting generate() raises EngineDeadError within a fraction of a second.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import multiprocessing
 import os
@@ -18,6 +19,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 import msgspec
 import zmq
@@ -41,25 +43,42 @@ from pagoda.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-_POLL_MS = 200  # how often a quiet output loop checks that the engine process lives
+_POLL_MS = 200
+
+
+class StatLogger(Protocol):
+    """Told of every request, abort and engine step (the metrics endpoint is one)."""
+
+    def request_added(self, request: m.EngineRequest) -> None: ...
+    def request_aborted(self, engine_ids: list[str]) -> None: ...
+    def step(
+        self, step: m.EngineOutputs, outputs: list[RequestOutput]
+    ) -> None: ...  # how often a quiet output loop checks that the engine process lives
 
 
 class AsyncEngineClient(EngineClient):
     def __init__(
         self,
         config: EngineConfig,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | None = None,
         served_model_names: tuple[str, ...] = (),
     ) -> None:
-        """Starts the engine process; call `await ready()` before generating."""
+        """Starts the engine process; call `await ready()` before generating.
+
+        Without a tokenizer, one is loaded from the model while the engine loads its weights.
+        """
         self.engine_config = config
-        self.tokenizer = tokenizer
         self.served_model_names = served_model_names or (config.model.path.name,)
-        self.processor = OutputProcessor(tokenizer)
+        self._tokenizer: Tokenizer | concurrent.futures.Future[Tokenizer] = (
+            tokenizer
+            if tokenizer is not None
+            else concurrent.futures.ThreadPoolExecutor(1).submit(
+                Tokenizer.from_path, config.model.path
+            )
+        )
         self.queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self.stats = m.SchedulerStats()
-        # Called with every step's EngineOutputs and the RequestOutputs made from them.
-        self.step_listeners: list[Callable[[m.EngineOutputs, list[RequestOutput]], None]] = []
+        self.stat_loggers: list[StatLogger] = []
         self._dead: EngineDeadError | None = None
         self._accepting = True
         self._serving_config: ServingConfig | None = None
@@ -96,6 +115,10 @@ class AsyncEngineClient(EngineClient):
                 )
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the engine was not ready within {timeout} s")
+        if isinstance(self._tokenizer, concurrent.futures.Future):
+            self._tokenizer = await asyncio.wrap_future(self._tokenizer)
+        self.tokenizer = self._tokenizer
+        self.processor = OutputProcessor(self.tokenizer)
         frame = await self._inbox.recv()
         try:
             info = m.ready_decoder.decode(frame)
@@ -148,6 +171,8 @@ class AsyncEngineClient(EngineClient):
         self.queues[request_id] = queue
         for er in self.processor.add_request(request_id, text, token_ids, sampling_params):
             self._send(m.RequestType.ADD, er)
+            for stat_logger in self.stat_loggers:
+                stat_logger.request_added(er)
         finished = False
         try:
             while not finished:
@@ -192,6 +217,8 @@ class AsyncEngineClient(EngineClient):
         engine_ids = self.processor.abort_request(request_id)
         if engine_ids and not self.errored:
             self._send(m.RequestType.ABORT, engine_ids)
+        for stat_logger in self.stat_loggers:
+            stat_logger.request_aborted(engine_ids)
         queue = self.queues.get(request_id)
         if queue is not None:
             queue.put_nowait(RequestAborted(f"request {request_id} was aborted"))
@@ -232,14 +259,16 @@ class AsyncEngineClient(EngineClient):
                 if step.stats is not None:
                     self.stats = step.stats
                 outputs, to_abort = self.processor.process_outputs(step.outputs)
-                if to_abort:
+                if to_abort:  # finished by a stop string
                     self._send(m.RequestType.ABORT, to_abort)
+                    for stat_logger in self.stat_loggers:
+                        stat_logger.request_aborted(to_abort)
                 for output in outputs:
                     queue = self.queues.get(output.request_id)
                     if queue is not None:
                         queue.put_nowait(output)
-                for listener in self.step_listeners:
-                    listener(step, outputs)
+                for stat_logger in self.stat_loggers:
+                    stat_logger.step(step, outputs)
         except asyncio.CancelledError:
             pass
         finally:

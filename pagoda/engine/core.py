@@ -9,13 +9,16 @@ from pagoda.config import EngineConfig
 from pagoda.core.request import Request, RequestStatus
 from pagoda.core.scheduler import RunnerOutput, Scheduler
 from pagoda.engine.messages import EngineOutputs, EngineRequest
-from pagoda.model.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
+        # Imported here: the API server imports this module (for run_engine_core) and must
+        # not load torch; only the engine process does.
+        from pagoda.model.runner import ModelRunner
+
         self.config = config
         self.runner = ModelRunner(config)
         spec_len = self.runner.spec.max_position_embeddings

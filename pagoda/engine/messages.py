@@ -43,6 +43,7 @@ class EngineOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     new_logprobs: list[list[WireLogprob]] | None = None  # one list per new token
     prompt_logprobs: list[list[WireLogprob]] | None = None
     num_cached_tokens: int = 0
+    queue_time: float | None = None  # seconds from arrival to first scheduling, on the first token
 
 
 class SchedulerStats(msgspec.Struct, array_like=True):

@@ -1,0 +1,104 @@
+"""Prometheus metrics under vLLM's names, so that existing dashboards and routers work."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from pagoda.engine.messages import EngineOutputs, EngineRequest, SchedulerStats
+from pagoda.outputs import RequestOutput
+
+_LATENCY_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+
+
+@dataclass
+class _Live:
+    arrival: float
+    last_token: float | None = None
+
+
+class Metrics:
+    """Fed by the engine client's listeners; exposed on /metrics."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=r)
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, doc, labels + list(extra), registry=r)
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, labels, buckets=_LATENCY_BUCKETS, registry=r)
+
+        self.running = gauge("vllm:num_requests_running", "Requests in the running batch.")
+        self.waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_usage = gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use.")
+        self.prefix_queries = counter("vllm:prefix_cache_queries", "Prompt tokens looked up.")
+        self.prefix_hits = counter("vllm:prefix_cache_hits", "Prompt tokens found cached.")
+        self.preemptions = counter("vllm:num_preemptions", "Preemptions of running requests.")
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens received.")
+        self.generation_tokens = counter("vllm:generation_tokens", "Tokens generated.")
+        self.success = counter(
+            "vllm:request_success", "Requests finished.", extra=("finished_reason",)
+        )
+        self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token.")
+        self.itl = histogram("vllm:inter_token_latency_seconds", "Time between tokens.")
+        self.e2e = histogram("vllm:e2e_request_latency_seconds", "Request latency.")
+        self.queue = histogram("vllm:request_queue_time_seconds", "Time waiting for the batch.")
+        self.model_name = model_name
+        self._live: dict[str, _Live] = {}
+        self._last = SchedulerStats()
+
+    def request_added(self, request: EngineRequest) -> None:
+        self._live[request.request_id] = _Live(arrival=time.time())
+        self.prompt_tokens.labels(self.model_name).inc(len(request.prompt_token_ids))
+
+    def request_aborted(self, engine_ids: list[str]) -> None:
+        for engine_id in engine_ids:
+            self._live.pop(engine_id, None)
+
+    def step(self, step: EngineOutputs, outputs: list[RequestOutput]) -> None:
+        now = time.time()
+        m = self.model_name
+        if step.stats is not None:
+            self._record_stats(step.stats)
+        for eo in step.outputs:
+            live = self._live.get(eo.request_id)
+            if live is None:
+                continue
+            if eo.new_token_ids:
+                self.generation_tokens.labels(m).inc(len(eo.new_token_ids))
+                if live.last_token is None:
+                    self.ttft.labels(m).observe(now - live.arrival)
+                    if eo.queue_time is not None:
+                        self.queue.labels(m).observe(eo.queue_time)
+                else:
+                    self.itl.labels(m).observe(now - live.last_token)
+                live.last_token = now
+            if eo.finish_reason is not None:
+                self._live.pop(eo.request_id, None)
+        for output in outputs:
+            if output.finished:
+                reason = output.outputs[0].finish_reason or "stop"
+                self.success.labels(m, reason).inc()
+                self.e2e.labels(m).observe(now - output.metrics["arrival_time"])
+
+    def _record_stats(self, stats: SchedulerStats) -> None:
+        m, last = self.model_name, self._last
+        self.running.labels(m).set(stats.num_running)
+        self.waiting.labels(m).set(stats.num_waiting)
+        self.kv_usage.labels(m).set(stats.kv_cache_usage)
+        # The engine reports running totals; counters advance by the difference.
+        self.prefix_queries.labels(m).inc(stats.prefix_cache_queries - last.prefix_cache_queries)
+        self.prefix_hits.labels(m).inc(stats.prefix_cache_hits - last.prefix_cache_hits)
+        self.preemptions.labels(m).inc(stats.num_preemptions - last.num_preemptions)
+        self._last = stats

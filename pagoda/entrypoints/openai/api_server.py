@@ -1,0 +1,210 @@
+"""build_app: the FastAPI application in front of an EngineClient."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.datastructures import Headers, MutableHeaders, State
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import pagoda
+from pagoda.config import ServerConfig
+from pagoda.engine.protocol import EngineClient
+from pagoda.entrypoints.metrics import Metrics
+from pagoda.entrypoints.openai import errors
+from pagoda.entrypoints.openai.errors import OpenAIError, error_response
+from pagoda.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from pagoda.entrypoints.openai.serving_chat import OpenAIServingChat
+from pagoda.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagoda.entrypoints.openai.serving_engine import run_unless_disconnected
+
+logger = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def build_app(engine: EngineClient, server_config: ServerConfig | None = None) -> FastAPI:
+    """The OpenAI-compatible routes, operational routes, auth, CORS and error handling."""
+    server_config = server_config or ServerConfig()
+    app = FastAPI(title="Pagoda", version=pagoda.__version__, root_path=server_config.root_path)
+    app.state.engine = engine
+    app.state.draining = False  # set by the launcher on SIGTERM: new work is refused
+    app.state.server_load = 0
+    metrics = Metrics(engine.config.served_model_names[0])
+    app.state.metrics = metrics
+    if hasattr(engine, "stat_loggers"):
+        engine.stat_loggers.append(metrics)
+    completions = OpenAIServingCompletion(engine, server_config, app.state)
+    chat = OpenAIServingChat(engine, server_config, app.state)
+
+    app.add_exception_handler(OpenAIError, errors.openai_error_handler)
+    app.add_exception_handler(RequestValidationError, errors.validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, errors.http_error_handler)
+    app.add_exception_handler(Exception, errors.internal_error_handler)
+
+    app.add_middleware(GuardMiddleware, app_state=app.state, server_config=server_config)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(server_config.allowed_origins),
+        allow_methods=list(server_config.allowed_methods),
+        allow_headers=list(server_config.allowed_headers),
+        allow_credentials=server_config.allow_credentials,
+    )
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        cfg = engine.config
+        return ModelList(
+            data=[
+                ModelCard(id=name, root=cfg.model_path, max_model_len=cfg.max_model_len)
+                for name in cfg.served_model_names
+            ]
+        )
+
+    @app.post("/v1/completions")
+    async def create_completion(body: CompletionRequest, raw: Request) -> Response:
+        prompts, params = completions.prepare(body)
+        if body.stream:
+            return StreamingResponse(
+                completions.stream(body, prompts, params),
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
+            )
+        return await _respond(raw, completions.create(body, prompts, params), completions)
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> Response:
+        prompt, params = chat.prepare(body)
+        if body.stream:
+            return StreamingResponse(
+                chat.stream(body, prompt, params),
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
+            )
+        return await _respond(raw, chat.create(body, prompt, params), chat)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        completions.check_model(body.model)
+        if body.messages is not None:
+            chat_request = ChatCompletionRequest(
+                messages=body.messages, add_generation_prompt=body.add_generation_prompt
+            )
+            tokens = engine.tokenizer.encode(chat.render(chat_request), add_special_tokens=False)
+        elif body.prompt is not None:
+            tokens = engine.tokenizer.encode(body.prompt, body.add_special_tokens)
+        else:
+            raise OpenAIError("either prompt or messages is required", 400, "prompt")
+        return TokenizeResponse(
+            count=len(tokens), max_model_len=engine.config.max_model_len, tokens=tokens
+        )
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        completions.check_model(body.model)
+        vocab = engine.tokenizer.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise OpenAIError("tokens: token id out of vocabulary", 400, "tokens")
+        return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.errored:
+            return error_response(f"the engine is dead: {engine.dead_error}", 503)
+        if app.state.draining:
+            return error_response("the server is shutting down", 503)
+        return Response(status_code=200)
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:
+        return await health()
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": pagoda.__version__}
+
+    @app.get("/load")
+    async def load() -> dict:
+        return {"server_load": app.state.server_load}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class GuardMiddleware:
+    """In front of every route: the X-Request-Id header, the API key, refusal while draining."""
+
+    def __init__(self, app: ASGIApp, app_state: State, server_config: ServerConfig) -> None:
+        self.app = app
+        self.state = app_state
+        self.config = server_config
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Request-Id"] = request_id
+            await send(message)
+
+        path = scope["path"].removeprefix(self.config.root_path)
+        if path.startswith("/v1"):
+            if self.config.api_keys and not _authorised(headers, self.config.api_keys):
+                response = error_response("invalid or missing API key", 401)
+                await response(scope, receive, send_with_id)
+                return
+            if self.state.draining and scope["method"] == "POST":
+                response = error_response("the server is shutting down", 503)
+                await response(scope, receive, send_with_id)
+                return
+        self.state.server_load += 1
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.state.server_load -= 1
+
+
+def _authorised(headers: Headers, keys: tuple[str, ...]) -> bool:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return any(secrets.compare_digest(token.strip(), key) for key in keys)
+
+
+async def _respond(raw: Request, work, serving) -> Response:
+    """Runs a non-streaming request; an engine failure becomes its error response."""
+    try:
+        result = await run_unless_disconnected(raw, work)
+    except OpenAIError:
+        raise
+    except Exception as e:
+        body = await serving.on_engine_error(e)
+        return JSONResponse(body, status_code=body["error"]["code"])
+    if result is None:  # the client left; nobody reads this
+        return Response(status_code=499)
+    return JSONResponse(result.model_dump(mode="json"))

@@ -1,0 +1,72 @@
+"""OpenAI-style errors: every failure leaves as {"error": {message, type, param, code}}."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+# Status -> the error type name vLLM's server uses.
+_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestTooLargeError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
+
+
+class OpenAIError(Exception):
+    """An error the API reports to its client with a status, a message and the field at fault."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+
+
+def error_body(message: str, status: int, param: str | None = None) -> dict:
+    error_type = _TYPES.get(status, HTTPStatus(status).phrase.replace(" ", "") + "Error")
+    return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
+
+
+def error_response(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, status, param), status_code=status)
+
+
+async def openai_error_handler(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, OpenAIError)
+    return error_response(exc.message, exc.status, exc.param)
+
+
+async def validation_error_handler(_: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 becomes a 400 naming the first bad field, as in vLLM."""
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    if not errors:
+        return error_response("invalid request")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return error_response(f"invalid JSON in the request body: {first.get('msg')}")
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid value")
+    if first.get("type") == "missing":
+        message = "field required"
+    text = f"{param}: {message}" if param else message
+    return error_response(text, 400, param)
+
+
+async def http_error_handler(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return error_response(str(exc.detail), exc.status_code)
+
+
+async def internal_error_handler(_: Request, exc: Exception) -> JSONResponse:
+    return error_response(f"internal error: {type(exc).__name__}: {exc}", 500)

@@ -1,0 +1,203 @@
+"""POST /v1/chat/completions: messages through the model's chat template, streamed or not."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import jinja2
+
+from pagoda.engine.protocol import TokensPrompt
+from pagoda.entrypoints.openai.errors import OpenAIError
+from pagoda.entrypoints.openai.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    DeltaMessage,
+    TokenLogprob,
+    TopLogprob,
+    UsageInfo,
+    random_id,
+)
+from pagoda.entrypoints.openai.serving_engine import SSE_DONE, OpenAIServing, sse
+from pagoda.outputs import Logprobs, RequestOutput
+from pagoda.sampling_params import MAX_LOGPROBS, SamplingParams
+
+
+class OpenAIServingChat(OpenAIServing):
+    def prepare(self, request: ChatCompletionRequest) -> tuple[TokensPrompt, SamplingParams]:
+        self.check_model(request.model)
+        if not request.messages:
+            raise OpenAIError("messages must not be empty", 400, "messages")
+        if request.tool_choice not in (None, "none"):
+            raise OpenAIError("tool calling is not supported", 400, "tool_choice")
+        if request.response_format is not None and request.response_format.type != "text":
+            raise OpenAIError(
+                "structured output (response_format) is not supported", 400, "response_format"
+            )
+        if request.top_logprobs is not None:
+            if not request.logprobs:
+                raise OpenAIError("top_logprobs requires logprobs to be true", 400, "top_logprobs")
+            if not 0 <= request.top_logprobs <= MAX_LOGPROBS:
+                raise OpenAIError(
+                    f"top_logprobs must be in [0, {MAX_LOGPROBS}]", 400, "top_logprobs"
+                )
+        text = self.render(request)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        max_tokens = self.check_lengths(
+            len(ids), request.max_completion_tokens or request.max_tokens
+        )
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        params = self.sampling_params(request, max_tokens, logprobs)
+        return TokensPrompt(prompt_token_ids=ids, prompt=text), params
+
+    def render(self, request: ChatCompletionRequest) -> str:
+        """The prompt text: the messages through the chat template; template errors are 400s."""
+        messages = [self._message(i, m) for i, m in enumerate(request.messages)]
+        kwargs: dict[str, Any] = dict(request.chat_template_kwargs or {})
+        if request.tools:
+            kwargs["tools"] = request.tools
+        continue_final = request.continue_final_message
+        if continue_final and messages[-1]["role"] != "assistant":
+            raise OpenAIError(
+                "continue_final_message needs a final assistant message", 400, "messages"
+            )
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages,
+                add_generation_prompt=request.add_generation_prompt and not continue_final,
+                **kwargs,
+            )
+        except (jinja2.TemplateError, ValueError) as e:
+            raise OpenAIError(f"chat template failed: {e}", 400, "messages") from None
+        if continue_final:
+            # Cut whatever the template appends after the last message (its end-of-turn).
+            last = messages[-1]["content"]
+            text = text[: text.rfind(last) + len(last)]
+        return text
+
+    @staticmethod
+    def _message(index: int, message: Any) -> dict[str, Any]:
+        content = message.content
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise OpenAIError(
+                        f"messages.{index}.content: only text parts are supported, "
+                        f"got {part.type!r}",
+                        400,
+                        f"messages.{index}.content",
+                    )
+                parts.append(part.text)
+            content = "".join(parts)
+        out: dict[str, Any] = {"role": message.role, "content": content or ""}
+        if message.name:
+            out["name"] = message.name
+        return out
+
+    def _logprobs(
+        self, token_ids: list[int], logprobs: list[Logprobs] | None, k: int
+    ) -> ChatLogprobs:
+        content = []
+        for token_id, entry in zip(token_ids, logprobs or []):
+            top = sorted(entry.items(), key=lambda kv: kv[1][1])[:k]
+            content.append(
+                TokenLogprob(
+                    **self._top(token_id, entry[token_id][0]).model_dump(),
+                    top_logprobs=[self._top(t, lp) for t, (lp, _) in top],
+                )
+            )
+        return ChatLogprobs(content=content)
+
+    def _top(self, token_id: int, logprob: float) -> TopLogprob:
+        token = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return TopLogprob(token=token, logprob=max(logprob, -9999.0), bytes=list(token.encode()))
+
+    async def create(
+        self, request: ChatCompletionRequest, prompt: TokensPrompt, params: SamplingParams
+    ) -> ChatCompletionResponse:
+        request_id = random_id("chatcmpl")
+        final: RequestOutput | None = None
+        async for _, output in self.generate_many([prompt], params, request_id):
+            final = output
+        assert final is not None
+        choices = [
+            ChatChoice(
+                index=c.index,
+                message=ChatResponseMessage(content=c.text),
+                logprobs=self._logprobs(c.token_ids, c.logprobs, request.top_logprobs or 0)
+                if request.logprobs
+                else None,
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+            )
+            for c in final.outputs
+        ]
+        completion_tokens = sum(len(c.token_ids) for c in final.outputs)
+        prompt_tokens = len(final.prompt_token_ids)
+        return ChatCompletionResponse(
+            id=request_id,
+            model=request.model or self.model_name,
+            choices=choices,
+            usage=UsageInfo(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+                prompt_tokens_details={"cached_tokens": final.num_cached_tokens}
+                if final.num_cached_tokens
+                else None,
+            ),
+        )
+
+    async def stream(
+        self, request: ChatCompletionRequest, prompt: TokensPrompt, params: SamplingParams
+    ) -> AsyncIterator[str]:
+        request_id = random_id("chatcmpl")
+        model = request.model or self.model_name
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+
+        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+            return sse(
+                ChatCompletionChunk(id=request_id, model=model, choices=choices, usage=usage)
+            )
+
+        completion_tokens = 0
+        try:
+            # The first chunk of each choice names the role, as OpenAI's server does.
+            yield chunk(
+                [
+                    ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                    for i in range(params.n)
+                ]
+            )
+            async for _, output in self.generate_many([prompt], params, request_id):
+                for c in output.outputs:
+                    completion_tokens += len(c.token_ids)
+                    if not c.text and not c.finished:
+                        continue
+                    choice = ChatStreamChoice(
+                        index=c.index,
+                        delta=DeltaMessage(content=c.text),
+                        logprobs=self._logprobs(c.token_ids, c.logprobs, request.top_logprobs or 0)
+                        if request.logprobs
+                        else None,
+                        finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason,
+                    )
+                    yield chunk([choice])
+            if include_usage:
+                prompt_tokens = len(prompt["prompt_token_ids"])
+                usage = UsageInfo(
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    total_tokens=prompt_tokens + completion_tokens,
+                )
+                yield chunk([], usage)
+        except Exception as e:
+            yield sse(await self.on_engine_error(e))
+        yield SSE_DONE

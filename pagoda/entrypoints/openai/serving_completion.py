@@ -1,0 +1,158 @@
+"""POST /v1/completions: one or many prompts, text or token ids, streamed or not."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from pagoda.engine.protocol import TokensPrompt
+from pagoda.entrypoints.openai.errors import OpenAIError
+from pagoda.entrypoints.openai.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+    random_id,
+)
+from pagoda.entrypoints.openai.serving_engine import SSE_DONE, OpenAIServing, sse
+from pagoda.outputs import CompletionOutput, Logprobs, RequestOutput
+from pagoda.sampling_params import SamplingParams
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    def prepare(self, request: CompletionRequest) -> tuple[list[TokensPrompt], SamplingParams]:
+        """Validates the request: its prompts as token ids and its sampling params."""
+        self.check_model(request.model)
+        if request.suffix is not None:
+            raise OpenAIError("suffix is not supported", 400, "suffix")
+        if request.best_of is not None and request.best_of != request.n:
+            raise OpenAIError("best_of is not supported (other than best_of == n)", 400, "best_of")
+        prompts = self._prompts(request)
+        max_tokens = request.max_tokens
+        for p in prompts:
+            max_tokens_p = self.check_lengths(len(p["prompt_token_ids"]), request.max_tokens)
+            max_tokens = max_tokens_p if max_tokens is None else min(max_tokens, max_tokens_p)
+        assert max_tokens is not None
+        return prompts, self.sampling_params(request, max_tokens, request.logprobs)
+
+    def _prompts(self, request: CompletionRequest) -> list[TokensPrompt]:
+        raw = request.prompt
+        if isinstance(raw, str):
+            raw = [raw]
+        elif raw and isinstance(raw[0], int):
+            raw = [raw]  # type: ignore[list-item]
+        if not raw:
+            raise OpenAIError("the prompt is empty", 400, "prompt")
+        prompts: list[TokensPrompt] = []
+        vocab = self.tokenizer.vocab_size
+        for item in raw:
+            if isinstance(item, str):
+                ids = self.tokenizer.encode(item, add_special_tokens=request.add_special_tokens)
+                prompts.append(TokensPrompt(prompt_token_ids=ids, prompt=item))
+            else:
+                if any(not 0 <= t < vocab for t in item):
+                    raise OpenAIError("prompt: token id out of vocabulary", 400, "prompt")
+                prompts.append(
+                    TokensPrompt(prompt_token_ids=list(item), prompt=self.tokenizer.decode(item))
+                )
+        return prompts
+
+    async def create(
+        self, request: CompletionRequest, prompts: list[TokensPrompt], params: SamplingParams
+    ) -> CompletionResponse:
+        request_id = random_id("cmpl")
+        finals: dict[int, RequestOutput] = {}
+        async for i, output in self.generate_many(list(prompts), params, request_id):
+            finals[i] = output
+        choices, prompt_tokens, completion_tokens, cached = [], 0, 0, 0
+        for i in range(len(prompts)):
+            final = finals[i]
+            prompt_tokens += len(final.prompt_token_ids)
+            cached += final.num_cached_tokens
+            for c in final.outputs:
+                completion_tokens += len(c.token_ids)
+                choices.append(
+                    self._choice(i * params.n + c.index, final, c, request.echo, request.logprobs)
+                )
+        return CompletionResponse(
+            id=request_id,
+            model=request.model or self.model_name,
+            choices=choices,
+            usage=_usage(prompt_tokens, completion_tokens, cached),
+        )
+
+    def _choice(
+        self, index: int, final: RequestOutput, c: CompletionOutput, echo: bool, k: int | None
+    ) -> CompletionChoice:
+        prefix = (final.prompt or "") if echo else ""
+        return CompletionChoice(
+            index=index,
+            text=prefix + c.text,
+            logprobs=self._logprobs(c.token_ids, c.logprobs, k, len(prefix))
+            if k is not None
+            else None,
+            finish_reason=c.finish_reason,
+            stop_reason=c.stop_reason,
+        )
+
+    def _logprobs(
+        self, token_ids: list[int], logprobs: list[Logprobs] | None, k: int | None, offset: int
+    ) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        for token_id, entry in zip(token_ids, logprobs or []):
+            token = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            out.tokens.append(token)
+            out.token_logprobs.append(entry[token_id][0])
+            out.text_offset.append(offset)
+            offset += len(token)
+            top = sorted(entry.items(), key=lambda kv: kv[1][1])[: k or 0]
+            out.top_logprobs.append(
+                {self.tokenizer.decode([t], skip_special_tokens=False): lp for t, (lp, _) in top}
+                if k
+                else None
+            )
+        return out
+
+    async def stream(
+        self, request: CompletionRequest, prompts: list[TokensPrompt], params: SamplingParams
+    ) -> AsyncIterator[str]:
+        request_id = random_id("cmpl")
+        model = request.model or self.model_name
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
+        completion_tokens = 0
+        echoed: set[int] = set()
+        try:
+            async for i, output in self.generate_many(list(prompts), params, request_id):
+                for c in output.outputs:
+                    index = i * params.n + c.index
+                    completion_tokens += len(c.token_ids)
+                    text = c.text
+                    if request.echo and index not in echoed:
+                        echoed.add(index)
+                        text = (output.prompt or "") + text
+                    choice = CompletionChoice(
+                        index=index,
+                        text=text,
+                        logprobs=self._logprobs(c.token_ids, c.logprobs, request.logprobs, 0)
+                        if request.logprobs is not None
+                        else None,
+                        finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason,
+                    )
+                    yield sse(CompletionResponse(id=request_id, model=model, choices=[choice]))
+            if include_usage:
+                usage = _usage(prompt_tokens, completion_tokens, 0)
+                yield sse(CompletionResponse(id=request_id, model=model, choices=[], usage=usage))
+        except Exception as e:
+            yield sse(await self.on_engine_error(e))
+        yield SSE_DONE
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> UsageInfo:
+    return UsageInfo(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details={"cached_tokens": cached} if cached else None,
+    )

@@ -1,0 +1,203 @@
+"""What completions and chat share: model check, limits, sampling params, result streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel
+from starlette.datastructures import State
+
+from pagoda.config import ServerConfig
+from pagoda.engine.protocol import (
+    EngineClient,
+    EngineDeadError,
+    EngineShuttingDown,
+    PromptType,
+    RequestAborted,
+)
+from pagoda.entrypoints.openai.errors import OpenAIError, error_body
+from pagoda.entrypoints.openai.protocol import SamplingFields
+from pagoda.outputs import RequestOutput
+from pagoda.sampling_params import RequestOutputKind, SamplingParams, SamplingParamsError
+
+T = TypeVar("T")
+
+
+class OpenAIServing:
+    def __init__(self, engine: EngineClient, server_config: ServerConfig, app_state: State) -> None:
+        self.engine = engine
+        self.app_state = app_state  # the launcher puts the uvicorn server here
+        self.server_config = server_config
+        self.tokenizer = engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.config.served_model_names[0]
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.engine.config.served_model_names:
+            raise OpenAIError(f"The model `{model}` does not exist.", 404, "model")
+
+    def check_lengths(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
+        """The max_tokens to use; a prompt or request that cannot fit the context is a 400."""
+        limit = self.engine.config.max_model_len
+        if num_prompt_tokens == 0:
+            raise OpenAIError("the prompt is empty", 400, "prompt")
+        if num_prompt_tokens >= limit:
+            raise OpenAIError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt "
+                f"has {num_prompt_tokens} tokens, leaving no room for output.",
+                400,
+                "prompt",
+            )
+        if max_tokens is None:
+            return limit - num_prompt_tokens
+        if num_prompt_tokens + max_tokens > limit:
+            raise OpenAIError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, "
+                f"{max_tokens} in the completion). Reduce the prompt or max_tokens.",
+                400,
+                "max_tokens",
+            )
+        return max_tokens
+
+    def sampling_params(
+        self, request: SamplingFields, max_tokens: int, logprobs: int | None
+    ) -> SamplingParams:
+        """The request's sampling fields, validated; a bad value is a 400 naming the field."""
+        if request.n > self.server_config.max_n:
+            raise OpenAIError(
+                f"n must be at most {self.server_config.max_n}, got {request.n}", 400, "n"
+            )
+        logit_bias = None
+        if request.logit_bias:
+            logit_bias = {}
+            for key, value in request.logit_bias.items():
+                try:
+                    logit_bias[int(key)] = value
+                except ValueError:
+                    raise OpenAIError(
+                        f"logit_bias: key {key!r} is not a token id", 400, "logit_bias"
+                    ) from None
+        stop = [request.stop] if isinstance(request.stop, str) else request.stop
+        params = SamplingParams(
+            n=request.n,
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            top_k=request.top_k or 0,
+            min_p=request.min_p or 0.0,
+            seed=request.seed,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            repetition_penalty=(
+                1.0 if request.repetition_penalty is None else request.repetition_penalty
+            ),
+            logit_bias=logit_bias,
+            min_tokens=request.min_tokens,
+            max_tokens=max_tokens,
+            ignore_eos=request.ignore_eos,
+            stop=stop,
+            stop_token_ids=request.stop_token_ids,
+            include_stop_str_in_output=request.include_stop_str_in_output,
+            logprobs=logprobs,
+            prompt_logprobs=request.prompt_logprobs,
+            skip_special_tokens=request.skip_special_tokens,
+            output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
+        )
+        try:
+            params.validate(self.tokenizer.vocab_size)
+        except SamplingParamsError as e:
+            raise OpenAIError(str(e), 400, e.param) from None
+        return params
+
+    def generate_many(
+        self, prompts: list[PromptType], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Runs several prompts at once; yields (prompt index, output) as they come."""
+        streams = [
+            self.engine.generate(prompt, params, f"{request_id}-{i}")
+            for i, prompt in enumerate(prompts)
+        ]
+        return merge_streams(streams)
+
+    async def on_engine_error(self, error: BaseException) -> dict:
+        """The error body for an exception met while generating."""
+        if isinstance(error, EngineDeadError):
+            from pagoda.entrypoints.launcher import terminate_if_errored
+
+            await terminate_if_errored(getattr(self.app_state, "server", None), self.engine)
+            return error_body(f"the engine is dead: {error}", 500)
+        if isinstance(error, (EngineShuttingDown, RequestAborted)):
+            return error_body(str(error), 503)
+        if isinstance(error, OpenAIError):
+            return error_body(error.message, error.status, error.param)
+        return error_body(f"internal error: {type(error).__name__}: {error}", 500)
+
+
+async def merge_streams(
+    streams: list[AsyncIterator[T]],
+) -> AsyncIterator[tuple[int, T]]:
+    """Interleaves several async iterators; closing the merge closes (and aborts) them all."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue[tuple[int, T] | tuple[int, BaseException] | None] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+        except Exception as e:
+            await queue.put((i, e))
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            entry = await queue.get()
+            if entry is None:
+                remaining -= 1
+                continue
+            i, item = entry
+            if isinstance(item, BaseException):
+                raise item
+            yield i, item  # type: ignore[misc]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def run_unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Awaits work, cancelling it (and so aborting its requests) if the client goes away."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return None
+
+
+def sse(payload: BaseModel | dict[str, Any]) -> str:
+    """One server-sent event carrying a JSON chunk."""
+    body = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {body}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
