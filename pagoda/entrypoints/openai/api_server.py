@@ -182,11 +182,12 @@ class GuardMiddleware:
                 response = error_response("the server is shutting down", 503)
                 await response(scope, receive, send_with_id)
                 return
-        self.state.server_load += 1
+        counted = path.startswith("/v1") and scope["method"] == "POST"  # /load counts these
+        self.state.server_load += counted
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            self.state.server_load -= 1
+            self.state.server_load -= counted
 
 
 def _authorised(headers: Headers, keys: tuple[str, ...]) -> bool:

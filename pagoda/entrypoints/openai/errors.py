@@ -54,13 +54,21 @@ async def validation_error_handler(_: Request, exc: Exception) -> JSONResponse:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return error_response(f"invalid JSON in the request body: {first.get('msg')}")
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body" and not _is_type_tag(part)]
     param = ".".join(loc) or None
     message = first.get("msg", "invalid value")
     if first.get("type") == "missing":
         message = "field required"
     text = f"{param}: {message}" if param else message
     return error_response(text, 400, param)
+
+
+def _is_type_tag(part: object) -> bool:
+    """pydantic names the member of a union it tried ('str', 'list[int]') inside error paths."""
+    return isinstance(part, str) and ("[" in part or part in _SCALAR_TAGS)
+
+
+_SCALAR_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
 
 
 async def http_error_handler(_: Request, exc: Exception) -> JSONResponse:

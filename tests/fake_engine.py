@@ -1,0 +1,111 @@
+"""FakeEngineClient: the EngineClient contract in-process, with a scripted "model".
+
+It runs the real OutputProcessor (detokenization, stop strings, n, output kinds);
+only the engine is replaced: sample i of a request produces the token ids
+FAKE_TEXT encodes to, shifted by nothing for sample 0 and cycled for the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from pagoda.engine.messages import EngineOutput
+from pagoda.engine.output import OutputProcessor
+from pagoda.engine.protocol import (
+    EngineClient,
+    EngineDeadError,
+    PromptType,
+    RequestAborted,
+    ServingConfig,
+)
+from pagoda.outputs import RequestOutput
+from pagoda.sampling_params import SamplingParams
+from pagoda.tokenizer import Tokenizer
+
+FAKE_TEXT = " one two three four five six seven eight nine ten eleven twelve"
+
+
+class FakeEngineClient(EngineClient):
+    def __init__(self, tokenizer: Tokenizer, max_model_len: int = 128) -> None:
+        self.tokenizer = tokenizer
+        self.processor = OutputProcessor(tokenizer)
+        self._config = ServingConfig(
+            model_path="/fake/model",
+            served_model_names=("fake-model",),
+            max_model_len=max_model_len,
+            vocab_size=tokenizer.vocab_size,
+            dtype="float32",
+        )
+        self.script = tokenizer.encode(FAKE_TEXT, add_special_tokens=False)
+        self.dead = False
+        self.aborted: list[str] = []
+        self.step_delay = 0.0
+        self.last_params: SamplingParams | None = None
+
+    @property
+    def config(self) -> ServingConfig:
+        return self._config
+
+    async def generate(
+        self, prompt: PromptType, sampling_params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        if self.dead:
+            raise EngineDeadError("the fake engine is dead")
+        self.last_params = sampling_params
+        if isinstance(prompt, dict):
+            text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
+        elif isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, list(prompt)
+        engine_requests = self.processor.add_request(request_id, text, ids, sampling_params)
+        finished = False
+        try:
+            for step in range(sampling_params.max_tokens or 16):
+                await asyncio.sleep(self.step_delay)
+                if self.dead:
+                    raise EngineDeadError("the fake engine died")
+                if request_id not in self.processor.requests:
+                    raise RequestAborted(f"request {request_id} was aborted")
+                last = step + 1 == sampling_params.max_tokens
+                outputs = [
+                    EngineOutput(
+                        er.request_id,
+                        [self.script[(step + i) % len(self.script)]],
+                        finish_reason="length" if last else None,
+                    )
+                    for i, er in enumerate(engine_requests)
+                ]
+                delivered, _ = self.processor.process_outputs(outputs)
+                for out in delivered:
+                    finished = out.finished
+                    yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.aborted.append(request_id)
+                self.processor.abort_request(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self.processor.abort_request(request_id)
+
+    @property
+    def is_running(self) -> bool:
+        return not self.dead
+
+    @property
+    def errored(self) -> bool:
+        return self.dead
+
+    @property
+    def dead_error(self) -> BaseException:
+        return EngineDeadError("the fake engine is dead")
+
+    async def check_health(self) -> None:
+        if self.dead:
+            raise self.dead_error
+
+    def shutdown(self, timeout: float = 0.0) -> None:
+        self.dead = True

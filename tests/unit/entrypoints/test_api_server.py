@@ -1,0 +1,315 @@
+"""The HTTP layer against a fake engine: shapes, streaming, usage, every 4xx, auth, CORS."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fake_engine import FakeEngineClient
+from fastapi.testclient import TestClient
+
+from pagoda.config import ServerConfig
+from pagoda.entrypoints.openai.api_server import build_app
+from pagoda.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_path) -> Tokenizer:
+    return Tokenizer.from_path(default_model_path)
+
+
+@pytest.fixture
+def engine(tokenizer) -> FakeEngineClient:
+    return FakeEngineClient(tokenizer)
+
+
+@pytest.fixture
+def client(engine) -> TestClient:
+    return TestClient(build_app(engine, ServerConfig(max_n=8)))
+
+
+def assert_error(response, status: int, param: str | None = None, match: str = "") -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == status
+    if param is not None:
+        assert error["param"] == param
+    assert match.lower() in error["message"].lower()
+    return error
+
+
+def sse_events(response) -> list:
+    lines = [line for line in response.text.split("\n") if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+# ---- happy paths --------------------------------------------------------------------------
+
+
+def test_models(client) -> None:
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list" and body["data"][0]["id"] == "fake-model"
+    assert body["data"][0]["max_model_len"] == 128
+
+
+def test_completion_with_usage(client) -> None:
+    r = client.post(
+        "/v1/completions", json={"model": "fake-model", "prompt": "Hi", "max_tokens": 3}
+    )
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == " one two three"
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {
+        "prompt_tokens": 1,
+        "completion_tokens": 3,
+        "total_tokens": 4,
+        "prompt_tokens_details": None,
+    }
+    assert r.headers["x-request-id"]
+
+
+def test_completion_prompt_forms_and_echo(client) -> None:
+    r = client.post("/v1/completions", json={"prompt": ["A", "B"], "max_tokens": 2, "n": 2})
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    assert r.json()["usage"]["completion_tokens"] == 8
+    r = client.post("/v1/completions", json={"prompt": [[19556], [19556, 28]], "max_tokens": 1})
+    assert len(r.json()["choices"]) == 2
+    r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 1, "echo": True})
+    assert r.json()["choices"][0]["text"] == "Hello one"
+
+
+def test_completion_stream_format(client) -> None:
+    r = client.post(
+        "/v1/completions",
+        json={
+            "prompt": "Hi",
+            "max_tokens": 4,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r)
+    text = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+    assert text == " one two three four"
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_chat_and_its_stream(client, engine) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    r = client.post(
+        "/v1/chat/completions",
+        json={
+            "messages": messages,
+            "max_completion_tokens": 2,
+            "logprobs": True,
+            "top_logprobs": 2,
+        },
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": " one two"}
+    assert engine.last_params.max_tokens == 2 and engine.last_params.logprobs == 2
+    r = client.post(
+        "/v1/chat/completions", json={"messages": messages, "max_tokens": 3, "stream": True}
+    )
+    events = sse_events(r)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(e["choices"][0]["delta"]["content"] or "" for e in events) == " one two three"
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+
+
+def test_stop_string_is_cut(client) -> None:
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 8, "stop": " four"})
+    choice = r.json()["choices"][0]
+    assert choice["text"] == " one two three"
+    assert choice["finish_reason"] == "stop" and choice["stop_reason"] == " four"
+
+
+def test_tokenize_detokenize(client, tokenizer) -> None:
+    r = client.post("/tokenize", json={"prompt": "Hello world"})
+    tokens = r.json()["tokens"]
+    assert tokens == tokenizer.encode("Hello world") and r.json()["count"] == len(tokens)
+    assert client.post("/detokenize", json={"tokens": tokens}).json()["prompt"] == "Hello world"
+    r = client.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]})
+    assert r.json()["count"] > 5
+
+
+def test_operational_routes(client) -> None:
+    assert client.get("/health").status_code == 200
+    assert client.get("/ping").status_code == 200
+    assert client.get("/version").json()["version"]
+    assert client.get("/load").json() == {"server_load": 0}
+    client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+    metrics = client.get("/metrics").text
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:kv_cache_usage_perc",
+        "vllm:time_to_first_token_seconds",
+        "vllm:e2e_request_latency_seconds",
+    ):
+        assert name in metrics
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+def test_malformed_json(client) -> None:
+    r = client.post(
+        "/v1/completions", content=b'{"prompt": "Hi",', headers={"content-type": "application/json"}
+    )
+    assert_error(r, 400, match="invalid JSON")
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "match"),
+    [
+        ({"prompt": "Hi", "temperature": "hot"}, "temperature", "number"),
+        ({"prompt": 5}, "prompt", ""),
+        ({}, "prompt", "field required"),
+        ({"prompt": "Hi", "temperature": -1}, "temperature", ">= 0"),
+        ({"prompt": "Hi", "top_p": 0}, "top_p", "(0, 1]"),
+        ({"prompt": "Hi", "top_k": -5}, "top_k", ""),
+        ({"prompt": "Hi", "presence_penalty": 3}, "presence_penalty", "[-2, 2]"),
+        ({"prompt": "Hi", "repetition_penalty": 0}, "repetition_penalty", "> 0"),
+        ({"prompt": "Hi", "max_tokens": 0}, "max_tokens", "at least 1"),
+        ({"prompt": "Hi", "max_tokens": 500}, "max_tokens", "maximum context length is 128"),
+        ({"prompt": "Hi " * 200}, "prompt", "maximum context length"),
+        ({"prompt": ""}, "prompt", "empty"),
+        ({"prompt": []}, "prompt", "empty"),
+        ({"prompt": [[999999999]]}, "prompt", "out of vocabulary"),
+        ({"prompt": "Hi", "n": 1000}, "n", "at most 8"),
+        ({"prompt": "Hi", "n": 0}, "n", "at least 1"),
+        ({"prompt": "Hi", "logit_bias": {"abc": 1}}, "logit_bias", "not a token id"),
+        ({"prompt": "Hi", "logit_bias": {"999999999": 1}}, "logit_bias", "out of vocabulary"),
+        ({"prompt": "Hi", "logit_bias": {"5": 500}}, "logit_bias", "[-100, 100]"),
+        ({"prompt": "Hi", "logprobs": 50}, "logprobs", "[0, 20]"),
+        ({"prompt": "Hi", "suffix": "x"}, "suffix", "not supported"),
+        ({"prompt": "Hi", "min_tokens": 9, "max_tokens": 3}, "min_tokens", "<= max_tokens"),
+        ({"prompt": "Hi", "stop": [""]}, "stop", "empty"),
+    ],
+)
+def test_completion_bad_input(client, body, param, match) -> None:
+    assert_error(client.post("/v1/completions", json=body), 400, param, match)
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "match"),
+    [
+        ({"messages": []}, "messages", "empty"),
+        ({"messages": "hi"}, "messages", ""),
+        ({"messages": [{"content": "hi"}]}, "messages.0.role", "field required"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages.0.content",
+            "only text",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3},
+            "top_logprobs",
+            "requires logprobs",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "auto"},
+            "tool_choice",
+            "not supported",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "response_format": {"type": "json_object"},
+            },
+            "response_format",
+            "not supported",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 1000},
+            "max_tokens",
+            "maximum context length",
+        ),
+    ],
+)
+def test_chat_bad_input(client, body, param, match) -> None:
+    assert_error(client.post("/v1/chat/completions", json=body), 400, param, match)
+
+
+def test_unknown_model_is_404(client) -> None:
+    r = client.post("/v1/completions", json={"model": "gpt-9", "prompt": "Hi"})
+    assert_error(r, 404, "model", "does not exist")
+    r = client.post(
+        "/v1/chat/completions",
+        json={"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]},
+    )
+    assert_error(r, 404, "model")
+
+
+def test_unknown_route_and_method(client) -> None:
+    assert_error(client.get("/v1/nothing"), 404)
+    assert_error(client.get("/v1/completions"), 405)
+
+
+def test_bad_requests_leave_the_server_healthy(client) -> None:
+    for _ in range(3):
+        client.post(
+            "/v1/completions", content=b"\xff\xfe", headers={"content-type": "application/json"}
+        )
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
+    assert r.status_code == 200 and client.get("/health").status_code == 200
+
+
+# ---- engine states, auth, CORS ----------------------------------------------------------------
+
+
+def test_dead_engine_is_5xx_and_unhealthy(client, engine) -> None:
+    engine.dead = True
+    r = client.post("/v1/completions", json={"prompt": "Hi"})
+    assert_error(r, 500, match="engine is dead")
+    assert client.get("/health").status_code == 503
+    r = client.post("/v1/completions", json={"prompt": "Hi", "stream": True})
+    events = sse_events(r)
+    assert events[-1]["error"]["code"] == 500
+
+
+def test_draining_refuses_new_work(client) -> None:
+    client.app.state.draining = True
+    assert_error(client.post("/v1/completions", json={"prompt": "Hi"}), 503, match="shutting down")
+    assert client.get("/health").status_code == 503
+
+
+def test_api_key(engine) -> None:
+    client = TestClient(build_app(engine, ServerConfig(api_keys=("k1", "k2"))))
+    body = {"prompt": "Hi", "max_tokens": 1}
+    assert_error(client.post("/v1/completions", json=body), 401)
+    bad = {"Authorization": "Bearer nope"}
+    assert_error(client.post("/v1/completions", json=body, headers=bad), 401)
+    for key in ("k1", "k2"):
+        ok = client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert ok.status_code == 200
+    assert client.get("/v1/models").status_code == 401
+    for open_route in ("/health", "/metrics", "/version", "/ping"):
+        assert client.get(open_route).status_code == 200
+
+
+def test_cors(engine) -> None:
+    client = TestClient(build_app(engine, ServerConfig(allowed_origins=("https://app.example",))))
+    preflight = client.options(
+        "/v1/completions",
+        headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+    other = client.get("/v1/models", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_request_id_is_echoed(client) -> None:
+    r = client.get("/health", headers={"X-Request-Id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
