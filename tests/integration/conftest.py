@@ -74,7 +74,7 @@ class Server:
 
     @property
     def engine_process(self) -> psutil.Process:
-        (engine,) = [p for p in self.family[1:] if "multiprocessing" in " ".join(p.cmdline())]
+        (engine,) = [p for p in self.family[1:] if "spawn_main" in " ".join(p.cmdline())]
         return engine
 
     def signal(self, sig: int) -> None:

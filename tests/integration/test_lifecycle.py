@@ -1,0 +1,202 @@
+"""The launcher's duties, each on its own server: signals, engine death, ports, TLS."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+LONG = {"prompt": "Tell me a long story.", "max_tokens": 3000, "ignore_eos": True}
+
+
+def stream_in_background(url: str, body: dict) -> tuple[threading.Thread, dict]:
+    """Starts a streaming completion; result gets 'started', then 'events' and 'status'."""
+    result: dict = {"events": [], "started": threading.Event()}
+
+    def run() -> None:
+        try:
+            with httpx.stream(
+                "POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60
+            ) as r:
+                result["status"] = r.status_code
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        result["events"].append(line[6:])
+                        result["started"].set()
+        except httpx.HTTPError as e:
+            result["error"] = e
+        finally:
+            result["started"].set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_sigterm_with_zero_timeout_exits_fast_and_fails_inflight(start_server) -> None:
+    server = start_server("--shutdown-timeout", "0")
+    thread, result = stream_in_background(server.url, LONG)
+    assert result["started"].wait(30)
+    server.signal(signal.SIGTERM)
+    start = time.monotonic()
+    assert server.process.wait(10) == 0
+    assert time.monotonic() - start < 4
+    thread.join(5)
+    events = result["events"]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == 503  # failed cleanly, and said so
+    server.assert_no_process_left()
+
+
+def test_sigterm_drains_inflight_and_refuses_new(start_server) -> None:
+    server = start_server("--shutdown-timeout", "30")
+    thread, result = stream_in_background(server.url, {**LONG, "max_tokens": 150})
+    assert result["started"].wait(30)
+    server.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    refused = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi"}, timeout=10)
+    assert refused.status_code == 503
+    assert httpx.get(f"{server.url}/health").status_code == 503
+    thread.join(60)
+    finals = [json.loads(e) for e in result["events"][:-1]]
+    assert finals[-1]["choices"][0]["finish_reason"] == "length"
+    assert sum(1 for e in finals if e["choices"] and e["choices"][0]["text"]) > 100
+    assert server.process.wait(15) == 0
+    server.assert_no_process_left()
+
+
+def test_engine_death_stops_the_server(start_server) -> None:
+    server = start_server()
+    server.engine_process.kill()
+    start = time.monotonic()
+    code = server.process.wait(15)
+    assert code != 0 and time.monotonic() - start < 10
+    server.assert_no_process_left()
+
+
+def test_engine_death_with_keep_alive(start_server) -> None:
+    server = start_server(env={"PAGODA_KEEP_ALIVE_ON_ENGINE_DEATH": "1"})
+    server.engine_process.kill()
+    time.sleep(6.5)  # past a watchdog tick
+    assert server.process.poll() is None
+    assert httpx.get(f"{server.url}/health").status_code == 503
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi"})
+    assert r.status_code == 500 and "dead" in r.json()["error"]["message"]
+
+
+def test_request_meeting_a_dead_engine_stops_the_server_at_once(start_server) -> None:
+    server = start_server()
+    server.engine_process.kill()
+    time.sleep(0.5)
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi"})
+    assert r.status_code == 500
+    start = time.monotonic()
+    assert server.process.wait(10) != 0
+    assert time.monotonic() - start < 3  # did not wait for the watchdog's next tick
+
+
+def test_taken_port_fails_fast(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        start = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "pagoda", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode != 0
+        assert time.monotonic() - start < 10
+        assert f"port {port}" in done.stderr and "in use" in done.stderr
+
+
+# ---- TLS ----------------------------------------------------------------------------------
+
+
+def write_certificate(directory: Path, common_name: str) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_path, cert_path = directory / f"{common_name}.key", directory / f"{common_name}.crt"
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def served_common_name(port: int) -> str:
+    from cryptography import x509
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            der = tls.getpeercert(binary_form=True)
+    cert = x509.load_der_x509_certificate(der)
+    return cert.subject.rfc4514_string().removeprefix("CN=")
+
+
+def test_tls_certificate_is_reloaded(start_server, tmp_path: Path) -> None:
+    key, cert = write_certificate(tmp_path, "first")
+    live_key, live_cert = tmp_path / "live.key", tmp_path / "live.crt"
+    os.symlink(key, live_key)
+    os.symlink(cert, live_cert)
+    server = start_server(
+        "--ssl-keyfile",
+        str(live_key),
+        "--ssl-certfile",
+        str(live_cert),
+        "--enable-ssl-refresh",
+        scheme="https",
+    )
+    assert served_common_name(server.port) == "first"
+    assert httpx.get(f"{server.url}/health", verify=False).status_code == 200
+
+    # A certificate manager swaps the symlinks atomically.
+    new_key, new_cert = write_certificate(tmp_path, "second")
+    for link, target in ((live_key, new_key), (live_cert, new_cert)):
+        tmp_link = link.with_suffix(".tmp")
+        os.symlink(target, tmp_link)
+        os.replace(tmp_link, link)
+    deadline = time.monotonic() + 5
+    while served_common_name(server.port) != "second":
+        assert time.monotonic() < deadline, "the new certificate was not served"
+        time.sleep(0.2)
+    assert httpx.get(f"{server.url}/health", verify=False).status_code == 200
