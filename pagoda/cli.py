@@ -224,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--disable-log-requests", action="store_true")
     _add_engine_flags(serve)
     serve.set_defaults(func=_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    from pagoda.bench import throughput
+
+    tp = bench.add_parser("throughput", help="offline generation throughput")
+    throughput.add_arguments(tp)
+    tp.set_defaults(func=throughput.main)
     return parser
 
 
