@@ -226,11 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    from pagoda.bench import serve as bench_serve
     from pagoda.bench import throughput
 
     tp = bench.add_parser("throughput", help="offline generation throughput")
     throughput.add_arguments(tp)
     tp.set_defaults(func=throughput.main)
+    sv = bench.add_parser("serve", help="load an OpenAI-compatible server")
+    bench_serve.add_arguments(sv)
+    sv.set_defaults(func=bench_serve.main)
     return parser
 
 

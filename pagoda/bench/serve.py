@@ -1,0 +1,314 @@
+"""`pagoda bench serve`: load an OpenAI-compatible server and report latency and throughput.
+
+In the manner of `vllm bench serve`: a dataset of prompts, a maximum number of
+requests in flight, an arrival process (Poisson at --request-rate, or all at
+once), streaming requests, and a report of TTFT, TPOT, ITL and end-to-end
+latency. Output token counts come from the server's usage when it sends one,
+otherwise from the tokenizer; never from counting chunks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import httpx
+
+
+@dataclass
+class BenchRequest:
+    prompt: str | list[dict[str, str]]  # text, or chat messages
+    prompt_len: int
+    output_len: int
+
+
+@dataclass
+class RequestResult:
+    success: bool = False
+    error: str = ""
+    prompt_len: int = 0
+    output_tokens: int = 0
+    ttft: float = 0.0
+    latency: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    text: str = ""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument(
+        "--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"]
+    )
+    p.add_argument(
+        "--model", default=None, help="model name sent in requests (default: first of /v1/models)"
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="model directory or GGUF whose tokenizer builds and counts prompts "
+        "(default: the embedded default model)",
+    )
+    p.add_argument("--dataset-name", default="random", choices=["random", "prompts"])
+    p.add_argument("--random-input-len", type=int, default=256)
+    p.add_argument("--random-output-len", type=int, default=128)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument(
+        "--ban-token-ids",
+        default="",
+        help="comma-separated token ids sent as logit_bias -100 (for servers "
+        "without ignore_eos, such as llama.cpp's)",
+    )
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="requests per second, Poisson arrivals; inf sends all at once",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-warmups", type=int, default=1)
+    p.add_argument("--save-result", action="store_true")
+    p.add_argument("--result-filename", default=None)
+    p.add_argument("--label", default="", help="a name for the server, kept in the JSON")
+    p.add_argument("--disable-tqdm", action="store_true")
+    p.add_argument("--timeout", type=float, default=600.0)
+
+
+# ---- datasets ---------------------------------------------------------------------------------
+
+
+def random_dataset(tokenizer, num: int, input_len: int, output_len: int, seed: int):
+    """Prompts of exactly input_len tokens: random ids, decoded, re-encoded and trimmed."""
+    rng = random.Random(seed)
+    vocab = tokenizer.vocab_size
+    requests = []
+    for _ in range(num):
+        ids = [rng.randrange(100, vocab) for _ in range(input_len)]
+        for _ in range(10):  # decoding and re-encoding may merge or split tokens
+            text = tokenizer.decode(ids)
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if len(ids) < input_len:
+                ids += [rng.randrange(100, vocab) for _ in range(input_len - len(ids))]
+            ids = ids[:input_len]
+            if len(tokenizer.encode(tokenizer.decode(ids), add_special_tokens=False)) == input_len:
+                break
+        text = tokenizer.decode(ids)
+        requests.append(BenchRequest(text, input_len, output_len))
+    return requests
+
+
+def prompts_dataset(tokenizer, num: int, seed: int) -> list[BenchRequest]:
+    """The realistic chat-shaped prompts that ship with Pagoda, sampled with replacement."""
+    text = resources.files("pagoda.bench").joinpath("prompts.jsonl").read_text()
+    items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(num):
+        item = rng.choice(items)
+        prompt_len = len(tokenizer.encode(item["prompt"], add_special_tokens=False))
+        out.append(BenchRequest(item["prompt"], prompt_len, item["max_tokens"]))
+    return out
+
+
+# ---- one request ------------------------------------------------------------------------------
+
+
+async def send(
+    client: httpx.AsyncClient,
+    args: argparse.Namespace,
+    model: str,
+    request: BenchRequest,
+    tokenizer,
+) -> RequestResult:
+    chat = args.endpoint.endswith("chat/completions")
+    body: dict = {
+        "model": model,
+        "max_tokens": request.output_len,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if chat:
+        body["messages"] = [{"role": "user", "content": request.prompt}]
+    else:
+        body["prompt"] = request.prompt
+    if args.ignore_eos:
+        body["ignore_eos"] = True
+    if args.ban_token_ids:
+        body["logit_bias"] = {t.strip(): -100 for t in args.ban_token_ids.split(",") if t.strip()}
+
+    result = RequestResult(prompt_len=request.prompt_len)
+    start = last = time.perf_counter()
+    usage_tokens = None
+    try:
+        async with client.stream("POST", args.base_url + args.endpoint, json=body) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    result.error = str(chunk["error"])
+                    return result
+                if chunk.get("usage"):
+                    usage_tokens = chunk["usage"].get("completion_tokens")
+                for choice in chunk.get("choices") or []:
+                    piece = choice.get("delta", {}).get("content") if chat else choice.get("text")
+                    if not piece:
+                        continue
+                    now = time.perf_counter()
+                    if not result.text:
+                        result.ttft = now - start
+                    else:
+                        result.itl.append(now - last)
+                    last = now
+                    result.text += piece
+        result.latency = time.perf_counter() - start
+        result.output_tokens = (
+            usage_tokens
+            if usage_tokens is not None
+            else len(tokenizer.encode(result.text, add_special_tokens=False))
+        )
+        result.success = True
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        result.error = f"{type(e).__name__}: {e}"
+    return result
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+
+def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float]:
+    if not values:
+        return {"mean": 0.0, "median": 0.0, "p99": 0.0}
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
+    return {
+        "mean": statistics.fmean(values) * scale,
+        "median": statistics.median(values) * scale,
+        "p99": p99 * scale,
+    }
+
+
+def summarize(results: list[RequestResult], duration: float) -> dict:
+    ok = [r for r in results if r.success]
+    output_tokens = sum(r.output_tokens for r in ok)
+    input_tokens = sum(r.prompt_len for r in ok)
+    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    return {
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if not r.success})[:5],
+        "duration_s": duration,
+        "total_input_tokens": input_tokens,
+        "total_output_tokens": output_tokens,
+        "request_throughput": len(ok) / duration,
+        "output_throughput": output_tokens / duration,
+        "total_token_throughput": (input_tokens + output_tokens) / duration,
+        "ttft_ms": percentiles([r.ttft for r in ok]),
+        "tpot_ms": percentiles(tpots),
+        "itl_ms": percentiles([gap for r in ok for gap in r.itl]),
+        "e2el_ms": percentiles([r.latency for r in ok]),
+    }
+
+
+async def run(
+    args: argparse.Namespace,
+    warmups: list[BenchRequest],
+    requests: list[BenchRequest],
+    tokenizer,
+) -> dict:
+    """Sends the warm-ups one by one, then the timed requests; returns the summary."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
+        model = args.model
+        if model is None:
+            models = (await client.get(args.base_url + "/v1/models")).json()
+            model = models["data"][0]["id"]
+        for warmup in warmups:
+            short = BenchRequest(warmup.prompt, warmup.prompt_len, min(warmup.output_len, 8))
+            await send(client, args, model, short, tokenizer)
+
+        semaphore = asyncio.Semaphore(args.max_concurrency or len(requests))
+        rng = random.Random(args.seed)
+        progress = None
+        if not args.disable_tqdm:
+            from tqdm import tqdm
+
+            progress = tqdm(total=len(requests), desc="Requests")
+
+        async def one(request: BenchRequest) -> RequestResult:
+            async with semaphore:
+                result = await send(client, args, model, request, tokenizer)
+            if progress is not None:
+                progress.update(1)
+            return result
+
+        start = time.perf_counter()
+        tasks = []
+        for request in requests:
+            tasks.append(asyncio.create_task(one(request)))
+            if args.request_rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(args.request_rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+        if progress is not None:
+            progress.close()
+    summary = summarize(list(results), duration)
+    summary["model"] = model
+    return summary
+
+
+def report(summary: dict, args: argparse.Namespace) -> None:
+    print(
+        f"{args.label or args.base_url}: {summary['completed']} ok, {summary['failed']} failed "
+        f"in {summary['duration_s']:.1f} s | {summary['output_throughput']:.1f} output tok/s, "
+        f"{summary['request_throughput']:.2f} req/s | TTFT p50 {summary['ttft_ms']['median']:.0f}"
+        f" ms | TPOT p50 {summary['tpot_ms']['median']:.1f} ms | "
+        f"ITL p50 {summary['itl_ms']['median']:.1f} ms"
+    )
+    record = {
+        "label": args.label,
+        "base_url": args.base_url,
+        "endpoint": args.endpoint,
+        "dataset": args.dataset_name,
+        "input_len": args.random_input_len,
+        "output_len": args.random_output_len,
+        "num_prompts": args.num_prompts,
+        "max_concurrency": args.max_concurrency,
+        "request_rate": str(args.request_rate),
+        "seed": args.seed,
+        **summary,
+    }
+    print(json.dumps(record))
+    if args.save_result or args.result_filename:
+        path = Path(args.result_filename or f"bench-serve-{int(time.time())}.json")
+        path.write_text(json.dumps(record, indent=2))
+
+
+def main(args: argparse.Namespace) -> int:
+    from pagoda.model_files import resolve_model_path
+    from pagoda.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_path(resolve_model_path(args.tokenizer))
+    total = args.num_prompts + args.num_warmups
+    if args.dataset_name == "random":
+        requests = random_dataset(
+            tokenizer, total, args.random_input_len, args.random_output_len, args.seed
+        )
+    else:
+        requests = prompts_dataset(tokenizer, total, args.seed)
+    warmups, timed = requests[: args.num_warmups], requests[args.num_warmups :]
+    summary = asyncio.run(run(args, warmups, timed, tokenizer))
+    report(summary, args)
+    return 0 if summary["failed"] == 0 else 1

@@ -1,0 +1,134 @@
+"""`pagoda bench serve` against a small in-process fake OpenAI server with known timings."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from pagoda.bench import serve as bench
+from pagoda.tokenizer import Tokenizer
+
+FIRST_DELAY = 0.2  # seconds before the first chunk
+GAP = 0.05  # seconds between chunks
+CHUNKS = 5
+
+
+def fake_app(send_usage: bool) -> FastAPI:
+    app = FastAPI()
+    counter = {"n": 0}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": "fake", "object": "model"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        counter["n"] += 1
+        if counter["n"] % 4 == 0:  # every fourth request fails
+            return JSONResponse({"error": {"message": "boom", "code": 500}}, status_code=500)
+        assert body["stream"] and body["ignore_eos"]
+
+        async def stream():
+            await asyncio.sleep(FIRST_DELAY)
+            for i in range(CHUNKS):
+                if i:
+                    await asyncio.sleep(GAP)
+                chunk = {"choices": [{"index": 0, "text": "ab"}]}  # 2 byte-tokens per chunk
+                yield f"data: {json.dumps(chunk)}\n\n"
+            if send_usage:
+                usage = {"prompt_tokens": 4, "completion_tokens": 2 * CHUNKS, "total_tokens": 0}
+                yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return app
+
+
+def run_server(app: FastAPI) -> tuple[uvicorn.Server, str]:
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return server, f"http://127.0.0.1:{port}"
+
+
+def bench_args(base_url: str, tmp_path, **overrides) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--base-url",
+            base_url,
+            "--ignore-eos",
+            "--num-prompts",
+            "8",
+            "--max-concurrency",
+            "4",
+            "--disable-tqdm",
+            "--result-filename",
+            str(tmp_path / "result.json"),
+        ]
+    )
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+@pytest.mark.parametrize("send_usage", [True, False], ids=["usage", "tokenizer-count"])
+def test_figures_from_known_timings(send_usage: bool, tiny_model_dir, tmp_path) -> None:
+    server, url = run_server(fake_app(send_usage))
+    try:
+        tokenizer = Tokenizer.from_path(tiny_model_dir("llama"))
+        args = bench_args(url, tmp_path)
+        requests = [bench.BenchRequest("x" * 4, 4, 10) for _ in range(8)]
+        summary = asyncio.run(bench.run(args, [], requests, tokenizer))
+    finally:
+        server.should_exit = True
+    # Requests 4 and 8 failed; the other six streamed 5 chunks of 2 tokens.
+    assert summary["completed"] == 6 and summary["failed"] == 2
+    assert "HTTP 500" in summary["errors"][0]
+    assert summary["total_output_tokens"] == 60 and summary["total_input_tokens"] == 24
+    assert summary["ttft_ms"]["median"] == pytest.approx(FIRST_DELAY * 1000, abs=60)
+    assert summary["itl_ms"]["median"] == pytest.approx(GAP * 1000, abs=25)
+    # TPOT = (latency - TTFT) / (tokens - 1) = 4 gaps / 9
+    assert summary["tpot_ms"]["median"] == pytest.approx(4 * GAP / 9 * 1000, abs=15)
+    assert summary["e2el_ms"]["median"] == pytest.approx((FIRST_DELAY + 4 * GAP) * 1000, abs=80)
+    assert summary["output_throughput"] == pytest.approx(60 / summary["duration_s"])
+
+    bench.report(summary, args)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["completed"] == 6 and saved["max_concurrency"] == 4
+    assert saved["ttft_ms"]["p99"] >= saved["ttft_ms"]["median"]
+
+
+def test_random_dataset_has_exact_lengths(default_model_path) -> None:
+    tokenizer = Tokenizer.from_path(default_model_path)
+    requests = bench.random_dataset(tokenizer, 5, 256, 128, seed=3)
+    for r in requests:
+        assert len(tokenizer.encode(r.prompt, add_special_tokens=False)) == 256
+    other = bench.random_dataset(tokenizer, 5, 256, 128, seed=4)
+    assert requests[0].prompt != other[0].prompt
+
+
+def test_percentiles() -> None:
+    p = bench.percentiles([0.001 * i for i in range(1, 101)])
+    assert p["median"] == pytest.approx(50.5) and p["p99"] == pytest.approx(99.0)
+    assert p["mean"] == pytest.approx(50.5)
