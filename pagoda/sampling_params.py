@@ -91,7 +91,12 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                 "logprobs",
                 f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
             )
-        check(self.prompt_logprobs is None, "prompt_logprobs", "is not supported yet")
+        if self.prompt_logprobs is not None:
+            check(
+                0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+                "prompt_logprobs",
+                f"must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}",
+            )
         if self.stop is not None:
             check(all(s for s in self.stop), "stop", "stop strings must not be empty")
         for token_id, bias in (self.logit_bias or {}).items():

@@ -43,8 +43,8 @@ class KVCacheManager:
         Only looks. At least one token is always left to compute, so that the
         step has a position whose logits it can sample from.
         """
-        if not self.enable_caching:
-            return [], 0
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+            return [], 0  # prompt logprobs need every prompt position computed
         self._update_block_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[KVCacheBlock] = []

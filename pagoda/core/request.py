@@ -57,6 +57,7 @@ class Request:
         self.num_cached_tokens = -1  # prefix-cache hit on first scheduling; -1 until then
         self.status = RequestStatus.WAITING
         self.stop_reason: int | None = None
+        self.num_prompt_logprobs_sent = 0  # a preempted request recomputes, but sends once
         self.block_hashes: list[int] = []  # chain hashes of the full blocks of all_token_ids
         # Seed of the counter-based sampler: fixed per request, so the batch cannot change it.
         self.sampling_seed = 0

@@ -141,9 +141,16 @@ class Scheduler:
         outputs = []
         for s in scheduler_output.scheduled:
             request = s.request
+            start = request.num_computed_tokens
             request.num_computed_tokens += s.num_new_tokens
             token = runner_output.sampled.get(request.request_id)
             prompt_logprobs = runner_output.prompt_logprobs.get(request.request_id)
+            if prompt_logprobs is not None:
+                prompt_logprobs = prompt_logprobs[
+                    max(0, request.num_prompt_logprobs_sent - start) :
+                ]
+                request.num_prompt_logprobs_sent += len(prompt_logprobs)
+                prompt_logprobs = prompt_logprobs or None
             if token is None and prompt_logprobs is None:
                 continue  # a prompt chunk: nothing to report yet
             new_tokens: list[int] = []

@@ -139,7 +139,9 @@ class OutputProcessor:
                 continue  # aborted or finished by a stop string meanwhile
             state, sample = entry
             if eo.prompt_logprobs is not None:
-                state.prompt_logprobs = [None] + [_logprobs(p) for p in eo.prompt_logprobs]
+                if state.prompt_logprobs is None:
+                    state.prompt_logprobs = [None]  # the first token has no context
+                state.prompt_logprobs.extend(_logprobs(p) for p in eo.prompt_logprobs)
             if eo.new_token_ids and state.first_token_time is None:
                 state.first_token_time = now
                 state.num_cached_tokens = eo.num_cached_tokens

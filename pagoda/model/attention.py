@@ -126,12 +126,21 @@ def allocate_kv_cache(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One (k_cache, v_cache) pair per layer, each [num_blocks, block_size, kv_heads, head_dim]."""
+    """One (k_cache, v_cache) pair per layer, each [num_blocks, block_size, kv_heads, head_dim].
+
+    The cache starts zeroed (padding slots are multiplied by zero attention weights,
+    and 0 * garbage could be NaN). On the CPU the zeros come from the kernel's
+    zero pages, so memory is only resident once a block is written.
+    """
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    return [
-        (
-            torch.zeros(shape, dtype=dtype, device=device),
-            torch.zeros(shape, dtype=dtype, device=device),
-        )
-        for _ in range(num_layers)
-    ]
+    return [(_zeros(shape, dtype, device), _zeros(shape, dtype, device)) for _ in range(num_layers)]
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+
+    element = torch.tensor([], dtype=dtype).element_size()
+    raw = np.zeros(int(np.prod(shape)) * element, dtype=np.uint8)  # calloc: lazily zeroed pages
+    return torch.from_numpy(raw).view(dtype).view(shape)

@@ -94,6 +94,7 @@ class ModelRunner:
         hidden = self.model(input_ids, positions.to(self.device), attn)
 
         out = RunnerOutput()
+        self._collect_prompt_logprobs(scheduled, hidden, out)
         sampling = [
             s.request
             for s in scheduled
@@ -110,6 +111,31 @@ class ModelRunner:
         if result.sampled_logprobs is not None:
             self._collect_logprobs(sampling, result, out)
         return out
+
+    def _collect_prompt_logprobs(self, scheduled, hidden: torch.Tensor, out: RunnerOutput) -> None:
+        """Logprobs of each scheduled prompt token given the ones before it, where asked for."""
+        offset = 0
+        for s in scheduled:
+            r, start = s.request, s.request.num_computed_tokens
+            k = r.sampling_params.prompt_logprobs
+            # Positions start .. stop-1 predict prompt tokens start+1 .. stop.
+            stop = min(start + s.num_new_tokens, r.num_prompt_tokens - 1)
+            if k is not None and stop > start:
+                logprobs = self.model.compute_logits(
+                    hidden[offset : offset + stop - start]
+                ).log_softmax(dim=-1)
+                targets = torch.tensor(r.prompt_token_ids[start + 1 : stop + 1], device=self.device)
+                chosen = logprobs.gather(1, targets.unsqueeze(1))  # [n, 1]
+                ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+                top_lp, top_ids = logprobs.topk(max(k, 1), dim=-1)
+                entries = []
+                for i, (target, lp) in enumerate(zip(targets.tolist(), chosen.squeeze(1).tolist())):
+                    entry = {target: (lp, ranks[i])}
+                    for j in range(k):
+                        entry.setdefault(int(top_ids[i, j]), (float(top_lp[i, j]), j + 1))
+                    entries.append(entry)
+                out.prompt_logprobs[r.request_id] = entries
+            offset += s.num_new_tokens
 
     def _collect_logprobs(self, requests, result, out: RunnerOutput) -> None:
         sampled_lp = result.sampled_logprobs.tolist()

@@ -180,3 +180,21 @@ def test_header_size_limit(server, chunk) -> None:
     endless = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Endless: " + b"b" * (5 * 1024 * 1024)
     assert raw_request(server.port, endless, chunk).startswith(b"HTTP/1.1 431")
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_prompt_logprobs_and_echo(client) -> None:
+    out = client.completions.create(
+        model=MODEL,
+        prompt="The capital of France is",
+        max_tokens=2,
+        temperature=0,
+        echo=True,
+        logprobs=1,
+        extra_body={"prompt_logprobs": 1},
+    )
+    choice = out.choices[0]
+    assert choice.text.startswith("The capital of France is")
+    prompt_logprobs = choice.model_extra["prompt_logprobs"]
+    assert len(prompt_logprobs) == 5 and prompt_logprobs[0] is None
+    assert all(entry for entry in prompt_logprobs[1:])
+    assert len(choice.logprobs.tokens) == 2

@@ -93,7 +93,26 @@ class OpenAIServingCompletion(OpenAIServing):
             else None,
             finish_reason=c.finish_reason,
             stop_reason=c.stop_reason,
+            prompt_logprobs=self._prompt_logprobs(final.prompt_logprobs),
         )
+
+    def _prompt_logprobs(self, entries: list[Logprobs | None] | None) -> list | None:
+        """vLLM's shape: per prompt token, None or {token id: {logprob, rank, decoded_token}}."""
+        if entries is None:
+            return None
+        return [
+            None
+            if entry is None
+            else {
+                token_id: {
+                    "logprob": logprob,
+                    "rank": rank,
+                    "decoded_token": self.tokenizer.decode([token_id], skip_special_tokens=False),
+                }
+                for token_id, (logprob, rank) in entry.items()
+            }
+            for entry in entries
+        ]
 
     def _logprobs(
         self, token_ids: list[int], logprobs: list[Logprobs] | None, k: int | None, offset: int

@@ -160,3 +160,28 @@ def test_logprobs_are_reported(llm: LLM) -> None:
     assert c.cumulative_logprob == pytest.approx(
         sum(e[t][0] for t, e in zip(c.token_ids, c.logprobs))
     )
+
+
+def test_prompt_logprobs_match_a_full_forward(llm: LLM) -> None:
+    import torch
+
+    reset_scheduler(llm, budget=7)  # several chunks, so the pieces must join up
+    prompt = llm.tokenizer.encode("The quick brown fox jumps over the lazy dog")
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2)
+    (out,) = llm.generate([prompt], params)
+    entries = out.prompt_logprobs
+    assert len(entries) == len(prompt) and entries[0] is None
+
+    from pagoda.model.attention import AttentionMetadata
+
+    model = llm.engine.runner.model
+    table = list(range(llm.engine.runner.num_blocks - 4, llm.engine.runner.num_blocks))
+    attn, positions = AttentionMetadata.build([0], [len(prompt)], [table], 16)
+    with torch.inference_mode():
+        reference = model.compute_logits(model(torch.tensor(prompt), positions, attn))
+    reference = reference.log_softmax(-1)
+    for i in range(1, len(prompt)):
+        logprob, rank = entries[i][prompt[i]]
+        assert logprob == pytest.approx(reference[i - 1, prompt[i]].item(), abs=1e-4)
+        assert rank == int((reference[i - 1] > reference[i - 1, prompt[i]]).sum()) + 1
+        assert len(entries[i]) in (2, 3)  # the prompt token and the top 2

@@ -1,0 +1,212 @@
+"""Pagoda, vLLM's CPU build and llama.cpp, side by side: the same load, one after another.
+
+    .venv/bin/python benchmarks/compare_servers.py [--servers pagoda vllm llamacpp]
+        [--concurrency 1 8 32] [--out results/]
+
+Each server is started on 127.0.0.1 (the references with ../shared/anchors/serve-*.sh),
+timed until /v1/models answers, loaded with `pagoda bench serve` (random dataset,
+256 input / 128 output tokens, EOS ignored or banned, 4 x concurrency prompts with
+at least 16, a different seed per concurrency), measured for resident memory of
+all its processes, and stopped. One JSON file per run, a summary JSON and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+ANCHORS = ROOT.parent / "shared" / "anchors"
+
+SERVERS = {
+    "pagoda": {
+        "command": [
+            str(ROOT / ".venv/bin/pagoda"),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "8300",
+            "--served-model-name",
+            "smollm2",
+            "--disable-uvicorn-access-log",
+        ],
+        "url": "http://127.0.0.1:8300",
+        "extra": {"ignore_eos": True},
+    },
+    "vllm": {
+        "command": [str(ANCHORS / "serve-vllm.sh"), "--disable-log-requests"],
+        "url": "http://127.0.0.1:8100",
+        "extra": {"ignore_eos": True},
+    },
+    "llamacpp": {
+        "command": [str(ANCHORS / "serve-llamacpp.sh")],
+        "url": "http://127.0.0.1:8200",
+        "extra": {"ban_token_ids": "0,2"},  # its server has no ignore_eos
+    },
+}
+
+
+def tree_rss(pid: int) -> int:
+    try:
+        root = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+    except psutil.Error:
+        return 0
+
+
+class MemorySampler:
+    """Samples the resident memory of a process tree; keeps the peak."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.peak = max(self.peak, tree_rss(self.pid))
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def bench_once(url: str, concurrency: int, extra: dict, label: str, out: Path) -> dict:
+    from pagoda.bench import serve as bench
+    from pagoda.model_files import default_model_path
+    from pagoda.tokenizer import Tokenizer
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    num_prompts = max(16, 4 * concurrency)
+    argv = [
+        "--base-url",
+        url,
+        "--model",
+        "smollm2",
+        "--random-input-len",
+        "256",
+        "--random-output-len",
+        "128",
+        "--num-prompts",
+        str(num_prompts),
+        "--max-concurrency",
+        str(concurrency),
+        "--seed",
+        str(1000 + concurrency),
+        "--label",
+        f"{label}-c{concurrency}",
+        "--disable-tqdm",
+        "--result-filename",
+        str(out / f"{label}-c{concurrency}.json"),
+    ]
+    if extra.get("ignore_eos"):
+        argv.append("--ignore-eos")
+    if extra.get("ban_token_ids"):
+        argv += ["--ban-token-ids", extra["ban_token_ids"]]
+    args = parser.parse_args(argv)
+    tokenizer = Tokenizer.from_path(default_model_path())
+    requests = bench.random_dataset(tokenizer, num_prompts + 1, 256, 128, args.seed)
+    summary = asyncio.run(bench.run(args, requests[:1], requests[1:], tokenizer))
+    bench.report(summary, args)
+    return summary
+
+
+def run_server(name: str, concurrencies: list[int], out: Path) -> dict:
+    spec = SERVERS[name]
+    start = time.monotonic()
+    log = (out / f"{name}-server.log").open("w")
+    process = subprocess.Popen(
+        spec["command"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited early; see {log.name}")
+            try:
+                if httpx.get(spec["url"] + "/v1/models", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() - start > 300:
+                raise RuntimeError(f"{name} not ready in 300 s")
+            time.sleep(0.1)
+        ready_s = time.monotonic() - start
+        idle_rss = tree_rss(process.pid)
+        sampler = MemorySampler(process.pid)
+        runs = {c: bench_once(spec["url"], c, spec["extra"], name, out) for c in concurrencies}
+        peak = sampler.stop()
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+    return {
+        "ready_s": ready_s,
+        "idle_rss_mib": idle_rss / 2**20,
+        "peak_rss_mib": peak / 2**20,
+        "runs": runs,
+    }
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, r in results.items():
+        cs = sorted(int(c) for c in r["runs"])
+        left.plot(cs, [r["runs"][c]["output_throughput"] for c in cs], "o-", label=name)
+        right.plot(cs, [r["runs"][c]["ttft_ms"]["median"] for c in cs], "o-", label=name)
+    left.set(
+        xlabel="max concurrency", ylabel="output tokens/s", xscale="log", title="Output throughput"
+    )
+    right.set(
+        xlabel="max concurrency",
+        ylabel="TTFT p50 (ms)",
+        xscale="log",
+        yscale="log",
+        title="Time to first token",
+    )
+    for ax in (left, right):
+        ax.set_xticks(cs, [str(c) for c in cs])
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS))
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--out", default=str(ROOT / "results"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {name: run_server(name, args.concurrency, out) for name in args.servers}
+    (out / "summary.json").write_text(json.dumps(results, indent=2))
+    try:
+        plot(results, out / "comparison.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
