@@ -88,13 +88,13 @@ class AsyncEngineClient(EngineClient):
         base = os.path.join(tempfile.gettempdir(), f"pagoda-{uuid.uuid4().hex[:12]}")
         input_addr, output_addr = f"ipc://{base}-in", f"ipc://{base}-out"
         self._ipc_paths = [f"{base}-in", f"{base}-out"]
+        # The process-wide contexts: a client dropped without shutdown() then leaves two
+        # closed-on-exit sockets behind, instead of a context whose finaliser blocks forever.
         # LINGER 0: messages to an engine that is gone must not keep the process alive.
-        self._zmq = zmq.asyncio.Context()
-        self._inbox = self._zmq.socket(zmq.PULL)  # outputs from the engine
+        self._inbox = zmq.asyncio.Context.instance().socket(zmq.PULL)  # outputs from the engine
         self._inbox.setsockopt(zmq.LINGER, 0)
         self._inbox.bind(output_addr)
-        self._sync_zmq = zmq.Context()
-        self._outbox = self._sync_zmq.socket(zmq.PUSH)  # requests to the engine
+        self._outbox = zmq.Context.instance().socket(zmq.PUSH)  # requests to the engine
         self._outbox.setsockopt(zmq.LINGER, 0)
         self._outbox.bind(input_addr)
         self.process = multiprocessing.get_context("spawn").Process(
@@ -273,7 +273,6 @@ class AsyncEngineClient(EngineClient):
             pass
         finally:
             self._inbox.close(linger=0)
-            self._zmq.term()
 
     def _mark_dead(self, reason: str) -> None:
         logger.error("%s", reason)
@@ -298,11 +297,9 @@ class AsyncEngineClient(EngineClient):
             self.process.join()
         if self._output_task is None:
             self._inbox.close(linger=0)
-            self._zmq.term()
         elif self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._output_task.cancel)
         self._outbox.close()
-        self._sync_zmq.term()
         for path in self._ipc_paths:
             try:
                 os.unlink(path)

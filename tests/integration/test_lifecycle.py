@@ -63,7 +63,7 @@ def test_sigterm_with_zero_timeout_exits_fast_and_fails_inflight(start_server) -
 
 def test_sigterm_drains_inflight_and_refuses_new(start_server) -> None:
     server = start_server("--shutdown-timeout", "30")
-    thread, result = stream_in_background(server.url, {**LONG, "max_tokens": 150})
+    thread, result = stream_in_background(server.url, {**LONG, "max_tokens": 80})
     assert result["started"].wait(30)
     server.signal(signal.SIGTERM)
     time.sleep(0.3)
@@ -73,7 +73,7 @@ def test_sigterm_drains_inflight_and_refuses_new(start_server) -> None:
     thread.join(60)
     finals = [json.loads(e) for e in result["events"][:-1]]
     assert finals[-1]["choices"][0]["finish_reason"] == "length"
-    assert sum(1 for e in finals if e["choices"] and e["choices"][0]["text"]) > 100
+    assert sum(1 for e in finals if e["choices"] and e["choices"][0]["text"]) > 60
     assert server.process.wait(15) == 0
     server.assert_no_process_left()
 

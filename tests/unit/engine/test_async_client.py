@@ -22,6 +22,7 @@ SHORT = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
 
 async def start(path) -> AsyncEngineClient:
+    """A client on the default model (tests shut it down themselves, also on failure)."""
     client = AsyncEngineClient(
         EngineConfig(ModelConfig(path, dtype="float32")), Tokenizer.from_path(path)
     )
@@ -39,6 +40,12 @@ async def collect(client: AsyncEngineClient, prompt: str, params, request_id: st
 def test_stream_abort_and_shutdown(default_model_path) -> None:
     async def main() -> None:
         client = await start(default_model_path)
+        try:
+            await check(client)
+        finally:
+            client.shutdown(0)
+
+    async def check(client: AsyncEngineClient) -> None:
         delta = SamplingParams(temperature=0, max_tokens=8, output_kind=RequestOutputKind.DELTA)
         outputs = await collect(client, "The capital of France is", delta, "a")
         assert outputs[-1].finished and outputs[-1].outputs[0].finish_reason == "length"
@@ -48,8 +55,11 @@ def test_stream_abort_and_shutdown(default_model_path) -> None:
         stream = client.generate("Hello", LONG, "b")
         await stream.__anext__()
         await stream.aclose()
-        await asyncio.sleep(0.3)
-        assert client.stats.num_running == 0 and not client.processor.has_unfinished()
+        assert not client.processor.has_unfinished()
+        deadline = time.monotonic() + 2
+        while client.stats.num_running != 0:
+            assert time.monotonic() < deadline, "the engine kept running the request"
+            await asyncio.sleep(0.02)
 
         # An explicit abort ends a running generate() with RequestAborted.
         task = asyncio.create_task(collect(client, "Hello", LONG, "c"))
@@ -78,6 +88,12 @@ def test_stream_abort_and_shutdown(default_model_path) -> None:
 def test_engine_death_fails_requests_within_a_second(default_model_path) -> None:
     async def main() -> None:
         client = await start(default_model_path)
+        try:
+            await check(client)
+        finally:
+            client.shutdown(0)
+
+    async def check(client: AsyncEngineClient) -> None:
         tasks = [asyncio.create_task(collect(client, f"Story {i}", LONG, str(i))) for i in range(3)]
         await asyncio.sleep(0.5)
         assert client.is_running and not client.errored
@@ -92,6 +108,5 @@ def test_engine_death_fails_requests_within_a_second(default_model_path) -> None
             await client.check_health()
         with pytest.raises(EngineDeadError):
             await collect(client, "after", SHORT, "x")
-        client.shutdown(0)
 
     asyncio.run(main())
