@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -32,7 +31,7 @@ class AttentionMetadata:
     # The batch is attended as a padded [num_seqs, max_query_len] grid of queries:
     query_index: torch.Tensor  # [num_seqs, max_query_len] flat token of each grid cell
     token_index: torch.Tensor  # [num_tokens] grid cell of each flat token
-    mask: torch.Tensor  # [num_seqs, 1, max_query_len, max_seq_len] True = may attend
+    bias: torch.Tensor  # [num_seqs, 1, 1, max_query_len, max_seq_len] float32: 0 or -inf
     max_seq_len: int
 
     @classmethod
@@ -78,7 +77,9 @@ class AttentionMetadata:
             block_tables=table.to(device),
             query_index=query_index.to(device),
             token_index=token_index.to(device),
-            mask=mask.unsqueeze(1).to(device),
+            bias=torch.zeros(mask.shape)
+            .masked_fill_(~mask, float("-inf"))[:, None, None]
+            .to(device),
             max_seq_len=max_seq_len,
         )
         return metadata, positions.to(device)
@@ -100,21 +101,26 @@ def paged_attention(
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, attn.slot_mapping, v)
 
     num_seqs = attn.block_tables.shape[0]
+    num_heads = q.shape[1]
+    group = num_heads // num_kv_heads  # query heads per KV head (grouped-query attention)
     # [num_seqs, max_blocks * block_size, num_kv_heads, head_dim], cut to the longest context
     keys = k_cache[attn.block_tables].flatten(1, 2)[:, : attn.max_seq_len]
     values = v_cache[attn.block_tables].flatten(1, 2)[:, : attn.max_seq_len]
     queries = q[attn.query_index]  # [num_seqs, max_q, num_heads, head_dim]
+    max_q = queries.shape[1]
 
-    out = F.scaled_dot_product_attention(
-        queries.transpose(1, 2),
-        keys.transpose(1, 2),
-        values.transpose(1, 2),
-        attn_mask=attn.mask,
-        scale=scale,
-        enable_gqa=True,
-    )  # [num_seqs, num_heads, max_q, head_dim]
-    out = out.transpose(1, 2).reshape(num_seqs * queries.shape[1], -1)
-    return out[attn.token_index]
+    # Query head h reads KV head h // group: stack each KV head's group of query heads and
+    # their positions into the rows of one matrix, so that two matmuls do the whole batch.
+    # [num_seqs, num_kv_heads, group * max_q, head_dim]
+    rows = queries.view(num_seqs, max_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    rows = rows.reshape(num_seqs, num_kv_heads, group * max_q, head_dim)
+    scores = torch.matmul(rows, keys.permute(0, 2, 3, 1))  # [S, kv_heads, group * max_q, L]
+    # Softmax in float32, with the causal/padding bias shared by all heads.
+    scores = scores.float().view(num_seqs, num_kv_heads, group, max_q, -1) * scale + attn.bias
+    probs = scores.softmax(dim=-1).to(values.dtype).flatten(2, 3)
+    out = torch.matmul(probs, values.transpose(1, 2))  # [S, kv_heads, group * max_q, head_dim]
+    out = out.view(num_seqs, num_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(num_seqs * max_q, num_heads * head_dim)[attn.token_index]
 
 
 def allocate_kv_cache(
