@@ -23,16 +23,28 @@ import torch
 
 
 @dataclass
-class AttentionMetadata:
-    """Where each token of a flattened batch sits in the paged cache, shared by all layers."""
+class AttentionGroup:
+    """Sequences attended together, as a padded [num_seqs, max_query_len] grid of queries."""
 
-    slot_mapping: torch.Tensor  # [num_tokens] cache slot written by each new token
+    flat_index: torch.Tensor  # [group_tokens] where the group's tokens sit in the flat batch
     block_tables: torch.Tensor  # [num_seqs, max_blocks] padded with block 0
-    # The batch is attended as a padded [num_seqs, max_query_len] grid of queries:
     query_index: torch.Tensor  # [num_seqs, max_query_len] flat token of each grid cell
-    token_index: torch.Tensor  # [num_tokens] grid cell of each flat token
+    token_index: torch.Tensor  # [group_tokens] grid cell of each of the group's tokens
     bias: torch.Tensor  # [num_seqs, 1, 1, max_query_len, max_seq_len] float32: 0 or -inf
     max_seq_len: int
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each token of a flattened batch sits in the paged cache, shared by all layers.
+
+    Decoding sequences (one new token) and the others (prompts, chunks) form two
+    groups: padding a decode to the length of a prompt chunk would waste most of
+    the work, so each group is padded only to its own longest query.
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot written by each new token
+    groups: list[AttentionGroup]
 
     @classmethod
     def build(
@@ -44,45 +56,61 @@ class AttentionMetadata:
         device: torch.device | str = "cpu",
     ) -> tuple[AttentionMetadata, torch.Tensor]:
         """Metadata and positions for sequences that add num_new tokens after num_computed."""
-        num_seqs = len(num_new)
-        max_q = max(num_new)
-        seq_lens = [c + n for c, n in zip(num_computed, num_new)]
-        max_seq_len = max(seq_lens)
-        max_blocks = -(-max_seq_len // block_size)
-
-        computed = torch.tensor(num_computed, dtype=torch.long)
         new = torch.tensor(num_new, dtype=torch.long)
-        table = torch.zeros(num_seqs, max_blocks, dtype=torch.long)
+        starts = torch.cumsum(new, 0) - new  # first flat token of each sequence
+        seq_of_token = torch.repeat_interleave(torch.arange(len(num_new)), new)
+        positions = torch.tensor(num_computed, dtype=torch.long)[seq_of_token] + (
+            torch.arange(int(new.sum())) - starts[seq_of_token]
+        )
+        max_blocks = -(-max(c + n for c, n in zip(num_computed, num_new)) // block_size)
+        table = torch.zeros(len(num_new), max_blocks, dtype=torch.long)
         for i, blocks in enumerate(block_tables):
             n = min(len(blocks), max_blocks)
             table[i, :n] = torch.tensor(blocks[:n], dtype=torch.long)
-
-        # Grid of [num_seqs, max_q]: cell (s, j) is the j-th new token of sequence s.
-        j = torch.arange(max_q)
-        valid = j.unsqueeze(0) < new.unsqueeze(1)  # [num_seqs, max_q]
-        starts = torch.cumsum(new, 0) - new
-        query_index = torch.where(valid, starts.unsqueeze(1) + j, 0)
-        grid_pos = computed.unsqueeze(1) + j  # position of each grid cell
-        token_index = (torch.arange(num_seqs).unsqueeze(1) * max_q + j)[valid]
-        positions = grid_pos[valid]
-
-        # Padding cells attend to key 0 only, so that no row of the mask is empty.
-        query_pos = torch.where(valid, grid_pos, 0)
-        mask = torch.arange(max_seq_len).view(1, 1, -1) <= query_pos.unsqueeze(-1)
-        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), new)
         slots = table[seq_of_token, positions // block_size] * block_size + positions % block_size
 
-        metadata = cls(
-            slot_mapping=slots.to(device),
-            block_tables=table.to(device),
-            query_index=query_index.to(device),
-            token_index=token_index.to(device),
-            bias=torch.zeros(mask.shape)
-            .masked_fill_(~mask, float("-inf"))[:, None, None]
-            .to(device),
-            max_seq_len=max_seq_len,
-        )
-        return metadata, positions.to(device)
+        decoding = [i for i, n in enumerate(num_new) if n == 1]
+        others = [i for i, n in enumerate(num_new) if n != 1]
+        groups = [
+            _build_group(seqs, num_computed, num_new, table, starts, block_size, device)
+            for seqs in (decoding, others)
+            if seqs
+        ]
+        return cls(slot_mapping=slots.to(device), groups=groups), positions.to(device)
+
+
+def _build_group(
+    seqs: list[int],
+    num_computed: list[int],
+    num_new: list[int],
+    table: torch.Tensor,
+    starts: torch.Tensor,
+    block_size: int,
+    device: torch.device | str,
+) -> AttentionGroup:
+    computed = torch.tensor([num_computed[i] for i in seqs], dtype=torch.long)
+    new = torch.tensor([num_new[i] for i in seqs], dtype=torch.long)
+    max_q = int(new.max())
+    max_seq_len = int((computed + new).max())
+    first = starts[seqs]
+
+    # Grid of [num_seqs, max_q]: cell (s, j) is the j-th new token of sequence s.
+    j = torch.arange(max_q)
+    valid = j.unsqueeze(0) < new.unsqueeze(1)  # [num_seqs, max_q]
+    query_index = torch.where(valid, first.unsqueeze(1) + j, first.unsqueeze(1))
+    token_index = (torch.arange(len(seqs)).unsqueeze(1) * max_q + j)[valid]
+    # Padding cells attend to key 0 only, so that no row of the bias is all -inf.
+    query_pos = torch.where(valid, computed.unsqueeze(1) + j, 0)
+    mask = torch.arange(max_seq_len).view(1, 1, -1) <= query_pos.unsqueeze(-1)
+    bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+    return AttentionGroup(
+        flat_index=query_index[valid].to(device),
+        block_tables=table[seqs, : -(-max_seq_len // block_size)].to(device),
+        query_index=query_index.to(device),
+        token_index=token_index.to(device),
+        bias=bias[:, None, None].to(device),
+        max_seq_len=max_seq_len,
+    )
 
 
 def paged_attention(
@@ -95,32 +123,48 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Writes k/v into the cache, then attends each query to its sequence; returns [T, H * D]."""
-    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    num_kv_heads, head_dim = k_cache.shape[2:]
     # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, attn.slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, attn.slot_mapping, v)
+    if len(attn.groups) == 1:
+        return _attend(q, k_cache, v_cache, attn.groups[0], scale)
+    out = q.new_empty(q.shape[0], q.shape[1] * head_dim)
+    for group in attn.groups:
+        out[group.flat_index] = _attend(q, k_cache, v_cache, group, scale)
+    return out
 
-    num_seqs = attn.block_tables.shape[0]
+
+def _attend(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    group: AttentionGroup,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of one group's queries; rows in the order of group.flat_index."""
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    num_seqs = group.block_tables.shape[0]
     num_heads = q.shape[1]
-    group = num_heads // num_kv_heads  # query heads per KV head (grouped-query attention)
+    heads_per_kv = num_heads // num_kv_heads  # grouped-query attention
     # [num_seqs, max_blocks * block_size, num_kv_heads, head_dim], cut to the longest context
-    keys = k_cache[attn.block_tables].flatten(1, 2)[:, : attn.max_seq_len]
-    values = v_cache[attn.block_tables].flatten(1, 2)[:, : attn.max_seq_len]
-    queries = q[attn.query_index]  # [num_seqs, max_q, num_heads, head_dim]
+    keys = k_cache[group.block_tables].flatten(1, 2)[:, : group.max_seq_len]
+    values = v_cache[group.block_tables].flatten(1, 2)[:, : group.max_seq_len]
+    queries = q[group.query_index]  # [num_seqs, max_q, num_heads, head_dim]
     max_q = queries.shape[1]
 
-    # Query head h reads KV head h // group: stack each KV head's group of query heads and
-    # their positions into the rows of one matrix, so that two matmuls do the whole batch.
-    # [num_seqs, num_kv_heads, group * max_q, head_dim]
-    rows = queries.view(num_seqs, max_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-    rows = rows.reshape(num_seqs, num_kv_heads, group * max_q, head_dim)
-    scores = torch.matmul(rows, keys.permute(0, 2, 3, 1))  # [S, kv_heads, group * max_q, L]
+    # Query head h reads KV head h // heads_per_kv: stack each KV head's query heads and
+    # their positions into the rows of one matrix, so that two matmuls do the whole group.
+    # [num_seqs, num_kv_heads, heads_per_kv * max_q, head_dim]
+    rows = queries.view(num_seqs, max_q, num_kv_heads, heads_per_kv, head_dim)
+    rows = rows.permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, -1, head_dim)
+    scores = torch.matmul(rows, keys.permute(0, 2, 3, 1))  # [S, kv_heads, rows, L]
     # Softmax in float32, with the causal/padding bias shared by all heads.
-    scores = scores.float().view(num_seqs, num_kv_heads, group, max_q, -1) * scale + attn.bias
-    probs = scores.softmax(dim=-1).to(values.dtype).flatten(2, 3)
-    out = torch.matmul(probs, values.transpose(1, 2))  # [S, kv_heads, group * max_q, head_dim]
-    out = out.view(num_seqs, num_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)
-    return out.reshape(num_seqs * max_q, num_heads * head_dim)[attn.token_index]
+    scores = scores.float().view(num_seqs, num_kv_heads, heads_per_kv, max_q, -1)
+    probs = (scores * scale + group.bias).softmax(dim=-1).to(values.dtype).flatten(2, 3)
+    out = torch.matmul(probs, values.transpose(1, 2))  # [S, kv_heads, rows, head_dim]
+    out = out.view(num_seqs, num_kv_heads, heads_per_kv, max_q, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(num_seqs * max_q, num_heads * head_dim)[group.token_index]
 
 
 def allocate_kv_cache(
