@@ -32,6 +32,9 @@ class AttentionGroup:
     token_index: torch.Tensor  # [group_tokens] grid cell of each of the group's tokens
     bias: torch.Tensor  # [num_seqs, 1, 1, max_query_len, max_seq_len] float32: 0 or -inf
     max_seq_len: int
+    # (start, stop) when the grid has no padding and covers flat tokens start..stop-1 in
+    # order (a batch of decodes, one whole chunk): the gathers above are then plain views.
+    dense: tuple[int, int] | None = None
 
 
 @dataclass
@@ -103,6 +106,10 @@ def _build_group(
     query_pos = torch.where(valid, computed.unsqueeze(1) + j, 0)
     mask = torch.arange(max_seq_len).view(1, 1, -1) <= query_pos.unsqueeze(-1)
     bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+    flat = query_index[valid]
+    dense = None
+    if bool(valid.all()) and int(flat[-1] - flat[0]) == len(flat) - 1:
+        dense = (int(flat[0]), int(flat[-1]) + 1)
     return AttentionGroup(
         flat_index=query_index[valid].to(device),
         block_tables=table[seqs, : -(-max_seq_len // block_size)].to(device),
@@ -110,6 +117,7 @@ def _build_group(
         token_index=token_index.to(device),
         bias=bias[:, None, None].to(device),
         max_seq_len=max_seq_len,
+        dense=dense,
     )
 
 
@@ -150,21 +158,25 @@ def _attend(
     # [num_seqs, max_blocks * block_size, num_kv_heads, head_dim], cut to the longest context
     keys = k_cache[group.block_tables].flatten(1, 2)[:, : group.max_seq_len]
     values = v_cache[group.block_tables].flatten(1, 2)[:, : group.max_seq_len]
-    queries = q[group.query_index]  # [num_seqs, max_q, num_heads, head_dim]
+    if group.dense is not None:
+        queries = q[group.dense[0] : group.dense[1]].view(num_seqs, -1, num_heads, head_dim)
+    else:
+        queries = q[group.query_index]  # [num_seqs, max_q, num_heads, head_dim]
     max_q = queries.shape[1]
 
     # Query head h reads KV head h // heads_per_kv: stack each KV head's query heads and
     # their positions into the rows of one matrix, so that two matmuls do the whole group.
     # [num_seqs, num_kv_heads, heads_per_kv * max_q, head_dim]
     rows = queries.view(num_seqs, max_q, num_kv_heads, heads_per_kv, head_dim)
-    rows = rows.permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, -1, head_dim)
+    rows = rows.permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, -1, head_dim) * scale
     scores = torch.matmul(rows, keys.permute(0, 2, 3, 1))  # [S, kv_heads, rows, L]
     # Softmax in float32, with the causal/padding bias shared by all heads.
-    scores = scores.float().view(num_seqs, num_kv_heads, heads_per_kv, max_q, -1)
-    probs = (scores * scale + group.bias).softmax(dim=-1).to(values.dtype).flatten(2, 3)
+    scores = scores.view(num_seqs, num_kv_heads, heads_per_kv, max_q, -1).float()
+    probs = scores.add_(group.bias).softmax(dim=-1).to(values.dtype).flatten(2, 3)
     out = torch.matmul(probs, values.transpose(1, 2))  # [S, kv_heads, rows, head_dim]
     out = out.view(num_seqs, num_kv_heads, heads_per_kv, max_q, head_dim).permute(0, 3, 1, 2, 4)
-    return out.reshape(num_seqs * max_q, num_heads * head_dim)[group.token_index]
+    out = out.reshape(num_seqs * max_q, num_heads * head_dim)
+    return out if group.dense is not None else out[group.token_index]
 
 
 def allocate_kv_cache(

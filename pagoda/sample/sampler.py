@@ -1,7 +1,7 @@
 """Sampler: logits of a batch -> one token per request, vectorized over the batch.
 
-Randomness is counter-based: the noise for a request at a position is a hash of
-(request seed, position, token id). The same seed therefore gives the same
+Randomness is counter-based: the uniform number a request draws at a position
+is a hash of (request seed, position). The same seed therefore gives the same
 tokens whatever else shares the batch, and a preempted request resamples
 exactly what it sampled before.
 """
@@ -143,9 +143,10 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         if meta.needs_min_p:
             keep = probs >= meta.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
             probs = torch.where(keep, probs, 0.0)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p exactly.
-        noise = exponential_noise(meta.seeds, meta.positions, probs.shape[1])
-        sampled = (probs / noise).argmax(dim=-1)
+        # Inverse CDF: the first token whose cumulative probability reaches u.
+        cdf = probs.cumsum(dim=-1)
+        u = uniform_from(meta.seeds, meta.positions).to(cdf.dtype) * cdf[:, -1]
+        sampled = torch.searchsorted(cdf, u.unsqueeze(1)).squeeze(1).clamp_(max=cdf.shape[1] - 1)
         tokens = torch.where(meta.temperature > 0, sampled, greedy)
 
     out = SamplerOutput(token_ids=tokens)
@@ -189,16 +190,23 @@ def apply_top_k_top_p(
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
-def exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Exp(1) noise [B, vocab], a pure function of (seed, position, token id)."""
-    token = torch.arange(vocab, device=seeds.device, dtype=torch.long)
-    h = (seeds.unsqueeze(1) * 0x9E3779B1 + positions.unsqueeze(1) * 0x85EBCA77) & _MASK32
-    h = (h ^ (token.unsqueeze(0) * 0xC2B2AE3D)) & _MASK32
-    # murmur3's finaliser mixes every input bit into every output bit.
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & _MASK32
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & _MASK32
-    h = h ^ (h >> 16)
-    uniform = (h.double() + 0.5) / 2.0**32  # in (0, 1), never 0
-    return (-uniform.log()).float()
+def uniform_from(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One number in (0, 1) per row [B], a pure function of (seed, position).
+
+    splitmix64's finaliser over the pair, in int64: multiplication wraps as unsigned
+    arithmetic does, and each right shift is masked so that it acts as a logical one.
+    """
+
+    def logical_shift(x: torch.Tensor, n: int) -> torch.Tensor:
+        return (x >> n) & ((1 << (64 - n)) - 1)
+
+    h = seeds * _i64(0x9E3779B97F4A7C15) + positions * _i64(0xD1B54A32D192ED03)
+    h = (h ^ logical_shift(h, 30)) * _i64(0xBF58476D1CE4E5B9)
+    h = (h ^ logical_shift(h, 27)) * _i64(0x94D049BB133111EB)
+    h = h ^ logical_shift(h, 31)
+    return (logical_shift(h, 11).double() + 0.5) * 2.0**-53
+
+
+def _i64(value: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    return value - (1 << 64) if value >= 1 << 63 else value

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from pagoda.core.request import Request
-from pagoda.sample.sampler import SamplingMetadata, exponential_noise, sample
+from pagoda.sample.sampler import SamplingMetadata, sample, uniform_from
 from pagoda.sampling_params import SamplingParams
 
 VOCAB = 10
@@ -78,11 +78,14 @@ def test_seeded_row_ignores_its_neighbours() -> None:
     assert batch.token_ids[2] == alone.token_ids[0]
 
 
-def test_noise_is_a_function_of_seed_position_and_token() -> None:
-    a = exponential_noise(torch.tensor([1, 2]), torch.tensor([5, 5]), 100)
-    b = exponential_noise(torch.tensor([1]), torch.tensor([5]), 100)
-    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], a[1])
-    assert (a > 0).all() and abs(a.mean().item() - 1.0) < 0.3
+def test_uniform_is_a_function_of_seed_and_position() -> None:
+    a = uniform_from(torch.tensor([1, 2, 1]), torch.tensor([5, 5, 6]))
+    b = uniform_from(torch.tensor([1]), torch.tensor([5]))
+    assert a[0] == b[0] and len(set(a.tolist())) == 3
+    many = uniform_from(torch.arange(20000), torch.full((20000,), 7))
+    assert (many > 0).all() and (many < 1).all()
+    assert abs(many.mean().item() - 0.5) < 0.01
+    assert torch.histc(many.float(), bins=10, min=0, max=1).min() > 1800  # roughly flat
 
 
 def test_logit_bias_and_min_tokens() -> None:
