@@ -66,6 +66,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.last_step_tokens = 0
+        self.last_step_seqs = 0
 
     @property
     def has_work(self) -> bool:
@@ -124,6 +125,7 @@ class Scheduler:
             )
             budget -= num_new
         self.last_step_tokens = out.num_tokens
+        self.last_step_seqs = len(out.scheduled)
         return out
 
     def _preempt(self, request: Request) -> None:
@@ -211,6 +213,7 @@ class Scheduler:
             prefix_cache_hits=self.kv.prefix_stats.hits,
             num_preemptions=self.num_preemptions,
             step_num_tokens=self.last_step_tokens,
+            step_num_seqs=self.last_step_seqs,
         )
 
 

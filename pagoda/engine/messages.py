@@ -53,7 +53,8 @@ class SchedulerStats(msgspec.Struct, array_like=True):
     prefix_cache_queries: int = 0  # cumulative, in tokens
     prefix_cache_hits: int = 0  # cumulative, in tokens
     num_preemptions: int = 0  # cumulative
-    step_num_tokens: int = 0
+    step_num_tokens: int = 0  # tokens computed in the last step
+    step_num_seqs: int = 0  # requests in the last step's batch
 
 
 class EngineOutputs(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -105,3 +105,16 @@ def test_identical_prompts_in_one_step_share_full_blocks() -> None:
     assert [x.num_new_tokens for x in out.scheduled] == [10, 2]
     assert out.scheduled[1].block_ids[:2] == out.scheduled[0].block_ids[:2]
     assert s.kv.pool.blocks[out.scheduled[0].block_ids[0]].ref_cnt == 2
+
+
+def test_stats_count_the_step() -> None:
+    s = make_scheduler(budget=10, block_size=4)
+    s.add_request(make_request("a", 6))
+    s.add_request(make_request("b", 6, start=100))
+    s.add_request(make_request("c", 6, start=200))
+    step(s)
+    stats = s.stats()
+    assert (stats.step_num_seqs, stats.step_num_tokens) == (2, 10)
+    assert (stats.num_running, stats.num_waiting) == (2, 1)
+    assert stats.prefix_cache_queries == 12 and stats.prefix_cache_hits == 0
+    assert 0 < stats.kv_cache_usage < 1
