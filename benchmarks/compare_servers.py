@@ -45,7 +45,7 @@ SERVERS = {
         "extra": {"ignore_eos": True},
     },
     "vllm": {
-        "command": [str(ANCHORS / "serve-vllm.sh"), "--disable-log-requests"],
+        "command": [str(ANCHORS / "serve-vllm.sh")],
         "url": "http://127.0.0.1:8100",
         "extra": {"ignore_eos": True},
     },
@@ -146,7 +146,7 @@ def run_server(name: str, concurrencies: list[int], out: Path) -> dict:
         ready_s = time.monotonic() - start
         idle_rss = tree_rss(process.pid)
         sampler = MemorySampler(process.pid)
-        runs = {c: bench_once(spec["url"], c, spec["extra"], name, out) for c in concurrencies}
+        runs = {str(c): bench_once(spec["url"], c, spec["extra"], name, out) for c in concurrencies}
         peak = sampler.stop()
     finally:
         os.killpg(process.pid, signal.SIGTERM)
@@ -171,8 +171,8 @@ def plot(results: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for name, r in results.items():
         cs = sorted(int(c) for c in r["runs"])
-        left.plot(cs, [r["runs"][c]["output_throughput"] for c in cs], "o-", label=name)
-        right.plot(cs, [r["runs"][c]["ttft_ms"]["median"] for c in cs], "o-", label=name)
+        left.plot(cs, [r["runs"][str(c)]["output_throughput"] for c in cs], "o-", label=name)
+        right.plot(cs, [r["runs"][str(c)]["ttft_ms"]["median"] for c in cs], "o-", label=name)
     left.set(
         xlabel="max concurrency", ylabel="output tokens/s", xscale="log", title="Output throughput"
     )
@@ -199,7 +199,14 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {name: run_server(name, args.concurrency, out) for name in args.servers}
+    for name in args.servers:
+        result = run_server(name, args.concurrency, out)
+        (out / f"{name}-server.json").write_text(json.dumps(result, indent=2))
+    # The summary and the plot take every server measured into this folder so far.
+    results = {
+        path.name.removesuffix("-server.json"): json.loads(path.read_text())
+        for path in sorted(out.glob("*-server.json"))
+    }
     (out / "summary.json").write_text(json.dumps(results, indent=2))
     try:
         plot(results, out / "comparison.png")
