@@ -8,42 +8,13 @@ import sys
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
+    from pagoda.engine.llm import LLM
+    from pagoda.sampling_params import SamplingParams
 
-    from pagoda.model.attention import AttentionMetadata, allocate_kv_cache
-    from pagoda.model.loader import load_model
-    from pagoda.model_files import resolve_model_path
-    from pagoda.tokenizer import Tokenizer
-
-    path = resolve_model_path(args.model)
-    model = load_model(path, torch.float32)
-    tokenizer = Tokenizer.from_path(path)
-    spec, block_size = model.spec, 16
-    ids = tokenizer.encode(args.prompt)
-    num_blocks = -(-(len(ids) + args.max_tokens) // block_size)
-    model.bind_kv_cache(
-        allocate_kv_cache(
-            spec.num_layers,
-            num_blocks,
-            block_size,
-            spec.num_kv_heads,
-            spec.head_dim,
-            torch.float32,
-        )
-    )
-    blocks = list(range(num_blocks))
-    out: list[int] = []
-    new, computed = ids, 0
-    for _ in range(args.max_tokens):
-        attn, positions = AttentionMetadata.build([computed], [len(new)], [blocks], block_size)
-        with torch.no_grad():
-            hidden = model(torch.tensor(new), positions, attn)
-            token = int(model.compute_logits(hidden[-1:]).argmax())
-        if token in tokenizer.eos_token_ids:
-            break
-        out.append(token)
-        computed, new = computed + len(new), [token]
-    print(args.prompt + tokenizer.decode(out))
+    llm = LLM(args.model, dtype="float32", kv_cache_memory=64 << 20)
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    (output,) = llm.generate([args.prompt], params, use_tqdm=False)
+    print(args.prompt + output.outputs[0].text)
     return 0
 
 

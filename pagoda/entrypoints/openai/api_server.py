@@ -82,24 +82,12 @@ def build_app(engine: EngineClient, server_config: ServerConfig | None = None) -
     @app.post("/v1/completions")
     async def create_completion(body: CompletionRequest, raw: Request) -> Response:
         prompts, params = completions.prepare(body)
-        if body.stream:
-            return StreamingResponse(
-                completions.stream(body, prompts, params),
-                media_type="text/event-stream",
-                headers=SSE_HEADERS,
-            )
-        return await _respond(raw, completions.create(body, prompts, params), completions)
+        return await _respond(raw, completions, body, prompts, params)
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> Response:
         prompt, params = chat.prepare(body)
-        if body.stream:
-            return StreamingResponse(
-                chat.stream(body, prompt, params),
-                media_type="text/event-stream",
-                headers=SSE_HEADERS,
-            )
-        return await _respond(raw, chat.create(body, prompt, params), chat)
+        return await _respond(raw, chat, body, prompt, params)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
@@ -197,15 +185,21 @@ def _authorised(headers: Headers, keys: tuple[str, ...]) -> bool:
     return any(secrets.compare_digest(token.strip(), key) for key in keys)
 
 
-async def _respond(raw: Request, work, serving) -> Response:
-    """Runs a non-streaming request; an engine failure becomes its error response."""
+async def _respond(raw: Request, serving, body, prompt, params) -> Response:
+    """Streams the request as SSE, or runs it whole; an engine failure becomes its error."""
+    if body.stream:
+        return StreamingResponse(
+            serving.stream(body, prompt, params),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
     try:
-        result = await run_unless_disconnected(raw, work)
+        result = await run_unless_disconnected(raw, serving.create(body, prompt, params))
     except OpenAIError:
         raise
     except Exception as e:
-        body = await serving.on_engine_error(e)
-        return JSONResponse(body, status_code=body["error"]["code"])
+        error = await serving.on_engine_error(e)
+        return JSONResponse(error, status_code=error["error"]["code"])
     if result is None:  # the client left; nobody reads this
         return Response(status_code=499)
     return JSONResponse(result.model_dump(mode="json"))

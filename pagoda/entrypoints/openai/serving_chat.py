@@ -24,7 +24,7 @@ from pagoda.entrypoints.openai.protocol import (
     random_id,
 )
 from pagoda.entrypoints.openai.serving_engine import SSE_DONE, OpenAIServing, sse
-from pagoda.outputs import Logprobs, RequestOutput
+from pagoda.outputs import CompletionOutput, Logprobs, RequestOutput
 from pagoda.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
@@ -100,6 +100,13 @@ class OpenAIServingChat(OpenAIServing):
             out["name"] = message.name
         return out
 
+    def _choice_logprobs(
+        self, request: ChatCompletionRequest, c: CompletionOutput
+    ) -> ChatLogprobs | None:
+        if not request.logprobs:
+            return None
+        return self._logprobs(c.token_ids, c.logprobs, request.top_logprobs or 0)
+
     def _logprobs(
         self, token_ids: list[int], logprobs: list[Logprobs] | None, k: int
     ) -> ChatLogprobs:
@@ -130,9 +137,7 @@ class OpenAIServingChat(OpenAIServing):
             ChatChoice(
                 index=c.index,
                 message=ChatResponseMessage(content=c.text),
-                logprobs=self._logprobs(c.token_ids, c.logprobs, request.top_logprobs or 0)
-                if request.logprobs
-                else None,
+                logprobs=self._choice_logprobs(request, c),
                 finish_reason=c.finish_reason,
                 stop_reason=c.stop_reason,
             )
@@ -183,9 +188,7 @@ class OpenAIServingChat(OpenAIServing):
                     choice = ChatStreamChoice(
                         index=c.index,
                         delta=DeltaMessage(content=c.text),
-                        logprobs=self._logprobs(c.token_ids, c.logprobs, request.top_logprobs or 0)
-                        if request.logprobs
-                        else None,
+                        logprobs=self._choice_logprobs(request, c),
                         finish_reason=c.finish_reason,
                         stop_reason=c.stop_reason,
                     )

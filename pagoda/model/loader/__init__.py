@@ -13,6 +13,7 @@ from tqdm import tqdm
 from pagoda.model.llama import LlamaForCausalLM
 from pagoda.model.loader import gguf as gguf_loader
 from pagoda.model.loader import safetensors as st_loader
+from pagoda.model.loader.gguf_metadata import open_reader
 from pagoda.model.spec import ModelSpec
 from pagoda.model_files import is_gguf
 
@@ -22,7 +23,7 @@ logger = logging.getLogger(__name__)
 def read_spec(path: Path) -> ModelSpec:
     """The hyper-parameters of a model directory or GGUF file, without loading weights."""
     if is_gguf(path):
-        return gguf_loader.read_spec(gguf_loader.open_reader(path))
+        return gguf_loader.read_spec(open_reader(path))
     return st_loader.read_spec(path)
 
 
@@ -33,7 +34,7 @@ def load_model(
     start = time.perf_counter()
     weights: Iterator[tuple[str, torch.Tensor]]
     if is_gguf(path):
-        reader = gguf_loader.open_reader(path)
+        reader = open_reader(path)
         spec = gguf_loader.read_spec(reader)
         weights = gguf_loader.iter_weights(reader, spec, dtype)
         num_tensors = len(reader.tensors)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import gguf
@@ -38,14 +37,6 @@ NAME_TABLE = {
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
 _LAYER = re.compile(r"^blk\.(\d+)\.")
-
-
-def open_reader(path: Path) -> gguf.GGUFReader:
-    """Opens a GGUF file, turning the reader's errors into one that names the file."""
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from e
 
 
 def field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:

@@ -10,12 +10,17 @@ import gguf
 from pagoda.model.spec import ModelLoadError
 
 
-def read_tokenizer_fields(path: Path) -> dict[str, Any]:
-    """Tokens, merges, token types, special ids and chat template of a GGUF file."""
+def open_reader(path: Path) -> gguf.GGUFReader:
+    """Opens a GGUF file, turning the reader's errors into one that names the file."""
     try:
-        reader = gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(str(path))
     except Exception as e:
         raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from e
+
+
+def read_tokenizer_fields(path: Path) -> dict[str, Any]:
+    """Tokens, merges, token types, special ids and chat template of a GGUF file."""
+    reader = open_reader(path)
 
     def get(key: str, default: Any = None) -> Any:
         f = reader.fields.get(f"tokenizer.{key}")

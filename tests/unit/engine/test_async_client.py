@@ -21,13 +21,20 @@ LONG = SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)
 SHORT = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
 
-async def start(path) -> AsyncEngineClient:
-    """A client on the default model (tests shut it down themselves, also on failure)."""
-    client = AsyncEngineClient(
-        EngineConfig(ModelConfig(path, dtype="float32")), Tokenizer.from_path(path)
-    )
-    await client.ready()
-    return client
+def run_with_client(path, check) -> None:
+    """Runs check(client) on a client of the default model, shutting it down whatever happens."""
+
+    async def main() -> None:
+        client = AsyncEngineClient(
+            EngineConfig(ModelConfig(path, dtype="float32")), Tokenizer.from_path(path)
+        )
+        await client.ready()
+        try:
+            await check(client)
+        finally:
+            client.shutdown(0)
+
+    asyncio.run(main())
 
 
 async def collect(client: AsyncEngineClient, prompt: str, params, request_id: str):
@@ -38,13 +45,6 @@ async def collect(client: AsyncEngineClient, prompt: str, params, request_id: st
 
 
 def test_stream_abort_and_shutdown(default_model_path) -> None:
-    async def main() -> None:
-        client = await start(default_model_path)
-        try:
-            await check(client)
-        finally:
-            client.shutdown(0)
-
     async def check(client: AsyncEngineClient) -> None:
         delta = SamplingParams(temperature=0, max_tokens=8, output_kind=RequestOutputKind.DELTA)
         outputs = await collect(client, "The capital of France is", delta, "a")
@@ -82,17 +82,10 @@ def test_stream_abort_and_shutdown(default_model_path) -> None:
         with pytest.raises(EngineShuttingDown):
             await collect(client, "Three", SHORT, "late")
 
-    asyncio.run(main())
+    run_with_client(default_model_path, check)
 
 
 def test_engine_death_fails_requests_within_a_second(default_model_path) -> None:
-    async def main() -> None:
-        client = await start(default_model_path)
-        try:
-            await check(client)
-        finally:
-            client.shutdown(0)
-
     async def check(client: AsyncEngineClient) -> None:
         tasks = [asyncio.create_task(collect(client, f"Story {i}", LONG, str(i))) for i in range(3)]
         await asyncio.sleep(0.5)
@@ -109,4 +102,4 @@ def test_engine_death_fails_requests_within_a_second(default_model_path) -> None
         with pytest.raises(EngineDeadError):
             await collect(client, "after", SHORT, "x")
 
-    asyncio.run(main())
+    run_with_client(default_model_path, check)
