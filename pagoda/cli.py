@@ -43,7 +43,9 @@ async def _run_server(args: argparse.Namespace, sock) -> int:
     path = resolve_model_path(args.model)
     names = tuple(args.served_model_name or [args.model or DEFAULT_MODEL_NAME])
     config = EngineConfig(
-        model=ModelConfig(path, args.dtype, args.max_model_len, names, args.seed),
+        model=ModelConfig(
+            path, args.dtype, args.max_model_len, names, args.seed, args.quantization
+        ),
         cache=CacheConfig(args.block_size, args.kv_cache_memory, args.enable_prefix_caching),
         scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens),
         device=args.device,
@@ -110,9 +112,16 @@ def _json_list(text: str) -> list[str]:
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    from pagoda.config import DTYPES
+    from pagoda.config import DTYPES, QUANTIZATIONS
 
     p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default="auto",
+        help="auto: in bfloat16, run a GGUF's Q4_1 projections with int4 kernels for "
+        "batches of up to 8 tokens; none: dequantize every weight",
+    )
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)

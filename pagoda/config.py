@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16")
+# auto: 4-bit GGUF projections also run through int4 kernels for small batches in bfloat16.
+QUANTIZATIONS = ("auto", "none")
 
 
 @dataclass(frozen=True)
@@ -15,10 +17,15 @@ class ModelConfig:
     max_model_len: int | None = None  # None = the model's own context length
     served_model_names: tuple[str, ...] = ()
     seed: int = 0
+    quantization: str = "auto"  # auto | none
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,9 @@ from typing import Any
 
 import torch
 
+from pagoda.model.attention import AttentionMetadata, allocate_kv_cache
+from pagoda.model.llama import LlamaForCausalLM
+
 COMMON: dict[str, Any] = dict(
     vocab_size=256,
     hidden_size=64,
@@ -78,3 +81,36 @@ def save_hf_model(variant: str, path: Path, seed: int = 0, **save_kwargs: Any) -
     model.save_pretrained(path, **save_kwargs)
     save_byte_tokenizer(path)
     return path
+
+
+BLOCK_SIZE = 4
+
+
+def bind_cache(model: LlamaForCausalLM, num_blocks: int = 64) -> None:
+    s = model.spec
+    model.bind_kv_cache(
+        allocate_kv_cache(
+            s.num_layers,
+            num_blocks,
+            BLOCK_SIZE,
+            s.num_kv_heads,
+            s.head_dim,
+            next(model.parameters()).dtype,
+        )
+    )
+
+
+def forward(
+    model: LlamaForCausalLM,
+    chunks: list[tuple[list[int], int, list[int]]],
+) -> list[torch.Tensor]:
+    """One forward pass over (new token ids, num computed, block table) per sequence."""
+    attn, positions = AttentionMetadata.build(
+        [c for _, c, _ in chunks],
+        [len(t) for t, _, _ in chunks],
+        [b for _, _, b in chunks],
+        BLOCK_SIZE,
+    )
+    ids = torch.tensor([t for tokens, _, _ in chunks for t in tokens])
+    logits = model.compute_logits(model(ids, positions, attn))
+    return list(logits.split([len(t) for t, _, _ in chunks]))

@@ -26,6 +26,7 @@ class LLM:
         model: str | None = None,
         *,
         dtype: str = "auto",
+        quantization: str = "auto",
         max_model_len: int | None = None,
         block_size: int = 16,
         kv_cache_memory: int = 1 << 30,
@@ -37,7 +38,13 @@ class LLM:
     ) -> None:
         path = resolve_model_path(model)
         self.config = EngineConfig(
-            model=ModelConfig(path=path, dtype=dtype, max_model_len=max_model_len, seed=seed),
+            model=ModelConfig(
+                path=path,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                seed=seed,
+                quantization=quantization,
+            ),
             cache=CacheConfig(block_size, kv_cache_memory, enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
             device=device,

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda.model.attention import AttentionMetadata, paged_attention
+from pagoda.model.linear import Int4Weight, Linear
 from pagoda.model.rope import RotaryEmbedding
 from pagoda.model.spec import ModelLoadError, ModelSpec
 
@@ -30,10 +31,10 @@ class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, rope: RotaryEmbedding) -> None:
         super().__init__()
         self.spec = spec
-        self.qkv_proj = nn.Linear(
+        self.qkv_proj = Linear(
             spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.attention_bias
         )
-        self.o_proj = nn.Linear(spec.q_size, spec.hidden_size, bias=False)
+        self.o_proj = Linear(spec.q_size, spec.hidden_size, bias=False)
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
@@ -61,8 +62,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        self.gate_up_proj = Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
+        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -130,8 +131,12 @@ class LlamaForCausalLM(nn.Module):
             layer.self_attn.kv_cache = cache
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copies Hugging Face-named tensors in, fusing q/k/v and gate/up; checks completeness."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | Int4Weight]]) -> None:
+        """Copies Hugging Face-named tensors in, fusing q/k/v and gate/up; checks completeness.
+
+        An Int4Weight arriving beside a projection's dense weight gives that
+        projection its 4-bit form too, once all of its shards have come in 4 bits.
+        """
         params = dict(self.named_parameters())
         expected = {name: 1 for name in params}
         for name in params:
@@ -140,6 +145,7 @@ class LlamaForCausalLM(nn.Module):
             elif name.endswith("gate_up_proj.weight"):
                 expected[name] = 2
         seen: dict[str, set[int]] = {name: set() for name in params}
+        int4_shards: dict[str, dict[int, Int4Weight]] = {}
 
         for hf_name, tensor in weights:
             name, shard = self._param_name(hf_name)
@@ -149,6 +155,9 @@ class LlamaForCausalLM(nn.Module):
                 raise ModelLoadError(
                     f"unexpected tensor {hf_name!r} for a {self.spec.family} model"
                 )
+            if isinstance(tensor, Int4Weight):
+                int4_shards.setdefault(name, {})[shard] = tensor
+                continue
             target = self._shard_view(params[name], name, shard)
             if target.shape != tensor.shape:
                 raise ModelLoadError(
@@ -161,6 +170,12 @@ class LlamaForCausalLM(nn.Module):
         missing = [n for n, count in expected.items() if len(seen[n]) != count]
         if missing:
             raise ModelLoadError(f"missing weights: {', '.join(sorted(missing)[:8])}")
+        for name, shards in int4_shards.items():
+            if len(shards) == expected[name]:  # every shard came in 4 bits: stack them in order
+                parts = [shards[i] for i in range(len(shards))]
+                self.get_submodule(name.removesuffix(".weight")).set_int4(
+                    *(torch.cat(p) for p in zip(*((q.codes, q.scale, q.zero) for q in parts)))
+                )
         self.rope.init_table()
 
     def _param_name(self, hf_name: str) -> tuple[str | None, int]:

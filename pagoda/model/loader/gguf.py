@@ -10,7 +10,8 @@ import gguf
 import numpy as np
 import torch
 
-from pagoda.model.loader.quants import BLOCK_BYTES, dequantize
+from pagoda.model.linear import Int4Weight
+from pagoda.model.loader.quants import BLOCK_BYTES, dequantize, q4_1_to_int4
 from pagoda.model.spec import ModelLoadError, ModelSpec
 
 # GGUF architecture -> our family. Mistral files declare "llama".
@@ -116,7 +117,7 @@ def tensor_values(t: Any) -> torch.Tensor:
         raw = torch.from_numpy(data.copy().view(np.uint8))
         values = raw.view(torch.bfloat16).float()
     elif qtype in BLOCK_BYTES:
-        values = dequantize(torch.from_numpy(data.copy().view(np.uint8)), qtype)
+        values = dequantize(_raw_bytes(t), qtype)
     else:
         raise ModelLoadError(
             f"tensor {t.name!r} has type {qtype}; supported: F32, F16, BF16, "
@@ -125,10 +126,18 @@ def tensor_values(t: Any) -> torch.Tensor:
     return values.reshape(shape)
 
 
+def _raw_bytes(t: Any) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(t.data).copy().view(np.uint8))
+
+
 def iter_weights(
-    reader: gguf.GGUFReader, spec: ModelSpec, dtype: torch.dtype
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (Hugging Face name, tensor in dtype) for every tensor the model uses."""
+    reader: gguf.GGUFReader, spec: ModelSpec, dtype: torch.dtype, int4: bool = False
+) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
+    """Yields (Hugging Face name, tensor in dtype) for every tensor the model uses.
+
+    With int4, each Q4_1 projection is also yielded under the same name as an
+    Int4Weight holding its exact codes and scales.
+    """
     permuted = field(reader, "general.architecture") in ("llama", "mistral")
     for t in reader.tensors:
         name = hf_name(t.name)
@@ -137,8 +146,12 @@ def iter_weights(
                 continue  # read into the spec's rope scaling
             raise ModelLoadError(f"unknown GGUF tensor {t.name!r}")
         w = tensor_values(t)
+        rows = None
         if permuted and name.endswith("q_proj.weight"):
-            w = unpermute(w, spec.num_heads)
+            rows = unpermute(torch.arange(w.shape[0]), spec.num_heads)
         elif permuted and name.endswith("k_proj.weight"):
-            w = unpermute(w, spec.num_kv_heads)
-        yield name, w.to(dtype)
+            rows = unpermute(torch.arange(w.shape[0]), spec.num_kv_heads)
+        yield name, (w if rows is None else w[rows]).to(dtype)
+        if int4 and t.tensor_type.name == "Q4_1" and ".layers." in name:
+            q = q4_1_to_int4(_raw_bytes(t), w.shape[0])
+            yield name, q if rows is None else q.rows(rows)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from pagoda.model.linear import Int4Weight
+
 BLOCK = 32
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 
@@ -42,3 +44,12 @@ def dequantize(raw: torch.Tensor, qtype: str) -> torch.Tensor:
     else:  # Q4_1
         values = d * _nibbles(blocks[:, 4:]) + _f16(blocks[:, 2:4])
     return values.reshape(-1)
+
+
+def q4_1_to_int4(raw: torch.Tensor, rows: int) -> Int4Weight:
+    """Raw Q4_1 bytes of a [rows, cols] tensor as an Int4Weight, exactly: zero = m + 8 d."""
+    blocks = raw.reshape(-1, BLOCK_BYTES["Q4_1"])
+    d = _f16(blocks[:, 0:2]).reshape(rows, -1)
+    m = _f16(blocks[:, 2:4]).reshape(rows, -1)
+    codes = _nibbles(blocks[:, 4:]).to(torch.int32).reshape(rows, -1)
+    return Int4Weight(codes, d, m + 8 * d)

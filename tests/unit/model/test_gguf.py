@@ -8,9 +8,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
-from tiny_models import COMMON, make_hf_model
+from tiny_models import COMMON, bind_cache, forward, make_hf_model
 
+from pagoda.model.linear import Linear
 from pagoda.model.loader import load_model
 from pagoda.model.loader.gguf import NAME_TABLE
 from pagoda.model.loader.quants import dequantize
@@ -98,3 +100,38 @@ def test_gguf_model_equals_safetensors_model(qtype: str, tmp_path: Path) -> None
     assert from_gguf.spec.tie_word_embeddings and from_st.spec.tie_word_embeddings
     for (name, a), (_, b) in zip(from_gguf.named_parameters(), from_st.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_q4_1_projections_also_load_as_exact_int4(tmp_path: Path) -> None:
+    """The int4 form of each projection computes with the same weights as the dense one."""
+    hf = make_hf_model("llama")
+    state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    write_gguf(tmp_path / "tiny.gguf", state, "Q4_1")
+    model = load_model(tmp_path / "tiny.gguf", int4=True)
+    projections = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(projections) == 4 * COMMON["num_hidden_layers"]
+    x = {n: torch.randn(3, n) for n in (COMMON["hidden_size"], COMMON["intermediate_size"])}
+    for m in projections:
+        assert m.int4 is not None
+        inputs = x[m.in_features]
+        assert inputs.shape[0] <= Linear.INT4_MAX_ROWS  # so forward takes the int4 kernel
+        torch.testing.assert_close(m(inputs), F.linear(inputs, m.weight), rtol=1e-5, atol=1e-5)
+
+    # Many rows take the dense path; few rows the int4 one: the same logits either way.
+    ids = torch.arange(2 * Linear.INT4_MAX_ROWS) % COMMON["vocab_size"]
+    dense = load_model(tmp_path / "tiny.gguf")
+    for m in (model, dense):
+        bind_cache(m)
+    for n in (1, Linear.INT4_MAX_ROWS):
+        chunk = [(ids[:n].tolist(), 0, list(range(8)))]
+        torch.testing.assert_close(
+            forward(model, chunk), forward(dense, chunk), rtol=1e-4, atol=1e-4
+        )
+
+
+def test_int4_is_left_out_for_other_formats(tmp_path: Path) -> None:
+    hf = make_hf_model("llama")
+    state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    write_gguf(tmp_path / "tiny.gguf", state, "Q8_0")
+    model = load_model(tmp_path / "tiny.gguf", int4=True)
+    assert all(m.int4 is None for m in model.modules() if isinstance(m, Linear))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import VARIANTS, make_hf_model
+from tiny_models import VARIANTS, bind_cache, forward, make_hf_model
 
 from pagoda.model.attention import AttentionMetadata, allocate_kv_cache
 from pagoda.model.llama import LlamaForCausalLM
@@ -12,37 +12,6 @@ from pagoda.model.loader import load_model
 
 # float32 against float32: only summation order differs.
 ATOL = 1e-4
-BLOCK_SIZE = 4
-
-
-def bind_cache(model: LlamaForCausalLM, num_blocks: int = 64) -> None:
-    s = model.spec
-    model.bind_kv_cache(
-        allocate_kv_cache(
-            s.num_layers,
-            num_blocks,
-            BLOCK_SIZE,
-            s.num_kv_heads,
-            s.head_dim,
-            next(model.parameters()).dtype,
-        )
-    )
-
-
-def forward(
-    model: LlamaForCausalLM,
-    chunks: list[tuple[list[int], int, list[int]]],
-) -> list[torch.Tensor]:
-    """One forward pass over (new token ids, num computed, block table) per sequence."""
-    attn, positions = AttentionMetadata.build(
-        [c for _, c, _ in chunks],
-        [len(t) for t, _, _ in chunks],
-        [b for _, _, b in chunks],
-        BLOCK_SIZE,
-    )
-    ids = torch.tensor([t for tokens, _, _ in chunks for t in tokens])
-    logits = model.compute_logits(model(ids, positions, attn))
-    return list(logits.split([len(t) for t, _, _ in chunks]))
 
 
 def reference_logits(hf_model: torch.nn.Module, ids: list[int]) -> torch.Tensor:

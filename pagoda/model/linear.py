@@ -1,0 +1,48 @@
+"""Linear layers whose weight may also be held as 4-bit codes, for small batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Int4Weight:
+    """A [rows, cols] matrix as 4-bit codes: weight = (code - 8) * scale + zero per 32 columns."""
+
+    codes: torch.Tensor  # [rows, cols] int32 in 0..15
+    scale: torch.Tensor  # [rows, cols / 32] float32
+    zero: torch.Tensor  # [rows, cols / 32] float32
+
+    def rows(self, index: torch.Tensor) -> Int4Weight:
+        return Int4Weight(self.codes[index], self.scale[index], self.zero[index])
+
+
+class Linear(nn.Linear):
+    """nn.Linear that can also hold its weight as 4-bit codes, used for small batches.
+
+    A few rows of input make a matrix-vector product whose time is reading the
+    weight, so 4-bit codes (a quarter of bfloat16's bytes) are faster there; many
+    rows make it compute-bound, where the dense bfloat16 GEMM wins.
+    """
+
+    # Up to this many input rows the int4 kernel beats the dense one (BENCHMARKS.md).
+    INT4_MAX_ROWS = 8
+
+    int4: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed codes, scales and zeros)
+
+    def set_int4(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Codes [out, in] in 0..15 with weight = (code - 8) * scale + zero per 32 inputs."""
+        self.int4 = (
+            torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1),
+            torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(self.weight.dtype),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int4 is not None and x.shape[0] <= self.INT4_MAX_ROWS:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4[0], 32, self.int4[1])
+            return out if self.bias is None else out + self.bias
+        return F.linear(x, self.weight, self.bias)
