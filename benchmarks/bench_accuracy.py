@@ -1,4 +1,4 @@
-"""bfloat16 against float32 on the default model: do they choose the same tokens?
+"""bfloat16, with and without int4 projections, against float32: the same tokens?
 
     .venv/bin/python benchmarks/bench_accuracy.py
 
@@ -34,6 +34,10 @@ PROMPTS = [
 ]
 
 
+# (dtype, quantization); float32 is the reference.
+CONFIGS = [("float32", "none"), ("bfloat16", "none"), ("bfloat16", "auto")]
+
+
 def main() -> None:
     from pagoda.engine.llm import LLM
     from pagoda.model.attention import AttentionMetadata
@@ -41,40 +45,55 @@ def main() -> None:
 
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     runs, logits = {}, {}
-    for dtype in ("float32", "bfloat16"):
-        llm = LLM(dtype=dtype, kv_cache_memory=128 << 20)
-        runs[dtype] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+    for config in CONFIGS:
+        dtype, quantization = config
+        llm = LLM(dtype=dtype, quantization=quantization, kv_cache_memory=128 << 20)
+        # One prompt at a time, so that decoding runs at batch size 1 (the int4 path).
+        runs[config] = [llm.generate([p], params)[0].outputs[0].token_ids for p in PROMPTS]
         model, rows = llm.engine.runner.model, []
         for prompt in PROMPTS:
+            # The prompt but its last token, then that token alone, as decoding computes it.
             ids = llm.tokenizer.encode(prompt)
-            attn, positions = AttentionMetadata.build([0], [len(ids)], [list(range(8))], 16)
+            n = len(ids) - 1
             with torch.inference_mode():
-                rows.append(model.compute_logits(model(torch.tensor(ids), positions, attn)[-1:]))
-        logits[dtype] = torch.cat(rows)
-    same = sum(a == b for a, b in zip(runs["float32"], runs["bfloat16"]))
-    agreeing = total = 0
-    for a, b in zip(runs["float32"], runs["bfloat16"]):
-        first_diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        agreeing += first_diff
-        total += len(a)
-    result = {
-        "prompts": len(PROMPTS),
-        "identical_continuations": same,
-        "positions_before_first_divergence": agreeing / total,
-        "max_abs_logit_diff": float((logits["float32"] - logits["bfloat16"]).abs().max()),
-        "logit_scale": float(logits["float32"].abs().max()),
-        "same_next_token": int(
-            (logits["float32"].argmax(-1) == logits["bfloat16"].argmax(-1)).sum()
-        ),
-    }
-    print(
-        f"bfloat16 vs float32: {same}/{len(PROMPTS)} identical 32-token continuations, "
-        f"{result['positions_before_first_divergence']:.0%} of positions before the first "
-        f"divergence, next token equal on {result['same_next_token']}/{len(PROMPTS)}, "
-        f"max logit difference {result['max_abs_logit_diff']:.3f} "
-        f"(logits up to {result['logit_scale']:.1f})"
-    )
-    print(json.dumps(result))
+                for computed, new in ((0, ids[:n]), (n, ids[n:])):
+                    attn, positions = AttentionMetadata.build(
+                        [computed], [len(new)], [list(range(8))], 16
+                    )
+                    out = model.compute_logits(model(torch.tensor(new), positions, attn)[-1:])
+            rows.append(out)
+        logits[config] = torch.cat(rows)
+
+    reference = CONFIGS[0]
+    results = []
+    for config in CONFIGS[1:]:
+        same = sum(a == b for a, b in zip(runs[reference], runs[config]))
+        agreeing = total = 0
+        for a, b in zip(runs[reference], runs[config]):
+            first_diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+            agreeing += first_diff
+            total += len(a)
+        result = {
+            "dtype": config[0],
+            "quantization": config[1],
+            "prompts": len(PROMPTS),
+            "identical_continuations": same,
+            "positions_before_first_divergence": agreeing / total,
+            "max_abs_logit_diff": float((logits[reference] - logits[config]).abs().max()),
+            "logit_scale": float(logits[reference].abs().max()),
+            "same_next_token": int(
+                (logits[reference].argmax(-1) == logits[config].argmax(-1)).sum()
+            ),
+        }
+        print(
+            f"{config[0]}, quantization {config[1]} vs float32: {same}/{len(PROMPTS)} identical "
+            f"32-token continuations, {result['positions_before_first_divergence']:.0%} of "
+            f"positions before the first divergence, next token equal on "
+            f"{result['same_next_token']}/{len(PROMPTS)}, max logit difference "
+            f"{result['max_abs_logit_diff']:.3f} (logits up to {result['logit_scale']:.1f})"
+        )
+        results.append(result)
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":
