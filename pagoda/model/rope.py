@@ -33,7 +33,7 @@ def inverse_frequencies(
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Rotates q and k by their positions, looking cos/sin up in a precomputed table."""
+    """The cos/sin table by which ops.rope_and_cache rotates q and k at each position."""
 
     def __init__(
         self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None
@@ -52,16 +52,3 @@ class RotaryEmbedding(torch.nn.Module):
         freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), inv_freq)
         table = torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [max_positions, head_dim]
         self.cos_sin.copy_(table.to(self.cos_sin.device))
-
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]
-        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.to(x.dtype)

@@ -1,0 +1,62 @@
+"""Optional C++ kernels for the CPU (csrc/ops.cpp), built once at install time.
+
+`python -m pagoda.kernels` compiles them into build/ (scripts/setup.sh does);
+`load()` registers them as torch.ops.pagoda.* when a build of the current
+source is there. Without one, pagoda/model/ops.py runs the same computations
+in plain PyTorch, only slower. PAGODA_DISABLE_KERNELS=1 forces that path.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "ops.cpp"
+BUILD_DIR = Path(__file__).parent / "build"
+NAME = "pagoda_kernels"
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+
+
+def _source_digest() -> str:
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()
+
+
+def build(verbose: bool = False) -> Path:
+    """Compiles the kernels (about a minute) and records which source they came from."""
+    from torch.utils import cpp_extension
+
+    BUILD_DIR.mkdir(exist_ok=True)
+    cpp_extension.load(
+        name=NAME,
+        sources=[str(SOURCE)],
+        extra_cflags=FLAGS,
+        build_directory=str(BUILD_DIR),
+        is_python_module=False,
+        verbose=verbose,
+    )
+    (BUILD_DIR / "source.sha256").write_text(_source_digest())
+    return BUILD_DIR / f"{NAME}.so"
+
+
+@functools.cache
+def load() -> bool:
+    """Registers torch.ops.pagoda.* from a build of the current source; False without one."""
+    if os.environ.get("PAGODA_DISABLE_KERNELS") == "1":
+        return False
+    library = BUILD_DIR / f"{NAME}.so"
+    stamp = BUILD_DIR / "source.sha256"
+    if not library.exists() or not stamp.exists() or stamp.read_text() != _source_digest():
+        logger.warning(
+            "C++ kernels are not built for this source; running the slower PyTorch path "
+            "(build them with: python -m pagoda.kernels)"
+        )
+        return False
+    import torch
+
+    torch.ops.load_library(str(library))
+    return True

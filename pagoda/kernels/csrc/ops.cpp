@@ -1,0 +1,292 @@
+// CPU kernels for the model's small, memory-bound steps, registered as torch.ops.pagoda.*.
+//
+// Each op has a pure-PyTorch twin in pagoda/model/ops.py that defines what it
+// computes; these exist because one pass over the data beats the dozen small
+// PyTorch ops (and their temporaries) that the twins take. All arithmetic is
+// in float32; results are rounded to the tensor's dtype where the twin rounds.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+inline float to_f32(float x) { return x; }
+inline float to_f32(at::BFloat16 x) { return static_cast<float>(x); }
+template <typename T>
+inline T from_f32(float x) { return static_cast<T>(x); }
+// What storing in T and reading back gives: the rounding the PyTorch twin applies.
+template <typename T>
+inline float round_to(float x) { return to_f32(from_f32<T>(x)); }
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+}
+
+// ---------------------------------------------------------------- RMSNorm
+// out = weight * round(x * rsqrt(mean(x^2) + eps)), rows of x normalised independently.
+template <typename T>
+void rms_norm_impl(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out) {
+  const int64_t rows = x.size(0), n = x.size(1), stride = x.stride(0);
+  const T* xp = x.data_ptr<T>();
+  const T* wp = weight.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = xp + r * stride;
+      float sum = 0.f;
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = to_f32(row[i]);
+        sum += v * v;
+      }
+      const float inv = 1.f / std::sqrt(sum / n + static_cast<float>(eps));
+      T* o = op + r * n;
+      for (int64_t i = 0; i < n; ++i) {
+        o[i] = from_f32<T>(to_f32(wp[i]) * round_to<T>(to_f32(row[i]) * inv));
+      }
+    }
+  });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [rows, n] with contiguous rows");
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1), "weight must be [n]");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "x and weight must share a dtype");
+  at::Tensor out = at::empty({x.size(0), x.size(1)}, x.options());
+  if (x.scalar_type() == at::kFloat) {
+    rms_norm_impl<float>(x, weight, eps, out);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "rms_norm takes float32 or bfloat16");
+    rms_norm_impl<at::BFloat16>(x, weight, eps, out);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- SiLU and multiply
+// x = [gate | up] along the last dimension; out = round(silu(gate)) * up.
+template <typename T>
+void silu_mul_impl(const at::Tensor& x, at::Tensor& out) {
+  const int64_t rows = x.size(0), n = x.size(1) / 2, stride = x.stride(0);
+  const T* xp = x.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* gate = xp + r * stride;
+      const T* up = gate + n;
+      T* o = op + r * n;
+      for (int64_t i = 0; i < n; ++i) {
+        const float g = to_f32(gate[i]);
+        o[i] = from_f32<T>(round_to<T>(g / (1.f + std::exp(-g))) * to_f32(up[i]));
+      }
+    }
+  });
+}
+
+at::Tensor silu_mul(const at::Tensor& x) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % 2 == 0,
+              "x must be [rows, 2 * n] with contiguous rows");
+  at::Tensor out = at::empty({x.size(0), x.size(1) / 2}, x.options());
+  if (x.scalar_type() == at::kFloat) {
+    silu_mul_impl<float>(x, out);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "silu_mul takes float32 or bfloat16");
+    silu_mul_impl<at::BFloat16>(x, out);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- RoPE and cache write
+// Rotates q and k (rotate-half form) in place by each token's position, then
+// writes k and v into their cache slots. q: [T, H, D], k, v: [T, KVH, D], with
+// any row stride and contiguous heads; cos_sin: [max_pos, D] float32 (cos | sin).
+template <typename T>
+void rotate_row(T* x, const float* cos, const float* sin, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = to_f32(x[i]), x2 = to_f32(x[i + half]);
+    x[i] = from_f32<T>(x1 * cos[i] - x2 * sin[i]);
+    x[i + half] = from_f32<T>(x2 * cos[i] + x1 * sin[i]);
+  }
+}
+
+template <typename T>
+void rope_and_cache_impl(at::Tensor& q, at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& positions, const at::Tensor& cos_sin,
+                         at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots) {
+  const int64_t tokens = q.size(0), heads = q.size(1), kv_heads = k.size(1), dim = q.size(2);
+  const int64_t half = dim / 2;
+  T* qp = q.data_ptr<T>();
+  T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const float* table = cos_sin.data_ptr<float>();
+  T* kc = k_cache.data_ptr<T>();
+  T* vc = v_cache.data_ptr<T>();
+  const int64_t qs = q.stride(0), ks = k.stride(0), vs = v.stride(0);
+  const int64_t num_slots = k_cache.numel() / (kv_heads * dim);
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, "slot ", slot[t], " is out of the cache");
+      const float* cos = table + pos[t] * dim;
+      const float* sin = cos + half;
+      for (int64_t h = 0; h < heads; ++h) rotate_row(qp + t * qs + h * dim, cos, sin, half);
+      for (int64_t h = 0; h < kv_heads; ++h) rotate_row(kp + t * ks + h * dim, cos, sin, half);
+      std::copy_n(kp + t * ks, kv_heads * dim, kc + slot[t] * kv_heads * dim);
+      std::copy_n(vp + t * vs, kv_heads * dim, vc + slot[t] * kv_heads * dim);
+    }
+  });
+}
+
+void check_heads(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2),
+              name, " must be [tokens, heads, head_dim] with contiguous heads");
+}
+
+void rope_and_cache(at::Tensor q, at::Tensor k, const at::Tensor& v, const at::Tensor& positions,
+                    const at::Tensor& cos_sin, at::Tensor k_cache, at::Tensor v_cache,
+                    const at::Tensor& slot_mapping) {
+  check_cpu(q, "q");
+  check_heads(q, "q");
+  check_heads(k, "k");
+  check_heads(v, "v");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && slot_mapping.scalar_type() == at::kLong,
+              "positions and slot_mapping must be int64");
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous(),
+              "cos_sin must be contiguous float32");
+  if (q.scalar_type() == at::kFloat) {
+    rope_and_cache_impl<float>(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping);
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "rope_and_cache takes float32 or bfloat16");
+    rope_and_cache_impl<at::BFloat16>(q, k, v, positions, cos_sin, k_cache, v_cache,
+                                      slot_mapping);
+  }
+}
+
+// ---------------------------------------------------------------- paged attention
+// Each query token t attends to keys 0..positions[t] of its sequence, read in
+// place from the paged cache through block_tables[token_seq[t]]. The query
+// heads that share a KV head are done together, so each key is read once.
+template <typename T>
+void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& block_tables,
+                          const at::Tensor& token_seq, const at::Tensor& positions, double scale,
+                          at::Tensor& out) {
+  const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  const int64_t group = heads / kv_heads, num_blocks = k_cache.size(0);
+  const T* qp = q.data_ptr<T>();
+  const T* kc = k_cache.data_ptr<T>();
+  const T* vc = v_cache.data_ptr<T>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* seq = token_seq.data_ptr<int64_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  const int64_t qs = q.stride(0), table_stride = block_tables.stride(0);
+  const float s = static_cast<float>(scale);
+
+  at::parallel_for(0, tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * dim), acc(group * dim), scores, sums(group);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / kv_heads, g = item % kv_heads;
+      const int64_t len = pos[t] + 1;
+      const int64_t* blocks = tables + seq[t] * table_stride;
+      for (int64_t b = 0; b * block_size < len; ++b) {
+        TORCH_CHECK(blocks[b] >= 0 && blocks[b] < num_blocks, "block ", blocks[b],
+                    " is out of the cache");
+      }
+      for (int64_t h = 0; h < group; ++h) {
+        const T* row = qp + t * qs + (g * group + h) * dim;
+        for (int64_t d = 0; d < dim; ++d) qf[h * dim + d] = to_f32(row[d]) * s;
+      }
+      scores.resize(group * len);
+      for (int64_t p = 0; p < len; ++p) {
+        const int64_t slot = blocks[p / block_size] * block_size + p % block_size;
+        const T* key = kc + (slot * kv_heads + g) * dim;
+        for (int64_t h = 0; h < group; ++h) {
+          const float* qh = qf.data() + h * dim;
+          float dot = 0.f;
+          for (int64_t d = 0; d < dim; ++d) dot += qh[d] * to_f32(key[d]);
+          scores[h * len + p] = dot;
+        }
+      }
+      for (int64_t h = 0; h < group; ++h) {
+        float* sc = scores.data() + h * len;
+        const float top = *std::max_element(sc, sc + len);
+        float sum = 0.f;
+        for (int64_t p = 0; p < len; ++p) {
+          sc[p] = std::exp(sc[p] - top);
+          sum += sc[p];
+        }
+        sums[h] = sum;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t p = 0; p < len; ++p) {
+        const int64_t slot = blocks[p / block_size] * block_size + p % block_size;
+        const T* value = vc + (slot * kv_heads + g) * dim;
+        for (int64_t h = 0; h < group; ++h) {
+          const float w = scores[h * len + p];
+          float* a = acc.data() + h * dim;
+          for (int64_t d = 0; d < dim; ++d) a[d] += w * to_f32(value[d]);
+        }
+      }
+      for (int64_t h = 0; h < group; ++h) {
+        T* o = op + (t * heads + g * group + h) * dim;
+        const float inv = 1.f / sums[h];
+        for (int64_t d = 0; d < dim; ++d) o[d] = from_f32<T>(acc[h * dim + d] * inv);
+      }
+    }
+  });
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& block_tables,
+                           const at::Tensor& token_seq, const at::Tensor& positions,
+                           double scale) {
+  check_cpu(q, "q");
+  check_heads(q, "q");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4,
+              "caches must be contiguous [blocks, block_size, kv_heads, head_dim]");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(), "q and the cache must share a dtype");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.stride(1) == 1,
+              "block_tables must be int64 with contiguous rows");
+  TORCH_CHECK(token_seq.is_contiguous() && positions.is_contiguous(),
+              "token_seq and positions must be contiguous");
+  at::Tensor out = at::empty({q.size(0), q.size(1) * q.size(2)}, q.options());
+  if (q.scalar_type() == at::kFloat) {
+    paged_attention_impl<float>(q, k_cache, v_cache, block_tables, token_seq, positions, scale,
+                                out);
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "paged_attention takes float32 or bfloat16");
+    paged_attention_impl<at::BFloat16>(q, k_cache, v_cache, block_tables, token_seq, positions,
+                                       scale, out);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pagoda, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("silu_mul(Tensor x) -> Tensor");
+  m.def(
+      "rope_and_cache(Tensor(a!) q, Tensor(b!) k, Tensor v, Tensor positions, Tensor cos_sin, "
+      "Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor slot_mapping) -> ()");
+  m.def(
+      "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor token_seq, Tensor positions, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pagoda, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("silu_mul", &silu_mul);
+  m.impl("rope_and_cache", &rope_and_cache);
+  m.impl("paged_attention", &paged_attention);
+}

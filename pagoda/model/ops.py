@@ -1,0 +1,90 @@
+"""The model's small steps, each as plain PyTorch and, on the CPU, as one C++ kernel.
+
+The PyTorch functions (`*_torch`) define what each step computes; the C++
+kernels (pagoda/kernels) compute the same in one pass over the data, and are
+used for CPU tensors once built. Both paths are tested against each other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagoda import kernels
+from pagoda.model.attention import AttentionMetadata, attend_torch
+
+
+def _kernel(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and kernels.load()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS-normalises the last dimension in float32, then scales by weight in x's dtype."""
+    if _kernel(x) and x.is_contiguous():
+        return torch.ops.pagoda.rms_norm(x.view(-1, x.shape[-1]), weight, eps).view(x.shape)
+    return rms_norm_torch(x, weight, eps)
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2n] = [gate | up] -> silu(gate) * up, [..., n]."""
+    if _kernel(x) and x.dim() == 2 and x.stride(1) == 1:
+        return torch.ops.pagoda.silu_mul(x)
+    return silu_mul_torch(x)
+
+
+def silu_mul_torch(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def rope_and_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Rotates q [T, H, D] and k [T, KVH, D] in place by position, then caches k and v.
+
+    cos_sin is the [max_positions, D] float32 table of RotaryEmbedding: cos | sin.
+    """
+    if _kernel(q):
+        torch.ops.pagoda.rope_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
+    else:
+        rope_and_cache_torch(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
+
+
+def rope_and_cache_torch(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping) -> None:
+    cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
+    for x in (q, k):  # the rotate-half form Hugging Face uses
+        x1, x2 = x.float().chunk(2, dim=-1)
+        x.copy_(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1))
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    attn: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Each query [T, H, D] attends to its own sequence's cached keys up to its position.
+
+    Returns [T, H * D]. The cache must already hold the batch's own keys and values.
+    """
+    if _kernel(q):
+        return torch.ops.pagoda.paged_attention(
+            q, k_cache, v_cache, attn.block_tables, attn.token_seq, attn.positions, scale
+        )
+    return attend_torch(q, k_cache, v_cache, attn, scale)

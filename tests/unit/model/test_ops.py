@@ -1,0 +1,92 @@
+"""The C++ kernels against their PyTorch definitions, in both dtypes, over awkward shapes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pagoda import kernels
+from pagoda.model import ops
+from pagoda.model.attention import AttentionMetadata, attend_torch
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("PAGODA_DISABLE_KERNELS") == "1", reason="kernels disabled"
+)
+
+# float32: only summation order differs. bfloat16: both paths round at the same steps, but a
+# different summation order can flip the last bit of an element (one bf16 ulp is 2^-8 relative).
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def built() -> None:
+    assert kernels.load(), "the C++ kernels are not built: python -m pagoda.kernels"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm(dtype: torch.dtype) -> None:
+    x = torch.randn(37, 96).to(dtype) * 3
+    w = torch.randn(96).to(dtype)
+    torch.testing.assert_close(
+        torch.ops.pagoda.rms_norm(x, w, 1e-5), ops.rms_norm_torch(x, w, 1e-5), **TOLERANCE[dtype]
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(dtype: torch.dtype) -> None:
+    x = torch.randn(19, 2 * 80).to(dtype) * 4
+    torch.testing.assert_close(
+        torch.ops.pagoda.silu_mul(x), ops.silu_mul_torch(x), **TOLERANCE[dtype]
+    )
+
+
+def random_batch(dtype: torch.dtype, heads: int = 6, kv_heads: int = 2, dim: int = 32):
+    """A mixed batch (decodes, a chunk, a whole prompt) over a shuffled 40-block cache."""
+    block_size, num_blocks = 4, 40
+    num_computed, num_new = [9, 0, 5, 13], [1, 7, 4, 1]
+    order = torch.randperm(num_blocks).tolist()
+    tables = [order[0:6], order[6:10], order[10:13], order[13:20]]
+    attn, positions = AttentionMetadata.build(num_computed, num_new, tables, block_size)
+    tokens = sum(num_new)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim).to(dtype)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k, v = (t.view(tokens, -1, dim) for t in (q, k, v))
+    shape = (num_blocks, block_size, kv_heads, dim)
+    caches = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    table = torch.randn(64, dim).float()
+    return qkv, (q, k, v), attn, positions, caches, table
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_and_cache_then_attention(dtype: torch.dtype) -> None:
+    results = []
+    for rope in (torch.ops.pagoda.rope_and_cache, ops.rope_and_cache_torch):
+        torch.manual_seed(0)
+        qkv, (q, k, v), attn, positions, (kc, vc), table = random_batch(dtype)
+        rope(q, k, v, positions, table, kc, vc, attn.slot_mapping)
+        results.append((qkv, kc, vc, q, attn))
+    (qkv_a, kc_a, vc_a, q_a, attn), (qkv_b, kc_b, vc_b, q_b, _) = results
+    torch.testing.assert_close(qkv_a, qkv_b, **TOLERANCE[dtype])
+    torch.testing.assert_close(kc_a, kc_b, **TOLERANCE[dtype])
+    assert torch.equal(vc_a, vc_b)  # values are copied, not computed
+
+    out = torch.ops.pagoda.paged_attention(
+        q_b, kc_b, vc_b, attn.block_tables, attn.token_seq, attn.positions, 0.3
+    )
+    # Against float32: the kernel keeps scores and weights in float32 where the PyTorch
+    # path rounds them to bfloat16, so in bfloat16 the kernel is the more accurate one.
+    reference = attend_torch(q_b.float(), kc_b.float(), vc_b.float(), attn, 0.3)
+    torch.testing.assert_close(out.float(), reference, **TOLERANCE[dtype])
+
+
+def test_kernels_refuse_out_of_cache_slots() -> None:
+    qkv, (q, k, v), attn, positions, (kc, vc), table = random_batch(torch.float32)
+    with pytest.raises(RuntimeError, match="out of the cache"):
+        torch.ops.pagoda.rope_and_cache(q, k, v, positions, table, kc, vc, attn.slot_mapping + 999)
+    with pytest.raises(RuntimeError, match="out of the cache"):
+        torch.ops.pagoda.paged_attention(
+            q, kc, vc, attn.block_tables + 99, attn.token_seq, attn.positions, 0.3
+        )
