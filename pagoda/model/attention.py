@@ -19,7 +19,7 @@ attend_torch below, which gathers them into padded grids for two matmuls).
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +34,9 @@ class AttentionGroup:
     query_index: torch.Tensor  # [num_seqs, max_query_len] flat token of each grid cell
     token_index: torch.Tensor  # [group_tokens] grid cell of each of the group's tokens
     bias: torch.Tensor  # [num_seqs, 1, 1, max_query_len, max_seq_len] float32: 0 or -inf
+    positions: torch.Tensor  # [group_tokens] position of each of the group's tokens
+    token_seq: torch.Tensor  # [group_tokens] row of block_tables of each of the group's tokens
+    max_query_len: int
     max_seq_len: int
     # (start, stop) when the grid has no padding and covers flat tokens start..stop-1 in
     # order (a batch of decodes, one whole chunk): the gathers above are then plain views.
@@ -42,15 +45,15 @@ class AttentionGroup:
 
 @dataclass
 class AttentionMetadata:
-    """Where each token of a flattened batch sits in the paged cache, shared by all layers."""
+    """Where each token of a flattened batch sits in the paged cache, shared by all layers.
+
+    Decoding sequences (one new token) and the others (prompts, chunks) form two
+    groups: padding a decode to the length of a prompt chunk would waste most of
+    the work, so each group is padded only to its own longest query.
+    """
 
     slot_mapping: torch.Tensor  # [num_tokens] cache slot written by each new token
-    positions: torch.Tensor  # [num_tokens] position of each token in its sequence
-    token_seq: torch.Tensor  # [num_tokens] sequence (row of block_tables) of each token
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] padded with block 0
-    num_computed: list[int]  # per sequence: tokens already in the cache before this batch
-    num_new: list[int]  # per sequence: tokens in this batch
-    block_size: int
+    groups: list[AttentionGroup]
 
     @classmethod
     def build(
@@ -74,39 +77,15 @@ class AttentionMetadata:
             n = min(len(blocks), max_blocks)
             table[i, :n] = torch.tensor(blocks[:n], dtype=torch.long)
         slots = table[seq_of_token, positions // block_size] * block_size + positions % block_size
-        positions = positions.to(device)
-        meta = cls(
-            slot_mapping=slots.to(device),
-            positions=positions,
-            token_seq=seq_of_token.to(device),
-            block_tables=table.to(device),
-            num_computed=list(num_computed),
-            num_new=list(num_new),
-            block_size=block_size,
-        )
-        return meta, positions
 
-    @functools.cached_property
-    def groups(self) -> list[AttentionGroup]:
-        """The batch as padded grids for attend_torch, built on first use.
-
-        Decoding sequences (one new token) and the others (prompts, chunks) form
-        two groups: padding a decode to the length of a prompt chunk would waste
-        most of the work, so each group is padded only to its own longest query.
-        """
-        new = torch.tensor(self.num_new, dtype=torch.long)
-        starts = torch.cumsum(new, 0) - new
-        table = self.block_tables.cpu()
-        decoding = [i for i, n in enumerate(self.num_new) if n == 1]
-        others = [i for i, n in enumerate(self.num_new) if n != 1]
-        device = self.slot_mapping.device
-        return [
-            _build_group(
-                seqs, self.num_computed, self.num_new, table, starts, self.block_size, device
-            )
+        decoding = [i for i, n in enumerate(num_new) if n == 1]
+        others = [i for i, n in enumerate(num_new) if n != 1]
+        groups = [
+            _build_group(seqs, num_computed, num_new, table, starts, block_size, device)
             for seqs in (decoding, others)
             if seqs
         ]
+        return cls(slot_mapping=slots.to(device), groups=groups), positions.to(device)
 
 
 def _build_group(
@@ -143,6 +122,9 @@ def _build_group(
         query_index=query_index.to(device),
         token_index=token_index.to(device),
         bias=bias[:, None, None].to(device),
+        positions=query_pos[valid].to(device),
+        token_seq=torch.arange(len(seqs)).unsqueeze(1).expand(-1, max_q)[valid].to(device),
+        max_query_len=max_q,
         max_seq_len=max_seq_len,
         dense=dense,
     )
@@ -156,17 +138,22 @@ def attend_torch(
     scale: float,
 ) -> torch.Tensor:
     """Attention of each query [T, H, D] to its sequence's cached keys; returns [T, H * D]."""
-    head_dim = k_cache.shape[3]
-    groups = attn.groups
-    if len(groups) == 1:
-        return _attend(q, k_cache, v_cache, groups[0], scale)
-    out = q.new_empty(q.shape[0], q.shape[1] * head_dim)
-    for group in groups:
-        out[group.flat_index] = _attend(q, k_cache, v_cache, group, scale)
+    return attend_groups(q, attn, lambda group: attend_group(q, k_cache, v_cache, group, scale))
+
+
+def attend_groups(
+    q: torch.Tensor, attn: AttentionMetadata, attend: Callable[[AttentionGroup], torch.Tensor]
+) -> torch.Tensor:
+    """Runs attend on each group and puts its rows back in flat batch order: [T, H * D]."""
+    if len(attn.groups) == 1:
+        return attend(attn.groups[0])
+    out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+    for group in attn.groups:
+        out[group.flat_index] = attend(group)
     return out
 
 
-def _attend(
+def attend_group(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,

@@ -10,7 +10,13 @@ from __future__ import annotations
 import torch
 
 from pagoda import kernels
-from pagoda.model.attention import AttentionMetadata, attend_torch
+from pagoda.model.attention import (
+    AttentionGroup,
+    AttentionMetadata,
+    attend_group,
+    attend_groups,
+    attend_torch,
+)
 
 
 def _kernel(x: torch.Tensor) -> bool:
@@ -82,9 +88,19 @@ def paged_attention(
     """Each query [T, H, D] attends to its own sequence's cached keys up to its position.
 
     Returns [T, H * D]. The cache must already hold the batch's own keys and values.
+    The kernel takes the decoding sequences: one query each, so the work is reading
+    their keys. Prompt chunks go to two matmuls, which use each key for every
+    query of the chunk at once.
     """
-    if _kernel(q):
+    if not _kernel(q):
+        return attend_torch(q, k_cache, v_cache, attn, scale)
+
+    def attend(group: AttentionGroup) -> torch.Tensor:
+        if group.max_query_len != 1:
+            return attend_group(q, k_cache, v_cache, group, scale)
+        rows = q[group.dense[0] : group.dense[1]] if group.dense else q[group.flat_index]
         return torch.ops.pagoda.paged_attention(
-            q, k_cache, v_cache, attn.block_tables, attn.token_seq, attn.positions, scale
+            rows, k_cache, v_cache, group.block_tables, group.token_seq, group.positions, scale
         )
-    return attend_torch(q, k_cache, v_cache, attn, scale)
+
+    return attend_groups(q, attn, attend)

@@ -9,7 +9,7 @@ import torch
 
 from pagoda import kernels
 from pagoda.model import ops
-from pagoda.model.attention import AttentionMetadata, attend_torch
+from pagoda.model.attention import AttentionMetadata, attend_group, attend_torch
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("PAGODA_DISABLE_KERNELS") == "1", reason="kernels disabled"
@@ -73,13 +73,32 @@ def test_rope_and_cache_then_attention(dtype: torch.dtype) -> None:
     torch.testing.assert_close(kc_a, kc_b, **TOLERANCE[dtype])
     assert torch.equal(vc_a, vc_b)  # values are copied, not computed
 
-    out = torch.ops.pagoda.paged_attention(
-        q_b, kc_b, vc_b, attn.block_tables, attn.token_seq, attn.positions, 0.3
+    # The kernel is run on every group, prompt chunks included (which ops.paged_attention gives
+    # to matmuls instead), against float32: the kernel keeps scores and weights in float32
+    # where the PyTorch path rounds them to bfloat16.
+    assert [g.max_query_len for g in attn.groups] == [1, 7]
+    for group in attn.groups:
+        out = torch.ops.pagoda.paged_attention(
+            q_b[group.flat_index],
+            kc_b,
+            vc_b,
+            group.block_tables,
+            group.token_seq,
+            group.positions,
+            0.3,
+        )
+        reference = attend_group(q_b.float(), kc_b.float(), vc_b.float(), group, 0.3)
+        torch.testing.assert_close(out.float(), reference, **TOLERANCE[dtype])
+
+
+def test_paged_attention_equals_the_pytorch_path() -> None:
+    """ops.paged_attention (kernel for decodes, matmuls for chunks) equals the PyTorch path."""
+    qkv, (q, k, v), attn, positions, (kc, vc), table = random_batch(torch.float32)
+    torch.testing.assert_close(
+        ops.paged_attention(q, kc, vc, attn, 0.3),
+        attend_torch(q, kc, vc, attn, 0.3),
+        **TOLERANCE[torch.float32],
     )
-    # Against float32: the kernel keeps scores and weights in float32 where the PyTorch
-    # path rounds them to bfloat16, so in bfloat16 the kernel is the more accurate one.
-    reference = attend_torch(q_b.float(), kc_b.float(), vc_b.float(), attn, 0.3)
-    torch.testing.assert_close(out.float(), reference, **TOLERANCE[dtype])
 
 
 def test_kernels_refuse_out_of_cache_slots() -> None:
@@ -88,5 +107,11 @@ def test_kernels_refuse_out_of_cache_slots() -> None:
         torch.ops.pagoda.rope_and_cache(q, k, v, positions, table, kc, vc, attn.slot_mapping + 999)
     with pytest.raises(RuntimeError, match="out of the cache"):
         torch.ops.pagoda.paged_attention(
-            q, kc, vc, attn.block_tables + 99, attn.token_seq, attn.positions, 0.3
+            q[:1],
+            kc,
+            vc,
+            attn.groups[0].block_tables + 99,
+            torch.tensor([0]),
+            torch.tensor([9]),
+            0.3,
         )
