@@ -13,12 +13,19 @@ from torch import nn
 class Int4Weight:
     """A [rows, cols] matrix as 4-bit codes: weight = (code - 8) * scale + zero per 32 columns."""
 
-    codes: torch.Tensor  # [rows, cols] int32 in 0..15
+    codes: torch.Tensor  # [rows, cols] uint8 in 0..15
     scale: torch.Tensor  # [rows, cols / 32] float32
     zero: torch.Tensor  # [rows, cols / 32] float32
 
     def rows(self, index: torch.Tensor) -> Int4Weight:
         return Int4Weight(self.codes[index], self.scale[index], self.zero[index])
+
+    @staticmethod
+    def cat(parts: list[Int4Weight]) -> Int4Weight:
+        """Stacks matrices with the same columns, rows of the first first."""
+        return Int4Weight(
+            *(torch.cat(p) for p in zip(*((w.codes, w.scale, w.zero) for w in parts)))
+        )
 
 
 class Linear(nn.Linear):
@@ -34,11 +41,14 @@ class Linear(nn.Linear):
 
     int4: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed codes, scales and zeros)
 
-    def set_int4(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
-        """Codes [out, in] in 0..15 with weight = (code - 8) * scale + zero per 32 inputs."""
+    def set_int4(self, w: Int4Weight) -> None:
+        """Packs w ([out, in] codes) for the int4 kernel, scales in the weight's dtype."""
         self.int4 = (
-            torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1),
-            torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(self.weight.dtype),
+            torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.codes.to(torch.int32), 1),
+            torch.stack([w.scale, w.zero], dim=-1)
+            .transpose(0, 1)
+            .contiguous()
+            .to(self.weight.dtype),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

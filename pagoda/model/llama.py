@@ -153,7 +153,11 @@ class LlamaForCausalLM(nn.Module):
                     f"unexpected tensor {hf_name!r} for a {self.spec.family} model"
                 )
             if isinstance(tensor, Int4Weight):
-                int4_shards.setdefault(name, {})[shard] = tensor
+                shards = int4_shards.setdefault(name, {})
+                shards[shard] = tensor
+                if len(shards) == expected[name]:  # all in 4 bits: stack the shards in order
+                    module = self.get_submodule(name.removesuffix(".weight"))
+                    module.set_int4(Int4Weight.cat([shards.pop(i) for i in range(len(shards))]))
                 continue
             target = self._shard_view(params[name], name, shard)
             if target.shape != tensor.shape:
@@ -167,12 +171,6 @@ class LlamaForCausalLM(nn.Module):
         missing = [n for n, count in expected.items() if len(seen[n]) != count]
         if missing:
             raise ModelLoadError(f"missing weights: {', '.join(sorted(missing)[:8])}")
-        for name, shards in int4_shards.items():
-            if len(shards) == expected[name]:  # every shard came in 4 bits: stack them in order
-                parts = [shards[i] for i in range(len(shards))]
-                self.get_submodule(name.removesuffix(".weight")).set_int4(
-                    *(torch.cat(p) for p in zip(*((q.codes, q.scale, q.zero) for q in parts)))
-                )
         self.rope.init_table()
 
     def _param_name(self, hf_name: str) -> tuple[str | None, int]:

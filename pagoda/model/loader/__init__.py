@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from collections.abc import Iterator
@@ -63,6 +64,7 @@ def load_model(
     )
     model.load_weights(progress)
     model.eval().requires_grad_(False)
+    _release_freed_memory()
     int4_bytes = sum(
         m.int4[0].nbytes + m.int4[1].nbytes for m in model.modules() if getattr(m, "int4", None)
     )
@@ -77,3 +79,11 @@ def load_model(
         f", plus {int4_bytes / 2**20:.1f} MiB of int4 projections" if int4_bytes else "",
     )
     return model
+
+
+def _release_freed_memory() -> None:
+    """Hands the heap space of loading's temporaries back to the OS (glibc keeps it otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

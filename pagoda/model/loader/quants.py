@@ -27,8 +27,8 @@ def _f16(raw: torch.Tensor) -> torch.Tensor:
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """[n, 16] packed bytes -> [n, 32] values 0..15 in weight order."""
-    return torch.cat([qs & 0x0F, qs >> 4], dim=-1).float()
+    """[n, 16] packed bytes -> [n, 32] uint8 values 0..15 in weight order."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
 
 
 def dequantize(raw: torch.Tensor, qtype: str) -> torch.Tensor:
@@ -40,9 +40,9 @@ def dequantize(raw: torch.Tensor, qtype: str) -> torch.Tensor:
     if qtype == "Q8_0":
         values = d * blocks[:, 2:].contiguous().view(torch.int8).float()
     elif qtype == "Q4_0":
-        values = d * (_nibbles(blocks[:, 2:]) - 8)
+        values = d * (_nibbles(blocks[:, 2:]).float() - 8)
     else:  # Q4_1
-        values = d * _nibbles(blocks[:, 4:]) + _f16(blocks[:, 2:4])
+        values = d * _nibbles(blocks[:, 4:]).float() + _f16(blocks[:, 2:4])
     return values.reshape(-1)
 
 
@@ -51,5 +51,5 @@ def q4_1_to_int4(raw: torch.Tensor, rows: int) -> Int4Weight:
     blocks = raw.reshape(-1, BLOCK_BYTES["Q4_1"])
     d = _f16(blocks[:, 0:2]).reshape(rows, -1)
     m = _f16(blocks[:, 2:4]).reshape(rows, -1)
-    codes = _nibbles(blocks[:, 4:]).to(torch.int32).reshape(rows, -1)
+    codes = _nibbles(blocks[:, 4:]).reshape(rows, -1)
     return Int4Weight(codes, d, m + 8 * d)
