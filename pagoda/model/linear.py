@@ -28,6 +28,14 @@ class Int4Weight:
         )
 
 
+@dataclass
+class Q8Weight:
+    """A [rows, cols] matrix in GGUF's Q8_0 form: weight = scale * code per 32 columns."""
+
+    codes: torch.Tensor  # [rows, cols] int8
+    scale: torch.Tensor  # [rows, cols / 32] float32
+
+
 class Linear(nn.Linear):
     """nn.Linear that can also hold its weight as 4-bit codes, used for small batches.
 

@@ -17,6 +17,7 @@ from pagoda.model.attention import (
     attend_groups,
     attend_torch,
 )
+from pagoda.model.linear import Q8Weight
 
 
 def _kernel(x: torch.Tensor) -> bool:
@@ -76,6 +77,13 @@ def rope_and_cache_torch(q, k, v, positions, cos_sin, k_cache, v_cache, slot_map
     num_kv_heads, head_dim = k_cache.shape[2:]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def q8_0_linear(x: torch.Tensor, w: Q8Weight, dense: torch.Tensor) -> torch.Tensor:
+    """x @ W.T in float32 for W in Q8_0 form; dense is W dequantized, for the PyTorch path."""
+    if _kernel(x) and x.is_contiguous():
+        return torch.ops.pagoda.q8_0_linear(x, w.codes, w.scale)
+    return torch.nn.functional.linear(x, dense).float()
 
 
 def paged_attention(

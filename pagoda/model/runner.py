@@ -43,12 +43,12 @@ class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.model.dtype, config.device)
-        int4 = (
+        quantized = (
             config.model.quantization == "auto"
             and self.dtype == torch.bfloat16
             and self.device.type == "cpu"
         )
-        self.model = load_model(config.model.path, self.dtype, self.device, int4)
+        self.model = load_model(config.model.path, self.dtype, self.device, quantized)
         self.spec = self.model.spec
         self.block_size = config.cache.block_size
         per_block = kv_bytes_per_block(self.spec, self.block_size, self.dtype)

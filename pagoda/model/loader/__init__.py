@@ -32,18 +32,19 @@ def load_model(
     path: Path,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
-    int4: bool = False,
+    quantized: bool = False,
 ) -> LlamaForCausalLM:
     """Builds the model on the meta device, then streams the weights in; logs time and memory.
 
-    int4 keeps a GGUF's Q4_1 projections in 4 bits too, for small batches (CPU, bfloat16).
+    quantized keeps a GGUF's Q4_1 projections and Q8_0 output layer in their file
+    form too, for batches of a few tokens (CPU, bfloat16); see linear.Linear.
     """
     start = time.perf_counter()
     weights: Iterator[tuple[str, torch.Tensor]]
     if is_gguf(path):
         reader = open_reader(path)
         spec = gguf_loader.read_spec(reader)
-        weights = gguf_loader.iter_weights(reader, spec, dtype, int4)
+        weights = gguf_loader.iter_weights(reader, spec, dtype, quantized)
         num_tensors = len(reader.tensors)
     else:
         spec = st_loader.read_spec(path)
@@ -64,10 +65,10 @@ def load_model(
     )
     model.load_weights(progress)
     model.eval().requires_grad_(False)
-    _release_freed_memory()
     int4_bytes = sum(
         m.int4[0].nbytes + m.int4[1].nbytes for m in model.modules() if getattr(m, "int4", None)
     )
+    _release_freed_memory()
     logger.info(
         "Loaded %s (%s, %d layers) in %.2f s: %.1f MiB of weights in %s%s",
         path.name,

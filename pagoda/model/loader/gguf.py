@@ -10,8 +10,8 @@ import gguf
 import numpy as np
 import torch
 
-from pagoda.model.linear import Int4Weight
-from pagoda.model.loader.quants import BLOCK_BYTES, dequantize, q4_1_to_int4
+from pagoda.model.linear import Int4Weight, Q8Weight
+from pagoda.model.loader.quants import BLOCK_BYTES, dequantize, q4_1_to_int4, q8_0_to_q8
 from pagoda.model.spec import ModelLoadError, ModelSpec
 
 # GGUF architecture -> our family. Mistral files declare "llama".
@@ -131,12 +131,13 @@ def _raw_bytes(t: Any) -> torch.Tensor:
 
 
 def iter_weights(
-    reader: gguf.GGUFReader, spec: ModelSpec, dtype: torch.dtype, int4: bool = False
-) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
+    reader: gguf.GGUFReader, spec: ModelSpec, dtype: torch.dtype, quantized: bool = False
+) -> Iterator[tuple[str, torch.Tensor | Int4Weight | Q8Weight]]:
     """Yields (Hugging Face name, tensor in dtype) for every tensor the model uses.
 
-    With int4, each Q4_1 projection is also yielded under the same name as an
-    Int4Weight holding its exact codes and scales.
+    With quantized, each Q4_1 projection is also yielded under the same name as
+    an Int4Weight, and a Q8_0 output layer as a Q8Weight, with their exact codes
+    and scales.
     """
     permuted = field(reader, "general.architecture") in ("llama", "mistral")
     for t in reader.tensors:
@@ -152,6 +153,8 @@ def iter_weights(
         elif permuted and name.endswith("k_proj.weight"):
             rows = unpermute(torch.arange(w.shape[0]), spec.num_kv_heads)
         yield name, (w if rows is None else w[rows]).to(dtype)
-        if int4 and t.tensor_type.name == "Q4_1" and ".layers." in name:
+        if quantized and t.tensor_type.name == "Q4_1" and ".layers." in name:
             q = q4_1_to_int4(_raw_bytes(t), w.shape[0])
             yield name, q if rows is None else q.rows(rows)
+        elif quantized and t.tensor_type.name == "Q8_0" and ".layers." not in name:
+            yield name, q8_0_to_q8(_raw_bytes(t), w.shape[0])

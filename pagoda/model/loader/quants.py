@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.model.linear import Int4Weight
+from pagoda.model.linear import Int4Weight, Q8Weight
 
 BLOCK = 32
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
@@ -53,3 +53,10 @@ def q4_1_to_int4(raw: torch.Tensor, rows: int) -> Int4Weight:
     m = _f16(blocks[:, 2:4]).reshape(rows, -1)
     codes = _nibbles(blocks[:, 4:]).reshape(rows, -1)
     return Int4Weight(codes, d, m + 8 * d)
+
+
+def q8_0_to_q8(raw: torch.Tensor, rows: int) -> Q8Weight:
+    """Raw Q8_0 bytes of a [rows, cols] tensor as a Q8Weight, exactly."""
+    blocks = raw.reshape(-1, BLOCK_BYTES["Q8_0"])
+    codes = blocks[:, 2:].contiguous().view(torch.int8).reshape(rows, -1)
+    return Q8Weight(codes, _f16(blocks[:, 0:2]).reshape(rows, -1))

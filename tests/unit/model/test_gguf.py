@@ -38,7 +38,9 @@ def permute(w: np.ndarray, num_heads: int) -> np.ndarray:
     )
 
 
-def write_gguf(path: Path, state: dict[str, torch.Tensor], qtype: str) -> dict[str, torch.Tensor]:
+def write_gguf(
+    path: Path, state: dict[str, torch.Tensor], qtype: str, embedding_qtype: str | None = None
+) -> dict[str, torch.Tensor]:
     """Writes a tiny llama as GGUF (2-D weights in qtype); returns the weights as stored."""
     to_gguf = {}
     for g, h in NAME_TABLE.items():
@@ -62,6 +64,8 @@ def write_gguf(path: Path, state: dict[str, torch.Tensor], qtype: str) -> dict[s
         elif name.endswith("k_proj.weight"):
             w = permute(w, COMMON["num_key_value_heads"])
         kind = gguf.GGMLQuantizationType[qtype if w.ndim == 2 else "F32"]
+        if embedding_qtype and name == "model.embed_tokens.weight":
+            kind = gguf.GGMLQuantizationType[embedding_qtype]
         raw = (
             gguf.quants.quantize(w, kind)
             if kind.name not in ("F32", "F16")
@@ -107,7 +111,7 @@ def test_q4_1_projections_also_load_as_exact_int4(tmp_path: Path) -> None:
     hf = make_hf_model("llama")
     state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     write_gguf(tmp_path / "tiny.gguf", state, "Q4_1")
-    model = load_model(tmp_path / "tiny.gguf", int4=True)
+    model = load_model(tmp_path / "tiny.gguf", quantized=True)
     projections = [m for m in model.modules() if isinstance(m, Linear)]
     assert len(projections) == 4 * COMMON["num_hidden_layers"]
     x = {n: torch.randn(3, n) for n in (COMMON["hidden_size"], COMMON["intermediate_size"])}
@@ -122,6 +126,16 @@ def test_q4_1_projections_also_load_as_exact_int4(tmp_path: Path) -> None:
     dense = load_model(tmp_path / "tiny.gguf")
     for m in (model, dense):
         bind_cache(m)
+    # The output layer in Q8_0 form: the file's own weights, so the same logits.
+    assert model.logits_q8 is None  # this file's embedding is Q4_1, not Q8_0
+    write_gguf(tmp_path / "q8.gguf", state, "Q4_1", embedding_qtype="Q8_0")
+    q8 = load_model(tmp_path / "q8.gguf", quantized=True)
+    assert q8.logits_q8 is not None
+    hidden = torch.randn(q8.Q8_LOGITS_MAX_ROWS, COMMON["hidden_size"])
+    torch.testing.assert_close(
+        q8.compute_logits(hidden), hidden @ q8.embed_tokens.weight.T, rtol=1e-5, atol=1e-5
+    )
+
     for n in (1, Linear.INT4_MAX_ROWS):
         chunk = [(ids[:n].tolist(), 0, list(range(8)))]
         torch.testing.assert_close(
@@ -133,5 +147,5 @@ def test_int4_is_left_out_for_other_formats(tmp_path: Path) -> None:
     hf = make_hf_model("llama")
     state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     write_gguf(tmp_path / "tiny.gguf", state, "Q8_0")
-    model = load_model(tmp_path / "tiny.gguf", int4=True)
+    model = load_model(tmp_path / "tiny.gguf", quantized=True)
     assert all(m.int4 is None for m in model.modules() if isinstance(m, Linear))
