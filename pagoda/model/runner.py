@@ -9,6 +9,7 @@ import torch
 from pagoda.config import EngineConfig
 from pagoda.core.scheduler import RunnerOutput, SchedulerOutput
 from pagoda.model.attention import AttentionMetadata, allocate_kv_cache
+from pagoda.model.linear import Linear
 from pagoda.model.loader import load_model
 from pagoda.model.spec import ModelSpec
 from pagoda.sample.sampler import SamplingMetadata, sample
@@ -49,6 +50,10 @@ class ModelRunner:
             and self.device.type == "cpu"
         )
         self.model = load_model(config.model.path, self.dtype, self.device, quantized)
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            for module in self.model.modules():
+                if isinstance(module, Linear):
+                    module.pack_for_onednn()
         self.spec = self.model.spec
         self.block_size = config.cache.block_size
         per_block = kv_bytes_per_block(self.spec, self.block_size, self.dtype)
