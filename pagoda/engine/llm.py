@@ -32,7 +32,7 @@ class LLM:
         kv_cache_memory: int = 1 << 30,
         enable_prefix_caching: bool = True,
         max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 2048,
+        max_num_batched_tokens: int = 512,
         seed: int = 0,
         device: str = "cpu",
     ) -> None:
