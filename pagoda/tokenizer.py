@@ -133,7 +133,7 @@ class Tokenizer:
 
     @classmethod
     def _from_gguf(cls, path: Path) -> Tokenizer:
-        from pagoda.model.loader.gguf_metadata import read_tokenizer_fields
+        from pagoda.model.gguf_metadata import read_tokenizer_fields
 
         meta = read_tokenizer_fields(path)
         if meta["model"] != "gpt2":

@@ -84,6 +84,7 @@ class AsyncEngineClient(EngineClient):
         self._serving_config: ServingConfig | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._output_task: asyncio.Task[None] | None = None
+        self.processor: OutputProcessor | None = None  # from ready(), once the tokenizer is in
 
         base = os.path.join(tempfile.gettempdir(), f"pagoda-{uuid.uuid4().hex[:12]}")
         input_addr, output_addr = f"ipc://{base}-in", f"ipc://{base}-out"
@@ -192,12 +193,13 @@ class AsyncEngineClient(EngineClient):
     def shutdown(self, timeout: float = 0.0) -> None:
         """Stops taking requests, drains for up to timeout seconds, aborts the rest, stops."""
         self._accepting = False
-        deadline = time.monotonic() + timeout
-        while self.processor.has_unfinished() and not self.errored:
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(0.05)
-        self._call_in_loop(self._abort_all)
+        if self.processor is not None:  # before ready() no request can be in flight
+            deadline = time.monotonic() + timeout
+            while self.processor.has_unfinished() and not self.errored:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+            self._call_in_loop(self._abort_all)
         self._stop_process()
 
     # ---- internals ----------------------------------------------------------------------

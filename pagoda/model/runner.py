@@ -10,7 +10,7 @@ from pagoda.config import EngineConfig
 from pagoda.core.scheduler import RunnerOutput, SchedulerOutput
 from pagoda.model.attention import AttentionMetadata, allocate_kv_cache
 from pagoda.model.linear import Linear
-from pagoda.model.loader import load_model
+from pagoda.model.loader import load_model, release_freed_memory
 from pagoda.model.spec import ModelSpec
 from pagoda.sample.sampler import SamplingMetadata, sample
 
@@ -54,6 +54,7 @@ class ModelRunner:
             for module in self.model.modules():
                 if isinstance(module, Linear):
                     module.pack_for_onednn()
+            release_freed_memory()  # the unpacked weights
         self.spec = self.model.spec
         self.block_size = config.cache.block_size
         per_block = kv_bytes_per_block(self.spec, self.block_size, self.dtype)

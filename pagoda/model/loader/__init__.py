@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from pagoda.model.gguf_metadata import open_reader
 from pagoda.model.llama import LlamaForCausalLM
 from pagoda.model.loader import gguf as gguf_loader
 from pagoda.model.loader import safetensors as st_loader
-from pagoda.model.loader.gguf_metadata import open_reader
 from pagoda.model.spec import ModelSpec
 from pagoda.model_files import is_gguf
 
@@ -68,7 +68,7 @@ def load_model(
     int4_bytes = sum(
         m.int4[0].nbytes + m.int4[1].nbytes for m in model.modules() if getattr(m, "int4", None)
     )
-    _release_freed_memory()
+    release_freed_memory()
     logger.info(
         "Loaded %s (%s, %d layers) in %.2f s: %.1f MiB of weights in %s%s",
         path.name,
@@ -82,7 +82,7 @@ def load_model(
     return model
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hands the heap space of loading's temporaries back to the OS (glibc keeps it otherwise)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -103,3 +103,23 @@ def test_engine_death_fails_requests_within_a_second(default_model_path) -> None
             await collect(client, "after", SHORT, "x")
 
     run_with_client(default_model_path, check)
+
+
+def test_an_engine_that_fails_to_load_is_reported_and_shut_down(
+    default_model_path, tmp_path
+) -> None:
+    """A model the engine cannot load: ready() raises, shutdown() still stops everything."""
+    broken = tmp_path / "broken"  # a model directory without config.json
+    broken.mkdir()
+
+    async def main() -> None:
+        client = AsyncEngineClient(
+            EngineConfig(ModelConfig(broken, dtype="float32")),
+            Tokenizer.from_path(default_model_path),
+        )
+        with pytest.raises(EngineDeadError):
+            await client.ready(timeout=60)
+        client.shutdown(0)
+        assert not client.process.is_alive()
+
+    asyncio.run(main())
