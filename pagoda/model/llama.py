@@ -126,7 +126,24 @@ class LlamaForCausalLM(nn.Module):
             # A decode step of a few sequences reads the whole output layer (a fifth of
             # this model's bytes) for a few rows: 1 byte per weight beats bfloat16's 2.
             return ops.q8_0_linear(hidden, self.logits_q8, self._output_weight())
+        if self.output_prepacked is not None:
+            packed = self.output_prepacked
+            return torch.ops.mkldnn._linear_pointwise(hidden, packed, None, "none", [], "").float()
         return F.linear(hidden, self._output_weight()).float()
+
+    output_prepacked: torch.Tensor | None = None  # the output layer in oneDNN's layout
+
+    def pack_for_onednn(self) -> None:
+        """Prepacks the projections and a copy of the output layer for oneDNN (CPU, bfloat16).
+
+        The output layer is copied because a tied one is also the embedding table,
+        whose rows must stay readable.
+        """
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack_for_onednn()
+        weight = self._output_weight().detach()
+        self.output_prepacked = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
 
     def _output_weight(self) -> torch.Tensor:
         return self.get_parameter(self._output_weight_name())

@@ -9,7 +9,6 @@ import torch
 from pagoda.config import EngineConfig
 from pagoda.core.scheduler import RunnerOutput, SchedulerOutput
 from pagoda.model.attention import AttentionMetadata, allocate_kv_cache
-from pagoda.model.linear import Linear
 from pagoda.model.loader import load_model, release_freed_memory
 from pagoda.model.spec import ModelSpec
 from pagoda.sample.sampler import SamplingMetadata, sample
@@ -51,9 +50,7 @@ class ModelRunner:
         )
         self.model = load_model(config.model.path, self.dtype, self.device, quantized)
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
-            for module in self.model.modules():
-                if isinstance(module, Linear):
-                    module.pack_for_onednn()
+            self.model.pack_for_onednn()
             release_freed_memory()  # the unpacked weights
         self.spec = self.model.spec
         self.block_size = config.cache.block_size

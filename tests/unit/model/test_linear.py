@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import bind_cache, forward
 
 from pagoda.model.linear import Linear
+from pagoda.model.loader import load_model
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -18,3 +20,14 @@ def test_onednn_prepacked_weight_gives_the_same_outputs(bias: bool) -> None:
     assert layer.prepacked
     for x, want in zip(inputs, expected):
         assert torch.equal(layer(x), want)
+
+
+def test_prepacked_model_gives_the_same_logits(tiny_model_dir) -> None:
+    model = load_model(tiny_model_dir("llama"), torch.bfloat16)
+    bind_cache(model)
+    chunk = [(list(range(3, 40)), 0, list(range(10)))]
+    expected = forward(model, chunk)
+    model.pack_for_onednn()
+    assert model.output_prepacked is not None
+    for got, want in zip(forward(model, chunk), expected):
+        assert torch.equal(got, want)
