@@ -265,6 +265,79 @@ inline void axpy_heads(const float* w, int64_t stride, const T* value, int64_t g
   }
 }
 
+#ifdef __AVX512F__
+// One token's query heads that share KV head g, for head_dim = 16 C and G heads per KV
+// head, with the G x C accumulators held in registers: the keys and values of the
+// sequence stream through once. scores is scratch of G * len floats.
+template <int C, int G, typename T>
+void attend_kv_head(const float* q, const T* kc, const T* vc, const int64_t* blocks,
+                    int64_t block_size, int64_t kv_heads, int64_t g, int64_t len, float* scores,
+                    T* out) {
+  constexpr int64_t dim = 16 * C;
+  __m512 qv[G][C];
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < C; ++c) qv[h][c] = _mm512_loadu_ps(q + h * dim + 16 * c);
+  for (int64_t p = 0; p < len; ++p) {
+    const T* key = kc + ((blocks[p / block_size] * block_size + p % block_size) * kv_heads + g) * dim;
+    __m512 kv[C];
+    for (int c = 0; c < C; ++c) kv[c] = load16(key + 16 * c);
+    for (int h = 0; h < G; ++h) {
+      __m512 dot = _mm512_mul_ps(qv[h][0], kv[0]);
+      for (int c = 1; c < C; ++c) dot = _mm512_fmadd_ps(qv[h][c], kv[c], dot);
+      scores[h * len + p] = _mm512_reduce_add_ps(dot);
+    }
+  }
+  float inv[G];
+  for (int h = 0; h < G; ++h) inv[h] = 1.f / exp_shifted(scores + h * len, len);
+  __m512 acc[G][C];
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < C; ++c) acc[h][c] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < len; ++p) {
+    const T* value =
+        vc + ((blocks[p / block_size] * block_size + p % block_size) * kv_heads + g) * dim;
+    __m512 vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = load16(value + 16 * c);
+    for (int h = 0; h < G; ++h) {
+      const __m512 w = _mm512_set1_ps(scores[h * len + p]);
+      for (int c = 0; c < C; ++c) acc[h][c] = _mm512_fmadd_ps(w, vv[c], acc[h][c]);
+    }
+  }
+  float row[dim];
+  for (int h = 0; h < G; ++h) {
+    for (int c = 0; c < C; ++c) {
+      _mm512_storeu_ps(row + 16 * c, _mm512_mul_ps(acc[h][c], _mm512_set1_ps(inv[h])));
+    }
+    for (int64_t d = 0; d < dim; ++d) out[h * dim + d] = from_f32<T>(row[d]);
+  }
+}
+
+template <typename T>
+using AttendKvHead = void (*)(const float*, const T*, const T*, const int64_t*, int64_t, int64_t,
+                              int64_t, int64_t, float*, T*);
+
+// The register-blocked attend_kv_head for this shape, or nullptr.
+template <typename T>
+AttendKvHead<T> attend_kv_head_for(int64_t dim, int64_t group) {
+  if (dim == 64) {
+    switch (group) {
+      case 1: return attend_kv_head<4, 1, T>;
+      case 2: return attend_kv_head<4, 2, T>;
+      case 3: return attend_kv_head<4, 3, T>;
+      case 4: return attend_kv_head<4, 4, T>;
+      case 5: return attend_kv_head<4, 5, T>;
+      case 6: return attend_kv_head<4, 6, T>;
+    }
+  } else if (dim == 128) {
+    switch (group) {
+      case 1: return attend_kv_head<8, 1, T>;
+      case 2: return attend_kv_head<8, 2, T>;
+      case 3: return attend_kv_head<8, 3, T>;
+    }
+  }
+  return nullptr;
+}
+#endif
+
 template <typename T>
 void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& block_tables,
@@ -283,6 +356,27 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
   const int64_t qs = q.stride(0), table_stride = block_tables.stride(0);
   const float s = static_cast<float>(scale);
 
+#ifdef __AVX512F__
+  if (AttendKvHead<T> attend = attend_kv_head_for<T>(dim, group)) {
+    at::parallel_for(0, tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qf(group * dim), scores;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t t = item / kv_heads, g = item % kv_heads, len = pos[t] + 1;
+        const int64_t* blocks = tables + seq[t] * table_stride;
+        for (int64_t b = 0; b * block_size < len; ++b) {
+          TORCH_CHECK(blocks[b] >= 0 && blocks[b] < num_blocks, "block ", blocks[b],
+                      " is out of the cache");
+        }
+        const T* row = qp + t * qs + g * group * dim;
+        for (int64_t i = 0; i < group * dim; ++i) qf[i] = to_f32(row[i]) * s;
+        scores.resize(group * len);
+        attend(qf.data(), kc, vc, blocks, block_size, kv_heads, g, len, scores.data(),
+               op + (t * heads + g * group) * dim);
+      }
+    });
+    return;
+  }
+#endif
   // One token at a time, all its heads together: a cache row holds every KV head's
   // key side by side, so the blocks are read front to back.
   at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {

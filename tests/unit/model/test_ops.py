@@ -60,12 +60,14 @@ def random_batch(dtype: torch.dtype, heads: int = 6, kv_heads: int = 2, dim: int
     return qkv, (q, k, v), attn, positions, caches, table
 
 
+# head_dim 64 and 128 take the kernel's register-blocked path, 32 its general one.
+@pytest.mark.parametrize("dim", [32, 64, 128])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_and_cache_then_attention(dtype: torch.dtype) -> None:
+def test_rope_and_cache_then_attention(dtype: torch.dtype, dim: int) -> None:
     results = []
     for rope in (torch.ops.pagoda.rope_and_cache, ops.rope_and_cache_torch):
         torch.manual_seed(0)
-        qkv, (q, k, v), attn, positions, (kc, vc), table = random_batch(dtype)
+        qkv, (q, k, v), attn, positions, (kc, vc), table = random_batch(dtype, dim=dim)
         rope(q, k, v, positions, table, kc, vc, attn.slot_mapping)
         results.append((qkv, kc, vc, q, attn))
     (qkv_a, kc_a, vc_a, q_a, attn), (qkv_b, kc_b, vc_b, q_b, _) = results
