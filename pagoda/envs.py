@@ -13,3 +13,5 @@ def _flag(name: str) -> bool:
 PAGODA_KEEP_ALIVE_ON_ENGINE_DEATH: bool = _flag("PAGODA_KEEP_ALIVE_ON_ENGINE_DEATH")
 # Comma-separated API keys, as with --api-key.
 PAGODA_API_KEY: str | None = os.environ.get("PAGODA_API_KEY") or None
+# Run the PyTorch definitions of the model's small steps instead of the built C++ kernels.
+PAGODA_DISABLE_KERNELS: bool = _flag("PAGODA_DISABLE_KERNELS")

@@ -11,8 +11,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 from pathlib import Path
+
+from pagoda import envs
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def build(verbose: bool = False) -> Path:
 @functools.cache
 def load() -> bool:
     """Registers torch.ops.pagoda.* from a build of the current source; False without one."""
-    if os.environ.get("PAGODA_DISABLE_KERNELS") == "1":
+    if envs.PAGODA_DISABLE_KERNELS:
         return False
     library = BUILD_DIR / f"{NAME}.so"
     stamp = BUILD_DIR / "source.sha256"

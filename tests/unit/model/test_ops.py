@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from pagoda import kernels
+from pagoda import envs, kernels
 from pagoda.model import ops
 from pagoda.model.attention import AttentionMetadata, attend_group, attend_torch
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("PAGODA_DISABLE_KERNELS") == "1", reason="kernels disabled"
-)
+pytestmark = pytest.mark.skipif(envs.PAGODA_DISABLE_KERNELS, reason="kernels disabled")
 
 # float32: only summation order differs. bfloat16: both paths round at the same steps, but a
 # different summation order can flip the last bit of an element (one bf16 ulp is 2^-8 relative).
