@@ -119,8 +119,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--quantization",
         choices=QUANTIZATIONS,
         default="auto",
-        help="auto: in bfloat16, run a GGUF's Q4_1 projections with int4 kernels for "
-        "batches of up to 8 tokens; none: dequantize every weight",
+        help="auto: in bfloat16, also run a GGUF's Q4_1 projections (batches of up to 8 "
+        "tokens) and Q8_0 output layer (up to 4) in their file form; none: dequantize "
+        "every weight",
     )
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -130,7 +131,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--kv-cache-memory",
         type=parse_size,
         default=512 << 20,
-        help="memory for the KV cache, e.g. 512M or 2G (default 512M)",
+        help="memory for the KV cache, e.g. 512M or 2G (default: %(default)s bytes)",
     )
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--seed", type=int, default=0)
@@ -211,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tp = bench.add_parser("throughput", help="offline generation throughput")
     throughput.add_arguments(tp)
-    tp.set_defaults(func=throughput.main)
+    _add_engine_flags(tp)
+    tp.set_defaults(func=throughput.main, kv_cache_memory=1 << 30)
     sv = bench.add_parser("serve", help="load an OpenAI-compatible server")
     bench_serve.add_arguments(sv)
     sv.set_defaults(func=bench_serve.main)

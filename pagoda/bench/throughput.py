@@ -18,13 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--quantization", default="auto")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--kv-cache-memory", type=int, default=1 << 30)
     p.add_argument("--output-json", default=None, help="write the result here too")
+    # The engine's own flags (--dtype, --seed, ...) are those of `pagoda serve`.
 
 
 def random_prompts(vocab_size: int, num: int, length: int, seed: int) -> list[list[int]]:
@@ -41,10 +36,14 @@ def main(args: argparse.Namespace) -> int:
         args.model,
         dtype=args.dtype,
         quantization=args.quantization,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        enable_prefix_caching=args.enable_prefix_caching,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
-        kv_cache_memory=args.kv_cache_memory,
         seed=args.seed,
+        device=args.device,
     )
     params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True)
     vocab = llm.tokenizer.vocab_size
