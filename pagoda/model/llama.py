@@ -119,6 +119,7 @@ class LlamaForCausalLM(nn.Module):
     # Up to this many rows, logits come from the Q8_0 output layer when there is one.
     Q8_LOGITS_MAX_ROWS = 4
     logits_q8: Q8Weight | None = None
+    output_prepacked: torch.Tensor | None = None  # the output layer in oneDNN's layout
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden_size] -> float32 logits [n, vocab_size]."""
@@ -127,11 +128,10 @@ class LlamaForCausalLM(nn.Module):
             # this model's bytes) for a few rows: 1 byte per weight beats bfloat16's 2.
             return ops.q8_0_linear(hidden, self.logits_q8, self._output_weight())
         if self.output_prepacked is not None:
-            packed = self.output_prepacked
-            return torch.ops.mkldnn._linear_pointwise(hidden, packed, None, "none", [], "").float()
+            return torch.ops.mkldnn._linear_pointwise(
+                hidden, self.output_prepacked, None, "none", [], ""
+            ).float()
         return F.linear(hidden, self._output_weight()).float()
-
-    output_prepacked: torch.Tensor | None = None  # the output layer in oneDNN's layout
 
     def pack_for_onednn(self) -> None:
         """Prepacks the projections and a copy of the output layer for oneDNN (CPU, bfloat16).
@@ -158,7 +158,9 @@ class LlamaForCausalLM(nn.Module):
             layer.self_attn.kv_cache = cache
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | Int4Weight]]) -> None:
+    def load_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor | Int4Weight | Q8Weight]]
+    ) -> None:
         """Copies Hugging Face-named tensors in, fusing q/k/v and gate/up; checks completeness.
 
         An Int4Weight arriving beside a projection's dense weight gives that

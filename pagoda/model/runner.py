@@ -43,13 +43,10 @@ class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.model.dtype, config.device)
-        quantized = (
-            config.model.quantization == "auto"
-            and self.dtype == torch.bfloat16
-            and self.device.type == "cpu"
-        )
+        cpu_bf16 = self.device.type == "cpu" and self.dtype == torch.bfloat16
+        quantized = cpu_bf16 and config.model.quantization == "auto"
         self.model = load_model(config.model.path, self.dtype, self.device, quantized)
-        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+        if cpu_bf16:
             self.model.pack_for_onednn()
             release_freed_memory()  # the unpacked weights
         self.spec = self.model.spec

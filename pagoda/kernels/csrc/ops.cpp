@@ -27,6 +27,18 @@ inline T from_f32(float x) { return static_cast<T>(x); }
 template <typename T>
 inline float round_to(float x) { return to_f32(from_f32<T>(x)); }
 
+// Calls f with a value of x's element type (float or at::BFloat16), the types the
+// kernels are written for; any other type is an error naming the op.
+template <typename F>
+void dispatch_float_types(const at::Tensor& x, const char* op, F&& f) {
+  if (x.scalar_type() == at::kFloat) {
+    f(float{});
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, op, " takes float32 or bfloat16");
+    f(at::BFloat16{});
+  }
+}
+
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
 }
@@ -62,12 +74,9 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1), "weight must be [n]");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "x and weight must share a dtype");
   at::Tensor out = at::empty({x.size(0), x.size(1)}, x.options());
-  if (x.scalar_type() == at::kFloat) {
-    rms_norm_impl<float>(x, weight, eps, out);
-  } else {
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "rms_norm takes float32 or bfloat16");
-    rms_norm_impl<at::BFloat16>(x, weight, eps, out);
-  }
+  dispatch_float_types(x, "rms_norm", [&](auto t) {
+    rms_norm_impl<decltype(t)>(x, weight, eps, out);
+  });
   return out;
 }
 
@@ -96,12 +105,7 @@ at::Tensor silu_mul(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % 2 == 0,
               "x must be [rows, 2 * n] with contiguous rows");
   at::Tensor out = at::empty({x.size(0), x.size(1) / 2}, x.options());
-  if (x.scalar_type() == at::kFloat) {
-    silu_mul_impl<float>(x, out);
-  } else {
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "silu_mul takes float32 or bfloat16");
-    silu_mul_impl<at::BFloat16>(x, out);
-  }
+  dispatch_float_types(x, "silu_mul", [&](auto t) { silu_mul_impl<decltype(t)>(x, out); });
   return out;
 }
 
@@ -164,13 +168,9 @@ void rope_and_cache(at::Tensor q, at::Tensor k, const at::Tensor& v, const at::T
               "positions and slot_mapping must be int64");
   TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous(),
               "cos_sin must be contiguous float32");
-  if (q.scalar_type() == at::kFloat) {
-    rope_and_cache_impl<float>(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping);
-  } else {
-    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "rope_and_cache takes float32 or bfloat16");
-    rope_and_cache_impl<at::BFloat16>(q, k, v, positions, cos_sin, k_cache, v_cache,
-                                      slot_mapping);
-  }
+  dispatch_float_types(q, "rope_and_cache", [&](auto t) {
+    rope_and_cache_impl<decltype(t)>(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping);
+  });
 }
 
 // ---------------------------------------------------------------- paged attention
@@ -432,14 +432,10 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
   TORCH_CHECK(token_seq.is_contiguous() && positions.is_contiguous(),
               "token_seq and positions must be contiguous");
   at::Tensor out = at::empty({q.size(0), q.size(1) * q.size(2)}, q.options());
-  if (q.scalar_type() == at::kFloat) {
-    paged_attention_impl<float>(q, k_cache, v_cache, block_tables, token_seq, positions, scale,
-                                out);
-  } else {
-    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "paged_attention takes float32 or bfloat16");
-    paged_attention_impl<at::BFloat16>(q, k_cache, v_cache, block_tables, token_seq, positions,
-                                       scale, out);
-  }
+  dispatch_float_types(q, "paged_attention", [&](auto t) {
+    paged_attention_impl<decltype(t)>(q, k_cache, v_cache, block_tables, token_seq, positions,
+                                      scale, out);
+  });
   return out;
 }
 
@@ -500,12 +496,9 @@ at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
                   scales.size(0) == codes.size(0) && scales.size(1) == x.size(1) / 32,
               "scales must be contiguous float32 [n, k / 32]");
   at::Tensor out = at::empty({x.size(0), codes.size(0)}, x.options().dtype(at::kFloat));
-  if (x.scalar_type() == at::kFloat) {
-    q8_0_linear_impl<float>(x, codes, scales, out);
-  } else {
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "q8_0_linear takes float32 or bfloat16");
-    q8_0_linear_impl<at::BFloat16>(x, codes, scales, out);
-  }
+  dispatch_float_types(x, "q8_0_linear", [&](auto t) {
+    q8_0_linear_impl<decltype(t)>(x, codes, scales, out);
+  });
   return out;
 }
 

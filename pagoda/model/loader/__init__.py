@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from pagoda.model.gguf_metadata import open_reader
+from pagoda.model.linear import Int4Weight, Q8Weight
 from pagoda.model.llama import LlamaForCausalLM
 from pagoda.model.loader import gguf as gguf_loader
 from pagoda.model.loader import safetensors as st_loader
@@ -40,7 +41,7 @@ def load_model(
     form too, for batches of a few tokens (CPU, bfloat16); see linear.Linear.
     """
     start = time.perf_counter()
-    weights: Iterator[tuple[str, torch.Tensor]]
+    weights: Iterator[tuple[str, torch.Tensor | Int4Weight | Q8Weight]]
     if is_gguf(path):
         reader = open_reader(path)
         spec = gguf_loader.read_spec(reader)
