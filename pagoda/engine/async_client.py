@@ -97,6 +97,8 @@ class AsyncEngineClient(EngineClient):
         self._inbox.bind(output_addr)
         self._outbox = zmq.Context.instance().socket(zmq.PUSH)  # requests to the engine
         self._outbox.setsockopt(zmq.LINGER, 0)
+        # No queue limit: a send then fails (see _send) only when no engine is connected.
+        self._outbox.setsockopt(zmq.SNDHWM, 0)
         self._outbox.bind(input_addr)
         self.process = multiprocessing.get_context("spawn").Process(
             target=run_engine_core,
@@ -171,7 +173,10 @@ class AsyncEngineClient(EngineClient):
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self.queues[request_id] = queue
         for er in self.processor.add_request(request_id, text, token_ids, sampling_params):
-            self._send(m.RequestType.ADD, er)
+            if not self._send(m.RequestType.ADD, er):
+                self.processor.abort_request(request_id)
+                self.queues.pop(request_id, None)
+                raise EngineDeadError("the engine process is not taking requests")
             for stat_logger in self.stat_loggers:
                 stat_logger.request_added(er)
         finished = False
@@ -211,8 +216,17 @@ class AsyncEngineClient(EngineClient):
             return prompt.get("prompt"), list(prompt["prompt_token_ids"])
         return None, list(prompt)
 
-    def _send(self, kind: m.RequestType, payload: object) -> None:
-        self._outbox.send_multipart([kind.value, m.encoder.encode(payload)], copy=False)
+    def _send(self, kind: m.RequestType, payload: object) -> bool:
+        """Queues a message for the engine without blocking; False when no engine is
+        connected to take it (it died, or is exiting), where a blocking send would wait
+        forever. Aborts and the shutdown request then have nobody to tell."""
+        try:
+            self._outbox.send_multipart(
+                [kind.value, m.encoder.encode(payload)], flags=zmq.NOBLOCK, copy=False
+            )
+        except zmq.Again:
+            return False
+        return True
 
     def _abort_now(self, request_id: str) -> None:
         """Forgets the request here, tells the engine, and ends its generate() cleanly."""
