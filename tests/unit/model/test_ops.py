@@ -153,3 +153,16 @@ def test_kernels_refuse_out_of_cache_slots() -> None:
             torch.tensor([9]),
             0.3,
         )
+
+
+def test_decode_only_metadata_equals_the_general_build() -> None:
+    # Block tables longer and shorter than needed, a context ending on a block boundary.
+    num_computed, tables = [9, 0, 15, 31], [[4, 7, 1], [3], [0, 9, 2], [5, 6]]
+    fast, fast_positions = AttentionMetadata._build_decode(num_computed, tables, 16, "cpu")
+    slow, slow_positions = AttentionMetadata._build_mixed(num_computed, [1] * 4, tables, 16, "cpu")
+    assert torch.equal(fast_positions, slow_positions)
+    assert torch.equal(fast.slot_mapping, slow.slot_mapping)
+    (a,), (b,) = fast.groups, slow.groups
+    for field in a.__dataclass_fields__:
+        x, y = getattr(a, field), getattr(b, field)
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, field
