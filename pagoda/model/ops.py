@@ -31,6 +31,8 @@ def _kernel(x: torch.Tensor) -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMS-normalises the last dimension in float32, then scales by weight in x's dtype."""
     if _kernel(x) and x.is_contiguous():
+        if x.dim() == 2:  # the hidden states: no views to make (this runs twice a layer)
+            return torch.ops.pagoda.rms_norm.default(x, weight, eps)
         return torch.ops.pagoda.rms_norm(x.view(-1, x.shape[-1]), weight, eps).view(x.shape)
     return rms_norm_torch(x, weight, eps)
 
@@ -106,6 +108,11 @@ def paged_attention(
     """
     if not _kernel(q):
         return attend_torch(q, k_cache, v_cache, attn, scale)
+    first = attn.groups[0]
+    if len(attn.groups) == 1 and first.max_query_len == 1 and first.dense:  # all decoding
+        return torch.ops.pagoda.paged_attention.default(
+            q, k_cache, v_cache, first.block_tables, first.token_seq, first.positions, scale
+        )
 
     def attend(group: AttentionGroup) -> torch.Tensor:
         if group.max_query_len != 1:
