@@ -1,16 +1,24 @@
-"""bfloat16, with and without int4 projections, against float32: the same tokens?
+"""bfloat16, with each --quantization, against float32: the same tokens?
 
     .venv/bin/python benchmarks/bench_accuracy.py
 
-Greedy continuations of a fixed prompt set in both dtypes: the share of
-prompts whose continuations are identical, the share of positions that agree
-before the first divergence, and the largest next-token logit difference on
-the prompts themselves.
+Two measurements, one for each path a step can take:
+
+- decoding at batch size 1 (auto's int4 path): greedy continuations of a
+  fixed prompt set, the share of prompts whose continuations are identical,
+  the share of positions that agree before the first divergence, and the
+  largest next-token logit difference on the prompts themselves;
+- whole sequences in one step (the bfloat16 path of prompts and large
+  batches): float32's own greedy continuations of the 12 first prompts of
+  Pagoda's shipped prompt set (128 tokens each), fed back whole, and at every
+  position the share where the top token agrees with float32's and the mean
+  KL divergence from float32's next-token distribution.
 """
 
 from __future__ import annotations
 
 import json
+from importlib import resources
 
 import torch
 
@@ -38,16 +46,51 @@ PROMPTS = [
 CONFIGS = [("float32", "none"), ("bfloat16", "none"), ("bfloat16", "auto")]
 
 
+def sequence_logits(llm, sequences: list[list[int]]) -> list[torch.Tensor]:
+    """Float32 logits at every position of each sequence, run as one prompt step."""
+    from pagoda.model.attention import AttentionMetadata
+
+    model, out = llm.engine.runner.model, []
+    with torch.inference_mode():
+        for ids in sequences:
+            blocks = list(range(-(-len(ids) // 16)))
+            attn, positions = AttentionMetadata.build([0], [len(ids)], [blocks], 16)
+            out.append(model.compute_logits(model(torch.tensor(ids), positions, attn)).float())
+    return out
+
+
+def whole_sequence_agreement(reference: list[torch.Tensor], other: list[torch.Tensor]) -> dict:
+    want, got = torch.cat(reference), torch.cat(other)
+    kl = torch.nn.functional.kl_div(
+        got.log_softmax(-1), want.log_softmax(-1), log_target=True, reduction="none"
+    ).sum(-1)
+    return {
+        "sequence_positions": len(want),
+        "sequence_top1_agreement": float((want.argmax(-1) == got.argmax(-1)).float().mean()),
+        "sequence_mean_kl": float(kl.mean()),
+    }
+
+
 def main() -> None:
     from pagoda.engine.llm import LLM
     from pagoda.model.attention import AttentionMetadata
     from pagoda.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    runs, logits = {}, {}
+    runs, logits, sequence_runs = {}, {}, {}
+    sequences: list[list[int]] = []
     for config in CONFIGS:
         dtype, quantization = config
         llm = LLM(dtype=dtype, quantization=quantization, kv_cache_memory=128 << 20)
+        if not sequences:  # float32 writes the texts that every configuration reads
+            lines = resources.files("pagoda.bench").joinpath("prompts.jsonl").read_text()
+            texts = [json.loads(line)["prompt"] for line in lines.splitlines()[:12]]
+            long = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+            outputs = llm.generate(texts, long)
+            sequences = [
+                llm.tokenizer.encode(t) + o.outputs[0].token_ids for t, o in zip(texts, outputs)
+            ]
+        sequence_runs[config] = sequence_logits(llm, sequences)
         # One prompt at a time, so that decoding runs at batch size 1 (the int4 path).
         runs[config] = [llm.generate([p], params)[0].outputs[0].token_ids for p in PROMPTS]
         model, rows = llm.engine.runner.model, []
@@ -84,13 +127,16 @@ def main() -> None:
             "same_next_token": int(
                 (logits[reference].argmax(-1) == logits[config].argmax(-1)).sum()
             ),
+            **whole_sequence_agreement(sequence_runs[reference], sequence_runs[config]),
         }
         print(
             f"{config[0]}, quantization {config[1]} vs float32: {same}/{len(PROMPTS)} identical "
             f"32-token continuations, {result['positions_before_first_divergence']:.0%} of "
             f"positions before the first divergence, next token equal on "
             f"{result['same_next_token']}/{len(PROMPTS)}, max logit difference "
-            f"{result['max_abs_logit_diff']:.3f} (logits up to {result['logit_scale']:.1f})"
+            f"{result['max_abs_logit_diff']:.3f} (logits up to {result['logit_scale']:.1f}); "
+            f"whole sequences: top token equal at {result['sequence_top1_agreement']:.2%} of "
+            f"{result['sequence_positions']} positions, mean KL {result['sequence_mean_kl']:.4f}"
         )
         results.append(result)
     print(json.dumps(results))

@@ -45,11 +45,6 @@ SERVERS = {
         "url": "http://127.0.0.1:8300",
         "extra": {"ignore_eos": True},
     },
-    "pagoda-w8a8": {
-        "command": [*PAGODA, "--quantization", "w8a8"],
-        "url": "http://127.0.0.1:8300",
-        "extra": {"ignore_eos": True},
-    },
     "vllm": {
         "command": [str(ANCHORS / "serve-vllm.sh")],
         "url": "http://127.0.0.1:8100",

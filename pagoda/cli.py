@@ -121,8 +121,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: in bfloat16, also run a GGUF's Q4_1 projections (batches of up to 8 "
         "tokens) and Q8_0 output layer (up to 4) in their file form; none: dequantize "
-        "every weight; w8a8: auto, and the QKV and gate/up projections of larger batches "
-        "in int8 with int8 activations (faster prefill, some accuracy lost: BENCHMARKS.md)",
+        "every weight",
     )
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)

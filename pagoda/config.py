@@ -8,9 +8,7 @@ from pathlib import Path
 DTYPES = ("auto", "float32", "bfloat16")
 # auto: in bfloat16 on the CPU, a GGUF's Q4_1 projections and Q8_0 output layer also run
 # in their file form for small batches (model/linear.py, LlamaForCausalLM.compute_logits).
-# w8a8: auto, and the QKV and gate/up projections of larger batches in int8 with
-# int8 activations (Linear.set_int8).
-QUANTIZATIONS = ("auto", "none", "w8a8")
+QUANTIZATIONS = ("auto", "none")
 
 
 @dataclass(frozen=True)
@@ -20,7 +18,7 @@ class ModelConfig:
     max_model_len: int | None = None  # None = the model's own context length
     served_model_names: tuple[str, ...] = ()
     seed: int = 0
-    quantization: str = "auto"  # one of QUANTIZATIONS
+    quantization: str = "auto"  # auto | none
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

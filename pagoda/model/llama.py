@@ -133,12 +133,6 @@ class LlamaForCausalLM(nn.Module):
             ).float()
         return F.linear(hidden, self._output_weight()).float()
 
-    def use_int8(self) -> None:
-        """Runs the QKV and gate/up projections in int8 wherever int4 does not (w8a8)."""
-        for layer in self.layers:
-            for proj in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj):
-                proj.set_int8()
-
     def pack_for_onednn(self) -> None:
         """Prepacks the projections and a copy of the output layer for oneDNN (CPU, bfloat16).
 
@@ -146,7 +140,7 @@ class LlamaForCausalLM(nn.Module):
         whose rows must stay readable.
         """
         for module in self.modules():
-            if isinstance(module, Linear) and module.weight is not None:
+            if isinstance(module, Linear):
                 module.pack_for_onednn()
         weight = self._output_weight().detach()
         self.output_prepacked = torch.ops.mkldnn._reorder_linear_weight(weight, 32)

@@ -7,8 +7,6 @@ used for CPU tensors once built. Both paths are tested against each other.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from pagoda import kernels
@@ -19,9 +17,7 @@ from pagoda.model.attention import (
     attend_groups,
     attend_torch,
 )
-
-if TYPE_CHECKING:
-    from pagoda.model.linear import Q8Weight
+from pagoda.model.linear import Q8Weight
 
 
 def _kernel(x: torch.Tensor) -> bool:
@@ -123,32 +119,3 @@ def paged_attention(
         )
 
     return attend_groups(q, attn, attend)
-
-
-def int8_linear(
-    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """x [rows, in] @ W.T in dtype, for W = codes.T * scale[:, None], x quantized per row.
-
-    codes: [in, out] int8; scale: [out] float32. The product is exact in int32;
-    the error is the rounding of x's rows and W's rows to 255 levels each.
-    """
-    if _kernel(x) and x.is_contiguous():
-        x_codes, x_scale = torch.ops.pagoda.quantize_rows(x)
-        return torch.ops.pagoda.scale_int32(torch._int_mm(x_codes, codes), x_scale, scale, dtype)
-    x_codes, x_scale = quantize_rows_torch(x)
-    return scale_int32_torch(torch._int_mm(x_codes, codes), x_scale, scale, dtype)
-
-
-def quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[rows, n] -> int8 codes and float32 scales [rows]: x ~ codes * scale, per row."""
-    xf = x.float()
-    amax = xf.abs().amax(-1)
-    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-    return torch.round(xf / scale[:, None]).to(torch.int8), scale
-
-
-def scale_int32_torch(
-    acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    return (acc.float() * row_scale[:, None] * col_scale).to(dtype)

@@ -44,10 +44,8 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.model.dtype, config.device)
         cpu_bf16 = self.device.type == "cpu" and self.dtype == torch.bfloat16
-        quantization = config.model.quantization if cpu_bf16 else "none"
-        self.model = load_model(config.model.path, self.dtype, self.device, quantization != "none")
-        if quantization == "w8a8":
-            self.model.use_int8()
+        quantized = cpu_bf16 and config.model.quantization == "auto"
+        self.model = load_model(config.model.path, self.dtype, self.device, quantized)
         if cpu_bf16:
             self.model.pack_for_onednn()
             release_freed_memory()  # the unpacked weights

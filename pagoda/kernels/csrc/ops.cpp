@@ -15,7 +15,6 @@
 #include <immintrin.h>
 #endif
 #include <cmath>
-#include <tuple>
 #include <vector>
 
 namespace {
@@ -184,17 +183,6 @@ inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::BFloat16* p) {
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-// Rounds to nearest even, as c10's float-to-bfloat16 conversion does.
-inline void store16(at::BFloat16* p, __m512 v) {
-#ifdef __AVX512BF16__
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
-#else
-  alignas(64) float tmp[16];
-  _mm512_store_ps(tmp, v);
-  for (int i = 0; i < 16; ++i) p[i] = at::BFloat16(tmp[i]);
-#endif
 }
 
 // e^x for x <= 0: 2^n * 2^f with n = round(x log2 e), and 2^f by its Taylor series on
@@ -514,102 +502,6 @@ at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   return out;
 }
 
-// ---------------------------------------------------------------- int8 rows
-// Symmetric per-row int8: scale = max|x| / 127 (1 for a row of zeros), code =
-// round-half-even(x / scale). The division (not a multiply by the inverse) is
-// what the twin computes, so both give the same codes.
-template <typename T>
-void quantize_rows_impl(const at::Tensor& x, at::Tensor& codes, at::Tensor& scales) {
-  const int64_t rows = x.size(0), n = x.size(1);
-  const T* xp = x.data_ptr<T>();
-  int8_t* cp = codes.data_ptr<int8_t>();
-  float* sp = scales.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* row = xp + r * n;
-      int8_t* out = cp + r * n;
-      int64_t i = 0;
-      float amax = 0.f;
-#ifdef __AVX512F__
-      __m512 vmax = _mm512_setzero_ps();
-      for (; i + 16 <= n; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(row + i)));
-      amax = _mm512_reduce_max_ps(vmax);
-#endif
-      for (; i < n; ++i) amax = std::max(amax, std::abs(to_f32(row[i])));
-      const float scale = amax > 0.f ? amax / 127.f : 1.f;
-      i = 0;
-#ifdef __AVX512F__
-      const __m512 vscale = _mm512_set1_ps(scale);
-      for (; i + 16 <= n; i += 16) {
-        const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(load16(row + i), vscale),
-                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
-                         _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q)));
-      }
-#endif
-      for (; i < n; ++i) out[i] = static_cast<int8_t>(std::nearbyint(to_f32(row[i]) / scale));
-      sp[r] = scale;
-    }
-  });
-}
-
-std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
-  check_cpu(x, "x");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be contiguous [rows, n]");
-  at::Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kChar));
-  at::Tensor scales = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
-  dispatch_float_types(x, "quantize_rows", [&](auto t) {
-    quantize_rows_impl<decltype(t)>(x, codes, scales);
-  });
-  return {codes, scales};
-}
-
-// out[r, c] = acc[r, c] * row_scale[r] * col_scale[c], in that order, rounded to T.
-template <typename T>
-void scale_int32_impl(const at::Tensor& acc, const at::Tensor& row_scale,
-                      const at::Tensor& col_scale, at::Tensor& out) {
-  const int64_t rows = acc.size(0), n = acc.size(1);
-  const int32_t* ap = acc.data_ptr<int32_t>();
-  const float* rs = row_scale.data_ptr<float>();
-  const float* cs = col_scale.data_ptr<float>();
-  T* op = out.data_ptr<T>();
-  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float s = rs[r];
-      const int32_t* a = ap + r * n;
-      T* o = op + r * n;
-      int64_t c = 0;
-#ifdef __AVX512F__
-      const __m512 vs = _mm512_set1_ps(s);
-      for (; c + 16 <= n; c += 16) {
-        const __m512 v = _mm512_mul_ps(
-            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(a + c)), vs), _mm512_loadu_ps(cs + c));
-        store16(o + c, v);
-      }
-#endif
-      for (; c < n; ++c) o[c] = from_f32<T>(static_cast<float>(a[c]) * s * cs[c]);
-    }
-  });
-}
-
-at::Tensor scale_int32(const at::Tensor& acc, const at::Tensor& row_scale,
-                       const at::Tensor& col_scale, at::ScalarType dtype) {
-  check_cpu(acc, "acc");
-  TORCH_CHECK(acc.scalar_type() == at::kInt && acc.dim() == 2 && acc.is_contiguous(),
-              "acc must be contiguous int32 [rows, n]");
-  TORCH_CHECK(row_scale.scalar_type() == at::kFloat && row_scale.is_contiguous() &&
-                  row_scale.numel() == acc.size(0),
-              "row_scale must be contiguous float32 [rows]");
-  TORCH_CHECK(col_scale.scalar_type() == at::kFloat && col_scale.is_contiguous() &&
-                  col_scale.numel() == acc.size(1),
-              "col_scale must be contiguous float32 [n]");
-  at::Tensor out = at::empty(acc.sizes(), acc.options().dtype(dtype));
-  dispatch_float_types(out, "scale_int32", [&](auto t) {
-    scale_int32_impl<decltype(t)>(acc, row_scale, col_scale, out);
-  });
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY(pagoda, m) {
@@ -622,8 +514,6 @@ TORCH_LIBRARY(pagoda, m) {
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor token_seq, Tensor positions, float scale) -> Tensor");
   m.def("q8_0_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
-  m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
-  m.def("scale_int32(Tensor acc, Tensor row_scale, Tensor col_scale, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pagoda, CPU, m) {
@@ -632,6 +522,4 @@ TORCH_LIBRARY_IMPL(pagoda, CPU, m) {
   m.impl("rope_and_cache", &rope_and_cache);
   m.impl("paged_attention", &paged_attention);
   m.impl("q8_0_linear", &q8_0_linear);
-  m.impl("quantize_rows", &quantize_rows);
-  m.impl("scale_int32", &scale_int32);
 }

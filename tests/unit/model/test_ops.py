@@ -39,46 +39,6 @@ def test_silu_mul(dtype: torch.dtype) -> None:
     )
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_quantize_rows_gives_the_same_codes(dtype: torch.dtype) -> None:
-    x = torch.randn(13, 83).to(dtype) * 5  # 83: the vector loop and its scalar tail
-    x[3] = 0  # a row of zeros has scale 1, not a division by zero
-    x[5, 7] = 400  # an outlier sets its row's scale
-    codes, scale = torch.ops.pagoda.quantize_rows(x)
-    want_codes, want_scale = ops.quantize_rows_torch(x)
-    torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0)
-    # -ffast-math divides by multiplying with the reciprocal: a value on a rounding
-    # boundary may go either way.
-    assert (codes.int() - want_codes.int()).abs().max() <= 1
-    assert (codes != want_codes).float().mean() < 0.01
-    assert codes[5, 7] == 127 and scale[3] == 1 and not codes[3].any()
-    error = (codes.float() * scale[:, None] - x.float()).abs()
-    assert (error <= scale[:, None] * 0.5001).all()  # half a step of the row's own scale
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_scale_int32(dtype: torch.dtype) -> None:
-    acc = torch.randint(-(2**20), 2**20, (7, 45), dtype=torch.int32)
-    rows, cols = torch.rand(7), torch.rand(45)
-    out = torch.ops.pagoda.scale_int32(acc, rows, cols, dtype)
-    assert out.dtype == dtype
-    torch.testing.assert_close(
-        out, ops.scale_int32_torch(acc, rows, cols, dtype), **TOLERANCE[dtype], check_dtype=True
-    )
-
-
-def test_int8_linear_is_close_to_the_dense_product() -> None:
-    x = torch.randn(40, 96, dtype=torch.bfloat16)
-    w = torch.randn(72, 96)
-    scale = w.abs().amax(1) / 127
-    codes = torch.round(w / scale[:, None]).to(torch.int8)
-    out = ops.int8_linear(x, codes.t(), scale, torch.bfloat16)
-    assert out.dtype == torch.bfloat16
-    # Each of x and W is rounded to 1/254 of its row's range: about 1% of the product.
-    dense = x.float() @ w.T
-    assert ((out.float() - dense).norm() / dense.norm()) < 0.02
-
-
 def random_batch(dtype: torch.dtype, heads: int = 6, kv_heads: int = 2, dim: int = 32):
     """A mixed batch (decodes, a chunk, a whole prompt) over a shuffled 40-block cache."""
     block_size, num_blocks = 4, 40
