@@ -126,3 +126,15 @@ def test_decode_only_metadata_equals_the_general_build() -> None:
     for field in a.__dataclass_fields__:
         x, y = getattr(a, field), getattr(b, field)
         assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, field
+
+
+def test_kv_cache_is_zeroed_and_each_tensor_its_own() -> None:
+    from pagoda.model.attention import allocate_kv_cache
+
+    caches = allocate_kv_cache(3, 5, 4, 2, 8, torch.bfloat16)
+    tensors = [t for pair in caches for t in pair]
+    assert all(t.shape == (5, 4, 2, 8) and t.is_contiguous() and not t.any() for t in tensors)
+    for i, t in enumerate(tensors):
+        t.fill_(i + 1)
+    assert [int(t[0, 0, 0, 0]) for t in tensors] == list(range(1, 7))
+    assert all(bool((t == i + 1).all()) for i, t in enumerate(tensors))
