@@ -35,6 +35,7 @@ class AttentionGroup:
     query_index: torch.Tensor  # [num_seqs, max_query_len] flat token of each grid cell
     token_index: torch.Tensor  # [group_tokens] grid cell of each of the group's tokens
     bias: torch.Tensor  # [num_seqs, 1, 1, max_query_len, max_seq_len] float32: 0 or -inf
+    query_pos: torch.Tensor  # [num_seqs, max_query_len] position of each cell (padding: 0)
     positions: torch.Tensor  # [group_tokens] position of each of the group's tokens
     token_seq: torch.Tensor  # [group_tokens] row of block_tables of each of the group's tokens
     max_query_len: int
@@ -128,6 +129,7 @@ class AttentionMetadata:
             query_index=seqs.unsqueeze(1).to(device),
             token_index=seqs.to(device),
             bias=bias.view(num_seqs, 1, 1, 1, max_seq_len).to(device),
+            query_pos=positions.unsqueeze(1).to(device),
             positions=positions.to(device),
             token_seq=seqs.to(device),
             max_query_len=1,
@@ -171,6 +173,7 @@ def _build_group(
         query_index=query_index.to(device),
         token_index=token_index.to(device),
         bias=bias[:, None, None].to(device),
+        query_pos=query_pos.to(device),
         positions=query_pos[valid].to(device),
         token_seq=torch.arange(len(seqs)).unsqueeze(1).expand(-1, max_q)[valid].to(device),
         max_query_len=max_q,
@@ -208,8 +211,13 @@ def attend_group(
     v_cache: torch.Tensor,
     group: AttentionGroup,
     scale: float,
+    softmax: Callable[[torch.Tensor, AttentionGroup], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Attention of one group's queries; rows in the order of group.flat_index."""
+    """Attention of one group's queries; rows in the order of group.flat_index.
+
+    softmax(scores [S, kv_heads, heads_per_kv, max_q, L], group) -> probabilities in
+    the scores' dtype, each query over its own keys; causal_softmax_torch by default.
+    """
     num_kv_heads, head_dim = k_cache.shape[2:]
     num_seqs = group.block_tables.shape[0]
     num_heads = q.shape[1]
@@ -229,13 +237,17 @@ def attend_group(
     rows = queries.view(num_seqs, max_q, num_kv_heads, heads_per_kv, head_dim)
     rows = rows.permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, -1, head_dim) * scale
     scores = torch.matmul(rows, keys.permute(0, 2, 3, 1))  # [S, kv_heads, rows, L]
-    # Softmax in float32, with the causal/padding bias shared by all heads.
-    scores = scores.view(num_seqs, num_kv_heads, heads_per_kv, max_q, -1).float()
-    probs = scores.add_(group.bias).softmax(dim=-1).to(values.dtype).flatten(2, 3)
+    scores = scores.view(num_seqs, num_kv_heads, heads_per_kv, max_q, -1)
+    probs = (softmax or causal_softmax_torch)(scores, group).flatten(2, 3)
     out = torch.matmul(probs, values.transpose(1, 2))  # [S, kv_heads, rows, head_dim]
     out = out.view(num_seqs, num_kv_heads, heads_per_kv, max_q, head_dim).permute(0, 3, 1, 2, 4)
     out = out.reshape(num_seqs * max_q, num_heads * head_dim)
     return out if group.dense is not None else out[group.token_index]
+
+
+def causal_softmax_torch(scores: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+    """Softmax in float32, with the causal/padding bias shared by all heads."""
+    return scores.float().add_(group.bias).softmax(dim=-1).to(scores.dtype)
 
 
 def allocate_kv_cache(

@@ -88,6 +88,11 @@ def q8_0_linear(x: torch.Tensor, w: Q8Weight, dense: torch.Tensor) -> torch.Tens
     return torch.nn.functional.linear(x, dense).float()
 
 
+def causal_softmax(scores: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+    """attention.causal_softmax_torch in one pass (scores contiguous, as matmul makes them)."""
+    return torch.ops.pagoda.causal_softmax.default(scores.contiguous(), group.query_pos)
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -112,7 +117,7 @@ def paged_attention(
 
     def attend(group: AttentionGroup) -> torch.Tensor:
         if group.max_query_len != 1:
-            return attend_group(q, k_cache, v_cache, group, scale)
+            return attend_group(q, k_cache, v_cache, group, scale, causal_softmax)
         rows = q[group.dense[0] : group.dense[1]] if group.dense else q[group.flat_index]
         return torch.ops.pagoda.paged_attention(
             rows, k_cache, v_cache, group.block_tables, group.token_seq, group.positions, scale

@@ -462,6 +462,57 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
   return out;
 }
 
+// ---------------------------------------------------------------- causal softmax
+// The softmax of prompt attention: row (s, ..., j) of scores [S, ..., Q, L] keeps
+// keys 0..query_pos[s, j] and gives the rest probability 0. In float32, rounded to
+// T once at the end: one pass instead of a float copy, a bias add, a softmax and
+// a copy back.
+template <typename T>
+void causal_softmax_impl(const at::Tensor& scores, const at::Tensor& query_pos, at::Tensor& out) {
+  const int64_t seqs = scores.size(0), q_len = scores.size(-2), keys = scores.size(-1);
+  const int64_t rows = scores.numel() / keys, per_seq = rows / seqs;
+  const T* sp = scores.data_ptr<T>();
+  const int64_t* qp = query_pos.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(keys);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t len = std::min(qp[(r / per_seq) * q_len + r % q_len] + 1, keys);
+      TORCH_CHECK(len > 0, "query positions must be >= 0");
+      const T* row = sp + r * keys;
+      T* o = op + r * keys;
+      int64_t p = 0;
+#ifdef __AVX512F__
+      for (; p + 16 <= len; p += 16) _mm512_storeu_ps(buf.data() + p, load16(row + p));
+#endif
+      for (; p < len; ++p) buf[p] = to_f32(row[p]);
+      const float inv = 1.f / exp_shifted(buf.data(), len);
+      p = 0;
+#ifdef __AVX512F__
+      for (; p + 16 <= len; p += 16) {
+        store16(o + p, _mm512_mul_ps(_mm512_loadu_ps(buf.data() + p), _mm512_set1_ps(inv)));
+      }
+#endif
+      for (; p < len; ++p) o[p] = from_f32<T>(buf[p] * inv);
+      std::fill(o + len, o + keys, from_f32<T>(0.f));
+    }
+  });
+}
+
+at::Tensor causal_softmax(const at::Tensor& scores, const at::Tensor& query_pos) {
+  check_cpu(scores, "scores");
+  TORCH_CHECK(scores.dim() >= 3 && scores.is_contiguous(), "scores must be contiguous [S, ..., Q, L]");
+  TORCH_CHECK(query_pos.scalar_type() == at::kLong && query_pos.is_contiguous() &&
+                  query_pos.dim() == 2 && query_pos.size(0) == scores.size(0) &&
+                  query_pos.size(1) == scores.size(-2),
+              "query_pos must be contiguous int64 [S, Q]");
+  at::Tensor out = at::empty_like(scores);
+  dispatch_float_types(scores, "causal_softmax", [&](auto t) {
+    causal_softmax_impl<decltype(t)>(scores, query_pos, out);
+  });
+  return out;
+}
+
 // ---------------------------------------------------------------- Q8_0 matrix product
 // out = x @ W.T in float32 for a weight stored as GGUF's Q8_0 blocks: row n, block b
 // is scales[n, b] * codes[n, 32 b : 32 b + 32]. For a few rows of x, where reading
@@ -536,6 +587,7 @@ TORCH_LIBRARY(pagoda, m) {
   m.def(
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor token_seq, Tensor positions, float scale) -> Tensor");
+  m.def("causal_softmax(Tensor scores, Tensor query_pos) -> Tensor");
   m.def("q8_0_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
 }
 
@@ -544,5 +596,6 @@ TORCH_LIBRARY_IMPL(pagoda, CPU, m) {
   m.impl("silu_mul", &silu_mul);
   m.impl("rope_and_cache", &rope_and_cache);
   m.impl("paged_attention", &paged_attention);
+  m.impl("causal_softmax", &causal_softmax);
   m.impl("q8_0_linear", &q8_0_linear);
 }

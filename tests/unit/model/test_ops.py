@@ -7,7 +7,12 @@ import torch
 
 from pagoda import envs, kernels
 from pagoda.model import ops
-from pagoda.model.attention import AttentionMetadata, attend_group, attend_torch
+from pagoda.model.attention import (
+    AttentionMetadata,
+    attend_group,
+    attend_torch,
+    causal_softmax_torch,
+)
 
 pytestmark = pytest.mark.skipif(envs.PAGODA_DISABLE_KERNELS, reason="kernels disabled")
 
@@ -113,6 +118,17 @@ def test_kernels_refuse_out_of_cache_slots() -> None:
             torch.tensor([9]),
             0.3,
         )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_causal_softmax(dtype: torch.dtype) -> None:
+    _, _, attn, _, _, _ = random_batch(dtype)
+    for group in attn.groups:  # the decodes, and the chunk and prompt padded to 7 queries
+        shape = (len(group.block_tables), 2, 3, group.max_query_len, group.max_seq_len)
+        scores = (torch.randn(shape) * 4).to(dtype)
+        got = torch.ops.pagoda.causal_softmax(scores, group.query_pos)
+        torch.testing.assert_close(got, causal_softmax_torch(scores, group), **TOLERANCE[dtype])
+        assert (got.float().sum(-1) - 1).abs().max() < 0.02
 
 
 def test_decode_only_metadata_equals_the_general_build() -> None:
