@@ -109,17 +109,13 @@ def paged_attention(
     """
     if not _kernel(q):
         return attend_torch(q, k_cache, v_cache, attn, scale)
-    first = attn.groups[0]
-    if len(attn.groups) == 1 and first.max_query_len == 1 and first.dense:  # all decoding
-        return torch.ops.pagoda.paged_attention.default(
-            q, k_cache, v_cache, first.block_tables, first.token_seq, first.positions, scale
-        )
 
     def attend(group: AttentionGroup) -> torch.Tensor:
         if group.max_query_len != 1:
             return attend_group(q, k_cache, v_cache, group, scale, causal_softmax)
         rows = q[group.dense[0] : group.dense[1]] if group.dense else q[group.flat_index]
-        return torch.ops.pagoda.paged_attention(
+        # The overload itself: resolving it from the packet costs a few us, once a layer.
+        return torch.ops.pagoda.paged_attention.default(
             rows, k_cache, v_cache, group.block_tables, group.token_seq, group.positions, scale
         )
 

@@ -235,7 +235,6 @@ void rope_and_cache(at::Tensor q, at::Tensor k, const at::Tensor& v, const at::T
 // place from the paged cache through block_tables[token_seq[t]]. The query
 // heads that share a KV head are done together, so each key is read once.
 
-
 // Softmax numerators of one row in place; returns their sum.
 inline float exp_shifted(float* scores, int64_t len) {
   const float top = *std::max_element(scores, scores + len);
@@ -338,12 +337,10 @@ void attend_kv_head(const float* q, const T* kc, const T* vc, const int64_t* blo
       for (int c = 0; c < C; ++c) acc[h][c] = _mm512_fmadd_ps(w, vv[c], acc[h][c]);
     }
   }
-  float row[dim];
   for (int h = 0; h < G; ++h) {
     for (int c = 0; c < C; ++c) {
-      _mm512_storeu_ps(row + 16 * c, _mm512_mul_ps(acc[h][c], _mm512_set1_ps(inv[h])));
+      store16(out + h * dim + 16 * c, _mm512_mul_ps(acc[h][c], _mm512_set1_ps(inv[h])));
     }
-    for (int64_t d = 0; d < dim; ++d) out[h * dim + d] = from_f32<T>(row[d]);
   }
 }
 
