@@ -28,20 +28,19 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 ANCHORS = ROOT.parent / "shared" / "anchors"
 
-PAGODA = [
-    str(ROOT / ".venv/bin/pagoda"),
-    "serve",
-    "--host",
-    "127.0.0.1",
-    "--port",
-    "8300",
-    "--served-model-name",
-    "smollm2",
-    "--disable-uvicorn-access-log",
-]
 SERVERS = {
     "pagoda": {
-        "command": PAGODA,
+        "command": [
+            str(ROOT / ".venv/bin/pagoda"),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "8300",
+            "--served-model-name",
+            "smollm2",
+            "--disable-uvicorn-access-log",
+        ],
         "url": "http://127.0.0.1:8300",
         "extra": {"ignore_eos": True},
     },
