@@ -1,0 +1,66 @@
+"""Decode attention over the paged KV cache: the C++ kernel on the default model's shapes.
+
+    .venv/bin/python benchmarks/bench_attention.py [--seqs 32] [--context 330]
+
+Times one decode step's attention (one query token per sequence, 30 layers, the
+default model's 9 query and 3 KV heads of 64) with each sequence's blocks laid out
+two ways: contiguous, as a fresh server hands them out, and scattered at random
+over the cache, as they are after the free queue has cycled for a while. Prints
+the median over 20 steps and the rate at which the keys and values were read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from pagoda import kernels
+from pagoda.model.attention import allocate_kv_cache
+
+LAYERS, HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 30, 9, 3, 64, 16, 1456
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqs", type=int, default=32)
+    parser.add_argument("--context", type=int, default=330)
+    args = parser.parse_args()
+    if not kernels.load():
+        raise SystemExit("the C++ kernels are not built: python -m pagoda.kernels")
+    torch.manual_seed(0)
+    caches = allocate_kv_cache(
+        LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM, torch.bfloat16, torch.device("cpu")
+    )
+    for k, v in caches:
+        k.normal_()
+        v.normal_()
+    per_seq = -(-args.context // BLOCK_SIZE)
+    q = torch.randn(args.seqs, HEADS, HEAD_DIM, dtype=torch.bfloat16)
+    token_seq = torch.arange(args.seqs)
+    positions = torch.full((args.seqs,), args.context - 1)
+    kv_bytes = args.seqs * args.context * KV_HEADS * HEAD_DIM * 2 * 2 * LAYERS
+    layouts = {
+        "contiguous": torch.arange(args.seqs * per_seq),
+        "scattered": torch.randperm(NUM_BLOCKS)[: args.seqs * per_seq],
+    }
+    for name, blocks in layouts.items():
+        tables = blocks.view(args.seqs, per_seq).contiguous()
+        times = []
+        for i in range(23):
+            start = time.perf_counter()
+            for k, v in caches:
+                torch.ops.pagoda.paged_attention(q, k, v, tables, token_seq, positions, 0.125)
+            if i >= 3:  # warm-up
+                times.append(time.perf_counter() - start)
+        step = statistics.median(times)
+        print(
+            f"{name:>10}: {step * 1e3:.2f} ms a step ({step / LAYERS * 1e6:.0f} us a layer), "
+            f"keys and values read at {kv_bytes / step / 1e9:.1f} GB/s"
+        )
+
+
+if __name__ == "__main__":
+    main()
