@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagoda import kernels
 from pagoda.core.request import Request
 
 _MASK32 = 0xFFFFFFFF
@@ -122,16 +123,17 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
     """Penalties, bias and bans, then greedy or temperature/top-k/top-p/min-p sampling."""
     # logits: [B, V] float32, straight from the model (logprobs are reported from these)
     raw = logits
-    logits = logits.clone()
     if meta.output_counts is not None:
-        logits = apply_penalties(logits, meta)
+        logits = apply_penalties(logits, meta)  # a new tensor
+    if meta.bias is not None or meta.banned is not None:
+        logits = logits.clone() if logits is raw else logits
     if meta.bias is not None:
         rows, ids, values = meta.bias
         logits.index_put_((rows, ids), values, accumulate=True)
     if meta.banned is not None:
         logits[meta.banned] = float("-inf")
 
-    greedy = logits.argmax(dim=-1)
+    greedy = argmax_rows(logits)
     if meta.all_greedy:
         tokens = greedy
     else:
@@ -157,6 +159,14 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         if meta.max_logprobs > 0:
             out.top_logprobs, out.top_ids = logprobs.topk(meta.max_logprobs, dim=-1)
     return out
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(dim=-1). On the CPU, ATen's runs one scalar loop a row (1.2 ms for 32
+    rows of 49152 logits here); the C++ kernel finds the same index in 0.1 ms."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and kernels.load():
+        return torch.ops.pagoda.argmax_rows(logits.contiguous())
+    return logits.argmax(dim=-1)
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

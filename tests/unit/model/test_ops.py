@@ -61,6 +61,17 @@ def random_batch(dtype: torch.dtype, heads: int = 6, kv_heads: int = 2, dim: int
     return qkv, (q, k, v), attn, positions, caches, table
 
 
+def test_argmax_rows_equals_torch_argmax() -> None:
+    """Ties go to the first index, a NaN wins, rows of -inf give 0, as in torch.argmax."""
+    x = torch.randn(32, 4099)  # 4099: the vector loops and their scalar tails
+    x[1, 7] = x[1, 4000] = 100.0  # a tie
+    x[2] = float("-inf")
+    x[3, 4098] = float("inf")
+    x[4, 20] = x[4, 30] = float("nan")
+    x[5, 4097] = float("nan")
+    assert torch.equal(torch.ops.pagoda.argmax_rows(x), x.argmax(dim=-1))
+
+
 # head_dim 64 and 128 take the kernel's register-blocked path, 32 its general one.
 @pytest.mark.parametrize("dim", [32, 64, 128])
 @pytest.mark.parametrize("dtype", DTYPES)
