@@ -33,6 +33,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return rms_norm_torch(x, weight, eps)
 
 
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual), the sum rounded to x's dtype before the norm.
+
+    The C++ kernel does both in one pass and in place: x and residual are overwritten.
+    """
+    if _kernel(x) and x.dim() == 2 and x.is_contiguous() and residual.is_contiguous():
+        torch.ops.pagoda.add_rms_norm.default(x, residual, weight, eps)
+        return x, residual
+    residual = x + residual
+    return rms_norm_torch(residual, weight, eps), residual
+
+
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)

@@ -37,6 +37,17 @@ def test_rms_norm(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm(dtype: torch.dtype) -> None:
+    """In place: residual becomes the sum, exactly as torch rounds it, and x its norm."""
+    x, residual = torch.randn(37, 96).to(dtype) * 3, torch.randn(37, 96).to(dtype)
+    w = torch.randn(96).to(dtype)
+    want_x, want_residual = ops.rms_norm_torch(x + residual, w, 1e-5), x + residual
+    torch.ops.pagoda.add_rms_norm(x, residual, w, 1e-5)
+    assert torch.equal(residual, want_residual)
+    torch.testing.assert_close(x, want_x, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_mul(dtype: torch.dtype) -> None:
     x = torch.randn(19, 2 * 83).to(dtype) * 4  # 83: the vector loop and its scalar tail
     torch.testing.assert_close(
