@@ -19,6 +19,7 @@ attend_torch below, which gathers them into padded grids for two matmuls).
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,6 @@ class AttentionGroup:
     block_tables: torch.Tensor  # [num_seqs, max_blocks] padded with block 0
     query_index: torch.Tensor  # [num_seqs, max_query_len] flat token of each grid cell
     token_index: torch.Tensor  # [group_tokens] grid cell of each of the group's tokens
-    bias: torch.Tensor  # [num_seqs, 1, 1, max_query_len, max_seq_len] float32: 0 or -inf
     query_pos: torch.Tensor  # [num_seqs, max_query_len] position of each cell (padding: 0)
     positions: torch.Tensor  # [group_tokens] position of each of the group's tokens
     token_seq: torch.Tensor  # [group_tokens] row of block_tables of each of the group's tokens
@@ -43,6 +43,16 @@ class AttentionGroup:
     # (start, stop) when the grid has no padding and covers flat tokens start..stop-1 in
     # order (a batch of decodes, one whole chunk): the gathers above are then plain views.
     dense: tuple[int, int] | None = None
+
+    @functools.cached_property
+    def bias(self) -> torch.Tensor:
+        """[num_seqs, 1, 1, max_query_len, max_seq_len] float32: 0 where a cell may attend
+        to a key (its own position and before), -inf elsewhere. Made once a step, on first
+        use: only the PyTorch path adds it (the C++ softmax masks by query_pos itself)."""
+        keys = torch.arange(self.max_seq_len, device=self.query_pos.device)
+        bias = torch.zeros(*self.query_pos.shape, self.max_seq_len, device=keys.device)
+        bias.masked_fill_(keys > self.query_pos.unsqueeze(-1), float("-inf"))
+        return bias[:, None, None]
 
 
 @dataclass
@@ -121,14 +131,11 @@ class AttentionMetadata:
         positions = torch.tensor(num_computed, dtype=torch.long)
         seqs = torch.arange(num_seqs)
         slots = table[seqs, positions // block_size] * block_size + positions % block_size
-        mask = torch.arange(max_seq_len) <= positions.unsqueeze(1)
-        bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
         group = AttentionGroup(
             flat_index=seqs.to(device),
             block_tables=table.to(device),
             query_index=seqs.unsqueeze(1).to(device),
             token_index=seqs.to(device),
-            bias=bias.view(num_seqs, 1, 1, 1, max_seq_len).to(device),
             query_pos=positions.unsqueeze(1).to(device),
             positions=positions.to(device),
             token_seq=seqs.to(device),
@@ -161,8 +168,6 @@ def _build_group(
     token_index = (torch.arange(len(seqs)).unsqueeze(1) * max_q + j)[valid]
     # Padding cells attend to key 0 only, so that no row of the bias is all -inf.
     query_pos = torch.where(valid, computed.unsqueeze(1) + j, 0)
-    mask = torch.arange(max_seq_len).view(1, 1, -1) <= query_pos.unsqueeze(-1)
-    bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
     flat = query_index[valid]
     dense = None
     if bool(valid.all()) and int(flat[-1] - flat[0]) == len(flat) - 1:
@@ -172,7 +177,6 @@ def _build_group(
         block_tables=table[seqs, : -(-max_seq_len // block_size)].to(device),
         query_index=query_index.to(device),
         token_index=token_index.to(device),
-        bias=bias[:, None, None].to(device),
         query_pos=query_pos.to(device),
         positions=query_pos[valid].to(device),
         token_seq=torch.arange(len(seqs)).unsqueeze(1).expand(-1, max_q)[valid].to(device),
