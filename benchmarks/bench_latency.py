@@ -53,7 +53,7 @@ def decode_bytes(model) -> int:
     if model.logits_q8 is not None:
         total += model.logits_q8.codes.nbytes + model.logits_q8.scale.nbytes
     else:
-        total += model._output_weight().nbytes
+        total += model.output_weight().nbytes
     return total
 
 

@@ -143,12 +143,12 @@ class LlamaForCausalLM(nn.Module):
         if self.logits_q8 is not None and hidden.shape[0] <= self.Q8_LOGITS_MAX_ROWS:
             # A decode step of a few sequences reads the whole output layer (a fifth of
             # this model's bytes) for a few rows: 1 byte per weight beats bfloat16's 2.
-            return ops.q8_0_linear(hidden, self.logits_q8, self._output_weight())
+            return ops.q8_0_linear(hidden, self.logits_q8, self.output_weight())
         if self.output_prepacked is not None:
             return torch.ops.mkldnn._linear_pointwise(
                 hidden, self.output_prepacked, None, "none", [], ""
             ).float()
-        return F.linear(hidden, self._output_weight()).float()
+        return F.linear(hidden, self.output_weight()).float()
 
     def pack_for_onednn(self) -> None:
         """Prepacks the projections and a copy of the output layer for oneDNN (CPU, bfloat16).
@@ -159,10 +159,11 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack_for_onednn()
-        weight = self._output_weight().detach()
+        weight = self.output_weight().detach()
         self.output_prepacked = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
 
-    def _output_weight(self) -> torch.Tensor:
+    def output_weight(self) -> torch.Tensor:
+        """The output layer's weight: lm_head's, or the embedding table when they are tied."""
         return self.get_parameter(self._output_weight_name())
 
     def _output_weight_name(self) -> str:
