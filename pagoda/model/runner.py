@@ -48,7 +48,7 @@ class ModelRunner:
         self.model = load_model(config.model.path, self.dtype, self.device, quantized)
         if cpu_bf16:
             self.model.pack_for_onednn()
-            release_freed_memory()  # the unpacked weights
+        release_freed_memory()  # loading's temporaries, and the weights packing replaced
         self.spec = self.model.spec
         self.block_size = config.cache.block_size
         per_block = kv_bytes_per_block(self.spec, self.block_size, self.dtype)

@@ -69,7 +69,6 @@ def load_model(
     int4_bytes = sum(
         m.int4[0].nbytes + m.int4[1].nbytes for m in model.modules() if getattr(m, "int4", None)
     )
-    release_freed_memory()
     logger.info(
         "Loaded %s (%s, %d layers) in %.2f s: %.1f MiB of weights in %s%s",
         path.name,
