@@ -1,10 +1,12 @@
 """Attention over a paged KV cache, for a flattened batch of prefill chunks and decode tokens.
 
 The K/V cache of one layer is two tensors of shape
-[num_blocks, block_size, num_kv_heads, head_dim]. A sequence owns a list of
+[num_blocks, num_kv_heads, block_size, head_dim]. A sequence owns a list of
 blocks (its block table); token at position p lives in block
-block_table[p // block_size], row p % block_size, i.e. in "slot"
-block_table[p // block_size] * block_size + p % block_size.
+block_table[p // block_size], row p % block_size of each KV head, i.e. in "slot"
+block_table[p // block_size] * block_size + p % block_size. Within a block,
+each KV head's rows lie together: a decode step reads one head's keys of a
+block as one run of memory, not every third row of it.
 
 One forward pass carries the new tokens of many sequences back to back:
 
@@ -222,13 +224,17 @@ def attend_group(
     softmax(scores [S, kv_heads, heads_per_kv, max_q, L], group) -> probabilities in
     the scores' dtype, each query over its own keys; causal_softmax_torch by default.
     """
-    num_kv_heads, head_dim = k_cache.shape[2:]
+    num_kv_heads, _, head_dim = k_cache.shape[1:]
     num_seqs = group.block_tables.shape[0]
     num_heads = q.shape[1]
     heads_per_kv = num_heads // num_kv_heads  # grouped-query attention
-    # [num_seqs, max_blocks * block_size, num_kv_heads, head_dim], cut to the longest context
-    keys = k_cache[group.block_tables].flatten(1, 2)[:, : group.max_seq_len]
-    values = v_cache[group.block_tables].flatten(1, 2)[:, : group.max_seq_len]
+
+    # [num_seqs, num_kv_heads, max_blocks * block_size, head_dim], cut to the longest context
+    def gather(cache: torch.Tensor) -> torch.Tensor:
+        blocks = cache[group.block_tables].transpose(1, 2)  # [S, kv_heads, blocks, bs, D]
+        return blocks.flatten(2, 3)[:, :, : group.max_seq_len]
+
+    keys, values = gather(k_cache), gather(v_cache)
     if group.dense is not None:
         queries = q[group.dense[0] : group.dense[1]].view(num_seqs, -1, num_heads, head_dim)
     else:
@@ -240,10 +246,10 @@ def attend_group(
     # [num_seqs, num_kv_heads, heads_per_kv * max_q, head_dim]
     rows = queries.view(num_seqs, max_q, num_kv_heads, heads_per_kv, head_dim)
     rows = rows.permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, -1, head_dim) * scale
-    scores = torch.matmul(rows, keys.permute(0, 2, 3, 1))  # [S, kv_heads, rows, L]
+    scores = torch.matmul(rows, keys.transpose(2, 3))  # [S, kv_heads, rows, L]
     scores = scores.view(num_seqs, num_kv_heads, heads_per_kv, max_q, -1)
     probs = (softmax or causal_softmax_torch)(scores, group).flatten(2, 3)
-    out = torch.matmul(probs, values.transpose(1, 2))  # [S, kv_heads, rows, head_dim]
+    out = torch.matmul(probs, values)  # [S, kv_heads, rows, head_dim]
     out = out.view(num_seqs, num_kv_heads, heads_per_kv, max_q, head_dim).permute(0, 3, 1, 2, 4)
     out = out.reshape(num_seqs * max_q, num_heads * head_dim)
     return out if group.dense is not None else out[group.token_index]
@@ -263,13 +269,13 @@ def allocate_kv_cache(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One (k_cache, v_cache) pair per layer, each [num_blocks, block_size, kv_heads, head_dim].
+    """One (k_cache, v_cache) pair per layer, each [num_blocks, kv_heads, block_size, head_dim].
 
     The cache starts zeroed (padding slots are multiplied by zero attention weights,
     and 0 * garbage could be NaN). On the CPU the zeros come from the kernel's
     zero pages, so memory is only resident once a block is written.
     """
-    shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+    shape = (num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim)
     if torch.device(device).type == "cpu":
         caches = _lazy_zeros(shape, dtype)
     else:

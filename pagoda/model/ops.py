@@ -90,9 +90,10 @@ def rope_and_cache_torch(q, k, v, positions, cos_sin, k_cache, v_cache, slot_map
     for x in (q, k):  # the rotate-half form Hugging Face uses
         x1, x2 = x.float().chunk(2, dim=-1)
         x.copy_(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1))
-    num_kv_heads, head_dim = k_cache.shape[2:]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    block_size = k_cache.shape[2]
+    blocks, rows = slot_mapping // block_size, slot_mapping % block_size
+    k_cache[blocks, :, rows] = k  # [tokens, kv_heads, head_dim] into each head's row
+    v_cache[blocks, :, rows] = v
 
 
 def q8_0_linear(x: torch.Tensor, w: Q8Weight, dense: torch.Tensor) -> torch.Tensor:

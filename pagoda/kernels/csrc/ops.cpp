@@ -221,7 +221,7 @@ void rope_and_cache_impl(at::Tensor& q, at::Tensor& k, const at::Tensor& v,
   T* kc = k_cache.data_ptr<T>();
   T* vc = v_cache.data_ptr<T>();
   const int64_t qs = q.stride(0), ks = k.stride(0), vs = v.stride(0);
-  const int64_t num_slots = k_cache.numel() / (kv_heads * dim);
+  const int64_t block_size = k_cache.size(2), num_slots = k_cache.size(0) * block_size;
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, "slot ", slot[t], " is out of the cache");
@@ -229,8 +229,12 @@ void rope_and_cache_impl(at::Tensor& q, at::Tensor& k, const at::Tensor& v,
       const float* sin = cos + half;
       for (int64_t h = 0; h < heads; ++h) rotate_row(qp + t * qs + h * dim, cos, sin, half);
       for (int64_t h = 0; h < kv_heads; ++h) rotate_row(kp + t * ks + h * dim, cos, sin, half);
-      std::copy_n(kp + t * ks, kv_heads * dim, kc + slot[t] * kv_heads * dim);
-      std::copy_n(vp + t * vs, kv_heads * dim, vc + slot[t] * kv_heads * dim);
+      // Head h's row of the slot: block slot / block_size, head h, row slot % block_size.
+      const int64_t row = slot[t] / block_size * kv_heads * block_size + slot[t] % block_size;
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        std::copy_n(kp + t * ks + h * dim, dim, kc + (row + h * block_size) * dim);
+        std::copy_n(vp + t * vs + h * dim, dim, vc + (row + h * block_size) * dim);
+      }
     }
   });
 }
@@ -247,7 +251,9 @@ void rope_and_cache(at::Tensor q, at::Tensor k, const at::Tensor& v, const at::T
   check_heads(q, "q");
   check_heads(k, "k");
   check_heads(v, "v");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 &&
+                  k_cache.size(1) == k.size(1) && k_cache.size(3) == k.size(2),
+              "caches must be contiguous [blocks, kv_heads, block_size, head_dim]");
   TORCH_CHECK(positions.scalar_type() == at::kLong && slot_mapping.scalar_type() == at::kLong,
               "positions and slot_mapping must be int64");
   TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous(),
@@ -351,7 +357,7 @@ void attend_kv_head(const float* q, const T* kc, const T* vc, const int64_t* blo
     for (int c = 0; c < C; ++c) qv[h][c] = _mm512_loadu_ps(q + h * dim + 16 * c);
   // KV head g's row of position p, which lies in the sequence's block b.
   auto row = [&](const T* cache, int64_t b, int64_t p) {
-    return cache + ((blocks[b] * block_size + p % block_size) * kv_heads + g) * dim;
+    return cache + ((blocks[b] * kv_heads + g) * block_size + p % block_size) * dim;
   };
   const int64_t last_block = (len - 1) / block_size;
   for (int64_t p = 0; p < len; ++p) {
@@ -422,7 +428,7 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
                           const at::Tensor& token_seq, const at::Tensor& positions, double scale,
                           at::Tensor& out) {
   const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  const int64_t kv_heads = k_cache.size(1), block_size = k_cache.size(2);
   const int64_t group = heads / kv_heads, num_blocks = k_cache.size(0);
   const T* qp = q.data_ptr<T>();
   const T* kc = k_cache.data_ptr<T>();
@@ -455,8 +461,8 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
     return;
   }
 #endif
-  // One token at a time, all its heads together: a cache row holds every KV head's
-  // key side by side, so the blocks are read front to back.
+  // One token at a time, all its heads together, its keys read head by head (a block
+  // holds each KV head's rows together).
   at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(heads * dim), acc(heads * dim), scores, sums(heads);
     for (int64_t t = begin; t < end; ++t) {
@@ -468,21 +474,20 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
       }
       for (int64_t i = 0; i < heads * dim; ++i) qf[i] = to_f32(qp[t * qs + i]) * s;
       scores.resize(heads * len);
-      for (int64_t p = 0; p < len; ++p) {
-        const int64_t slot = blocks[p / block_size] * block_size + p % block_size;
-        const T* keys = kc + slot * kv_heads * dim;
-        for (int64_t g = 0; g < kv_heads; ++g) {
-          dot_heads(&qf[g * group * dim], keys + g * dim, group, dim, &scores[g * group * len + p],
+      auto row = [&](const T* cache, int64_t g, int64_t p) {
+        return cache + ((blocks[p / block_size] * kv_heads + g) * block_size + p % block_size) * dim;
+      };
+      for (int64_t g = 0; g < kv_heads; ++g) {
+        for (int64_t p = 0; p < len; ++p) {
+          dot_heads(&qf[g * group * dim], row(kc, g, p), group, dim, &scores[g * group * len + p],
                     len);
         }
       }
       for (int64_t h = 0; h < heads; ++h) sums[h] = exp_shifted(&scores[h * len], len);
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t p = 0; p < len; ++p) {
-        const int64_t slot = blocks[p / block_size] * block_size + p % block_size;
-        const T* values = vc + slot * kv_heads * dim;
-        for (int64_t g = 0; g < kv_heads; ++g) {
-          axpy_heads(&scores[g * group * len + p], len, values + g * dim, group, dim,
+      for (int64_t g = 0; g < kv_heads; ++g) {
+        for (int64_t p = 0; p < len; ++p) {
+          axpy_heads(&scores[g * group * len + p], len, row(vc, g, p), group, dim,
                      &acc[g * group * dim]);
         }
       }
@@ -502,9 +507,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
   check_cpu(q, "q");
   check_heads(q, "q");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4,
-              "caches must be contiguous [blocks, block_size, kv_heads, head_dim]");
+              "caches must be contiguous [blocks, kv_heads, block_size, head_dim]");
   TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(), "q and the cache must share a dtype");
-  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "query heads must be a multiple of KV heads");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.stride(1) == 1,
               "block_tables must be int64 with contiguous rows");
   TORCH_CHECK(token_seq.is_contiguous() && positions.is_contiguous(),

@@ -66,7 +66,7 @@ def random_batch(dtype: torch.dtype, heads: int = 6, kv_heads: int = 2, dim: int
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim).to(dtype)
     q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
     q, k, v = (t.view(tokens, -1, dim) for t in (q, k, v))
-    shape = (num_blocks, block_size, kv_heads, dim)
+    shape = (num_blocks, kv_heads, block_size, dim)
     caches = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
     table = torch.randn(64, dim).float()
     return qkv, (q, k, v), attn, positions, caches, table
@@ -171,7 +171,7 @@ def test_kv_cache_is_zeroed_and_each_tensor_its_own() -> None:
 
     caches = allocate_kv_cache(3, 5, 4, 2, 8, torch.bfloat16)
     tensors = [t for pair in caches for t in pair]
-    assert all(t.shape == (5, 4, 2, 8) and t.is_contiguous() and not t.any() for t in tensors)
+    assert all(t.shape == (5, 2, 4, 8) and t.is_contiguous() and not t.any() for t in tensors)
     for i, t in enumerate(tensors):
         t.fill_(i + 1)
     assert [int(t[0, 0, 0, 0]) for t in tensors] == list(range(1, 7))
