@@ -112,7 +112,7 @@ def _json_list(text: str) -> list[str]:
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    from pagoda.config import DTYPES, QUANTIZATIONS
+    from pagoda.config import DTYPES, QUANTIZATIONS, SchedulerConfig
 
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument(
@@ -125,7 +125,13 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=SchedulerConfig.max_num_batched_tokens,
+        help="tokens per step: fewer for earlier first tokens, more for throughput "
+        "(default: %(default)s)",
+    )
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument(
         "--kv-cache-memory",
@@ -213,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp = bench.add_parser("throughput", help="offline generation throughput")
     throughput.add_arguments(tp)
     _add_engine_flags(tp)
-    tp.set_defaults(func=throughput.main, kv_cache_memory=1 << 30)
+    tp.set_defaults(func=throughput.main, kv_cache_memory=1 << 30, max_num_batched_tokens=512)
     sv = bench.add_parser("serve", help="load an OpenAI-compatible server")
     bench_serve.add_arguments(sv)
     sv.set_defaults(func=bench_serve.main)
