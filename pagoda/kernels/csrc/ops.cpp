@@ -78,6 +78,14 @@ void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
 }
 
+// KV head g's row `offset` of a block, in a cache laid out [blocks, kv_heads, block_size,
+// head_dim]: each KV head's rows of a block lie together.
+template <typename T>
+inline T* cache_row(T* cache, int64_t block, int64_t g, int64_t offset, int64_t kv_heads,
+                    int64_t block_size, int64_t dim) {
+  return cache + ((block * kv_heads + g) * block_size + offset) * dim;
+}
+
 // ---------------------------------------------------------------- RMSNorm
 // out = weight * round(x * rsqrt(mean(x^2) + eps)), rows of x normalised independently.
 // With a residual, the residual stream's add comes first in the same pass over the row:
@@ -229,11 +237,12 @@ void rope_and_cache_impl(at::Tensor& q, at::Tensor& k, const at::Tensor& v,
       const float* sin = cos + half;
       for (int64_t h = 0; h < heads; ++h) rotate_row(qp + t * qs + h * dim, cos, sin, half);
       for (int64_t h = 0; h < kv_heads; ++h) rotate_row(kp + t * ks + h * dim, cos, sin, half);
-      // Head h's row of the slot: block slot / block_size, head h, row slot % block_size.
-      const int64_t row = slot[t] / block_size * kv_heads * block_size + slot[t] % block_size;
+      const int64_t block = slot[t] / block_size, offset = slot[t] % block_size;
       for (int64_t h = 0; h < kv_heads; ++h) {
-        std::copy_n(kp + t * ks + h * dim, dim, kc + (row + h * block_size) * dim);
-        std::copy_n(vp + t * vs + h * dim, dim, vc + (row + h * block_size) * dim);
+        std::copy_n(kp + t * ks + h * dim, dim,
+                    cache_row(kc, block, h, offset, kv_heads, block_size, dim));
+        std::copy_n(vp + t * vs + h * dim, dim,
+                    cache_row(vc, block, h, offset, kv_heads, block_size, dim));
       }
     }
   });
@@ -336,7 +345,8 @@ inline void axpy_heads(const float* w, int64_t stride, const T* value, int64_t g
 #ifdef __AVX512F__
 // Asks for one cache row a block ahead of its use. A sequence's blocks lie scattered over
 // the cache, where the hardware prefetcher cannot follow: without this, decoding 32
-// sequences read scattered keys and values at 9-11 GB/s, with it at 14-16
+// sequences read scattered keys and values at 9-11 GB/s, with it at 14-16, measured
+// with the cache's earlier layout of all heads' rows interleaved
 // (benchmarks/bench_attention.py).
 template <typename T>
 inline void prefetch_row(const T* row, int64_t dim) {
@@ -357,7 +367,7 @@ void attend_kv_head(const float* q, const T* kc, const T* vc, const int64_t* blo
     for (int c = 0; c < C; ++c) qv[h][c] = _mm512_loadu_ps(q + h * dim + 16 * c);
   // KV head g's row of position p, which lies in the sequence's block b.
   auto row = [&](const T* cache, int64_t b, int64_t p) {
-    return cache + ((blocks[b] * kv_heads + g) * block_size + p % block_size) * dim;
+    return cache_row(cache, blocks[b], g, p % block_size, kv_heads, block_size, dim);
   };
   const int64_t last_block = (len - 1) / block_size;
   for (int64_t p = 0; p < len; ++p) {
@@ -475,7 +485,8 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
       for (int64_t i = 0; i < heads * dim; ++i) qf[i] = to_f32(qp[t * qs + i]) * s;
       scores.resize(heads * len);
       auto row = [&](const T* cache, int64_t g, int64_t p) {
-        return cache + ((blocks[p / block_size] * kv_heads + g) * block_size + p % block_size) * dim;
+        return cache_row(cache, blocks[p / block_size], g, p % block_size, kv_heads, block_size,
+                         dim);
       };
       for (int64_t g = 0; g < kv_heads; ++g) {
         for (int64_t p = 0; p < len; ++p) {
