@@ -108,6 +108,14 @@ def causal_softmax(scores: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
     return torch.ops.pagoda.causal_softmax.default(scores.contiguous(), group.query_pos)
 
 
+def _prompt_kernel(q: torch.Tensor, k_cache: torch.Tensor):
+    """The C++ prompt attention where it takes these shapes: bfloat16 (a build for a CPU
+    with AVX512-BF16), head_dim 64 or 128, 1 to 6 query heads per KV head; else None."""
+    kernel = getattr(torch.ops.pagoda, "prompt_attention", None)
+    shape_ok = q.shape[2] in (64, 128) and q.shape[1] // k_cache.shape[1] <= 6
+    return kernel.default if kernel and q.dtype == torch.bfloat16 and shape_ok else None
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -118,19 +126,25 @@ def paged_attention(
     """Each query [T, H, D] attends to its own sequence's cached keys up to its position.
 
     Returns [T, H * D]. The cache must already hold the batch's own keys and values.
-    The kernel takes the decoding sequences: one query each, so the work is reading
-    their keys. Prompt chunks go to two matmuls, which use each key for every
-    query of the chunk at once.
+    One kernel takes the decoding sequences: one query each, so the work is reading
+    their keys. Another takes prompt chunks in bfloat16, tiles of consecutive
+    tokens that share each key they read and skip the causal half; elsewhere
+    prompt chunks go to two matmuls, which use each key for every query at once.
     """
     if not _kernel(q):
         return attend_torch(q, k_cache, v_cache, attn, scale)
+    prompt_kernel = _prompt_kernel(q, k_cache)
 
     def attend(group: AttentionGroup) -> torch.Tensor:
-        if group.max_query_len != 1:
+        if group.max_query_len == 1:
+            # The overload itself: resolving it from the packet costs a few us, once a layer.
+            kernel = torch.ops.pagoda.paged_attention.default
+        elif prompt_kernel is not None:
+            kernel = prompt_kernel
+        else:
             return attend_group(q, k_cache, v_cache, group, scale, causal_softmax)
         rows = q[group.dense[0] : group.dense[1]] if group.dense else q[group.flat_index]
-        # The overload itself: resolving it from the packet costs a few us, once a layer.
-        return torch.ops.pagoda.paged_attention.default(
+        return kernel(
             rows, k_cache, v_cache, group.block_tables, group.token_seq, group.positions, scale
         )
 

@@ -126,6 +126,66 @@ def test_paged_attention_equals_the_pytorch_path() -> None:
     )
 
 
+needs_prompt_kernel = pytest.mark.skipif(
+    not kernels.load() or not hasattr(torch.ops.pagoda, "prompt_attention"),
+    reason="the prompt attention kernel needs a CPU with AVX512-BF16",
+)
+
+
+# (query heads, KV heads, head_dim, block size): every register-blocked group size, both
+# head_dims, and blocks smaller and larger than the kernel's tiles of 16 tokens and keys.
+@needs_prompt_kernel
+@pytest.mark.parametrize(
+    "heads, kv_heads, dim, block_size",
+    [
+        (9, 3, 64, 16),
+        (4, 4, 64, 4),
+        (4, 2, 128, 32),
+        (16, 4, 64, 16),
+        (10, 2, 64, 8),
+        (12, 2, 128, 16),
+    ],
+)
+def test_prompt_attention_equals_float32(
+    heads: int, kv_heads: int, dim: int, block_size: int
+) -> None:
+    """Chunks from position 0, after a context, longer and shorter than a tile, side by side
+    with a decode; the kernel against the PyTorch path in float32 on the same values."""
+    torch.manual_seed(0)
+    num_computed, num_new = [0, 21, 40, 0, 5], [37, 16, 1, 2, 70]
+    num_blocks = sum(-(-(c + n) // block_size) for c, n in zip(num_computed, num_new))
+    order = torch.randperm(num_blocks).tolist()
+    tables = []
+    for c, n in zip(num_computed, num_new):
+        used = -(-(c + n) // block_size)
+        tables.append(order[:used])
+        order = order[used:]
+    attn, _ = AttentionMetadata.build(num_computed, num_new, tables, block_size)
+    q = torch.randn(sum(num_new), heads, dim).bfloat16()
+    shape = (num_blocks, kv_heads, block_size, dim)
+    kc, vc = torch.randn(shape).bfloat16(), torch.randn(shape).bfloat16()
+    reference = attend_torch(q.float(), kc.float(), vc.float(), attn, dim**-0.5)
+    chunks = next(g for g in attn.groups if g.max_query_len > 1)
+    out = torch.ops.pagoda.prompt_attention(
+        q[chunks.flat_index],
+        kc,
+        vc,
+        chunks.block_tables,
+        chunks.token_seq,
+        chunks.positions,
+        dim**-0.5,
+    )
+    torch.testing.assert_close(
+        out.float(), reference[chunks.flat_index], **TOLERANCE[torch.bfloat16]
+    )
+    # ops.paged_attention takes it for the chunks, the decode kernel for the decode.
+    torch.testing.assert_close(
+        ops.paged_attention(q, kc, vc, attn, dim**-0.5).float(),
+        reference,
+        **TOLERANCE[torch.bfloat16],
+    )
+
+
 def test_kernels_refuse_out_of_cache_slots() -> None:
     qkv, (q, k, v), attn, positions, (kc, vc), table = random_batch(torch.float32)
     with pytest.raises(RuntimeError, match="out of the cache"):
@@ -140,6 +200,19 @@ def test_kernels_refuse_out_of_cache_slots() -> None:
             torch.tensor([9]),
             0.3,
         )
+    if hasattr(torch.ops.pagoda, "prompt_attention"):
+        qkv, (q, k, v), attn, positions, (kc, vc), table = random_batch(torch.bfloat16, dim=64)
+        chunk = attn.groups[1]
+        with pytest.raises(RuntimeError, match="out of the cache"):
+            torch.ops.pagoda.prompt_attention(
+                q[chunk.flat_index],
+                kc,
+                vc,
+                chunk.block_tables + 99,
+                chunk.token_seq,
+                chunk.positions,
+                0.3,
+            )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
