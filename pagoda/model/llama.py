@@ -48,8 +48,13 @@ class Attention(nn.Module):
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, attn: AttentionMetadata
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        attn: AttentionMetadata,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Every token's keys and values go to the cache; the output is keep's rows only."""
         spec = self.spec
         q, k, v = self.qkv_proj(x).split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
         q = q.view(-1, spec.num_heads, spec.head_dim)  # [num_tokens, num_heads, head_dim]
@@ -59,7 +64,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         assert self.kv_cache is not None, "the runner binds a KV cache before the first forward"
         ops.rope_and_cache(q, k, v, positions, self.rope.cos_sin, *self.kv_cache, attn.slot_mapping)
-        return self.o_proj(ops.paged_attention(q, *self.kv_cache, attn, self.scale))
+        out = ops.paged_attention(q, *self.kv_cache, attn, self.scale)
+        return self.o_proj(out if keep is None else out[keep])
 
 
 class MLP(nn.Module):
@@ -86,15 +92,19 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         residual: torch.Tensor | None,
         attn: AttentionMetadata,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream is residual + x: the previous layer hands its last addend
         over unadded, so that the add happens inside the next norm's pass over the rows.
-        The first layer gets the embeddings as x and no residual."""
+        The first layer gets the embeddings as x and no residual. With keep, the rows
+        after attention are keep's only."""
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, attn)
+        x = self.self_attn(positions, x, attn, keep)
+        if keep is not None:
+            residual = residual[keep]
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -125,12 +135,23 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden_size]."""
+        """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden_size].
+
+        keep: the rows the caller will read (default all), e.g. the last token of each
+        prompt. The last layer then writes every token's keys and values to the cache,
+        as it must, but runs its output projection and MLP on keep's rows only: for a
+        prompt of n tokens, n - 1 rows of the last layer's work that nothing reads.
+        """
         x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual, attn)
+        for i, layer in enumerate(self.layers):
+            last = i == len(self.layers) - 1
+            x, residual = layer(positions, x, residual, attn, keep if last else None)
         return self.norm(x, residual)[0]
 
     # Up to this many rows, logits come from the Q8_0 output layer when there is one.

@@ -96,10 +96,19 @@ class ModelRunner:
             self.device,
         )
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, positions.to(self.device), attn)
+        # Only the sampled rows' hidden states are read, unless prompt logprobs want every
+        # row. A step that samples nothing keeps one row: no projection runs on zero rows.
+        keep = None
+        if len(sample_rows) < len(token_ids) and all(
+            s.request.sampling_params.prompt_logprobs is None for s in scheduled
+        ):
+            keep = torch.tensor(sample_rows or [len(token_ids) - 1], device=self.device)
+        hidden = self.model(input_ids, positions.to(self.device), attn, keep)
 
         out = RunnerOutput()
-        self._collect_prompt_logprobs(scheduled, hidden, out)
+        if keep is None:
+            self._collect_prompt_logprobs(scheduled, hidden, out)
+            hidden = hidden[sample_rows]
         sampling = [
             s.request
             for s in scheduled
@@ -107,7 +116,7 @@ class ModelRunner:
         ]
         if not sampling:
             return out
-        logits = self.model.compute_logits(hidden[sample_rows])
+        logits = self.model.compute_logits(hidden)
         meta = SamplingMetadata.from_requests(sampling, logits.shape[1], self.device)
         result = sample(logits, meta)
         tokens = result.token_ids.tolist()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import VARIANTS, bind_cache, forward, make_hf_model
+from tiny_models import BLOCK_SIZE, VARIANTS, bind_cache, forward, make_hf_model
 
 from pagoda.model.attention import AttentionMetadata, allocate_kv_cache
 from pagoda.model.llama import LlamaForCausalLM
@@ -113,6 +113,27 @@ def test_mixed_batch_matches_each_sequence_alone(qwen3_model) -> None:
     for seq, extra, logits in ((0, [4], step3[0]), (1, [5, 6], step3[1]), (3, [1], step3[3])):
         full = full_prefill(qwen3_model, prompts[seq] + extra)
         torch.testing.assert_close(logits[-1], full[-1], atol=ATOL, rtol=0)
+    bind_cache(qwen3_model)
+
+
+def test_kept_rows_match_the_full_forward_and_fill_the_cache(qwen3_model) -> None:
+    """keep: only the chosen rows come out, the same as from the full pass, and the last
+    layer still caches every token, so decoding after a kept-rows prefill is unchanged."""
+    prompts = [list(range(3, 22)), list(range(60, 65))]
+    expected = [full_prefill(qwen3_model, p + [7]) for p in prompts]
+    bind_cache(qwen3_model)
+    tables = [list(range(0, 8)), list(range(8, 16))]
+    attn, positions = AttentionMetadata.build([0, 0], [19, 5], tables, BLOCK_SIZE)
+    ids = torch.tensor(prompts[0] + prompts[1])
+    keep = torch.tensor([18, 23])  # each prompt's last token
+    hidden = qwen3_model(ids, positions, attn, keep)
+    assert hidden.shape[0] == 2
+    logits = qwen3_model.compute_logits(hidden)
+    torch.testing.assert_close(logits[0], expected[0][18], atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[1], expected[1][4], atol=ATOL, rtol=0)
+    step = forward(qwen3_model, [([7], 19, tables[0]), ([7], 5, tables[1])])
+    torch.testing.assert_close(step[0][0], expected[0][19], atol=ATOL, rtol=0)
+    torch.testing.assert_close(step[1][0], expected[1][5], atol=ATOL, rtol=0)
     bind_cache(qwen3_model)
 
 
