@@ -566,13 +566,15 @@ inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
 }
 
-// One tile: tokens first..first+n-1 of q (positions pos0..pos0+n-1 of one sequence,
-// whose blocks are `blocks`), query heads g*G..g*G+G-1, head_dim 32 DP.
+// One tile: the n tokens whose rows start at q, q_stride apart, at positions
+// pos0..pos0+n-1 of the sequence with block table `blocks`; query heads g*G..g*G+G-1,
+// each of DP bfloat16 pairs (head_dim 2 DP); output rows out_stride apart.
 template <int G, int DP>
 void prompt_tile(const at::BFloat16* q, int64_t q_stride, int64_t n, int64_t pos0,
                  const int64_t* blocks, const at::BFloat16* kc, const at::BFloat16* vc,
                  int64_t block_size, int64_t kv_heads, int64_t g, float scale, at::BFloat16* out,
                  int64_t out_stride) {
+  // Scores of KC keys at a time: G x KC accumulators, held in registers.
   constexpr int D = 2 * DP, KC = G <= 3 ? 8 : 4;
   // Queries as bfloat16 pairs, token t in lane t; lanes past n repeat the last token
   // (a valid query whose result is not stored).
@@ -632,7 +634,7 @@ void prompt_tile(const at::BFloat16* q, int64_t q_stride, int64_t n, int64_t pos
     }
     for (int h = 0; h < G; ++h) {
       __m512 m = top[h];
-      for (int j = 0; j < kKeys; ++j) {
+      for (int j = 0; j < kKeys; ++j) {  // scaled here in float32, not the bfloat16 queries
         const __m512 x = _mm512_mul_ps(_mm512_load_ps(s[h][j]), _mm512_set1_ps(scale));
         _mm512_store_ps(s[h][j], x);
         m = _mm512_mask_max_ps(m, keep[j], m, x);
@@ -667,8 +669,7 @@ void prompt_tile(const at::BFloat16* q, int64_t q_stride, int64_t n, int64_t pos
       }
     }
     for (int h = 0; h < G; ++h) {
-      for (int t = 0; t < kTile; ++t) {
-        if (t >= n) break;
+      for (int t = 0; t < n; ++t) {
         for (int d = 0; d < D; d += 16) {
           __m512 a = _mm512_load_ps(acc[h][t] + d);
           for (int j = 0; j < kKeys / 2; ++j) {
@@ -722,7 +723,8 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             double scale) {
   check_cpu(q, "q");
   check_heads(q, "q");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16,
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
+                  v_cache.scalar_type() == at::kBFloat16,
               "prompt_attention takes bfloat16");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4,
               "caches must be contiguous [blocks, kv_heads, block_size, head_dim]");
