@@ -511,20 +511,28 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
   });
 }
 
-at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
-                           const at::Tensor& v_cache, const at::Tensor& block_tables,
-                           const at::Tensor& token_seq, const at::Tensor& positions,
-                           double scale) {
+// The arguments of paged_attention and prompt_attention.
+void check_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& block_tables,
+                          const at::Tensor& token_seq, const at::Tensor& positions) {
   check_cpu(q, "q");
   check_heads(q, "q");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4,
               "caches must be contiguous [blocks, kv_heads, block_size, head_dim]");
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(), "q and the cache must share a dtype");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "q and the caches must share a dtype");
   TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "query heads must be a multiple of KV heads");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.stride(1) == 1,
               "block_tables must be int64 with contiguous rows");
   TORCH_CHECK(token_seq.is_contiguous() && positions.is_contiguous(),
               "token_seq and positions must be contiguous");
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& block_tables,
+                           const at::Tensor& token_seq, const at::Tensor& positions,
+                           double scale) {
+  check_attention_args(q, k_cache, v_cache, block_tables, token_seq, positions);
   at::Tensor out = at::empty({q.size(0), q.size(1) * q.size(2)}, q.options());
   dispatch_float_types(q, "paged_attention", [&](auto t) {
     paged_attention_impl<decltype(t)>(q, k_cache, v_cache, block_tables, token_seq, positions,
@@ -721,21 +729,11 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,
                             const at::Tensor& token_seq, const at::Tensor& positions,
                             double scale) {
-  check_cpu(q, "q");
-  check_heads(q, "q");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
-                  v_cache.scalar_type() == at::kBFloat16,
-              "prompt_attention takes bfloat16");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4,
-              "caches must be contiguous [blocks, kv_heads, block_size, head_dim]");
-  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.stride(1) == 1,
-              "block_tables must be int64 with contiguous rows");
-  TORCH_CHECK(token_seq.is_contiguous() && positions.is_contiguous(),
-              "token_seq and positions must be contiguous");
+  check_attention_args(q, k_cache, v_cache, block_tables, token_seq, positions);
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16, "prompt_attention takes bfloat16");
   const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = k_cache.size(1), block_size = k_cache.size(2);
   const int64_t num_blocks = k_cache.size(0), table_stride = block_tables.stride(0);
-  TORCH_CHECK(heads % kv_heads == 0, "query heads must be a multiple of KV heads");
   const PromptTile tile = prompt_tile_for(dim, heads / kv_heads);
   TORCH_CHECK(tile != nullptr, "prompt_attention: unsupported head shape");
   const int64_t* seq = token_seq.data_ptr<int64_t>();
