@@ -86,6 +86,14 @@ inline T* cache_row(T* cache, int64_t block, int64_t g, int64_t offset, int64_t 
   return cache + ((block * kv_heads + g) * block_size + offset) * dim;
 }
 
+// That the blocks holding positions 0..len-1 of a sequence lie in the cache.
+void check_blocks(const int64_t* blocks, int64_t len, int64_t block_size, int64_t num_blocks) {
+  for (int64_t b = 0; b * block_size < len; ++b) {
+    TORCH_CHECK(blocks[b] >= 0 && blocks[b] < num_blocks, "block ", blocks[b],
+                " is out of the cache");
+  }
+}
+
 // ---------------------------------------------------------------- RMSNorm
 // out = weight * round(x * rsqrt(mean(x^2) + eps)), rows of x normalised independently.
 // With a residual, the residual stream's add comes first in the same pass over the row:
@@ -457,10 +465,7 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
       for (int64_t item = begin; item < end; ++item) {
         const int64_t t = item / kv_heads, g = item % kv_heads, len = pos[t] + 1;
         const int64_t* blocks = tables + seq[t] * table_stride;
-        for (int64_t b = 0; b * block_size < len; ++b) {
-          TORCH_CHECK(blocks[b] >= 0 && blocks[b] < num_blocks, "block ", blocks[b],
-                      " is out of the cache");
-        }
+        check_blocks(blocks, len, block_size, num_blocks);
         const T* row = qp + t * qs + g * group * dim;
         for (int64_t i = 0; i < group * dim; ++i) qf[i] = to_f32(row[i]) * s;
         scores.resize(group * len);
@@ -478,10 +483,7 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
     for (int64_t t = begin; t < end; ++t) {
       const int64_t len = pos[t] + 1;
       const int64_t* blocks = tables + seq[t] * table_stride;
-      for (int64_t b = 0; b * block_size < len; ++b) {
-        TORCH_CHECK(blocks[b] >= 0 && blocks[b] < num_blocks, "block ", blocks[b],
-                    " is out of the cache");
-      }
+      check_blocks(blocks, len, block_size, num_blocks);
       for (int64_t i = 0; i < heads * dim; ++i) qf[i] = to_f32(qp[t * qs + i]) * s;
       scores.resize(heads * len);
       auto row = [&](const T* cache, int64_t g, int64_t p) {
@@ -652,7 +654,7 @@ void prompt_tile(const at::BFloat16* q, int64_t q_stride, int64_t n, int64_t pos
         sum[h] = _mm512_mul_ps(sum[h], c);
         _mm512_store_ps(corr, c);
         if (k0 > 0) {
-          for (int t = 0; t < kTile; ++t) {
+          for (int t = 0; t < n; ++t) {
             const __m512 ct = _mm512_set1_ps(corr[t]);
             for (int d = 0; d < D; d += 16) {
               _mm512_store_ps(acc[h][t] + d, _mm512_mul_ps(_mm512_load_ps(acc[h][t] + d), ct));
@@ -755,11 +757,7 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k_cache,
     const int64_t last = starts[i + 1] - 1, used = pos[last] / block_size + 1;
     TORCH_CHECK(used <= block_tables.size(1), "block_tables is too short for position ",
                 pos[last]);
-    const int64_t* blocks = tables + seq[last] * table_stride;
-    for (int64_t b = 0; b < used; ++b) {
-      TORCH_CHECK(blocks[b] >= 0 && blocks[b] < num_blocks, "block ", blocks[b],
-                  " is out of the cache");
-    }
+    check_blocks(tables + seq[last] * table_stride, pos[last] + 1, block_size, num_blocks);
   }
   at::Tensor out = at::empty({tokens, heads * dim}, q.options());
   const auto* qp = q.data_ptr<at::BFloat16>();
