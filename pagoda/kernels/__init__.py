@@ -12,8 +12,12 @@ import functools
 import hashlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pagoda import envs
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,13 @@ def build(verbose: bool = False) -> Path:
     )
     (BUILD_DIR / "source.sha256").write_text(_source_digest())
     return BUILD_DIR / f"{NAME}.so"
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the C++ kernels take x: a CPU tensor, with a build of this source loaded.
+
+    The one place this is decided; each op's dispatcher adds only its own shape rules."""
+    return x.device.type == "cpu" and load()
 
 
 @functools.cache

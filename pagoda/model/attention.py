@@ -15,15 +15,14 @@ One forward pass carries the new tokens of many sequences back to back:
 
 Each layer writes the new K/V into their slots first (ops.rope_and_cache),
 then every query attends to the cached keys of its own sequence up to its own
-position (ops.paged_attention: a C++ kernel reading the blocks in place, or
-attend_torch below, which gathers them into padded grids for two matmuls).
+position (pagoda/model/ops/attention.py: C++ kernels reading the blocks in place,
+or their PyTorch twin, which gathers them into padded grids for two matmuls).
 """
 
 from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -186,78 +185,6 @@ def _build_group(
         max_seq_len=max_seq_len,
         dense=dense,
     )
-
-
-def attend_torch(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    attn: AttentionMetadata,
-    scale: float,
-) -> torch.Tensor:
-    """Attention of each query [T, H, D] to its sequence's cached keys; returns [T, H * D]."""
-    return attend_groups(q, attn, lambda group: attend_group(q, k_cache, v_cache, group, scale))
-
-
-def attend_groups(
-    q: torch.Tensor, attn: AttentionMetadata, attend: Callable[[AttentionGroup], torch.Tensor]
-) -> torch.Tensor:
-    """Runs attend on each group and puts its rows back in flat batch order: [T, H * D]."""
-    if len(attn.groups) == 1:
-        return attend(attn.groups[0])
-    out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
-    for group in attn.groups:
-        out[group.flat_index] = attend(group)
-    return out
-
-
-def attend_group(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    group: AttentionGroup,
-    scale: float,
-    softmax: Callable[[torch.Tensor, AttentionGroup], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Attention of one group's queries; rows in the order of group.flat_index.
-
-    softmax(scores [S, kv_heads, heads_per_kv, max_q, L], group) -> probabilities in
-    the scores' dtype, each query over its own keys; causal_softmax_torch by default.
-    """
-    num_kv_heads, _, head_dim = k_cache.shape[1:]
-    num_seqs = group.block_tables.shape[0]
-    num_heads = q.shape[1]
-    heads_per_kv = num_heads // num_kv_heads  # grouped-query attention
-
-    # [num_seqs, num_kv_heads, max_blocks * block_size, head_dim], cut to the longest context
-    def gather(cache: torch.Tensor) -> torch.Tensor:
-        blocks = cache[group.block_tables].transpose(1, 2)  # [S, kv_heads, blocks, bs, D]
-        return blocks.flatten(2, 3)[:, :, : group.max_seq_len]
-
-    keys, values = gather(k_cache), gather(v_cache)
-    if group.dense is not None:
-        queries = q[group.dense[0] : group.dense[1]].view(num_seqs, -1, num_heads, head_dim)
-    else:
-        queries = q[group.query_index]  # [num_seqs, max_q, num_heads, head_dim]
-    max_q = queries.shape[1]
-
-    # Query head h reads KV head h // heads_per_kv: stack each KV head's query heads and
-    # their positions into the rows of one matrix, so that two matmuls do the whole group.
-    # [num_seqs, num_kv_heads, heads_per_kv * max_q, head_dim]
-    rows = queries.view(num_seqs, max_q, num_kv_heads, heads_per_kv, head_dim)
-    rows = rows.permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, -1, head_dim) * scale
-    scores = torch.matmul(rows, keys.transpose(2, 3))  # [S, kv_heads, rows, L]
-    scores = scores.view(num_seqs, num_kv_heads, heads_per_kv, max_q, -1)
-    probs = (softmax or causal_softmax_torch)(scores, group).flatten(2, 3)
-    out = torch.matmul(probs, values)  # [S, kv_heads, rows, head_dim]
-    out = out.view(num_seqs, num_kv_heads, heads_per_kv, max_q, head_dim).permute(0, 3, 1, 2, 4)
-    out = out.reshape(num_seqs * max_q, num_heads * head_dim)
-    return out if group.dense is not None else out[group.token_index]
-
-
-def causal_softmax_torch(scores: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
-    """Softmax in float32, with the causal/padding bias shared by all heads."""
-    return scores.float().add_(group.bias).softmax(dim=-1).to(scores.dtype)
 
 
 def allocate_kv_cache(

@@ -7,11 +7,11 @@ import torch
 
 from pagoda import envs, kernels
 from pagoda.model import ops
-from pagoda.model.attention import (
-    AttentionMetadata,
+from pagoda.model.attention import AttentionMetadata
+from pagoda.model.ops.attention import (
     attend_group,
-    attend_torch,
     causal_softmax_torch,
+    paged_attention_torch,
 )
 
 pytestmark = pytest.mark.skipif(envs.PAGODA_DISABLE_KERNELS, reason="kernels disabled")
@@ -121,7 +121,7 @@ def test_paged_attention_equals_the_pytorch_path() -> None:
     qkv, (q, k, v), attn, positions, (kc, vc), table = random_batch(torch.float32)
     torch.testing.assert_close(
         ops.paged_attention(q, kc, vc, attn, 0.3),
-        attend_torch(q, kc, vc, attn, 0.3),
+        paged_attention_torch(q, kc, vc, attn, 0.3),
         **TOLERANCE[torch.float32],
     )
 
@@ -164,7 +164,7 @@ def test_prompt_attention_equals_float32(
     q = torch.randn(sum(num_new), heads, dim).bfloat16()
     shape = (num_blocks, kv_heads, block_size, dim)
     kc, vc = torch.randn(shape).bfloat16(), torch.randn(shape).bfloat16()
-    reference = attend_torch(q.float(), kc.float(), vc.float(), attn, dim**-0.5)
+    reference = paged_attention_torch(q.float(), kc.float(), vc.float(), attn, dim**-0.5)
     chunks = next(g for g in attn.groups if g.max_query_len > 1)
     out = torch.ops.pagoda.prompt_attention(
         q[chunks.flat_index],

@@ -10,18 +10,20 @@ from __future__ import annotations
 import torch
 
 from pagoda import kernels
-from pagoda.model.attention import (
-    AttentionGroup,
-    AttentionMetadata,
-    attend_group,
-    attend_groups,
-    attend_torch,
-)
 from pagoda.model.linear import Q8Weight
+from pagoda.model.ops.attention import paged_attention
+
+__all__ = [
+    "add_rms_norm",
+    "paged_attention",
+    "q8_0_linear",
+    "rms_norm",
+    "rope_and_cache",
+    "silu_mul",
+]
 
 
-def _kernel(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and kernels.load()
+_kernel = kernels.available
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -101,51 +103,3 @@ def q8_0_linear(x: torch.Tensor, w: Q8Weight, dense: torch.Tensor) -> torch.Tens
     if _kernel(x) and x.is_contiguous():
         return torch.ops.pagoda.q8_0_linear(x, w.codes, w.scale)
     return torch.nn.functional.linear(x, dense).float()
-
-
-def causal_softmax(scores: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
-    """attention.causal_softmax_torch in one pass (scores contiguous, as matmul makes them)."""
-    return torch.ops.pagoda.causal_softmax.default(scores.contiguous(), group.query_pos)
-
-
-def _prompt_kernel(q: torch.Tensor, k_cache: torch.Tensor):
-    """The C++ prompt attention where it takes these shapes: bfloat16 (a build for a CPU
-    with AVX512-BF16), head_dim 64 or 128, 1 to 6 query heads per KV head; else None."""
-    kernel = getattr(torch.ops.pagoda, "prompt_attention", None)
-    shape_ok = q.shape[2] in (64, 128) and q.shape[1] // k_cache.shape[1] <= 6
-    return kernel.default if kernel and q.dtype == torch.bfloat16 and shape_ok else None
-
-
-def paged_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    attn: AttentionMetadata,
-    scale: float,
-) -> torch.Tensor:
-    """Each query [T, H, D] attends to its own sequence's cached keys up to its position.
-
-    Returns [T, H * D]. The cache must already hold the batch's own keys and values.
-    One kernel takes the decoding sequences: one query each, so the work is reading
-    their keys. Another takes prompt chunks in bfloat16, tiles of consecutive
-    tokens that share each key they read and skip the causal half; elsewhere
-    prompt chunks go to two matmuls, which use each key for every query at once.
-    """
-    if not _kernel(q):
-        return attend_torch(q, k_cache, v_cache, attn, scale)
-    prompt_kernel = _prompt_kernel(q, k_cache)
-
-    def attend(group: AttentionGroup) -> torch.Tensor:
-        if group.max_query_len == 1:
-            # The overload itself: resolving it from the packet costs a few us, once a layer.
-            kernel = torch.ops.pagoda.paged_attention.default
-        elif prompt_kernel is not None:
-            kernel = prompt_kernel
-        else:
-            return attend_group(q, k_cache, v_cache, group, scale, causal_softmax)
-        rows = q[group.dense[0] : group.dense[1]] if group.dense else q[group.flat_index]
-        return kernel(
-            rows, k_cache, v_cache, group.block_tables, group.token_seq, group.positions, scale
-        )
-
-    return attend_groups(q, attn, attend)

@@ -1,0 +1,135 @@
+"""Attention of each new token to its sequence's keys in the paged KV cache.
+
+paged_attention_torch defines it: each group's queries and the keys they may
+see are gathered into padded grids for two matmuls. paged_attention runs the
+same on the CPU with the C++ kernels (csrc), which read the blocks in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from pagoda import kernels
+from pagoda.model.attention import AttentionGroup, AttentionMetadata
+
+
+def causal_softmax(scores: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+    """causal_softmax_torch in one pass (scores contiguous, as matmul makes them)."""
+    return torch.ops.pagoda.causal_softmax.default(scores.contiguous(), group.query_pos)
+
+
+def _prompt_kernel(q: torch.Tensor, k_cache: torch.Tensor):
+    """The C++ prompt attention where it takes these shapes: bfloat16 (a build for a CPU
+    with AVX512-BF16), head_dim 64 or 128, 1 to 6 query heads per KV head; else None."""
+    kernel = getattr(torch.ops.pagoda, "prompt_attention", None)
+    shape_ok = q.shape[2] in (64, 128) and q.shape[1] // k_cache.shape[1] <= 6
+    return kernel.default if kernel and q.dtype == torch.bfloat16 and shape_ok else None
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    attn: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Each query [T, H, D] attends to its own sequence's cached keys up to its position.
+
+    Returns [T, H * D]. The cache must already hold the batch's own keys and values.
+    One kernel takes the decoding sequences: one query each, so the work is reading
+    their keys. Another takes prompt chunks in bfloat16, tiles of consecutive
+    tokens that share each key they read and skip the causal half; elsewhere
+    prompt chunks go to two matmuls, which use each key for every query at once.
+    """
+    if not kernels.available(q):
+        return paged_attention_torch(q, k_cache, v_cache, attn, scale)
+    prompt_kernel = _prompt_kernel(q, k_cache)
+
+    def attend(group: AttentionGroup) -> torch.Tensor:
+        if group.max_query_len == 1:
+            # The overload itself: resolving it from the packet costs a few us, once a layer.
+            kernel = torch.ops.pagoda.paged_attention.default
+        elif prompt_kernel is not None:
+            kernel = prompt_kernel
+        else:
+            return attend_group(q, k_cache, v_cache, group, scale, causal_softmax)
+        rows = q[group.dense[0] : group.dense[1]] if group.dense else q[group.flat_index]
+        return kernel(
+            rows, k_cache, v_cache, group.block_tables, group.token_seq, group.positions, scale
+        )
+
+    return attend_groups(q, attn, attend)
+
+
+def paged_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    attn: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of each query [T, H, D] to its sequence's cached keys; returns [T, H * D]."""
+    return attend_groups(q, attn, lambda group: attend_group(q, k_cache, v_cache, group, scale))
+
+
+def attend_groups(
+    q: torch.Tensor, attn: AttentionMetadata, attend: Callable[[AttentionGroup], torch.Tensor]
+) -> torch.Tensor:
+    """Runs attend on each group and puts its rows back in flat batch order: [T, H * D]."""
+    if len(attn.groups) == 1:
+        return attend(attn.groups[0])
+    out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+    for group in attn.groups:
+        out[group.flat_index] = attend(group)
+    return out
+
+
+def attend_group(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    group: AttentionGroup,
+    scale: float,
+    softmax: Callable[[torch.Tensor, AttentionGroup], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Attention of one group's queries; rows in the order of group.flat_index.
+
+    softmax(scores [S, kv_heads, heads_per_kv, max_q, L], group) -> probabilities in
+    the scores' dtype, each query over its own keys; causal_softmax_torch by default.
+    """
+    num_kv_heads, _, head_dim = k_cache.shape[1:]
+    num_seqs = group.block_tables.shape[0]
+    num_heads = q.shape[1]
+    heads_per_kv = num_heads // num_kv_heads  # grouped-query attention
+
+    # [num_seqs, num_kv_heads, max_blocks * block_size, head_dim], cut to the longest context
+    def gather(cache: torch.Tensor) -> torch.Tensor:
+        blocks = cache[group.block_tables].transpose(1, 2)  # [S, kv_heads, blocks, bs, D]
+        return blocks.flatten(2, 3)[:, :, : group.max_seq_len]
+
+    keys, values = gather(k_cache), gather(v_cache)
+    if group.dense is not None:
+        queries = q[group.dense[0] : group.dense[1]].view(num_seqs, -1, num_heads, head_dim)
+    else:
+        queries = q[group.query_index]  # [num_seqs, max_q, num_heads, head_dim]
+    max_q = queries.shape[1]
+
+    # Query head h reads KV head h // heads_per_kv: stack each KV head's query heads and
+    # their positions into the rows of one matrix, so that two matmuls do the whole group.
+    # [num_seqs, num_kv_heads, heads_per_kv * max_q, head_dim]
+    rows = queries.view(num_seqs, max_q, num_kv_heads, heads_per_kv, head_dim)
+    rows = rows.permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, -1, head_dim) * scale
+    scores = torch.matmul(rows, keys.transpose(2, 3))  # [S, kv_heads, rows, L]
+    scores = scores.view(num_seqs, num_kv_heads, heads_per_kv, max_q, -1)
+    probs = (softmax or causal_softmax_torch)(scores, group).flatten(2, 3)
+    out = torch.matmul(probs, values)  # [S, kv_heads, rows, head_dim]
+    out = out.view(num_seqs, num_kv_heads, heads_per_kv, max_q, head_dim).permute(0, 3, 1, 2, 4)
+    out = out.reshape(num_seqs * max_q, num_heads * head_dim)
+    return out if group.dense is not None else out[group.token_index]
+
+
+def causal_softmax_torch(scores: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+    """Softmax in float32, with the causal/padding bias shared by all heads."""
+    return scores.float().add_(group.bias).softmax(dim=-1).to(scores.dtype)
