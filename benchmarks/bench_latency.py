@@ -38,7 +38,7 @@ def decode_bytes(model) -> int:
     """Weight bytes one decode step reads: each projection in the form a single row uses
     (int4 codes where present), the output layer likewise (Q8_0 where present), the
     norms; the embedding table contributes one row."""
-    from pagoda.model.linear import Linear
+    from pagoda.model.layers.linear import Linear
 
     total = 0
     for module in model.modules():

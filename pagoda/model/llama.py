@@ -10,8 +10,8 @@ from torch import nn
 
 from pagoda.model import ops
 from pagoda.model.attention import AttentionMetadata
-from pagoda.model.linear import Int4Weight, Linear, Q8Weight
-from pagoda.model.rope import RotaryEmbedding
+from pagoda.model.layers.linear import Int4Weight, Linear, Q8Weight
+from pagoda.model.layers.rope import RotaryEmbedding
 from pagoda.model.spec import ModelLoadError, ModelSpec
 
 

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from pagoda.model.gguf_metadata import open_reader
-from pagoda.model.linear import Int4Weight, Q8Weight
+from pagoda.model.layers.linear import Int4Weight, Q8Weight
 from pagoda.model.llama import LlamaForCausalLM
 from pagoda.model.loader import gguf as gguf_loader
 from pagoda.model.loader import safetensors as st_loader
@@ -38,7 +38,7 @@ def load_model(
     """Builds the model on the meta device, then streams the weights in; logs time and memory.
 
     quantized keeps a GGUF's Q4_1 projections and Q8_0 output layer in their file
-    form too, for batches of a few tokens (CPU, bfloat16); see linear.Linear.
+    form too, for batches of a few tokens (CPU, bfloat16); see layers.linear.Linear.
     """
     start = time.perf_counter()
     weights: Iterator[tuple[str, torch.Tensor | Int4Weight | Q8Weight]]

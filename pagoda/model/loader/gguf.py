@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import torch
 
-from pagoda.model.linear import Int4Weight, Q8Weight
+from pagoda.model.layers.linear import Int4Weight, Q8Weight
 from pagoda.model.loader.quants import BLOCK_BYTES, dequantize, q4_1_to_int4, q8_0_to_q8
 from pagoda.model.spec import ModelLoadError, ModelSpec
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.model.linear import Int4Weight, Q8Weight
+from pagoda.model.layers.linear import Int4Weight, Q8Weight
 
 BLOCK = 32
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from pagoda import kernels
-from pagoda.model.linear import Q8Weight
+from pagoda.model.layers.linear import Q8Weight
 from pagoda.model.ops.attention import paged_attention
 
 __all__ = [

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tiny_models import COMMON, bind_cache, forward, make_hf_model
 
-from pagoda.model.linear import Linear
+from pagoda.model.layers.linear import Linear
 from pagoda.model.loader import load_model
 from pagoda.model.loader.gguf import NAME_TABLE
 from pagoda.model.loader.quants import dequantize

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import bind_cache, forward
 
-from pagoda.model.linear import Linear
+from pagoda.model.layers.linear import Linear
 from pagoda.model.loader import load_model
 
 

@@ -1,0 +1,1 @@
+"""The blocks architectures are built from: norms, MLPs, attention, embeddings, linear, rope."""
