@@ -48,7 +48,7 @@ CONFIGS = [("float32", "none"), ("bfloat16", "none"), ("bfloat16", "auto")]
 
 def sequence_logits(llm, sequences: list[list[int]]) -> list[torch.Tensor]:
     """Float32 logits at every position of each sequence, run as one prompt step."""
-    from pagoda.model.attention import AttentionMetadata
+    from pagoda.model.attention_metadata import AttentionMetadata
 
     model, out = llm.engine.runner.model, []
     with torch.inference_mode():
@@ -73,7 +73,7 @@ def whole_sequence_agreement(reference: list[torch.Tensor], other: list[torch.Te
 
 def main() -> None:
     from pagoda.engine.llm import LLM
-    from pagoda.model.attention import AttentionMetadata
+    from pagoda.model.attention_metadata import AttentionMetadata
     from pagoda.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)

@@ -18,7 +18,7 @@ import time
 import torch
 
 from pagoda import kernels
-from pagoda.model.attention import allocate_kv_cache
+from pagoda.model.kv_memory import allocate_kv_cache
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 30, 9, 3, 64, 16, 1456
 

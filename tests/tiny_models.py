@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from pagoda.model.attention import AttentionMetadata, allocate_kv_cache
+from pagoda.model.attention_metadata import AttentionMetadata
+from pagoda.model.kv_memory import allocate_kv_cache
 from pagoda.model.llama import LlamaForCausalLM
 
 COMMON: dict[str, Any] = dict(

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda.model import ops
-from pagoda.model.attention import AttentionMetadata
+from pagoda.model.attention_metadata import AttentionMetadata
 from pagoda.model.layers.linear import Int4Weight, Linear, Q8Weight
 from pagoda.model.layers.rope import RotaryEmbedding
 from pagoda.model.spec import ModelLoadError, ModelSpec

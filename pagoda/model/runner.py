@@ -8,7 +8,8 @@ import torch
 
 from pagoda.config import EngineConfig
 from pagoda.core.scheduler import RunnerOutput, SchedulerOutput
-from pagoda.model.attention import AttentionMetadata, allocate_kv_cache
+from pagoda.model.attention_metadata import AttentionMetadata
+from pagoda.model.kv_memory import allocate_kv_cache
 from pagoda.model.loader import load_model, release_freed_memory
 from pagoda.model.spec import ModelSpec
 from pagoda.sample.sampler import SamplingMetadata, sample

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from pagoda import kernels
-from pagoda.model.attention import AttentionGroup, AttentionMetadata
+from pagoda.model.attention_metadata import AttentionGroup, AttentionMetadata
 
 
 def causal_softmax(scores: torch.Tensor, group: AttentionGroup) -> torch.Tensor:

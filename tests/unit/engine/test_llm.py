@@ -172,7 +172,7 @@ def test_prompt_logprobs_match_a_full_forward(llm: LLM) -> None:
     entries = out.prompt_logprobs
     assert len(entries) == len(prompt) and entries[0] is None
 
-    from pagoda.model.attention import AttentionMetadata
+    from pagoda.model.attention_metadata import AttentionMetadata
 
     model = llm.engine.runner.model
     table = list(range(llm.engine.runner.num_blocks - 4, llm.engine.runner.num_blocks))

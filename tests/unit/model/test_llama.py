@@ -6,7 +6,8 @@ import pytest
 import torch
 from tiny_models import BLOCK_SIZE, VARIANTS, bind_cache, forward, make_hf_model
 
-from pagoda.model.attention import AttentionMetadata, allocate_kv_cache
+from pagoda.model.attention_metadata import AttentionMetadata
+from pagoda.model.kv_memory import allocate_kv_cache
 from pagoda.model.llama import LlamaForCausalLM
 from pagoda.model.loader import load_model
 

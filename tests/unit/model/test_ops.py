@@ -7,7 +7,7 @@ import torch
 
 from pagoda import envs, kernels
 from pagoda.model import ops
-from pagoda.model.attention import AttentionMetadata
+from pagoda.model.attention_metadata import AttentionMetadata
 from pagoda.model.ops.attention import (
     attend_group,
     causal_softmax_torch,
@@ -240,7 +240,7 @@ def test_decode_only_metadata_equals_the_general_build() -> None:
 
 
 def test_kv_cache_is_zeroed_and_each_tensor_its_own() -> None:
-    from pagoda.model.attention import allocate_kv_cache
+    from pagoda.model.kv_memory import allocate_kv_cache
 
     caches = allocate_kv_cache(3, 5, 4, 2, 8, torch.bfloat16)
     tensors = [t for pair in caches for t in pair]
