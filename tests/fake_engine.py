@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from pagoda.engine.messages import EngineOutput
+from pagoda.engine.messages import EngineOutput, EngineOutputs
 from pagoda.engine.output import OutputProcessor
 from pagoda.engine.protocol import (
     EngineClient,
@@ -18,6 +18,7 @@ from pagoda.engine.protocol import (
     PromptType,
     RequestAborted,
     ServingConfig,
+    StatLogger,
 )
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
@@ -42,6 +43,8 @@ class FakeEngineClient(EngineClient):
         self.aborted: list[str] = []
         self.step_delay = 0.0
         self.last_params: SamplingParams | None = None
+        self.stat_loggers: list[StatLogger] = []
+        self.killed = False
 
     @property
     def config(self) -> ServingConfig:
@@ -60,6 +63,9 @@ class FakeEngineClient(EngineClient):
         else:
             text, ids = None, list(prompt)
         engine_requests = self.processor.add_request(request_id, text, ids, sampling_params)
+        for er in engine_requests:
+            for stat_logger in self.stat_loggers:
+                stat_logger.request_added(er)
         finished = False
         try:
             for step in range(sampling_params.max_tokens or 16):
@@ -78,6 +84,8 @@ class FakeEngineClient(EngineClient):
                     for i, er in enumerate(engine_requests)
                 ]
                 delivered, _ = self.processor.process_outputs(outputs)
+                for stat_logger in self.stat_loggers:
+                    stat_logger.step(EngineOutputs(outputs), delivered)
                 for out in delivered:
                     finished = out.finished
                     yield out
@@ -86,7 +94,9 @@ class FakeEngineClient(EngineClient):
         finally:
             if not finished:
                 self.aborted.append(request_id)
-                self.processor.abort_request(request_id)
+                engine_ids = self.processor.abort_request(request_id)
+                for stat_logger in self.stat_loggers:
+                    stat_logger.request_aborted(engine_ids)
 
     async def abort(self, request_id: str) -> None:
         self.processor.abort_request(request_id)
@@ -109,3 +119,9 @@ class FakeEngineClient(EngineClient):
 
     def shutdown(self, timeout: float = 0.0) -> None:
         self.dead = True
+
+    def kill(self) -> None:
+        self.dead = self.killed = True
+
+    def add_stat_logger(self, stat_logger: StatLogger) -> None:
+        self.stat_loggers.append(stat_logger)

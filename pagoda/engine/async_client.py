@@ -19,7 +19,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol
 
 import msgspec
 import zmq
@@ -36,6 +35,7 @@ from pagoda.engine.protocol import (
     PromptType,
     RequestAborted,
     ServingConfig,
+    StatLogger,
 )
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
@@ -43,17 +43,7 @@ from pagoda.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-_POLL_MS = 200
-
-
-class StatLogger(Protocol):
-    """Told of every request, abort and engine step (the metrics endpoint is one)."""
-
-    def request_added(self, request: m.EngineRequest) -> None: ...
-    def request_aborted(self, engine_ids: list[str]) -> None: ...
-    def step(
-        self, step: m.EngineOutputs, outputs: list[RequestOutput]
-    ) -> None: ...  # how often a quiet output loop checks that the engine process lives
+_POLL_MS = 200  # how often a quiet output loop checks that the engine process lives
 
 
 class AsyncEngineClient(EngineClient):
@@ -194,6 +184,13 @@ class AsyncEngineClient(EngineClient):
 
     async def abort(self, request_id: str) -> None:
         self._abort_now(request_id)
+
+    def add_stat_logger(self, stat_logger: StatLogger) -> None:
+        self.stat_loggers.append(stat_logger)
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
 
     def shutdown(self, timeout: float = 0.0) -> None:
         """Stops taking requests, drains for up to timeout seconds, aborts the rest, stops."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import Protocol, TypedDict
 
+from pagoda.engine.messages import EngineOutputs, EngineRequest
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 from pagoda.tokenizer import Tokenizer
@@ -41,6 +42,14 @@ class ServingConfig:
     max_model_len: int
     vocab_size: int
     dtype: str
+
+
+class StatLogger(Protocol):
+    """Told of every request, abort and engine step (the metrics endpoint is one)."""
+
+    def request_added(self, request: EngineRequest) -> None: ...
+    def request_aborted(self, engine_ids: list[str]) -> None: ...
+    def step(self, step: EngineOutputs, outputs: list[RequestOutput]) -> None: ...
 
 
 class EngineClient(abc.ABC):
@@ -78,3 +87,11 @@ class EngineClient(abc.ABC):
     @abc.abstractmethod
     def shutdown(self, timeout: float = 0.0) -> None:
         """Drains for up to timeout seconds, aborts the rest, stops the engine. Blocking."""
+
+    @abc.abstractmethod
+    def kill(self) -> None:
+        """Stops the engine at once, without draining (a second SIGINT/SIGTERM)."""
+
+    @abc.abstractmethod
+    def add_stat_logger(self, stat_logger: StatLogger) -> None:
+        """Tells stat_logger of every request added or aborted and of every engine step."""

@@ -33,6 +33,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pagoda import envs
 from pagoda.engine.protocol import EngineClient
+from pagoda.entrypoints.openai.api_server import PagodaApp
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def log_routes(app: FastAPI) -> None:
 
 
 async def serve_http(
-    app: FastAPI,
+    app: PagodaApp,
     sock: socket.socket,
     enable_ssl_refresh: bool = False,
     shutdown_timeout: float = 0.0,
@@ -116,7 +117,8 @@ async def serve_http(
 ) -> int:
     """Serves app on the bound socket until shutdown; returns the process exit status."""
     log_routes(app)
-    engine: EngineClient = app.state.engine
+    state = app.server_state
+    engine = state.engine
     max_size = uvicorn_kwargs.pop("h11_max_incomplete_event_size", None)
     max_count = uvicorn_kwargs.pop("h11_max_header_count", None)
     max_size = max_size or H11_MAX_INCOMPLETE_EVENT_SIZE
@@ -131,7 +133,7 @@ async def serve_http(
     )
     config.load()
     server = _Server(config)
-    app.state.server = server
+    state.on_engine_dead = functools.partial(terminate_if_errored, server, engine)
 
     loop = asyncio.get_running_loop()
     server_task = loop.create_task(server.serve(sockets=[sock]))
@@ -150,10 +152,10 @@ async def serve_http(
         signals += 1
         if signals > 1:
             logger.warning("second %s: exiting now", sig.name)
-            _kill_engine(engine)
+            engine.kill()
             os._exit(128 + sig.value)
         logger.info("%s received: draining for up to %.0f s", sig.name, shutdown_timeout)
-        app.state.draining = True
+        state.draining = True
         loop.create_task(_drain_then_stop(server, engine, shutdown_timeout))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -178,7 +180,7 @@ async def serve_http(
         if watcher is not None:
             watcher.stop()
     # Stopped for a reason other than a signal (the watchdog): the engine still goes down.
-    if not app.state.draining:
+    if not state.draining:
         await loop.run_in_executor(None, engine.shutdown, 0.0)
     return server.exit_code
 
@@ -189,12 +191,6 @@ async def _drain_then_stop(server: uvicorn.Server, engine: EngineClient, timeout
         await loop.run_in_executor(None, engine.shutdown, timeout)
     finally:
         server.should_exit = True
-
-
-def _kill_engine(engine: EngineClient) -> None:
-    process = getattr(engine, "process", None)
-    if process is not None and process.is_alive():
-        process.kill()
 
 
 # ---- the watchdog ---------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -12,7 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from starlette.datastructures import Headers, MutableHeaders, State
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -41,26 +43,47 @@ logger = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def build_app(engine: EngineClient, server_config: ServerConfig | None = None) -> FastAPI:
+@dataclass
+class ServerState:
+    """What the routes, the middleware and the launcher share about the running server."""
+
+    engine: EngineClient
+    config: ServerConfig
+    metrics: Metrics
+    draining: bool = False  # set by the launcher on SIGTERM: new work is refused
+    server_load: int = 0  # /v1 POST requests in flight, for /load
+    # Set by the launcher: checks the engine and stops the server when it is dead.
+    on_engine_dead: Callable[[], Awaitable[None]] | None = None
+
+    async def engine_died(self) -> None:
+        """A request met a dead engine: let the launcher act at once, not at its next check."""
+        if self.on_engine_dead is not None:
+            await self.on_engine_dead()
+
+
+class PagodaApp(FastAPI):
+    """The FastAPI app with its typed server state (instead of values in `app.state`)."""
+
+    server_state: ServerState
+
+
+def build_app(engine: EngineClient, server_config: ServerConfig | None = None) -> PagodaApp:
     """The OpenAI-compatible routes, operational routes, auth, CORS and error handling."""
     server_config = server_config or ServerConfig()
-    app = FastAPI(title="Pagoda", version=pagoda.__version__, root_path=server_config.root_path)
-    app.state.engine = engine
-    app.state.draining = False  # set by the launcher on SIGTERM: new work is refused
-    app.state.server_load = 0
+    app = PagodaApp(title="Pagoda", version=pagoda.__version__, root_path=server_config.root_path)
     metrics = Metrics(engine.config.served_model_names[0])
-    app.state.metrics = metrics
-    if hasattr(engine, "stat_loggers"):
-        engine.stat_loggers.append(metrics)
-    completions = OpenAIServingCompletion(engine, server_config, app.state)
-    chat = OpenAIServingChat(engine, server_config, app.state)
+    engine.add_stat_logger(metrics)
+    state = ServerState(engine, server_config, metrics)
+    app.server_state = state
+    completions = OpenAIServingCompletion(engine, server_config, state.engine_died)
+    chat = OpenAIServingChat(engine, server_config, state.engine_died)
 
     app.add_exception_handler(OpenAIError, errors.openai_error_handler)
     app.add_exception_handler(RequestValidationError, errors.validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, errors.http_error_handler)
     app.add_exception_handler(Exception, errors.internal_error_handler)
 
-    app.add_middleware(GuardMiddleware, app_state=app.state, server_config=server_config)
+    app.add_middleware(GuardMiddleware, state=state)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=list(server_config.allowed_origins),
@@ -117,7 +140,7 @@ def build_app(engine: EngineClient, server_config: ServerConfig | None = None) -
     async def health() -> Response:
         if engine.errored:
             return error_response(f"the engine is dead: {engine.dead_error}", 503)
-        if app.state.draining:
+        if state.draining:
             return error_response("the server is shutting down", 503)
         return Response(status_code=200)
 
@@ -131,7 +154,7 @@ def build_app(engine: EngineClient, server_config: ServerConfig | None = None) -
 
     @app.get("/load")
     async def load() -> dict:
-        return {"server_load": app.state.server_load}
+        return {"server_load": state.server_load}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -143,10 +166,10 @@ def build_app(engine: EngineClient, server_config: ServerConfig | None = None) -
 class GuardMiddleware:
     """In front of every route: the X-Request-Id header, the API key, refusal while draining."""
 
-    def __init__(self, app: ASGIApp, app_state: State, server_config: ServerConfig) -> None:
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app = app
-        self.state = app_state
-        self.config = server_config
+        self.state = state
+        self.config = state.config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

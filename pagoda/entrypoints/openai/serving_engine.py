@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel
-from starlette.datastructures import State
 
 from pagoda.config import ServerConfig
 from pagoda.engine.protocol import (
@@ -28,9 +27,14 @@ T = TypeVar("T")
 
 
 class OpenAIServing:
-    def __init__(self, engine: EngineClient, server_config: ServerConfig, app_state: State) -> None:
+    def __init__(
+        self,
+        engine: EngineClient,
+        server_config: ServerConfig,
+        on_engine_dead: Callable[[], Awaitable[None]],
+    ) -> None:
         self.engine = engine
-        self.app_state = app_state  # the launcher puts the uvicorn server here
+        self.on_engine_dead = on_engine_dead  # lets the server stop at once, not at its next check
         self.server_config = server_config
         self.tokenizer = engine.tokenizer
 
@@ -128,9 +132,7 @@ class OpenAIServing:
     async def on_engine_error(self, error: BaseException) -> dict:
         """The error body for an exception met while generating."""
         if isinstance(error, EngineDeadError):
-            from pagoda.entrypoints.launcher import terminate_if_errored
-
-            await terminate_if_errored(getattr(self.app_state, "server", None), self.engine)
+            await self.on_engine_dead()
             return error_body(f"the engine is dead: {error}", 500)
         if isinstance(error, (EngineShuttingDown, RequestAborted)):
             return error_body(str(error), 503)

@@ -280,7 +280,7 @@ def test_dead_engine_is_5xx_and_unhealthy(client, engine) -> None:
 
 
 def test_draining_refuses_new_work(client) -> None:
-    client.app.state.draining = True
+    client.app.server_state.draining = True
     assert_error(client.post("/v1/completions", json={"prompt": "Hi"}), 503, match="shutting down")
     assert client.get("/health").status_code == 503
 
@@ -313,3 +313,17 @@ def test_cors(engine) -> None:
 def test_request_id_is_echoed(client) -> None:
     r = client.get("/health", headers={"X-Request-Id": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
+
+
+def test_request_meeting_a_dead_engine_reports_it_at_once(client, engine) -> None:
+    reported: list[bool] = []
+
+    async def on_engine_dead() -> None:
+        reported.append(engine.errored)
+
+    client.app.server_state.on_engine_dead = on_engine_dead
+    engine.dead = True
+    client.post("/v1/completions", json={"prompt": "Hi"})
+    assert reported == [True]
+    client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
+    assert reported == [True, True]
