@@ -69,6 +69,7 @@ async def _run_server(args: argparse.Namespace, sock) -> int:
         root_path=args.root_path,
         max_n=args.max_n,
         disable_log_requests=args.disable_log_requests,
+        enable_force_include_usage=args.enable_force_include_usage,
     )
     app = build_app(engine, server_config)
     return await serve_http(
@@ -209,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--disable-uvicorn-access-log", action="store_true")
     serve.add_argument("--disable-log-requests", action="store_true")
+    serve.add_argument(
+        "--enable-force-include-usage",
+        action="store_true",
+        help="send usage in every stream, on every chunk, whatever stream_options say",
+    )
     _add_engine_flags(serve)
     serve.set_defaults(func=_serve)
 

@@ -67,3 +67,5 @@ class ServerConfig:
     root_path: str = ""
     max_n: int = 64  # the largest n a request may ask for
     disable_log_requests: bool = False
+    # Usage in every stream, on every chunk, whatever stream_options say (vLLM's flag).
+    enable_force_include_usage: bool = False

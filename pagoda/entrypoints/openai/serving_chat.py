@@ -149,14 +149,7 @@ class OpenAIServingChat(OpenAIServing):
             id=request_id,
             model=request.model or self.model_name,
             choices=choices,
-            usage=UsageInfo(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-                prompt_tokens_details={"cached_tokens": final.num_cached_tokens}
-                if final.num_cached_tokens
-                else None,
-            ),
+            usage=UsageInfo.of(prompt_tokens, completion_tokens, final.num_cached_tokens),
         )
 
     async def stream(
@@ -164,25 +157,29 @@ class OpenAIServingChat(OpenAIServing):
     ) -> AsyncIterator[str]:
         request_id = random_id("chatcmpl")
         model = request.model or self.model_name
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        include_usage, continuous_usage = self.stream_usage(request)
+        prompt_tokens = len(prompt["prompt_token_ids"])
+        completion_tokens = [0] * params.n
+        cached = 0
 
         def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+            if usage is None and continuous_usage:
+                index = choices[0].index
+                usage = UsageInfo.of(prompt_tokens, completion_tokens[index], cached)
             return sse(
                 ChatCompletionChunk(id=request_id, model=model, choices=choices, usage=usage)
             )
 
-        completion_tokens = 0
         try:
             # The first chunk of each choice names the role, as OpenAI's server does.
-            yield chunk(
-                [
-                    ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-                    for i in range(params.n)
-                ]
-            )
+            for i in range(params.n):
+                yield chunk(
+                    [ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]
+                )
             async for _, output in self.generate_many([prompt], params, request_id):
+                cached = output.num_cached_tokens
                 for c in output.outputs:
-                    completion_tokens += len(c.token_ids)
+                    completion_tokens[c.index] += len(c.token_ids)
                     if not c.text and not c.finished:
                         continue
                     choice = ChatStreamChoice(
@@ -194,12 +191,7 @@ class OpenAIServingChat(OpenAIServing):
                     )
                     yield chunk([choice])
             if include_usage:
-                prompt_tokens = len(prompt["prompt_token_ids"])
-                usage = UsageInfo(
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    total_tokens=prompt_tokens + completion_tokens,
-                )
+                usage = UsageInfo.of(prompt_tokens, sum(completion_tokens), cached)
                 yield chunk([], usage)
         except Exception as e:
             yield sse(await self.on_engine_error(e))

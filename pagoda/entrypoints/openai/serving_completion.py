@@ -78,7 +78,7 @@ class OpenAIServingCompletion(OpenAIServing):
             id=request_id,
             model=request.model or self.model_name,
             choices=choices,
-            usage=_usage(prompt_tokens, completion_tokens, cached),
+            usage=UsageInfo.of(prompt_tokens, completion_tokens, cached),
         )
 
     def _choice(
@@ -137,15 +137,17 @@ class OpenAIServingCompletion(OpenAIServing):
     ) -> AsyncIterator[str]:
         request_id = random_id("cmpl")
         model = request.model or self.model_name
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
-        completion_tokens = 0
+        include_usage, continuous_usage = self.stream_usage(request)
+        prompt_tokens = [len(p["prompt_token_ids"]) for p in prompts]
+        completion_tokens: dict[int, int] = {}  # per choice index
+        cached: dict[int, int] = {}  # per prompt
         echoed: set[int] = set()
         try:
             async for i, output in self.generate_many(list(prompts), params, request_id):
+                cached[i] = output.num_cached_tokens
                 for c in output.outputs:
                     index = i * params.n + c.index
-                    completion_tokens += len(c.token_ids)
+                    completion_tokens[index] = completion_tokens.get(index, 0) + len(c.token_ids)
                     text = c.text
                     if request.echo and index not in echoed:
                         echoed.add(index)
@@ -159,19 +161,17 @@ class OpenAIServingCompletion(OpenAIServing):
                         finish_reason=c.finish_reason,
                         stop_reason=c.stop_reason,
                     )
-                    yield sse(CompletionResponse(id=request_id, model=model, choices=[choice]))
+                    chunk = CompletionResponse(id=request_id, model=model, choices=[choice])
+                    if continuous_usage:
+                        chunk.usage = UsageInfo.of(
+                            prompt_tokens[i], completion_tokens[index], cached[i]
+                        )
+                    yield sse(chunk)
             if include_usage:
-                usage = _usage(prompt_tokens, completion_tokens, 0)
+                usage = UsageInfo.of(
+                    sum(prompt_tokens), sum(completion_tokens.values()), sum(cached.values())
+                )
                 yield sse(CompletionResponse(id=request_id, model=model, choices=[], usage=usage))
         except Exception as e:
             yield sse(await self.on_engine_error(e))
         yield SSE_DONE
-
-
-def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> UsageInfo:
-    return UsageInfo(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-        prompt_tokens_details={"cached_tokens": cached} if cached else None,
-    )

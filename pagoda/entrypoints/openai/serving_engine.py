@@ -74,6 +74,14 @@ class OpenAIServing:
         self, request: SamplingFields, max_tokens: int, logprobs: int | None
     ) -> SamplingParams:
         """The request's sampling fields, validated; a bad value is a 400 naming the field."""
+        if request.stream_options is not None and not request.stream:
+            # vLLM's rule: stream_options with any field set needs stream=True.
+            if request.stream_options.model_fields_set:
+                raise OpenAIError(
+                    "Stream options can only be defined when `stream=True`.",
+                    400,
+                    "stream_options",
+                )
         if request.n > self.server_config.max_n:
             raise OpenAIError(
                 f"n must be at most {self.server_config.max_n}, got {request.n}", 400, "n"
@@ -118,6 +126,14 @@ class OpenAIServing:
         except SamplingParamsError as e:
             raise OpenAIError(str(e), 400, e.param) from None
         return params
+
+    def stream_usage(self, request: SamplingFields) -> tuple[bool, bool]:
+        """(a usage chunk at the end, usage on every chunk), as vLLM decides them."""
+        if self.server_config.enable_force_include_usage:
+            return True, True
+        options = request.stream_options
+        include = bool(options and options.include_usage)
+        return include, include and bool(options and options.continuous_usage_stats)
 
     def generate_many(
         self, prompts: list[PromptType], params: SamplingParams, request_id: str

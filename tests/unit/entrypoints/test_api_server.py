@@ -68,7 +68,7 @@ def test_completion_with_usage(client) -> None:
         "prompt_tokens": 1,
         "completion_tokens": 3,
         "total_tokens": 4,
-        "prompt_tokens_details": None,
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
     assert r.headers["x-request-id"]
 
