@@ -43,7 +43,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
         self.rope = rope
-        self.scale = spec.head_dim**-0.5
+        self.scale = spec.attention_scale
         # Set by the runner once the cache is allocated: (k_cache, v_cache).
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 

@@ -37,6 +37,13 @@ class ModelSpec:
     attention_bias: bool = False  # q/k/v projections carry a bias (qwen2)
     qk_norm: bool = False  # RMSNorm on q and k per head before RoPE (qwen3)
     rope_scaling: dict[str, Any] | None = field(default=None, hash=False)
+    # Gemma 3 (names as in transformers' Gemma3TextConfig); the defaults are Llama's.
+    hidden_activation: str = "silu"  # the gate's activation: silu | gelu_pytorch_tanh
+    query_pre_attn_scalar: float | None = None  # scores scale by its -1/2 power (else head_dim)
+    sliding_window: int | None = None  # a local layer's query sees the last this many positions
+    layer_types: tuple[str, ...] | None = None  # sliding_attention | full_attention, per layer
+    rope_local_base_freq: float | None = None  # RoPE base of the local layers (no scaling)
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
 
     @property
     def q_size(self) -> int:
@@ -45,6 +52,17 @@ class ModelSpec:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def attention_scale(self) -> float:
+        """What q.k is multiplied by before the softmax."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of a layer: None where it attends to every earlier position."""
+        if self.layer_types is None or self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelSpec:
