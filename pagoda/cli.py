@@ -4,7 +4,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pagoda.config import (
+    DTYPES,
+    OFFLINE_MAX_NUM_BATCHED_TOKENS,
+    QUANTIZATIONS,
+    CacheConfig,
+    ConfigError,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ServerConfig,
+)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -23,40 +38,22 @@ def _serve(args: argparse.Namespace) -> int:
 
     from pagoda.entrypoints.launcher import bind_socket
 
+    # Built before the port and the engine: a flag that cannot work fails here (main()).
+    engine_config, server_config = _serve_configs(args)
     try:
         sock = bind_socket(args.host, args.port)  # before the engine: a taken port fails fast
     except OSError as e:
         print(f"error: {e.strerror or e}", file=sys.stderr)
         return 1
-    return asyncio.run(_run_server(args, sock))
+    return asyncio.run(_run_server(args, engine_config, server_config, sock))
 
 
-async def _run_server(args: argparse.Namespace, sock) -> int:
+def _serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     from pagoda import envs
-    from pagoda.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
-    from pagoda.engine.async_client import AsyncEngineClient
-    from pagoda.engine.protocol import EngineDeadError
-    from pagoda.entrypoints.launcher import serve_http
-    from pagoda.entrypoints.openai.api_server import build_app
     from pagoda.model_files import DEFAULT_MODEL_NAME, resolve_model_path
 
-    path = resolve_model_path(args.model)
     names = tuple(args.served_model_name or [args.model or DEFAULT_MODEL_NAME])
-    config = EngineConfig(
-        model=ModelConfig(
-            path, args.dtype, args.max_model_len, names, args.seed, args.quantization
-        ),
-        cache=CacheConfig(args.block_size, args.kv_cache_memory, args.enable_prefix_caching),
-        scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens),
-        device=args.device,
-    )
-    engine = AsyncEngineClient(config, served_model_names=names)
-    try:
-        await engine.ready()
-    except (EngineDeadError, TimeoutError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        engine.shutdown(0)
-        return 1
+    engine_config = engine_config_from_args(args, resolve_model_path(args.model), names)
     api_keys = list(args.api_key or [])
     if not api_keys and envs.PAGODA_API_KEY:
         api_keys = [k for k in envs.PAGODA_API_KEY.split(",") if k]
@@ -71,6 +68,48 @@ async def _run_server(args: argparse.Namespace, sock) -> int:
         disable_log_requests=args.disable_log_requests,
         enable_force_include_usage=args.enable_force_include_usage,
     )
+    return engine_config, server_config
+
+
+def engine_config_from_args(
+    args: argparse.Namespace, path: Path, served_model_names: tuple[str, ...] = ()
+) -> EngineConfig:
+    """The EngineConfig of the engine flags that `_add_engine_flags` declares."""
+    return EngineConfig.from_flags(
+        path,
+        dtype=args.dtype,
+        quantization=args.quantization,
+        max_model_len=args.max_model_len,
+        served_model_names=served_model_names,
+        seed=args.seed,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        enable_prefix_caching=args.enable_prefix_caching,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        device=args.device,
+    )
+
+
+async def _run_server(
+    args: argparse.Namespace,
+    engine_config: EngineConfig,
+    server_config: ServerConfig,
+    sock: socket.socket,
+) -> int:
+    from pagoda.engine.async_client import AsyncEngineClient
+    from pagoda.engine.protocol import EngineDeadError
+    from pagoda.entrypoints.launcher import serve_http
+    from pagoda.entrypoints.openai.api_server import build_app
+
+    names = engine_config.model.served_model_names
+    engine = AsyncEngineClient(engine_config, served_model_names=names)
+    try:
+        await engine.ready()
+    except (EngineDeadError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        engine.shutdown(0)
+        return 1
     app = build_app(engine, server_config)
     return await serve_http(
         app,
@@ -103,6 +142,28 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
 
+def at_least(low: float, parse: Callable[[str], float] = int) -> Callable[[str], float]:
+    """An argparse type: parse, then refuse values below low (argparse names the flag)."""
+
+    def check(text: str) -> float:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+
+    return check
+
+
+def _port(text: str) -> int:
+    port = int(at_least(0)(text))
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {text}")
+    return port
+
+
 def _json_list(text: str) -> list[str]:
     import json
 
@@ -113,19 +174,27 @@ def _json_list(text: str) -> list[str]:
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    from pagoda.config import DTYPES, QUANTIZATIONS, SchedulerConfig
+    """The engine's flags, shared by serve and bench; their defaults live in pagoda.config.
 
-    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    Values that parse but cannot work are refused by the config dataclasses.
+    """
+    p.add_argument("--dtype", choices=DTYPES, default=ModelConfig.dtype)
     p.add_argument(
         "--quantization",
         choices=QUANTIZATIONS,
-        default="auto",
+        default=ModelConfig.quantization,
         help="auto: in bfloat16, also run a GGUF's Q4_1 projections (batches of up to 8 "
         "tokens) and Q8_0 output layer (up to 4) in their file form; none: dequantize "
         "every weight",
     )
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=ModelConfig.max_model_len,
+        help="the context length; an error when the KV cache cannot hold it (default: the "
+        "model's own, lowered with a warning to what the KV cache holds)",
+    )
+    p.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
     p.add_argument(
         "--max-num-batched-tokens",
         type=int,
@@ -133,16 +202,20 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         help="tokens per step: fewer for earlier first tokens, more for throughput "
         "(default: %(default)s)",
     )
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=CacheConfig.block_size)
     p.add_argument(
         "--kv-cache-memory",
         type=parse_size,
-        default=512 << 20,
+        default=CacheConfig.kv_cache_memory,
         help="memory for the KV cache, e.g. 512M or 2G (default: %(default)s bytes)",
     )
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=CacheConfig.enable_prefix_caching,
+    )
+    p.add_argument("--seed", type=int, default=ModelConfig.seed)
+    p.add_argument("--device", default=EngineConfig.device, help="cpu or cuda[:N]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="greedily continue a prompt and print it")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="model directory or GGUF file")
-    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--max-tokens", type=at_least(1), default=32)
     gen.set_defaults(func=_generate)
 
     serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
@@ -163,24 +236,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="model directory or GGUF file (default: SmolLM2-135M-Instruct)",
     )
     serve.add_argument("--host", default=None)
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument(
         "--api-key",
         action="append",
         help="require this bearer key on /v1 (repeatable; env PAGODA_API_KEY)",
     )
     serve.add_argument("--served-model-name", nargs="+", default=None)
-    serve.add_argument("--max-n", type=int, default=64, help="the largest n a request may ask")
+    serve.add_argument(
+        "--max-n", type=int, default=ServerConfig.max_n, help="the largest n a request may ask"
+    )
     serve.add_argument(
         "--shutdown-timeout",
-        type=float,
+        type=at_least(0, float),
         default=0.0,
         help="seconds that in-flight requests get to finish on SIGTERM",
     )
     serve.add_argument("--ssl-keyfile")
     serve.add_argument("--ssl-certfile")
     serve.add_argument("--ssl-ca-certs")
-    serve.add_argument("--ssl-cert-reqs", type=int, default=0)
+    serve.add_argument(
+        "--ssl-cert-reqs",
+        type=int,
+        choices=(0, 1, 2),
+        default=0,
+        help="whether a client certificate is required: 0 none, 1 optional, 2 required",
+    )
     serve.add_argument(
         "--enable-ssl-refresh",
         action="store_true",
@@ -188,13 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--h11-max-incomplete-event-size",
-        type=parse_size,
+        type=at_least(1, parse_size),
         default=None,
         help="the largest request head in bytes (default 4M)",
     )
     serve.add_argument(
         "--h11-max-header-count",
-        type=int,
+        type=at_least(1),
         default=None,
         help="the most headers a request may carry (default 256)",
     )
@@ -225,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp = bench.add_parser("throughput", help="offline generation throughput")
     throughput.add_arguments(tp)
     _add_engine_flags(tp)
-    tp.set_defaults(func=throughput.main, kv_cache_memory=1 << 30, max_num_batched_tokens=512)
+    tp.set_defaults(func=throughput.main, max_num_batched_tokens=OFFLINE_MAX_NUM_BATCHED_TOKENS)
     sv = bench.add_parser("serve", help="load an OpenAI-compatible server")
     bench_serve.add_arguments(sv)
     sv.set_defaults(func=bench_serve.main)
@@ -234,11 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from pagoda.model.spec import ModelLoadError
 
     try:
         return int(args.func(args))
+    except ConfigError as e:
+        parser.error(str(e))  # exits with 2, as argparse does for a malformed flag
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

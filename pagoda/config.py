@@ -1,7 +1,14 @@
-"""The engine's configuration, as frozen dataclasses built once from flags."""
+"""The engine's configuration, as frozen dataclasses built once from flags.
+
+This is the one home of every default: `pagoda serve`, `pagoda bench` and the
+offline `LLM` read them from here. A configuration that cannot work (a zero
+step budget, a negative context length, ...) is refused when it is built, with
+a ConfigError that names the flag, rather than starting an engine that hangs.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,52 +17,145 @@ DTYPES = ("auto", "float32", "bfloat16")
 # in their file form for small batches (model/layers/linear.py, LlamaForCausalLM.compute_logits).
 QUANTIZATIONS = ("auto", "none")
 
+# Tokens per step. Serving takes fewer, so that a step of prompts stays short (about
+# 0.3 s here), decodes are not stalled and first tokens come early: a step finishes one
+# 256-token prompt rather than two. Median time to first token at 8 concurrent requests:
+# 720-750 ms with 512, 420-450 ms with 384, for about 8 % less output at 32
+# (BENCHMARKS.md). Offline generation (LLM, bench throughput) has no first token to
+# hurry and keeps the larger batches.
+SERVING_MAX_NUM_BATCHED_TOKENS = 384
+OFFLINE_MAX_NUM_BATCHED_TOKENS = 512
 
-@dataclass(frozen=True)
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the flag."""
+
+
+def _require(ok: bool, flag: str, value: object, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"{flag} must be {what}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     path: Path  # a model directory or GGUF file, already resolved
     dtype: str = "auto"  # auto | float32 | bfloat16
-    max_model_len: int | None = None  # None = the model's own context length
+    # None: the model's own context length, lowered to what the KV cache holds (with a
+    # warning). Given: an error at startup when the KV cache cannot hold it.
+    max_model_len: int | None = None
     served_model_names: tuple[str, ...] = ()
     seed: int = 0
     quantization: str = "auto"  # auto | none
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.quantization not in QUANTIZATIONS:
-            raise ValueError(
-                f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}"
-            )
+        _require(self.dtype in DTYPES, "--dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        _require(
+            self.quantization in QUANTIZATIONS,
+            "--quantization",
+            self.quantization,
+            f"one of {', '.join(QUANTIZATIONS)}",
+        )
+        _require(
+            self.max_model_len is None or self.max_model_len >= 2,
+            "--max-model-len",
+            self.max_model_len,
+            "at least 2 (a prompt token and a generated one)",
+        )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CacheConfig:
-    block_size: int = 16
-    kv_cache_memory: int = 1 << 30  # bytes for K and V of all layers
+    block_size: int = 16  # tokens per KV-cache block
+    # Bytes for K and V of all layers. Reserved, not written: pages become resident as
+    # blocks are first used. 1 GiB holds about 46k tokens of SmolLM2-135M in bfloat16
+    # (23k in float32), room for the offline benchmark's 64 x 384 tokens at once.
+    kv_cache_memory: int = 1 << 30
     enable_prefix_caching: bool = True
 
+    def __post_init__(self) -> None:
+        _require(self.block_size >= 1, "--block-size", self.block_size, "a positive integer")
+        _require(
+            self.kv_cache_memory >= 1,
+            "--kv-cache-memory",
+            self.kv_cache_memory,
+            "a positive size such as 512M",
+        )
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class SchedulerConfig:
-    max_num_seqs: int = 256
-    # Tokens per step, for serving. Small enough that a step of prompts stays short
-    # (about 0.3 s here), so that decodes are not stalled and first tokens come early:
-    # a step finishes one 256-token prompt rather than two. Median time to first token
-    # at 8 concurrent requests: 720-750 ms with 512, 420-450 ms with 384, for about 8 %
-    # less output at 32 (BENCHMARKS.md). Offline generation (LLM) takes 512.
-    max_num_batched_tokens: int = 384
+    max_num_seqs: int = 256  # requests running at once
+    max_num_batched_tokens: int = SERVING_MAX_NUM_BATCHED_TOKENS
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_seqs >= 1, "--max-num-seqs", self.max_num_seqs, "at least 1")
+        _require(
+            self.max_num_batched_tokens >= 1,
+            "--max-num-batched-tokens",
+            self.max_num_batched_tokens,
+            "at least 1",
+        )
 
 
-@dataclass(frozen=True)
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+DEFAULT_DEVICE = "cpu"
+
+
+@dataclass(frozen=True, kw_only=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    device: str = "cpu"
+    device: str = DEFAULT_DEVICE
+
+    def __post_init__(self) -> None:
+        _require(
+            _DEVICE.fullmatch(self.device) is not None, "--device", self.device, "cpu or cuda[:N]"
+        )
+
+    @classmethod
+    def from_flags(
+        cls,
+        path: Path,
+        *,
+        dtype: str = ModelConfig.dtype,
+        quantization: str = ModelConfig.quantization,
+        max_model_len: int | None = ModelConfig.max_model_len,
+        served_model_names: tuple[str, ...] = ModelConfig.served_model_names,
+        seed: int = ModelConfig.seed,
+        block_size: int = CacheConfig.block_size,
+        kv_cache_memory: int = CacheConfig.kv_cache_memory,
+        enable_prefix_caching: bool = CacheConfig.enable_prefix_caching,
+        max_num_seqs: int = SchedulerConfig.max_num_seqs,
+        max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens,
+        device: str = DEFAULT_DEVICE,
+    ) -> EngineConfig:
+        """The configuration from the engine's flags (`pagoda serve`, `pagoda bench`, `LLM`).
+
+        Raises ConfigError, naming the flag, for a value that cannot work.
+        """
+        return cls(
+            model=ModelConfig(
+                path=path,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                served_model_names=served_model_names,
+                seed=seed,
+                quantization=quantization,
+            ),
+            cache=CacheConfig(
+                block_size=block_size,
+                kv_cache_memory=kv_cache_memory,
+                enable_prefix_caching=enable_prefix_caching,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
+            ),
+            device=device,
+        )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     """The HTTP layer's settings (the launcher's own are its keyword arguments)."""
 
@@ -69,3 +169,6 @@ class ServerConfig:
     disable_log_requests: bool = False
     # Usage in every stream, on every chunk, whatever stream_options say (vLLM's flag).
     enable_force_include_usage: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.max_n >= 1, "--max-n", self.max_n, "at least 1")

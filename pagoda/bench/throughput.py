@@ -14,10 +14,12 @@ import time
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from pagoda.cli import at_least
+
     p.add_argument("--model", default=None, help="model directory or GGUF (default: SmolLM2)")
-    p.add_argument("--input-len", type=int, default=256)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=at_least(1), default=256)
+    p.add_argument("--output-len", type=at_least(1), default=128)
+    p.add_argument("--num-prompts", type=at_least(1), default=64)
     p.add_argument("--output-json", default=None, help="write the result here too")
     # The engine's own flags (--dtype, --seed, ...) are those of `pagoda serve`.
 

@@ -7,7 +7,13 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from pagoda.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pagoda.config import (
+    OFFLINE_MAX_NUM_BATCHED_TOKENS,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 from pagoda.engine.core import EngineCore
 from pagoda.engine.output import OutputProcessor
 from pagoda.model_files import resolve_model_path
@@ -25,28 +31,30 @@ class LLM:
         self,
         model: str | None = None,
         *,
-        dtype: str = "auto",
-        quantization: str = "auto",
-        max_model_len: int | None = None,
-        block_size: int = 16,
-        kv_cache_memory: int = 1 << 30,
-        enable_prefix_caching: bool = True,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 512,
-        seed: int = 0,
-        device: str = "cpu",
+        dtype: str = ModelConfig.dtype,
+        quantization: str = ModelConfig.quantization,
+        max_model_len: int | None = ModelConfig.max_model_len,
+        block_size: int = CacheConfig.block_size,
+        kv_cache_memory: int = CacheConfig.kv_cache_memory,
+        enable_prefix_caching: bool = CacheConfig.enable_prefix_caching,
+        max_num_seqs: int = SchedulerConfig.max_num_seqs,
+        max_num_batched_tokens: int = OFFLINE_MAX_NUM_BATCHED_TOKENS,
+        seed: int = ModelConfig.seed,
+        device: str = EngineConfig.device,
     ) -> None:
+        """Loads the model; a flag that cannot work raises ConfigError before anything loads."""
         path = resolve_model_path(model)
-        self.config = EngineConfig(
-            model=ModelConfig(
-                path=path,
-                dtype=dtype,
-                max_model_len=max_model_len,
-                seed=seed,
-                quantization=quantization,
-            ),
-            cache=CacheConfig(block_size, kv_cache_memory, enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
+        self.config = EngineConfig.from_flags(
+            path,
+            dtype=dtype,
+            quantization=quantization,
+            max_model_len=max_model_len,
+            seed=seed,
+            block_size=block_size,
+            kv_cache_memory=kv_cache_memory,
+            enable_prefix_caching=enable_prefix_caching,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
             device=device,
         )
         self.tokenizer = Tokenizer.from_path(path)

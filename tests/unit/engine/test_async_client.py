@@ -26,7 +26,7 @@ def run_with_client(path, check) -> None:
 
     async def main() -> None:
         client = AsyncEngineClient(
-            EngineConfig(ModelConfig(path, dtype="float32")), Tokenizer.from_path(path)
+            EngineConfig(model=ModelConfig(path=path, dtype="float32")), Tokenizer.from_path(path)
         )
         await client.ready()
         try:
@@ -115,7 +115,7 @@ def test_an_engine_that_fails_to_load_is_reported_and_shut_down(
 
     async def main() -> None:
         client = AsyncEngineClient(
-            EngineConfig(ModelConfig(broken, dtype="float32")),
+            EngineConfig(model=ModelConfig(path=broken, dtype="float32")),
             Tokenizer.from_path(default_model_path),
         )
         with pytest.raises(EngineDeadError):

@@ -1,0 +1,107 @@
+"""Configurations that cannot work are refused when they are built, naming the flag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pagoda.cli import main
+from pagoda.config import ConfigError, EngineConfig, ServerConfig
+
+MODEL = Path("/nonexistent/model.gguf")  # from_flags only builds; nothing is loaded
+
+
+@pytest.mark.parametrize(
+    ("flags", "flag"),
+    [
+        ({"max_model_len": 0}, "--max-model-len"),
+        ({"max_model_len": -5}, "--max-model-len"),
+        ({"max_model_len": 1}, "--max-model-len"),  # no room for a prompt and a token
+        ({"max_num_seqs": 0}, "--max-num-seqs"),
+        ({"max_num_seqs": -1}, "--max-num-seqs"),
+        ({"max_num_batched_tokens": 0}, "--max-num-batched-tokens"),
+        ({"max_num_batched_tokens": -384}, "--max-num-batched-tokens"),
+        ({"block_size": 0}, "--block-size"),
+        ({"block_size": -16}, "--block-size"),
+        ({"kv_cache_memory": 0}, "--kv-cache-memory"),
+        ({"kv_cache_memory": -(1 << 20)}, "--kv-cache-memory"),
+        ({"dtype": "float16"}, "--dtype"),
+        ({"quantization": "q4"}, "--quantization"),
+        ({"device": "tpu"}, "--device"),
+    ],
+)
+def test_engine_config_refuses_what_cannot_work(flags: dict, flag: str) -> None:
+    with pytest.raises(ConfigError, match=flag):
+        EngineConfig.from_flags(MODEL, **flags)
+
+
+def test_engine_config_keeps_what_works() -> None:
+    config = EngineConfig.from_flags(
+        MODEL, max_model_len=2, max_num_seqs=1, max_num_batched_tokens=1, block_size=1
+    )
+    assert config.model.max_model_len == 2
+    assert config.scheduler.max_num_seqs == 1
+    assert EngineConfig.from_flags(MODEL, device="cuda:1").device == "cuda:1"
+
+
+def test_server_config_refuses_max_n_below_one() -> None:
+    with pytest.raises(ConfigError, match="--max-n"):
+        ServerConfig(max_n=0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--max-model-len", "0"], "--max-model-len"),
+        (["--max-num-seqs", "0"], "--max-num-seqs"),
+        (["--max-num-batched-tokens", "0"], "--max-num-batched-tokens"),
+        (["--kv-cache-memory", "0"], "--kv-cache-memory"),
+        (["--max-n", "0"], "--max-n"),
+        (["--port", "70000"], "--port"),
+        (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
+        (["--h11-max-header-count", "0"], "--h11-max-header-count"),
+        (["--h11-max-incomplete-event-size", "0"], "--h11-max-incomplete-event-size"),
+    ],
+)
+def test_serve_refuses_at_startup(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The error comes before any model is loaded or any port is bound."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--port", "0", *argv])
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_bench_throughput_refuses_at_startup(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "throughput", "--max-num-seqs", "0"])
+    assert exit_info.value.code == 2
+    assert "--max-num-seqs" in capsys.readouterr().err
+
+
+def test_serve_bench_and_llm_share_the_defaults() -> None:
+    """Each default is stated once, in pagoda.config; only the step budget differs, by name."""
+    import inspect
+
+    from pagoda.cli import build_parser, engine_config_from_args
+    from pagoda.config import OFFLINE_MAX_NUM_BATCHED_TOKENS, SERVING_MAX_NUM_BATCHED_TOKENS
+    from pagoda.engine.llm import LLM
+
+    parser = build_parser()
+    serve = engine_config_from_args(parser.parse_args(["serve"]), MODEL)
+    assert serve == EngineConfig.from_flags(MODEL)
+    assert serve.scheduler.max_num_batched_tokens == SERVING_MAX_NUM_BATCHED_TOKENS
+
+    llm_defaults = {
+        name: p.default
+        for name, p in inspect.signature(LLM.__init__).parameters.items()
+        if name not in ("self", "model")
+    }
+    offline = EngineConfig.from_flags(MODEL, **llm_defaults)
+    bench = engine_config_from_args(parser.parse_args(["bench", "throughput"]), MODEL)
+    assert bench == offline
+    assert offline.scheduler.max_num_batched_tokens == OFFLINE_MAX_NUM_BATCHED_TOKENS
+    differ = EngineConfig.from_flags(MODEL, max_num_batched_tokens=OFFLINE_MAX_NUM_BATCHED_TOKENS)
+    assert offline == differ
