@@ -1,0 +1,42 @@
+"""RMSNorm, alone and fused with the residual add before it (csrc/norm.cpp)."""
+
+from __future__ import annotations
+
+import torch
+
+from pagoda import kernels
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS-normalises the last dimension in float32, then scales by weight in x's dtype."""
+    if kernels.available(x) and x.is_contiguous():
+        if x.dim() == 2:  # the hidden states: no views to make (this runs twice a layer)
+            return torch.ops.pagoda.rms_norm.default(x, weight, eps)
+        return torch.ops.pagoda.rms_norm(x.view(-1, x.shape[-1]), weight, eps).view(x.shape)
+    return rms_norm_torch(x, weight, eps)
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual), the sum rounded to x's dtype before the norm.
+
+    The C++ kernel does both in one pass and in place: x and residual are overwritten.
+    """
+    if kernels.available(x) and x.dim() == 2 and x.is_contiguous() and residual.is_contiguous():
+        torch.ops.pagoda.add_rms_norm.default(x, residual, weight, eps)
+        return x, residual
+    return add_rms_norm_torch(x, residual, weight, eps)
+
+
+def add_rms_norm_torch(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    residual = x + residual
+    return rms_norm_torch(residual, weight, eps), residual
