@@ -67,6 +67,8 @@ def _serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig
         max_n=args.max_n,
         disable_log_requests=args.disable_log_requests,
         enable_force_include_usage=args.enable_force_include_usage,
+        max_logprobs=args.max_logprobs,
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
     )
     return engine_config, server_config
 
@@ -295,6 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--enable-force-include-usage",
         action="store_true",
         help="send usage in every stream, on every chunk, whatever stream_options say",
+    )
+    serve.add_argument(
+        "--max-logprobs",
+        type=int,
+        default=ServerConfig.max_logprobs,
+        help="the most logprobs a request may ask for per token; -1: the whole vocabulary "
+        "(default: %(default)s)",
+    )
+    serve.add_argument(
+        "--return-tokens-as-token-ids",
+        action="store_true",
+        help='write logprob tokens as "token_id:{id}" unless a request says otherwise',
     )
     _add_engine_flags(serve)
     serve.set_defaults(func=_serve)

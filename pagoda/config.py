@@ -169,6 +169,10 @@ class ServerConfig:
     disable_log_requests: bool = False
     # Usage in every stream, on every chunk, whatever stream_options say (vLLM's flag).
     enable_force_include_usage: bool = False
+    max_logprobs: int = 20  # the most logprobs a request may ask per token; -1 = the vocabulary
+    # Logprob tokens as "token_id:{id}" unless a request says otherwise (vLLM's flag).
+    return_tokens_as_token_ids: bool = False
 
     def __post_init__(self) -> None:
         _require(self.max_n >= 1, "--max-n", self.max_n, "at least 1")
+        _require(self.max_logprobs >= -1, "--max-logprobs", self.max_logprobs, "-1 or more")

@@ -21,7 +21,7 @@ class SamplingParamsError(ValueError):
         self.param = param
 
 
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = 20  # vLLM's default for --max-logprobs
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -56,7 +56,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def validate(self, vocab_size: int | None = None) -> None:
+    def validate(self, vocab_size: int | None = None, max_logprobs: int = MAX_LOGPROBS) -> None:
         """Raises SamplingParamsError for the first field out of range."""
 
         def check(ok: bool, param: str, message: str) -> None:
@@ -85,18 +85,20 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                 "min_tokens",
                 f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}",
             )
-        if self.logprobs is not None:
-            check(
-                0 <= self.logprobs <= MAX_LOGPROBS,
-                "logprobs",
-                f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
-            )
-        if self.prompt_logprobs is not None:
-            check(
-                0 <= self.prompt_logprobs <= MAX_LOGPROBS,
-                "prompt_logprobs",
-                f"must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}",
-            )
+        # vLLM's rule and wording; -1 (every token) is resolved at the edge, and a limit of
+        # -1 means the whole vocabulary.
+        if max_logprobs == -1 and vocab_size is not None:
+            max_logprobs = vocab_size
+        for name, kind in (("logprobs", "sample"), ("prompt_logprobs", "prompt")):
+            value = getattr(self, name)
+            if value is not None:
+                check(value >= 0, name, f"must be a positive value or -1, got {value}")
+                check(
+                    max_logprobs == -1 or value <= max_logprobs,
+                    name,
+                    f"Requested {kind} logprobs of {value}, which is greater than max allowed: "
+                    f"{max_logprobs}",
+                )
         if self.stop is not None:
             check(all(s for s in self.stop), "stop", "stop strings must not be empty")
         for token_id, bias in (self.logit_bias or {}).items():

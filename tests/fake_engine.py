@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from pagoda.engine.messages import EngineOutput, EngineOutputs
+from pagoda.engine.messages import EngineOutput, EngineOutputs, WireLogprob
 from pagoda.engine.output import OutputProcessor
 from pagoda.engine.protocol import (
     EngineClient,
@@ -75,14 +75,18 @@ class FakeEngineClient(EngineClient):
                 if request_id not in self.processor.requests:
                     raise RequestAborted(f"request {request_id} was aborted")
                 last = step + 1 == sampling_params.max_tokens
-                outputs = [
-                    EngineOutput(
-                        er.request_id,
-                        [self.script[(step + i) % len(self.script)]],
-                        finish_reason="length" if last else None,
+                outputs = []
+                for i, er in enumerate(engine_requests):
+                    token = self.script[(step + i) % len(self.script)]
+                    output = EngineOutput(
+                        er.request_id, [token], finish_reason="length" if last else None
                     )
-                    for i, er in enumerate(engine_requests)
-                ]
+                    if sampling_params.logprobs is not None:
+                        output.new_logprobs = [self.fake_logprobs(token, sampling_params.logprobs)]
+                    k = sampling_params.prompt_logprobs
+                    if k is not None and step == 0:
+                        output.prompt_logprobs = [self.fake_logprobs(t, k) for t in ids[1:]]
+                    outputs.append(output)
                 delivered, _ = self.processor.process_outputs(outputs)
                 for stat_logger in self.stat_loggers:
                     stat_logger.step(EngineOutputs(outputs), delivered)
@@ -97,6 +101,11 @@ class FakeEngineClient(EngineClient):
                 engine_ids = self.processor.abort_request(request_id)
                 for stat_logger in self.stat_loggers:
                     stat_logger.request_aborted(engine_ids)
+
+    def fake_logprobs(self, token_id: int, k: int) -> list[WireLogprob]:
+        """The token as the most likely one (logprob -0.25), then k - 1 tokens of the script."""
+        others = [t for t in dict.fromkeys(self.script) if t != token_id][: max(k - 1, 0)]
+        return [(token_id, -0.25, 1)] + [(t, -1.0 - j, j + 2) for j, t in enumerate(others)]
 
     async def abort(self, request_id: str) -> None:
         self.processor.abort_request(request_id)

@@ -48,6 +48,7 @@ class SamplingFields(OpenAIModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = None
+    return_tokens_as_token_ids: bool | None = None  # None = the server's flag
 
 
 class CompletionRequest(SamplingFields):

@@ -25,7 +25,7 @@ from pagoda.entrypoints.openai.protocol import (
 )
 from pagoda.entrypoints.openai.serving_engine import SSE_DONE, OpenAIServing, sse
 from pagoda.outputs import CompletionOutput, Logprobs, RequestOutput
-from pagoda.sampling_params import MAX_LOGPROBS, SamplingParams
+from pagoda.sampling_params import SamplingParams
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -40,12 +40,12 @@ class OpenAIServingChat(OpenAIServing):
                 "structured output (response_format) is not supported", 400, "response_format"
             )
         if request.top_logprobs is not None:
-            if not request.logprobs:
-                raise OpenAIError("top_logprobs requires logprobs to be true", 400, "top_logprobs")
-            if not 0 <= request.top_logprobs <= MAX_LOGPROBS:
+            if request.top_logprobs < -1:
                 raise OpenAIError(
-                    f"top_logprobs must be in [0, {MAX_LOGPROBS}]", 400, "top_logprobs"
+                    "`top_logprobs` must be a positive value or -1.", 400, "top_logprobs"
                 )
+            if request.top_logprobs != 0 and not request.logprobs:
+                raise OpenAIError("top_logprobs requires logprobs to be true", 400, "top_logprobs")
         text = self.render(request)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         max_tokens = self.check_lengths(
@@ -105,24 +105,27 @@ class OpenAIServingChat(OpenAIServing):
     ) -> ChatLogprobs | None:
         if not request.logprobs:
             return None
-        return self._logprobs(c.token_ids, c.logprobs, request.top_logprobs or 0)
+        k = request.top_logprobs or 0
+        if k == -1:
+            k = self.tokenizer.vocab_size
+        return self._logprobs(c.token_ids, c.logprobs, k, self.tokens_as_ids(request))
 
     def _logprobs(
-        self, token_ids: list[int], logprobs: list[Logprobs] | None, k: int
+        self, token_ids: list[int], logprobs: list[Logprobs] | None, k: int, as_ids: bool
     ) -> ChatLogprobs:
         content = []
         for token_id, entry in zip(token_ids, logprobs or []):
             top = sorted(entry.items(), key=lambda kv: kv[1][1])[:k]
             content.append(
                 TokenLogprob(
-                    **self._top(token_id, entry[token_id][0]).model_dump(),
-                    top_logprobs=[self._top(t, lp) for t, (lp, _) in top],
+                    **self._top(token_id, entry[token_id][0], as_ids).model_dump(),
+                    top_logprobs=[self._top(t, lp, as_ids) for t, (lp, _) in top],
                 )
             )
         return ChatLogprobs(content=content)
 
-    def _top(self, token_id: int, logprob: float) -> TopLogprob:
-        token = self.tokenizer.decode([token_id], skip_special_tokens=False)
+    def _top(self, token_id: int, logprob: float, as_ids: bool) -> TopLogprob:
+        token = self.token_text(token_id, as_ids)
         return TopLogprob(token=token, logprob=max(logprob, -9999.0), bytes=list(token.encode()))
 
     async def create(

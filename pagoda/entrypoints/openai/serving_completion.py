@@ -71,9 +71,7 @@ class OpenAIServingCompletion(OpenAIServing):
             cached += final.num_cached_tokens
             for c in final.outputs:
                 completion_tokens += len(c.token_ids)
-                choices.append(
-                    self._choice(i * params.n + c.index, final, c, request.echo, request.logprobs)
-                )
+                choices.append(self._choice(i * params.n + c.index, final, c, request))
         return CompletionResponse(
             id=request_id,
             model=request.model or self.model_name,
@@ -82,13 +80,15 @@ class OpenAIServingCompletion(OpenAIServing):
         )
 
     def _choice(
-        self, index: int, final: RequestOutput, c: CompletionOutput, echo: bool, k: int | None
+        self, index: int, final: RequestOutput, c: CompletionOutput, request: CompletionRequest
     ) -> CompletionChoice:
-        prefix = (final.prompt or "") if echo else ""
+        prefix = (final.prompt or "") if request.echo else ""
+        k = request.logprobs
+        as_ids = self.tokens_as_ids(request)
         return CompletionChoice(
             index=index,
             text=prefix + c.text,
-            logprobs=self._logprobs(c.token_ids, c.logprobs, k, len(prefix))
+            logprobs=self._logprobs(c.token_ids, c.logprobs, k, len(prefix), as_ids)
             if k is not None
             else None,
             finish_reason=c.finish_reason,
@@ -115,21 +115,31 @@ class OpenAIServingCompletion(OpenAIServing):
         ]
 
     def _logprobs(
-        self, token_ids: list[int], logprobs: list[Logprobs] | None, k: int | None, offset: int
+        self,
+        token_ids: list[int],
+        entries: list[Logprobs] | list[Logprobs | None] | None,
+        k: int,
+        offset: int,
+        as_ids: bool,
     ) -> CompletionLogprobs:
+        """OpenAI's legacy shape. An entry of None (the prompt's first token) has no logprob."""
         out = CompletionLogprobs()
-        for token_id, entry in zip(token_ids, logprobs or []):
-            token = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        for token_id, entry in zip(token_ids, entries or []):
+            token = self.token_text(token_id, as_ids)
             out.tokens.append(token)
-            out.token_logprobs.append(entry[token_id][0])
             out.text_offset.append(offset)
             offset += len(token)
-            top = sorted(entry.items(), key=lambda kv: kv[1][1])[: k or 0]
-            out.top_logprobs.append(
-                {self.tokenizer.decode([t], skip_special_tokens=False): lp for t, (lp, _) in top}
-                if k
-                else None
-            )
+            if entry is None:
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
+            out.token_logprobs.append(max(entry[token_id][0], -9999.0))
+            # The entry holds the chosen token first, then the most likely ones by rank: so
+            # up to k + 1 tokens, the chosen one always among them (OpenAI's rule).
+            top: dict[str, float] = {}
+            for t, (logprob, _) in list(entry.items())[: len(entry) if k == -1 else k + 1]:
+                top.setdefault(self.token_text(t, as_ids), max(logprob, -9999.0))
+            out.top_logprobs.append(top)
         return out
 
     async def stream(
@@ -138,6 +148,7 @@ class OpenAIServingCompletion(OpenAIServing):
         request_id = random_id("cmpl")
         model = request.model or self.model_name
         include_usage, continuous_usage = self.stream_usage(request)
+        as_ids = self.tokens_as_ids(request)
         prompt_tokens = [len(p["prompt_token_ids"]) for p in prompts]
         completion_tokens: dict[int, int] = {}  # per choice index
         cached: dict[int, int] = {}  # per prompt
@@ -155,7 +166,9 @@ class OpenAIServingCompletion(OpenAIServing):
                     choice = CompletionChoice(
                         index=index,
                         text=text,
-                        logprobs=self._logprobs(c.token_ids, c.logprobs, request.logprobs, 0)
+                        logprobs=self._logprobs(
+                            c.token_ids, c.logprobs, request.logprobs, 0, as_ids
+                        )
                         if request.logprobs is not None
                         else None,
                         finish_reason=c.finish_reason,

@@ -97,6 +97,11 @@ class OpenAIServing:
                         f"logit_bias: key {key!r} is not a token id", 400, "logit_bias"
                     ) from None
         stop = [request.stop] if isinstance(request.stop, str) else request.stop
+        vocab = self.tokenizer.vocab_size
+        prompt_logprobs = request.prompt_logprobs
+        # -1 asks for every token's logprob, as in vLLM.
+        logprobs = vocab if logprobs == -1 else logprobs
+        prompt_logprobs = vocab if prompt_logprobs == -1 else prompt_logprobs
         params = SamplingParams(
             n=request.n,
             temperature=1.0 if request.temperature is None else request.temperature,
@@ -117,15 +122,28 @@ class OpenAIServing:
             stop_token_ids=request.stop_token_ids,
             include_stop_str_in_output=request.include_stop_str_in_output,
             logprobs=logprobs,
-            prompt_logprobs=request.prompt_logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=request.skip_special_tokens,
             output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
         )
         try:
-            params.validate(self.tokenizer.vocab_size)
+            params.validate(self.tokenizer.vocab_size, self.server_config.max_logprobs)
         except SamplingParamsError as e:
             raise OpenAIError(str(e), 400, e.param) from None
         return params
+
+    def tokens_as_ids(self, request: SamplingFields) -> bool:
+        """Whether logprob tokens are written "token_id:{id}": the request's choice, else the
+        server's."""
+        if request.return_tokens_as_token_ids is not None:
+            return request.return_tokens_as_token_ids
+        return self.server_config.return_tokens_as_token_ids
+
+    def token_text(self, token_id: int, as_id: bool) -> str:
+        """One token as logprobs show it."""
+        if as_id:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def stream_usage(self, request: SamplingFields) -> tuple[bool, bool]:
         """(a usage chunk at the end, usage on every chunk), as vLLM decides them."""

@@ -107,3 +107,84 @@ def test_usage_reports_cached_tokens_as_an_object(client) -> None:
         "usage"
     ]
     assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
+
+
+# ---- logprob shapes ---------------------------------------------------------------------------
+
+
+def test_completion_logprobs_zero_is_the_sampled_token(client, tokenizer) -> None:
+    body = {"prompt": "Hi", "max_tokens": 3, "logprobs": 0}
+    logprobs = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == [" one", " two", " three"]
+    assert logprobs["token_logprobs"] == [-0.25] * 3
+    assert logprobs["top_logprobs"] == [{t: -0.25} for t in logprobs["tokens"]]
+    assert logprobs["text_offset"] == [0, 4, 8]
+
+
+def test_completion_top_logprobs_are_the_sampled_token_and_the_top_k(client) -> None:
+    body = {"prompt": "Hi", "max_tokens": 2, "logprobs": 3, "stream": True}
+    chunks = [e for e in sse_events(client.post("/v1/completions", json=body)) if e["choices"]]
+    for chunk in chunks:
+        logprobs = chunk["choices"][0]["logprobs"]
+        (token,) = logprobs["tokens"]
+        (top,) = logprobs["top_logprobs"]
+        # The fake ranks the sampled token first, so it is one of the top 3.
+        assert len(top) == 3 and top[token] == -0.25
+        assert sorted(top.values(), reverse=True) == list(top.values())
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_return_tokens_as_token_ids(client, engine, tokenizer, route) -> None:
+    body: dict = {"max_tokens": 2, "return_tokens_as_token_ids": True}
+    if route == "/v1/completions":
+        body |= {"prompt": "Hi", "logprobs": 1}
+    else:
+        body |= {"messages": CHAT, "logprobs": True, "top_logprobs": 1}
+    choice = client.post(route, json=body).json()["choices"][0]
+    ids = engine.script[:2]
+    expected = [f"token_id:{t}" for t in ids]
+    if route == "/v1/completions":
+        assert choice["logprobs"]["tokens"] == expected
+        assert [list(top) for top in choice["logprobs"]["top_logprobs"]] == [[e] for e in expected]
+        assert choice["logprobs"]["text_offset"] == [0, len(expected[0])]
+    else:
+        content = choice["logprobs"]["content"]
+        assert [c["token"] for c in content] == expected
+        assert content[0]["bytes"] == list(expected[0].encode())
+        assert [c["top_logprobs"][0]["token"] for c in content] == expected
+    assert choice.get("text", choice.get("message", {}).get("content")) == tokenizer.decode(ids)
+
+
+def test_return_tokens_as_token_ids_server_flag(engine) -> None:
+    client = TestClient(build_app(engine, ServerConfig(return_tokens_as_token_ids=True)))
+    body = {"prompt": "Hi", "max_tokens": 1, "logprobs": 0}
+    tokens = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]["tokens"]
+    assert tokens == [f"token_id:{engine.script[0]}"]
+    body["return_tokens_as_token_ids"] = False  # the request's own choice wins
+    tokens = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]["tokens"]
+    assert tokens == [" one"]
+
+
+@pytest.mark.parametrize(
+    "route, body, param, message",
+    [
+        ("/v1/completions", {"prompt": "Hi", "logprobs": 21}, "logprobs", "sample logprobs of 21"),
+        (
+            "/v1/chat/completions",
+            {"messages": CHAT, "logprobs": True, "top_logprobs": 21},
+            "logprobs",
+            "sample logprobs of 21",
+        ),
+        (
+            "/v1/completions",
+            {"prompt": "Hi", "prompt_logprobs": 21},
+            "prompt_logprobs",
+            "prompt logprobs of 21",
+        ),
+    ],
+)
+def test_max_logprobs(engine, client, route, body, param, message) -> None:
+    error = assert_error(client.post(route, json=body), 400, param, message)
+    assert error["message"].endswith("which is greater than max allowed: 20")
+    roomy = TestClient(build_app(engine, ServerConfig(max_logprobs=21)))
+    assert roomy.post(route, json=body | {"max_tokens": 1}).status_code == 200
