@@ -6,16 +6,46 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 
 from pagoda.model.spec import ModelLoadError
 
 
+class _PastEnd(Exception):
+    """A read that runs past the end of the file."""
+
+    def __init__(self, end: int, in_data: bool) -> None:
+        self.end, self.in_data = end, in_data
+
+
+class _CheckedReader(gguf.GGUFReader):
+    """GGUFReader that stops at a read past the end of the file (it would fail on a short array)."""
+
+    def _get(
+        self, offset: int, dtype: Any, count: int = 1, override_order: Any = None
+    ) -> np.ndarray:
+        end = offset + np.dtype(dtype).itemsize * int(count)
+        if end > len(self.data):
+            # data_offset is set once the header (metadata and tensor infos) has been read
+            raise _PastEnd(end, in_data=hasattr(self, "data_offset"))
+        return super()._get(offset, dtype, count, override_order)
+
+
 def open_reader(path: Path) -> gguf.GGUFReader:
-    """Opens a GGUF file, turning the reader's errors into one that names the file."""
+    """Opens a GGUF file; a truncated or unreadable one raises an error that names the file."""
     try:
-        return gguf.GGUFReader(str(path))
+        return _CheckedReader(str(path))
+    except _PastEnd as e:
+        size = path.stat().st_size
+        if e.in_data:
+            raise ModelLoadError(
+                f"{path} is truncated: it has {size} bytes, its tensor data runs to byte {e.end}"
+            ) from None
+        raise ModelLoadError(
+            f"{path} ends at byte {size}, inside its header: the file is truncated or corrupt"
+        ) from None
     except Exception as e:
-        raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from e
+        raise ModelLoadError(f"{path} is not a readable GGUF file (corrupt): {e}") from e
 
 
 def read_tokenizer_fields(path: Path) -> dict[str, Any]:

@@ -109,15 +109,45 @@ def unpermute(w: torch.Tensor, num_heads: int) -> torch.Tensor:
 def tensor_values(t: Any) -> torch.Tensor:
     """A reader tensor's values as float32 in PyTorch layout (rows first)."""
     shape = tuple(int(n) for n in reversed(t.shape))
-    qtype = t.tensor_type.name
-    if qtype not in FORMATS:
-        raise ModelLoadError(f"tensor {t.name!r} has type {qtype}; supported: {', '.join(FORMATS)}")
-    values = dequantize(_raw_bytes(t), qtype)
-    return values.reshape(shape)
+    return dequantize(_raw_bytes(t), t.tensor_type.name).reshape(shape)
 
 
 def _raw_bytes(t: Any) -> torch.Tensor:
     return torch.from_numpy(np.asarray(t.data).copy().view(np.uint8))
+
+
+def expected_tensors(spec: ModelSpec) -> list[str]:
+    """The GGUF names of the tensors a model of this spec needs."""
+
+    def needed(target: str) -> bool:
+        if target == "lm_head.weight":
+            return not spec.tie_word_embeddings
+        if target.endswith(".bias"):
+            return spec.attention_bias
+        if target.endswith(("q_norm.weight", "k_norm.weight")):
+            return spec.qk_norm
+        return True
+
+    names = []
+    for gguf_name, target in NAME_TABLE.items():
+        if needed(target):
+            names += [gguf_name.format(i=i) for i in range(spec.num_layers)]
+    return list(dict.fromkeys(names))  # a name without {i} comes once
+
+
+def check_tensors(reader: gguf.GGUFReader, spec: ModelSpec) -> None:
+    """Raises before any loading when a tensor is missing or of a type we cannot read."""
+    have = {t.name: t.tensor_type.name for t in reader.tensors}
+    missing = sorted(set(expected_tensors(spec)) - set(have))
+    if missing:
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise ModelLoadError(f"the GGUF file lacks the tensors {', '.join(missing[:8])}{more}")
+    for name, qtype in have.items():
+        if qtype not in FORMATS:
+            raise ModelLoadError(
+                f"tensor {name!r} has type {qtype}, which Pagoda cannot read; "
+                f"supported: {', '.join(FORMATS)}"
+            )
 
 
 def iter_weights(
@@ -129,6 +159,7 @@ def iter_weights(
     an Int4Weight, and a Q8_0 output layer as a Q8Weight, with their exact codes
     and scales.
     """
+    check_tensors(reader, spec)
     permuted = field(reader, "general.architecture") in ("llama", "mistral")
     for t in reader.tensors:
         name = hf_name(t.name)

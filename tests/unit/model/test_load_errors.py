@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_gguf import write_gguf
+from tiny_models import make_hf_model
 
 from pagoda.model.loader import load_model
 from pagoda.model.spec import ModelLoadError
@@ -39,7 +41,7 @@ def test_directory_without_config(tmp_path: Path) -> None:
 
 def test_corrupt_gguf(tmp_path: Path) -> None:
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 4)
-    with pytest.raises(ModelLoadError, match="not a readable GGUF file"):
+    with pytest.raises(ModelLoadError, match="bad.gguf is not a readable GGUF file .corrupt.: "):
         load_model(tmp_path / "bad.gguf")
     with pytest.raises(ModelLoadError, match="not a readable GGUF file"):
         Tokenizer.from_path(tmp_path / "bad.gguf")
@@ -88,3 +90,54 @@ def test_missing_config_field_is_named(tiny_model_dir, tmp_path: Path) -> None:
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="'hidden_size'"):
         load_model(path)
+
+
+def tiny_llama_state() -> dict[str, torch.Tensor]:
+    hf = make_hf_model("llama")
+    return {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+
+
+def test_gguf_unsupported_architecture_is_named(tmp_path: Path) -> None:
+    write_gguf(tmp_path / "m.gguf", tiny_llama_state(), "F32", arch="gpt2")
+    with pytest.raises(
+        ModelLoadError, match=r"unsupported GGUF architecture 'gpt2'; supported: llama, .*qwen3"
+    ):
+        load_model(tmp_path / "m.gguf")
+
+
+def test_gguf_unsupported_tensor_type_is_named(tmp_path: Path) -> None:
+    write_gguf(tmp_path / "m.gguf", tiny_llama_state(), "Q8_0", embedding_qtype="MXFP4")
+    with pytest.raises(
+        ModelLoadError,
+        match=r"'token_embd.weight' has type MXFP4, which Pagoda cannot read; "
+        r"supported: F32, F16, BF16, Q8_0, .*Q4_K, .*Q6_K",
+    ):
+        load_model(tmp_path / "m.gguf")
+
+
+def test_gguf_missing_tensor_is_named(tmp_path: Path) -> None:
+    state = tiny_llama_state()
+    del state["model.layers.1.mlp.up_proj.weight"]
+    del state["model.norm.weight"]
+    write_gguf(tmp_path / "m.gguf", state, "Q8_0")
+    with pytest.raises(
+        ModelLoadError, match=r"lacks the tensors blk\.1\.ffn_up\.weight, output_norm\.weight$"
+    ):
+        load_model(tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("cut", ["data", "header"])
+def test_truncated_gguf_says_so(tmp_path: Path, cut: str) -> None:
+    write_gguf(tmp_path / "m.gguf", tiny_llama_state(), "Q8_0")
+    data = (tmp_path / "m.gguf").read_bytes()
+    size = len(data) - 100 if cut == "data" else 200
+    (tmp_path / "cut.gguf").write_bytes(data[:size])
+    expected = (
+        rf"cut.gguf is truncated: it has {size} bytes, its tensor data runs to byte \d+"
+        if cut == "data"
+        else rf"cut.gguf ends at byte {size}, inside its header: the file is truncated or corrupt"
+    )
+    with pytest.raises(ModelLoadError, match=expected):
+        load_model(tmp_path / "cut.gguf")
+    with pytest.raises(ModelLoadError, match=expected):
+        Tokenizer.from_path(tmp_path / "cut.gguf")
