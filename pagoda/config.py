@@ -14,7 +14,7 @@ from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16")
 # auto: in bfloat16 on the CPU, a GGUF's Q4_1 projections and Q8_0 output layer also run
-# in their file form for small batches (model/layers/linear.py, LlamaForCausalLM.compute_logits).
+# in their file form for small batches (model/layers/linear.py, CausalLM.compute_logits).
 QUANTIZATIONS = ("auto", "none")
 
 # Tokens per step. Serving takes fewer, so that a step of prompts stays short (about

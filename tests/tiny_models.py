@@ -9,7 +9,7 @@ import torch
 
 from pagoda.model.attention_metadata import AttentionMetadata
 from pagoda.model.kv_memory import allocate_kv_cache
-from pagoda.model.llama import LlamaForCausalLM
+from pagoda.model.models import CausalLM
 
 COMMON: dict[str, Any] = dict(
     vocab_size=256,
@@ -87,7 +87,7 @@ def save_hf_model(variant: str, path: Path, seed: int = 0, **save_kwargs: Any) -
 BLOCK_SIZE = 4
 
 
-def bind_cache(model: LlamaForCausalLM, num_blocks: int = 64) -> None:
+def bind_cache(model: CausalLM, num_blocks: int = 64) -> None:
     s = model.spec
     model.bind_kv_cache(
         allocate_kv_cache(
@@ -102,7 +102,7 @@ def bind_cache(model: LlamaForCausalLM, num_blocks: int = 64) -> None:
 
 
 def forward(
-    model: LlamaForCausalLM,
+    model: CausalLM,
     chunks: list[tuple[list[int], int, list[int]]],
 ) -> list[torch.Tensor]:
     """One forward pass over (new token ids, num computed, block table) per sequence."""

@@ -35,6 +35,8 @@ def inverse_frequencies(
 class RotaryEmbedding(torch.nn.Module):
     """The cos/sin table by which ops.rope_and_cache rotates q and k at each position."""
 
+    cos_sin: torch.Tensor  # [max_positions, head_dim] float32: cos | sin
+
     def __init__(
         self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None
     ) -> None:

@@ -1,4 +1,4 @@
-"""load_model: a model directory or GGUF file -> a ready LlamaForCausalLM on a device."""
+"""load_model: a model directory or GGUF file -> a ready model (models.CausalLM) on a device."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from tqdm import tqdm
 
 from pagoda.model.gguf_metadata import open_reader
 from pagoda.model.layers.linear import Int4Weight, Q8Weight
-from pagoda.model.llama import LlamaForCausalLM
+from pagoda.model.layers.rope import RotaryEmbedding
 from pagoda.model.loader import gguf as gguf_loader
 from pagoda.model.loader import safetensors as st_loader
+from pagoda.model.loader.weights import load_weights
+from pagoda.model.models import CausalLM, build_model
 from pagoda.model.spec import ModelSpec
 from pagoda.model_files import is_gguf
 
@@ -34,7 +36,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     quantized: bool = False,
-) -> LlamaForCausalLM:
+) -> CausalLM:
     """Builds the model on the meta device, then streams the weights in; logs time and memory.
 
     quantized keeps a GGUF's Q4_1 projections and Q8_0 output layer in their file
@@ -53,9 +55,11 @@ def load_model(
         num_tensors = 0
 
     with torch.device("meta"):
-        model = LlamaForCausalLM(spec)
+        model = build_model(spec)
     model = model.to_empty(device=device).to(dtype)
-    model.rope.cos_sin = model.rope.cos_sin.float()  # the rotation table stays float32
+    ropes = [m for m in model.modules() if isinstance(m, RotaryEmbedding)]
+    for rope in ropes:
+        rope.cos_sin = rope.cos_sin.float()  # the rotation tables stay float32
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     progress = tqdm(
         weights,
@@ -64,7 +68,9 @@ def load_model(
         unit="tensor",
         disable=nbytes < (1 << 30),  # small models load in a blink
     )
-    model.load_weights(progress)
+    load_weights(model, progress)
+    for rope in ropes:
+        rope.init_table()
     model.eval().requires_grad_(False)
     int4_bytes = sum(
         m.int4[0].nbytes + m.int4[1].nbytes for m in model.modules() if getattr(m, "int4", None)

@@ -8,8 +8,8 @@ from tiny_models import BLOCK_SIZE, VARIANTS, bind_cache, forward, make_hf_model
 
 from pagoda.model.attention_metadata import AttentionMetadata
 from pagoda.model.kv_memory import allocate_kv_cache
-from pagoda.model.llama import LlamaForCausalLM
 from pagoda.model.loader import load_model
+from pagoda.model.models import CausalLM
 
 # float32 against float32: only summation order differs.
 ATOL = 1e-4
@@ -47,11 +47,11 @@ def test_sharded_safetensors_load(tmp_path) -> None:
 
 
 @pytest.fixture(scope="module")
-def qwen3_model(tiny_model_dir) -> LlamaForCausalLM:
+def qwen3_model(tiny_model_dir) -> CausalLM:
     return load_model(tiny_model_dir("qwen3"))
 
 
-def full_prefill(model: LlamaForCausalLM, ids: list[int]) -> torch.Tensor:
+def full_prefill(model: CausalLM, ids: list[int]) -> torch.Tensor:
     bind_cache(model)
     return forward(model, [(ids, 0, list(range(20)))])[0]
 

@@ -1,0 +1,100 @@
+"""Hugging Face-named tensors into a model's parameters: the one table from those names to ours.
+
+Both formats arrive here under Hugging Face names: safetensors files carry them,
+and gguf.py renames GGUF tensors to them first. Ours differ only where the
+loader fuses projections: q/k/v into qkv_proj and gate/up into gate_up_proj.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from pagoda.model.layers.linear import Int4Weight, Linear, Q8Weight
+from pagoda.model.models.base import CausalLM
+from pagoda.model.spec import ModelLoadError, ModelSpec
+
+# Hugging Face weight name part -> (our fused parameter, shard); shards are stacked in this order.
+FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+def param_name(hf_name: str, spec: ModelSpec) -> tuple[str | None, int]:
+    """Our parameter and shard for a Hugging Face tensor name; None for tensors we ignore."""
+    if hf_name.endswith("rotary_emb.inv_freq"):
+        return None, 0
+    name = hf_name.removeprefix("model.")
+    if name == "lm_head.weight" and spec.tie_word_embeddings:
+        return None, 0
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in FUSED:
+            fused, shard = FUSED[part]
+            parts[i] = fused
+            return ".".join(parts), shard
+    return name, 0
+
+
+def _shard_sizes(name: str, spec: ModelSpec) -> list[int] | None:
+    if ".qkv_proj." in name:
+        return [spec.q_size, spec.kv_size, spec.kv_size]
+    if ".gate_up_proj." in name:
+        return [spec.intermediate_size] * 2
+    return None
+
+
+@torch.no_grad()
+def load_weights(
+    model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | Int4Weight | Q8Weight]]
+) -> None:
+    """Copies Hugging Face-named tensors in, fusing q/k/v and gate/up; checks completeness.
+
+    An Int4Weight arriving beside a projection's dense weight gives that
+    projection its 4-bit form too, once all of its shards have come in 4 bits;
+    a Q8Weight of the output layer gives compute_logits its Q8_0 form.
+    """
+    spec = model.spec
+    params = dict(model.named_parameters())
+    expected = {name: len(_shard_sizes(name, spec) or [0]) for name in params}
+    seen: dict[str, set[int]] = {name: set() for name in params}
+    int4_shards: dict[str, dict[int, Int4Weight]] = {}
+
+    for hf_name, tensor in weights:
+        name, shard = param_name(hf_name, spec)
+        if name is None:
+            continue
+        if name not in params:
+            raise ModelLoadError(f"unexpected tensor {hf_name!r} for a {spec.family} model")
+        if isinstance(tensor, Q8Weight):
+            if name == model.output_weight_name():
+                model.logits_q8 = tensor
+            continue
+        if isinstance(tensor, Int4Weight):
+            shards = int4_shards.setdefault(name, {})
+            shards[shard] = tensor
+            if len(shards) == expected[name]:  # all in 4 bits: stack the shards in order
+                module = model.get_submodule(name.removesuffix(".weight"))
+                assert isinstance(module, Linear)
+                module.set_int4(Int4Weight.cat([shards.pop(i) for i in range(len(shards))]))
+            continue
+        target: torch.Tensor = params[name]
+        sizes = _shard_sizes(name, spec)
+        if sizes is not None:
+            target = target.narrow(0, sum(sizes[:shard]), sizes[shard])
+        if target.shape != tensor.shape:
+            raise ModelLoadError(
+                f"tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(target.shape)}"
+            )
+        target.copy_(tensor)
+        seen[name].add(shard)
+
+    missing = [n for n, count in expected.items() if len(seen[n]) != count]
+    if missing:
+        raise ModelLoadError(f"missing weights: {', '.join(sorted(missing)[:8])}")

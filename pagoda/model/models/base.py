@@ -1,0 +1,88 @@
+"""CausalLM: what every architecture shares around its layers (logits, caches, packing)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagoda.model import ops
+from pagoda.model.attention_metadata import AttentionMetadata
+from pagoda.model.layers.attention import Attention
+from pagoda.model.layers.linear import Linear, Q8Weight
+from pagoda.model.spec import ModelSpec
+
+
+class CausalLM(nn.Module):
+    """Token ids in, hidden states out; compute_logits turns chosen rows into logits.
+
+    A subclass builds `embed_tokens`, its layers (each with an Attention) and, unless
+    the output layer is tied to the embeddings, `lm_head`, and defines forward.
+    """
+
+    spec: ModelSpec
+    embed_tokens: nn.Embedding
+
+    # Up to this many rows, logits come from the Q8_0 output layer when there is one.
+    Q8_LOGITS_MAX_ROWS = 4
+    logits_q8: Q8Weight | None = None
+    output_prepacked: torch.Tensor | None = None  # the output layer in oneDNN's layout
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden_size].
+
+        keep: the rows the caller will read (default all), e.g. the last token of each
+        prompt. The last layer then writes every token's keys and values to the cache,
+        as it must, but runs its output projection and MLP on keep's rows only: for a
+        prompt of n tokens, n - 1 rows of the last layer's work that nothing reads.
+        """
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, hidden_size] -> float32 logits [n, vocab_size]."""
+        logits = self._output_layer(hidden)
+        cap = self.spec.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def _output_layer(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.logits_q8 is not None and hidden.shape[0] <= self.Q8_LOGITS_MAX_ROWS:
+            # A decode step of a few sequences reads the whole output layer (a fifth of
+            # this model's bytes) for a few rows: 1 byte per weight beats bfloat16's 2.
+            return ops.q8_0_linear(hidden, self.logits_q8, self.output_weight())
+        if self.output_prepacked is not None:
+            return torch.ops.mkldnn._linear_pointwise(
+                hidden, self.output_prepacked, None, "none", [], ""
+            ).float()
+        return F.linear(hidden, self.output_weight()).float()
+
+    def pack_for_onednn(self) -> None:
+        """Prepacks the projections and a copy of the output layer for oneDNN (CPU, bfloat16).
+
+        The output layer is copied because a tied one is also the embedding table,
+        whose rows must stay readable.
+        """
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack_for_onednn()
+        weight = self.output_weight().detach()
+        self.output_prepacked = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
+
+    def output_weight(self) -> torch.Tensor:
+        """The output layer's weight: lm_head's, or the embedding table when they are tied."""
+        return self.get_parameter(self.output_weight_name())
+
+    def output_weight_name(self) -> str:
+        return "embed_tokens.weight" if self.spec.tie_word_embeddings else "lm_head.weight"
+
+    def bind_kv_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Hands each layer's attention its (k_cache, v_cache) pair, in layer order."""
+        attentions = [m for m in self.modules() if isinstance(m, Attention)]
+        assert len(caches) == len(attentions)
+        for attention, cache in zip(attentions, caches):
+            attention.kv_cache = cache
