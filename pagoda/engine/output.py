@@ -138,7 +138,8 @@ class OutputProcessor:
             if entry is None:
                 continue  # aborted or finished by a stop string meanwhile
             state, sample = entry
-            if eo.prompt_logprobs is not None:
+            # Every sample of an n > 1 request scores the same prompt: keep the first's.
+            if eo.prompt_logprobs is not None and sample.index == 0:
                 if state.prompt_logprobs is None:
                     state.prompt_logprobs = [None]  # the first token has no context
                 state.prompt_logprobs.extend(_logprobs(p) for p in eo.prompt_logprobs)

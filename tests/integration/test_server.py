@@ -197,4 +197,33 @@ def test_prompt_logprobs_and_echo(client) -> None:
     prompt_logprobs = choice.model_extra["prompt_logprobs"]
     assert len(prompt_logprobs) == 5 and prompt_logprobs[0] is None
     assert all(entry for entry in prompt_logprobs[1:])
-    assert len(choice.logprobs.tokens) == 2
+    # echo's logprobs cover the prompt too: None for its first token, then each token's own,
+    # as lm-eval-harness reads them to score a prompt
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == 5 + 2
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    for i in range(1, 5):
+        entry = next(iter(prompt_logprobs[i].values()))  # the prompt's own token comes first
+        assert logprobs.token_logprobs[i] == pytest.approx(entry["logprob"])
+        assert logprobs.tokens[i] == entry["decoded_token"]
+
+
+def test_echo_scores_a_prompt_as_generation_would(client) -> None:
+    """The logprob echo gives a prompt's last token equals the one generation gave it."""
+    first = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=1, temperature=0, logprobs=0
+    )
+    token_logprob = first.choices[0].logprobs.token_logprobs[0]
+    scored = client.completions.create(
+        model=MODEL,
+        prompt="The capital of France is" + first.choices[0].text,
+        max_tokens=0,
+        echo=True,
+        logprobs=0,
+    )
+    choice = scored.choices[0]
+    assert choice.text == "The capital of France is" + first.choices[0].text
+    assert choice.logprobs.token_logprobs[0] is None
+    # Prefill and decode compute differently (bfloat16): close, not equal. One position off
+    # would be far.
+    assert choice.logprobs.token_logprobs[-1] == pytest.approx(token_logprob, abs=0.05)

@@ -177,6 +177,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
+    prompt_logprobs: list[dict[int, dict[str, Any]] | None] | None = None
 
 
 class DeltaMessage(BaseModel):

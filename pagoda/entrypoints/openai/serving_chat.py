@@ -52,7 +52,10 @@ class OpenAIServingChat(OpenAIServing):
             len(ids), request.max_completion_tokens or request.max_tokens
         )
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        params = self.sampling_params(request, max_tokens, logprobs)
+        prompt_logprobs = request.prompt_logprobs
+        if prompt_logprobs is None and request.echo:
+            prompt_logprobs = request.top_logprobs or 0  # vLLM scores an echoed prompt too
+        params = self.sampling_params(request, max_tokens, logprobs, prompt_logprobs)
         return TokensPrompt(prompt_token_ids=ids, prompt=text), params
 
     def render(self, request: ChatCompletionRequest) -> str:
@@ -94,11 +97,17 @@ class OpenAIServingChat(OpenAIServing):
                         f"messages.{index}.content",
                     )
                 parts.append(part.text)
-            content = "".join(parts)
+            content = "\n".join(parts)  # as vLLM joins text parts
         out: dict[str, Any] = {"role": message.role, "content": content or ""}
         if message.name:
             out["name"] = message.name
         return out
+
+    def _echo(self, request: ChatCompletionRequest) -> str:
+        """What echo prepends to each choice: the last message's content, if the assistant's."""
+        if not request.echo or request.messages[-1].role != "assistant":
+            return ""
+        return self._message(len(request.messages) - 1, request.messages[-1])["content"]
 
     def _choice_logprobs(
         self, request: ChatCompletionRequest, c: CompletionOutput
@@ -139,7 +148,7 @@ class OpenAIServingChat(OpenAIServing):
         choices = [
             ChatChoice(
                 index=c.index,
-                message=ChatResponseMessage(content=c.text),
+                message=ChatResponseMessage(content=self._echo(request) + c.text),
                 logprobs=self._choice_logprobs(request, c),
                 finish_reason=c.finish_reason,
                 stop_reason=c.stop_reason,
@@ -153,6 +162,7 @@ class OpenAIServingChat(OpenAIServing):
             model=request.model or self.model_name,
             choices=choices,
             usage=UsageInfo.of(prompt_tokens, completion_tokens, final.num_cached_tokens),
+            prompt_logprobs=self.prompt_logprobs_json(final.prompt_logprobs),
         )
 
     async def stream(
@@ -179,6 +189,9 @@ class OpenAIServingChat(OpenAIServing):
                 yield chunk(
                     [ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]
                 )
+            if echo := self._echo(request):
+                for i in range(params.n):
+                    yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(content=echo))])
             async for _, output in self.generate_many([prompt], params, request_id):
                 cached = output.num_cached_tokens
                 for c in output.outputs:

@@ -33,7 +33,15 @@ class OpenAIServingCompletion(OpenAIServing):
             max_tokens_p = self.check_lengths(len(p["prompt_token_ids"]), request.max_tokens)
             max_tokens = max_tokens_p if max_tokens is None else min(max_tokens, max_tokens_p)
         assert max_tokens is not None
-        return prompts, self.sampling_params(request, max_tokens, request.logprobs)
+        if max_tokens == 0 and request.echo:
+            # Scoring a prompt (its echo and logprobs) without generating: the engine runs
+            # one step, whose token is not shown (vLLM does the same).
+            max_tokens = 1
+        prompt_logprobs = request.prompt_logprobs
+        if prompt_logprobs is None and request.echo:
+            prompt_logprobs = request.logprobs  # echoed tokens get logprobs too
+        params = self.sampling_params(request, max_tokens, request.logprobs, prompt_logprobs)
+        return prompts, params
 
     def _prompts(self, request: CompletionRequest) -> list[TokensPrompt]:
         raw = request.prompt
@@ -82,37 +90,33 @@ class OpenAIServingCompletion(OpenAIServing):
     def _choice(
         self, index: int, final: RequestOutput, c: CompletionOutput, request: CompletionRequest
     ) -> CompletionChoice:
-        prefix = (final.prompt or "") if request.echo else ""
+        text, token_ids, entries = self._echoed(request, final, c)
         k = request.logprobs
-        as_ids = self.tokens_as_ids(request)
         return CompletionChoice(
             index=index,
-            text=prefix + c.text,
-            logprobs=self._logprobs(c.token_ids, c.logprobs, k, len(prefix), as_ids)
+            text=text,
+            logprobs=self._logprobs(token_ids, entries, k, 0, self.tokens_as_ids(request))
             if k is not None
             else None,
             finish_reason=c.finish_reason,
             stop_reason=c.stop_reason,
-            prompt_logprobs=self._prompt_logprobs(final.prompt_logprobs),
+            prompt_logprobs=self.prompt_logprobs_json(final.prompt_logprobs),
         )
 
-    def _prompt_logprobs(self, entries: list[Logprobs | None] | None) -> list | None:
-        """vLLM's shape: per prompt token, None or {token id: {logprob, rank, decoded_token}}."""
-        if entries is None:
-            return None
-        return [
-            None
-            if entry is None
-            else {
-                token_id: {
-                    "logprob": logprob,
-                    "rank": rank,
-                    "decoded_token": self.tokenizer.decode([token_id], skip_special_tokens=False),
-                }
-                for token_id, (logprob, rank) in entry.items()
-            }
-            for entry in entries
-        ]
+    @staticmethod
+    def _echoed(
+        request: CompletionRequest, output: RequestOutput, c: CompletionOutput
+    ) -> tuple[str, list[int], list[Logprobs | None]]:
+        """The text, token ids and logprobs of a choice, the prompt's first when echoed."""
+        entries: list[Logprobs | None] = list(c.logprobs or [])
+        if not request.echo:
+            return c.text, c.token_ids, entries
+        prompt_ids = output.prompt_token_ids
+        prompt_entries = output.prompt_logprobs or [None] * len(prompt_ids)
+        if request.max_tokens == 0:  # only the prompt, scored
+            return output.prompt or "", prompt_ids, list(prompt_entries)
+        text = (output.prompt or "") + c.text
+        return text, prompt_ids + c.token_ids, [*prompt_entries, *entries]
 
     def _logprobs(
         self,
@@ -150,24 +154,30 @@ class OpenAIServingCompletion(OpenAIServing):
         include_usage, continuous_usage = self.stream_usage(request)
         as_ids = self.tokens_as_ids(request)
         prompt_tokens = [len(p["prompt_token_ids"]) for p in prompts]
-        completion_tokens: dict[int, int] = {}  # per choice index
+        # Per choice index: tokens generated and text sent (text_offset runs on across chunks).
+        completion_tokens: dict[int, int] = {}
+        text_sent: dict[int, int] = {}
         cached: dict[int, int] = {}  # per prompt
-        echoed: set[int] = set()
         try:
             async for i, output in self.generate_many(list(prompts), params, request_id):
                 cached[i] = output.num_cached_tokens
                 for c in output.outputs:
                     index = i * params.n + c.index
+                    if not c.token_ids and not c.finished:
+                        continue  # prompt logprobs of a prefill chunk: they come with the echo
+                    first = index not in completion_tokens
                     completion_tokens[index] = completion_tokens.get(index, 0) + len(c.token_ids)
-                    text = c.text
-                    if request.echo and index not in echoed:
-                        echoed.add(index)
-                        text = (output.prompt or "") + text
+                    if first:
+                        text, token_ids, entries = self._echoed(request, output, c)
+                    else:
+                        text, token_ids, entries = c.text, c.token_ids, list(c.logprobs or [])
+                    offset = text_sent.get(index, 0)
+                    text_sent[index] = offset + len(text)
                     choice = CompletionChoice(
                         index=index,
                         text=text,
                         logprobs=self._logprobs(
-                            c.token_ids, c.logprobs, request.logprobs, 0, as_ids
+                            token_ids, entries, request.logprobs, offset, as_ids
                         )
                         if request.logprobs is not None
                         else None,

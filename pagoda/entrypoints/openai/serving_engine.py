@@ -20,7 +20,7 @@ from pagoda.engine.protocol import (
 )
 from pagoda.entrypoints.openai.errors import OpenAIError, error_body
 from pagoda.entrypoints.openai.protocol import SamplingFields
-from pagoda.outputs import RequestOutput
+from pagoda.outputs import Logprobs, RequestOutput
 from pagoda.sampling_params import RequestOutputKind, SamplingParams, SamplingParamsError
 
 T = TypeVar("T")
@@ -71,9 +71,17 @@ class OpenAIServing:
         return max_tokens
 
     def sampling_params(
-        self, request: SamplingFields, max_tokens: int, logprobs: int | None
+        self,
+        request: SamplingFields,
+        max_tokens: int,
+        logprobs: int | None,
+        prompt_logprobs: int | None,
     ) -> SamplingParams:
         """The request's sampling fields, validated; a bad value is a 400 naming the field."""
+        if request.stream and request.prompt_logprobs not in (None, 0):
+            raise OpenAIError(
+                "`prompt_logprobs` are not available when `stream=True`.", 400, "prompt_logprobs"
+            )
         if request.stream_options is not None and not request.stream:
             # vLLM's rule: stream_options with any field set needs stream=True.
             if request.stream_options.model_fields_set:
@@ -98,7 +106,6 @@ class OpenAIServing:
                     ) from None
         stop = [request.stop] if isinstance(request.stop, str) else request.stop
         vocab = self.tokenizer.vocab_size
-        prompt_logprobs = request.prompt_logprobs
         # -1 asks for every token's logprob, as in vLLM.
         logprobs = vocab if logprobs == -1 else logprobs
         prompt_logprobs = vocab if prompt_logprobs == -1 else prompt_logprobs
@@ -144,6 +151,24 @@ class OpenAIServing:
         if as_id:
             return f"token_id:{token_id}"
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def prompt_logprobs_json(self, entries: list[Logprobs | None] | None) -> list | None:
+        """vLLM's shape: per prompt token, None or {token id: {logprob, rank, decoded_token}}."""
+        if entries is None:
+            return None
+        return [
+            None
+            if entry is None
+            else {
+                token_id: {
+                    "logprob": max(logprob, -9999.0),
+                    "rank": rank,
+                    "decoded_token": self.tokenizer.decode([token_id], skip_special_tokens=False),
+                }
+                for token_id, (logprob, rank) in entry.items()
+            }
+            for entry in entries
+        ]
 
     def stream_usage(self, request: SamplingFields) -> tuple[bool, bool]:
         """(a usage chunk at the end, usage on every chunk), as vLLM decides them."""

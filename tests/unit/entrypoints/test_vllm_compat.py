@@ -188,3 +188,139 @@ def test_max_logprobs(engine, client, route, body, param, message) -> None:
     assert error["message"].endswith("which is greater than max allowed: 20")
     roomy = TestClient(build_app(engine, ServerConfig(max_logprobs=21)))
     assert roomy.post(route, json=body | {"max_tokens": 1}).status_code == 200
+
+
+# ---- echo -------------------------------------------------------------------------------------
+
+PROMPT = "Hello there world"
+
+
+def test_echo_logprobs_cover_the_prompt(client, engine, tokenizer) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 2, "echo": True, "logprobs": 1}
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    prompt_ids = tokenizer.encode(PROMPT)
+    ids = prompt_ids + engine.script[:2]
+    logprobs = choice["logprobs"]
+    assert choice["text"] == PROMPT + " one two"
+    assert logprobs["tokens"] == [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    # The first prompt token has no context, so no logprob; each later one has its own.
+    assert logprobs["token_logprobs"] == [None] + [-0.25] * (len(ids) - 1)
+    assert logprobs["top_logprobs"][0] is None
+    assert all(
+        top[tok] == -0.25 for tok, top in zip(logprobs["tokens"][1:], logprobs["top_logprobs"][1:])
+    )
+    offsets = [0]
+    for token in logprobs["tokens"][:-1]:
+        offsets.append(offsets[-1] + len(token))
+    assert logprobs["text_offset"] == offsets
+    assert engine.last_params.prompt_logprobs == 1  # echo asked the engine for them
+
+
+def test_echo_without_logprobs_asks_for_no_prompt_logprobs(client, engine) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 1, "echo": True}
+    assert client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"] is None
+    assert engine.last_params.prompt_logprobs is None
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt_only(client, tokenizer) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 0}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    prompt_ids = tokenizer.encode(PROMPT)
+    assert choice["text"] == PROMPT
+    assert len(choice["logprobs"]["tokens"]) == len(prompt_ids)
+    assert choice["logprobs"]["token_logprobs"][0] is None
+    assert r.json()["usage"]["prompt_tokens"] == len(prompt_ids)
+    body["echo"] = False
+    assert_error(client.post("/v1/completions", json=body), 400, "max_tokens")
+
+
+def test_echo_stream_sends_the_prompt_and_its_logprobs_first(client, tokenizer) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 3, "echo": True, "logprobs": 0, "stream": True}
+    chunks = [e["choices"][0] for e in sse_events(client.post("/v1/completions", json=body))]
+    prompt_ids = tokenizer.encode(PROMPT)
+    assert chunks[0]["text"] == PROMPT + " one"
+    assert len(chunks[0]["logprobs"]["tokens"]) == len(prompt_ids) + 1
+    assert chunks[0]["logprobs"]["token_logprobs"][0] is None
+    assert "".join(c["text"] for c in chunks) == PROMPT + " one two three"
+    # text_offset runs on across chunks, as in one response
+    offsets = [o for c in chunks for o in c["logprobs"]["text_offset"]]
+    tokens = [t for c in chunks for t in c["logprobs"]["tokens"]]
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+
+
+def test_echo_with_n_covers_the_prompt_once_per_choice(client, tokenizer) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 2, "echo": True, "logprobs": 0, "n": 2}
+    choices = client.post("/v1/completions", json=body).json()["choices"]
+    n_prompt = len(tokenizer.encode(PROMPT))
+    assert [len(c["logprobs"]["tokens"]) for c in choices] == [n_prompt + 2] * 2
+    body = {"prompt": PROMPT, "max_tokens": 1, "prompt_logprobs": 0, "n": 2}
+    choices = client.post("/v1/completions", json=body).json()["choices"]
+    assert [len(c["prompt_logprobs"]) for c in choices] == [n_prompt] * 2
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_prompt_logprobs_cannot_stream(client, route) -> None:
+    body: dict = {"max_tokens": 1, "stream": True, "prompt_logprobs": 1}
+    body |= {"prompt": "Hi"} if route == "/v1/completions" else {"messages": CHAT}
+    assert_error(client.post(route, json=body), 400, "prompt_logprobs", "stream=True")
+
+
+ASSISTANT_START = [
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "My favourite colour is"},
+]
+
+
+def test_chat_echo_prepends_the_last_assistant_message(client) -> None:
+    body = {
+        "messages": ASSISTANT_START,
+        "max_tokens": 2,
+        "echo": True,
+        "continue_final_message": True,
+        "add_generation_prompt": False,
+    }
+    message = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    assert message["content"] == "My favourite colour is one two"
+    body["echo"] = False
+    message = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    assert message["content"] == " one two"
+    # The last message is the user's: nothing to echo.
+    body = {"messages": CHAT, "max_tokens": 2, "echo": True}
+    message = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    assert message["content"] == " one two"
+
+
+def test_chat_echo_stream(client) -> None:
+    body = {
+        "messages": ASSISTANT_START,
+        "max_tokens": 2,
+        "echo": True,
+        "continue_final_message": True,
+        "add_generation_prompt": False,
+        "stream": True,
+        "n": 2,
+    }
+    events = sse_events(client.post("/v1/chat/completions", json=body))
+    for index in (0, 1):
+        deltas = [e["choices"][0]["delta"] for e in events if e["choices"][0]["index"] == index]
+        assert deltas[0]["role"] == "assistant"
+        assert deltas[1]["content"] == "My favourite colour is"
+        text = "".join(d.get("content") or "" for d in deltas)
+        assert text.startswith("My favourite colour is")
+
+
+def test_chat_prompt_logprobs(client, engine) -> None:
+    body = {"messages": CHAT, "max_tokens": 1, "prompt_logprobs": 1}
+    r = client.post("/v1/chat/completions", json=body).json()
+    prompt_logprobs = r["prompt_logprobs"]
+    assert prompt_logprobs[0] is None and len(prompt_logprobs) == r["usage"]["prompt_tokens"]
+    for entry in prompt_logprobs[1:]:
+        ((token_id, logprob),) = entry.items()
+        assert logprob["logprob"] == -0.25 and logprob["rank"] == 1
+        assert isinstance(logprob["decoded_token"], str)
+    # echo asks for prompt logprobs as many as top_logprobs, as vLLM does
+    body = {"messages": CHAT, "max_tokens": 1, "echo": True, "logprobs": True, "top_logprobs": 2}
+    client.post("/v1/chat/completions", json=body)
+    assert engine.last_params.prompt_logprobs == 2
