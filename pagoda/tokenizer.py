@@ -12,32 +12,10 @@ from typing import Any
 
 import jinja2
 import jinja2.sandbox
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
 from pagoda.model.spec import ModelLoadError
 from pagoda.model_files import is_gguf
-
-# The split patterns of the byte-level BPE tokenizers that GGUF names by `tokenizer.ggml.pre`.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
-
-
-def _gguf_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    if pre in ("smollm", "gpt2", "default"):
-        steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-        if pre == "smollm":
-            steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
-        return pre_tokenizers.Sequence(steps)
-    if pre in ("llama-bpe", "llama3", "qwen2"):
-        pattern = _QWEN2_SPLIT if pre == "qwen2" else _LLAMA3_SPLIT
-        split = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
-        return pre_tokenizers.Sequence([split, byte_level])
-    raise ModelLoadError(f"unsupported GGUF pre-tokenizer {pre!r}")
 
 
 class Tokenizer:
@@ -50,7 +28,6 @@ class Tokenizer:
         eos_token_ids: list[int],
         bos_token: str | None = None,
         eos_token: str | None = None,
-        add_bos: bool = False,
         chat_template: str | None = None,
     ) -> None:
         self.backend = backend
@@ -58,7 +35,6 @@ class Tokenizer:
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.bos_token_id = backend.token_to_id(bos_token) if bos_token else None
-        self.add_bos = add_bos  # prepend BOS by hand (GGUF); HF files do it in the post-processor
         self.chat_template = chat_template
         self._template: jinja2.Template | None = None
 
@@ -67,10 +43,8 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
-        if add_special_tokens and self.add_bos and self.bos_token_id is not None:
-            ids = [self.bos_token_id, *ids]
-        return ids
+        """Token ids of text; with special tokens, BOS/EOS as the model's files ask."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -133,46 +107,21 @@ class Tokenizer:
 
     @classmethod
     def _from_gguf(cls, path: Path) -> Tokenizer:
+        from pagoda.gguf_vocab import build_backend, end_of_generation_ids
         from pagoda.model.gguf_metadata import read_tokenizer_fields
 
         meta = read_tokenizer_fields(path)
-        if meta["model"] != "gpt2":
-            raise ModelLoadError(
-                f"unsupported GGUF tokenizer model {meta['model']!r}; "
-                "supported: gpt2 (byte-level BPE)"
-            )
         tokens: list[str] = meta["tokens"]
-        vocab = {token: i for i, token in enumerate(tokens)}
-        merges = [tuple(m.split(" ", 1)) for m in meta["merges"]]
-        backend = Backend(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
-        backend.pre_tokenizer = _gguf_pre_tokenizer(meta["pre"])
-        backend.decoder = decoders.ByteLevel()
-        # Control tokens (type 3) are special; user-defined ones (type 4) are whole words.
-        types = meta["token_types"]
-        backend.add_special_tokens(
-            [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3]
-        )
-        backend.add_tokens(
-            [
-                AddedToken(t, special=False, normalized=False)
-                for t, k in zip(tokens, types)
-                if k == 4
-            ]
-        )
 
         def text(key: str) -> str | None:
             i = meta.get(key)
             return tokens[i] if i is not None else None
 
-        eos_ids = [meta["eos_token_id"]] if meta.get("eos_token_id") is not None else []
-        if meta.get("eot_token_id") is not None and meta["eot_token_id"] not in eos_ids:
-            eos_ids.append(meta["eot_token_id"])
         return cls(
-            backend,
-            eos_token_ids=eos_ids,
+            build_backend(meta),
+            eos_token_ids=end_of_generation_ids(meta),
             bos_token=text("bos_token_id"),
             eos_token=text("eos_token_id"),
-            add_bos=meta["add_bos"],
             chat_template=meta["chat_template"],
         )
 

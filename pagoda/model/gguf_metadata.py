@@ -49,24 +49,34 @@ def open_reader(path: Path) -> gguf.GGUFReader:
 
 
 def read_tokenizer_fields(path: Path) -> dict[str, Any]:
-    """Tokens, merges, token types, special ids and chat template of a GGUF file."""
+    """Tokens, scores, merges, token types, special ids, flags and chat template of a GGUF file.
+
+    A flag the file does not set is None, so that the tokenizer can apply llama.cpp's default.
+    """
     reader = open_reader(path)
 
     def get(key: str, default: Any = None) -> Any:
-        f = reader.fields.get(f"tokenizer.{key}")
+        f = reader.fields.get(key)
         return f.contents() if f is not None else default
 
-    if get("ggml.tokens") is None:
+    if get("tokenizer.ggml.tokens") is None:
         raise ModelLoadError(f"{path} carries no tokenizer")
     return {
-        "model": get("ggml.model"),
-        "pre": get("ggml.pre", "default"),
-        "tokens": get("ggml.tokens"),
-        "merges": get("ggml.merges", []),
-        "token_types": get("ggml.token_type", []),
-        "bos_token_id": get("ggml.bos_token_id"),
-        "eos_token_id": get("ggml.eos_token_id"),
-        "eot_token_id": get("ggml.eot_token_id"),
-        "add_bos": bool(get("ggml.add_bos_token", False)),
-        "chat_template": get("chat_template"),
+        "architecture": get("general.architecture"),
+        "model": get("tokenizer.ggml.model"),
+        "pre": get("tokenizer.ggml.pre", "default"),
+        "tokens": get("tokenizer.ggml.tokens"),
+        "scores": get("tokenizer.ggml.scores", []),
+        "merges": get("tokenizer.ggml.merges", []),
+        "token_types": get("tokenizer.ggml.token_type", []),
+        "bos_token_id": get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": get("tokenizer.ggml.eos_token_id"),
+        "eot_token_id": get("tokenizer.ggml.eot_token_id"),
+        "eom_token_id": get("tokenizer.ggml.eom_token_id"),
+        "unk_token_id": get("tokenizer.ggml.unknown_token_id"),
+        "pad_token_id": get("tokenizer.ggml.padding_token_id"),
+        "add_bos": get("tokenizer.ggml.add_bos_token"),
+        "add_eos": bool(get("tokenizer.ggml.add_eos_token", False)),
+        "add_space_prefix": get("tokenizer.ggml.add_space_prefix"),
+        "chat_template": get("tokenizer.chat_template"),
     }
