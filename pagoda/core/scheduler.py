@@ -56,6 +56,13 @@ class Scheduler:
         num_blocks: int,
         max_model_len: int,
     ) -> None:
+        # Any request fits the cache alone: one of max_model_len tokens needs
+        # max_model_len - 1 slots (its last token is sampled, never computed). So a
+        # request alone is never preempted and every step with work schedules some.
+        assert max_model_len <= num_blocks * cache_config.block_size, (
+            f"a context of {max_model_len} tokens is longer than the cache holds "
+            f"({num_blocks} blocks of {cache_config.block_size}); the engine checks this"
+        )
         self.config = scheduler_config
         self.max_model_len = max_model_len
         self.kv = KVCacheManager(
@@ -73,6 +80,10 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add_request(self, request: Request) -> None:
+        assert request.num_prompt_tokens < self.max_model_len, (
+            f"a prompt of {request.num_prompt_tokens} tokens leaves no room in a context of "
+            f"{self.max_model_len}; the caller checks this"
+        )
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -88,6 +99,10 @@ class Scheduler:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while (new_ids := self.kv.allocate_slots(request, num_new)) is None:
+                assert i > 0 or len(self.running) > 1, (
+                    f"request {request.request_id} does not fit the cache alone "
+                    f"({request.num_computed_tokens} + {num_new} tokens)"
+                )
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted_ids.append(victim.request_id)
@@ -112,6 +127,10 @@ class Scheduler:
             hits, num_hit = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit, budget)
             if self.kv.allocate_slots(request, num_new, hits) is None:
+                assert self.running, (
+                    f"request {request.request_id} does not fit the empty cache alone "
+                    f"({num_hit} + {num_new} tokens)"
+                )
                 break  # no room: wait for running requests to finish
             self.waiting.popleft()
             request.num_computed_tokens = num_hit
@@ -124,6 +143,8 @@ class Scheduler:
                 ScheduledRequest(request, num_new, self.kv.block_ids(request.request_id))
             )
             budget -= num_new
+        # The engine steps while there is work: a step that scheduled nothing would repeat.
+        assert out.scheduled or not self.has_work, "a step with work scheduled nothing"
         self.last_step_tokens = out.num_tokens
         self.last_step_seqs = len(out.scheduled)
         return out

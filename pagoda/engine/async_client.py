@@ -160,6 +160,13 @@ class AsyncEngineClient(EngineClient):
         if self.errored:
             raise self.dead_error
         text, token_ids = self._split_prompt(prompt)
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        if len(token_ids) >= self.config.max_model_len:  # the scheduler asserts it
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens; the context holds "
+                f"{self.config.max_model_len}"
+            )
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self.queues[request_id] = queue
         for er in self.processor.add_request(request_id, text, token_ids, sampling_params):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 
-from pagoda.config import EngineConfig
+from pagoda.config import ConfigError, EngineConfig
 from pagoda.core.request import Request, RequestStatus
 from pagoda.core.scheduler import RunnerOutput, Scheduler
 from pagoda.engine.messages import EngineOutputs, EngineRequest
@@ -21,8 +21,11 @@ class EngineCore:
 
         self.config = config
         self.runner = ModelRunner(config)
-        spec_len = self.runner.spec.max_position_embeddings
-        self.max_model_len = min(config.model.max_model_len or spec_len, spec_len)
+        self.max_model_len = resolve_max_model_len(
+            config.model.max_model_len,
+            self.runner.spec.max_position_embeddings,
+            self.runner.num_blocks * self.runner.block_size,
+        )
         self.scheduler = Scheduler(
             config.scheduler, config.cache, self.runner.num_blocks, self.max_model_len
         )
@@ -64,6 +67,38 @@ class EngineCore:
 
     def check_invariants(self) -> None:
         self.scheduler.kv.check_invariants()
+
+
+def resolve_max_model_len(requested: int | None, model_len: int, cache_tokens: int) -> int:
+    """The context length: what was asked for, else the model's, within what the cache holds.
+
+    A request of max_model_len tokens then always fits the KV cache alone, so it is never
+    preempted by itself. An explicit --max-model-len beyond the model's context or the
+    cache is an error naming the largest that works (as vLLM's); without one, the model's
+    own is lowered to the cache's capacity with a warning.
+    """
+    if requested is not None:
+        if requested > model_len:
+            raise ConfigError(
+                f"--max-model-len {requested} is longer than the model's context of "
+                f"{model_len} tokens"
+            )
+        if requested > cache_tokens:
+            raise ConfigError(
+                f"--max-model-len {requested} is longer than the KV cache holds: the largest "
+                f"that fits is {cache_tokens}; give --kv-cache-memory more or --max-model-len "
+                "less"
+            )
+        return requested
+    if cache_tokens < model_len:
+        logger.warning(
+            "the KV cache holds %d tokens, fewer than the model's context of %d: the context "
+            "is lowered to %d (give --kv-cache-memory more, or --max-model-len to choose)",
+            cache_tokens,
+            model_len,
+            cache_tokens,
+        )
+    return min(model_len, cache_tokens)
 
 
 def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> None:
@@ -126,10 +161,14 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
                 outbox.send(m.encoder.encode(m.EngineOutputs([], stats=core.scheduler.stats())))
             if (stepped or aborted) and not core.has_work:
                 core.check_invariants()  # cheap, and the moment when all is quiet
-    except Exception:
-        logger.exception("engine core failed")
-        error = m.EngineOutputs(outputs=[], engine_error=traceback.format_exc())
-        outbox.send(m.encoder.encode(error))
+    except Exception as e:
+        if isinstance(e, ConfigError):  # the message says it all: no traceback
+            logger.error("%s", e)
+            reason = str(e)
+        else:
+            logger.exception("engine core failed")
+            reason = traceback.format_exc()
+        outbox.send(m.encoder.encode(m.EngineOutputs(outputs=[], engine_error=reason)))
         sys.exit(1)
     finally:
         inbox.close(linger=0)

@@ -18,12 +18,14 @@ def make_scheduler(
     budget: int = 64,
     max_num_seqs: int = 16,
     caching: bool = True,
+    max_model_len: int | None = None,
 ) -> Scheduler:
+    """max_model_len defaults to what the blocks hold, as the engine's startup check ensures."""
     return Scheduler(
         SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget),
         CacheConfig(block_size=block_size, enable_prefix_caching=caching),
         num_blocks,
-        max_model_len=1024,
+        max_model_len=max_model_len or num_blocks * block_size,
     )
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 from helpers import make_request, make_scheduler, step
 
 from pagoda.core.request import RequestStatus
@@ -118,3 +119,41 @@ def test_stats_count_the_step() -> None:
     assert (stats.num_running, stats.num_waiting) == (2, 1)
     assert stats.prefix_cache_queries == 12 and stats.prefix_cache_hits == 0
     assert 0 < stats.kv_cache_usage < 1
+
+
+def test_request_alone_is_never_preempted() -> None:
+    """A request of the longest context fits the cache alone: it ends at max_model_len
+    instead of preempting itself and prefilling again forever."""
+    s = make_scheduler(num_blocks=4, block_size=4, budget=8, caching=False)  # 16 tokens
+    s.add_request(make_request("a", 10, max_tokens=100))
+    for _ in range(50):
+        if not s.has_work:
+            break
+        step(s)
+    assert not s.has_work
+    assert s.num_preemptions == 0
+    assert s.kv.pool.num_free_blocks == 4
+
+
+def test_preempting_a_request_that_is_alone_is_a_bug() -> None:
+    """A context longer than the cache is refused at startup; were it not, the scheduler
+    would stop on an assertion instead of re-prefilling forever or spinning idle."""
+    with pytest.raises(AssertionError, match="holds"):
+        make_scheduler(num_blocks=4, block_size=4, max_model_len=17)
+    s = make_scheduler(num_blocks=4, block_size=4, budget=8, caching=False)
+    s.max_model_len = 1000  # what the startup check prevents
+    s.add_request(make_request("a", 10, max_tokens=100))
+    with pytest.raises(AssertionError, match="alone"):
+        for _ in range(50):
+            step(s)
+    s = make_scheduler(num_blocks=4, block_size=4, budget=64, caching=False)
+    s.max_model_len = 1000
+    s.add_request(make_request("b", 20))  # the prompt alone needs 5 of the 4 blocks
+    with pytest.raises(AssertionError, match="alone"):
+        step(s)
+
+
+def test_prompt_longer_than_the_context_is_a_bug() -> None:
+    s = make_scheduler(num_blocks=4, block_size=4)
+    with pytest.raises(AssertionError, match="context"):
+        s.add_request(make_request("a", 16))

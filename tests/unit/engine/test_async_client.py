@@ -68,6 +68,13 @@ def test_stream_abort_and_shutdown(default_model_path) -> None:
         with pytest.raises(RequestAborted):
             await task
 
+        # A prompt that leaves no room in the context is refused here, before the engine.
+        with pytest.raises(ValueError, match="context"):
+            await collect(client, [100] * client.config.max_model_len, SHORT, "too-long")
+        with pytest.raises(ValueError, match="empty"):
+            await collect(client, [], SHORT, "empty")
+        assert client.is_running and not client.processor.has_unfinished()
+
         # shutdown(2): the short request completes, the long one is aborted, nothing remains.
         short = asyncio.create_task(collect(client, "One", SHORT, "short"))
         long = asyncio.create_task(collect(client, "Two", LONG, "long"))

@@ -49,11 +49,12 @@ def reset_scheduler(
     max_num_seqs: int = 256,
 ) -> None:
     """A fresh scheduler (and block pool) over the same loaded model."""
+    num_blocks = num_blocks or llm.engine.runner.num_blocks
     llm.engine.scheduler = Scheduler(
         SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget),
         CacheConfig(block_size=16, enable_prefix_caching=caching),
-        num_blocks or llm.engine.runner.num_blocks,
-        llm.max_model_len,
+        num_blocks,
+        min(llm.max_model_len, num_blocks * 16),  # a request fits the smaller pool alone
     )
 
 
