@@ -1,8 +1,8 @@
-"""Optional C++ kernels for the CPU (csrc/ops.cpp), built once at install time.
+"""Optional C++ kernels for the CPU (csrc/: one .cpp per op family), built once at install time.
 
 `python -m pagoda.kernels` compiles them into build/ (scripts/setup.sh does);
 `load()` registers them as torch.ops.pagoda.* when a build of the current
-source is there. Without one, pagoda/model/ops.py runs the same computations
+source is there. Without one, pagoda/model/ops/ runs the same computations
 in plain PyTorch, only slower. PAGODA_DISABLE_KERNELS=1 forces that path.
 """
 
@@ -21,14 +21,23 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "ops.cpp"
+CSRC = Path(__file__).parent / "csrc"
 BUILD_DIR = Path(__file__).parent / "build"
 NAME = "pagoda_kernels"
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
 
+def _sources() -> list[Path]:
+    """The files compiled (every .cpp) and the headers they include, in a fixed order."""
+    return sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h"))
+
+
 def _source_digest() -> str:
-    return hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()
+    """A digest of every source file, by name and content, and of the flags."""
+    digest = hashlib.sha256(" ".join(FLAGS).encode())
+    for path in _sources():
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def build(verbose: bool = False) -> Path:
@@ -38,7 +47,7 @@ def build(verbose: bool = False) -> Path:
     BUILD_DIR.mkdir(exist_ok=True)
     cpp_extension.load(
         name=NAME,
-        sources=[str(SOURCE)],
+        sources=[str(p) for p in _sources() if p.suffix == ".cpp"],
         extra_cflags=FLAGS,
         build_directory=str(BUILD_DIR),
         is_python_module=False,

@@ -1,0 +1,237 @@
+// Attention over the paged cache, one query token at a time (decode steps):
+// torch.ops.pagoda.paged_attention.
+// The PyTorch twin that defines what it computes: pagoda/model/ops/attention.py.
+
+#include "kv_cache.h"
+#include <vector>
+
+namespace pagoda {
+namespace {
+
+// Each query token t attends to keys 0..positions[t] of its sequence, read in
+// place from the paged cache through block_tables[token_seq[t]]. The query
+// heads that share a KV head are done together, so each key is read once.
+
+// scores[h * stride] = q_h . key for each of the group's heads; q holds them in float32.
+template <typename T>
+inline void dot_heads(const float* q, const T* key, int64_t group, int64_t dim, float* scores,
+                      int64_t stride) {
+#ifdef __AVX512F__
+  if (dim % 16 == 0) {
+    for (int64_t h = 0; h < group; ++h) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t d = 0; d < dim; d += 16) {
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * dim + d), load16(key + d), acc);
+      }
+      scores[h * stride] = _mm512_reduce_add_ps(acc);
+    }
+    return;
+  }
+#endif
+  for (int64_t h = 0; h < group; ++h) {
+    float dot = 0.f;
+    for (int64_t d = 0; d < dim; ++d) dot += q[h * dim + d] * to_f32(key[d]);
+    scores[h * stride] = dot;
+  }
+}
+
+// acc_h += w[h * stride] * value for each of the group's heads.
+template <typename T>
+inline void axpy_heads(const float* w, int64_t stride, const T* value, int64_t group, int64_t dim,
+                       float* acc) {
+#ifdef __AVX512F__
+  if (dim % 16 == 0) {
+    for (int64_t d = 0; d < dim; d += 16) {
+      const __m512 v = load16(value + d);
+      for (int64_t h = 0; h < group; ++h) {
+        float* a = acc + h * dim + d;
+        _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(w[h * stride]), v, _mm512_loadu_ps(a)));
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t h = 0; h < group; ++h) {
+    for (int64_t d = 0; d < dim; ++d) acc[h * dim + d] += w[h * stride] * to_f32(value[d]);
+  }
+}
+
+#ifdef __AVX512F__
+// Asks for one cache row a block ahead of its use. A sequence's blocks lie scattered over
+// the cache, where the hardware prefetcher cannot follow: without this, decoding 32
+// sequences read scattered keys and values at 9-11 GB/s, with it at 14-16, measured
+// with the cache's earlier layout of all heads' rows interleaved
+// (benchmarks/bench_attention.py).
+template <typename T>
+inline void prefetch_row(const T* row, int64_t dim) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < dim * int64_t(sizeof(T)); b += 64) _mm_prefetch(bytes + b, _MM_HINT_T0);
+}
+
+// One token's query heads that share KV head g, for head_dim = 16 C and G heads per KV
+// head, with the G x C accumulators held in registers: the keys and values of the
+// sequence stream through once. scores is scratch of G * len floats.
+template <int C, int G, typename T>
+void attend_kv_head(const float* q, const T* kc, const T* vc, const int64_t* blocks,
+                    int64_t block_size, int64_t kv_heads, int64_t g, int64_t len, float* scores,
+                    T* out) {
+  constexpr int64_t dim = 16 * C;
+  __m512 qv[G][C];
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < C; ++c) qv[h][c] = _mm512_loadu_ps(q + h * dim + 16 * c);
+  // KV head g's row of position p, which lies in the sequence's block b.
+  auto row = [&](const T* cache, int64_t b, int64_t p) {
+    return cache_row(cache, blocks[b], g, p % block_size, kv_heads, block_size, dim);
+  };
+  const int64_t last_block = (len - 1) / block_size;
+  for (int64_t p = 0; p < len; ++p) {
+    const int64_t b = p / block_size;
+    if (b < last_block) prefetch_row(row(kc, b + 1, p), dim);
+    const T* key = row(kc, b, p);
+    __m512 kv[C];
+    for (int c = 0; c < C; ++c) kv[c] = load16(key + 16 * c);
+    for (int h = 0; h < G; ++h) {
+      __m512 dot = _mm512_mul_ps(qv[h][0], kv[0]);
+      for (int c = 1; c < C; ++c) dot = _mm512_fmadd_ps(qv[h][c], kv[c], dot);
+      scores[h * len + p] = _mm512_reduce_add_ps(dot);
+    }
+  }
+  float inv[G];
+  for (int h = 0; h < G; ++h) inv[h] = 1.f / exp_shifted(scores + h * len, len);
+  __m512 acc[G][C];
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < C; ++c) acc[h][c] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < len; ++p) {
+    const int64_t b = p / block_size;
+    if (b < last_block) prefetch_row(row(vc, b + 1, p), dim);
+    const T* value = row(vc, b, p);
+    __m512 vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = load16(value + 16 * c);
+    for (int h = 0; h < G; ++h) {
+      const __m512 w = _mm512_set1_ps(scores[h * len + p]);
+      for (int c = 0; c < C; ++c) acc[h][c] = _mm512_fmadd_ps(w, vv[c], acc[h][c]);
+    }
+  }
+  for (int h = 0; h < G; ++h) {
+    for (int c = 0; c < C; ++c) {
+      store16(out + h * dim + 16 * c, _mm512_mul_ps(acc[h][c], _mm512_set1_ps(inv[h])));
+    }
+  }
+}
+
+template <typename T>
+using AttendKvHead = void (*)(const float*, const T*, const T*, const int64_t*, int64_t, int64_t,
+                              int64_t, int64_t, float*, T*);
+
+// The register-blocked attend_kv_head for this shape, or nullptr.
+template <typename T>
+AttendKvHead<T> attend_kv_head_for(int64_t dim, int64_t group) {
+  if (dim == 64) {
+    switch (group) {
+      case 1: return attend_kv_head<4, 1, T>;
+      case 2: return attend_kv_head<4, 2, T>;
+      case 3: return attend_kv_head<4, 3, T>;
+      case 4: return attend_kv_head<4, 4, T>;
+      case 5: return attend_kv_head<4, 5, T>;
+      case 6: return attend_kv_head<4, 6, T>;
+    }
+  } else if (dim == 128) {
+    switch (group) {
+      case 1: return attend_kv_head<8, 1, T>;
+      case 2: return attend_kv_head<8, 2, T>;
+      case 3: return attend_kv_head<8, 3, T>;
+    }
+  }
+  return nullptr;
+}
+#endif
+
+template <typename T>
+void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& block_tables,
+                          const at::Tensor& token_seq, const at::Tensor& positions, double scale,
+                          at::Tensor& out) {
+  const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k_cache.size(1), block_size = k_cache.size(2);
+  const int64_t group = heads / kv_heads, num_blocks = k_cache.size(0);
+  const T* qp = q.data_ptr<T>();
+  const T* kc = k_cache.data_ptr<T>();
+  const T* vc = v_cache.data_ptr<T>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* seq = token_seq.data_ptr<int64_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  const int64_t qs = q.stride(0), table_stride = block_tables.stride(0);
+  const float s = static_cast<float>(scale);
+
+#ifdef __AVX512F__
+  if (AttendKvHead<T> attend = attend_kv_head_for<T>(dim, group)) {
+    at::parallel_for(0, tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qf(group * dim), scores;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t t = item / kv_heads, g = item % kv_heads, len = pos[t] + 1;
+        const int64_t* blocks = tables + seq[t] * table_stride;
+        check_blocks(blocks, len, block_size, num_blocks);
+        const T* row = qp + t * qs + g * group * dim;
+        for (int64_t i = 0; i < group * dim; ++i) qf[i] = to_f32(row[i]) * s;
+        scores.resize(group * len);
+        attend(qf.data(), kc, vc, blocks, block_size, kv_heads, g, len, scores.data(),
+               op + (t * heads + g * group) * dim);
+      }
+    });
+    return;
+  }
+#endif
+  // One token at a time, all its heads together, its keys read head by head (a block
+  // holds each KV head's rows together).
+  at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(heads * dim), acc(heads * dim), scores, sums(heads);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t len = pos[t] + 1;
+      const int64_t* blocks = tables + seq[t] * table_stride;
+      check_blocks(blocks, len, block_size, num_blocks);
+      for (int64_t i = 0; i < heads * dim; ++i) qf[i] = to_f32(qp[t * qs + i]) * s;
+      scores.resize(heads * len);
+      auto row = [&](const T* cache, int64_t g, int64_t p) {
+        return cache_row(cache, blocks[p / block_size], g, p % block_size, kv_heads, block_size,
+                         dim);
+      };
+      for (int64_t g = 0; g < kv_heads; ++g) {
+        for (int64_t p = 0; p < len; ++p) {
+          dot_heads(&qf[g * group * dim], row(kc, g, p), group, dim, &scores[g * group * len + p],
+                    len);
+        }
+      }
+      for (int64_t h = 0; h < heads; ++h) sums[h] = exp_shifted(&scores[h * len], len);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t g = 0; g < kv_heads; ++g) {
+        for (int64_t p = 0; p < len; ++p) {
+          axpy_heads(&scores[g * group * len + p], len, row(vc, g, p), group, dim,
+                     &acc[g * group * dim]);
+        }
+      }
+      for (int64_t h = 0; h < heads; ++h) {
+        T* o = op + (t * heads + h) * dim;
+        const float inv = 1.f / sums[h];
+        for (int64_t d = 0; d < dim; ++d) o[d] = from_f32<T>(acc[h * dim + d] * inv);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& block_tables,
+                           const at::Tensor& token_seq, const at::Tensor& positions,
+                           double scale) {
+  check_attention_args(q, k_cache, v_cache, block_tables, token_seq, positions);
+  at::Tensor out = at::empty({q.size(0), q.size(1) * q.size(2)}, q.options());
+  dispatch_float_types(q, "paged_attention", [&](auto t) {
+    paged_attention_impl<decltype(t)>(q, k_cache, v_cache, block_tables, token_seq, positions,
+                                      scale, out);
+  });
+  return out;
+}
+
+}  // namespace pagoda

@@ -1,0 +1,299 @@
+// Attention over the paged cache for prompt chunks, and the softmax of the matmul path:
+// torch.ops.pagoda.prompt_attention, causal_softmax.
+// The PyTorch twin that defines what it computes: pagoda/model/ops/attention.py.
+
+#include "kv_cache.h"
+#include <vector>
+
+namespace pagoda {
+namespace {
+
+#ifdef __AVX512BF16__
+// The queries of prompt chunks (runs of consecutive tokens of a sequence), bfloat16
+// only, flash-style: a tile of up to 16 consecutive tokens with the query heads that
+// share KV head g reads each cached key and value row once, and only the keys up to
+// its last token's position, so the causal half of the square is skipped. Scores
+// are float32 with token t in lane t of a vector: the softmax runs over the keys
+// 16 at a time with vertical operations, rescaling what it has summed when the
+// running maximum grows. Products take bfloat16 pairs (vdpbf16ps) into float32
+// sums; the probabilities are rounded to bfloat16 for the product with the values,
+// as the two-matmul path rounds them.
+
+constexpr int kTile = 16;  // tokens per tile: the lanes of a vector
+constexpr int kKeys = 16;  // keys per step of the softmax
+
+// Lane t holds the bfloat16 pair (lo[t], hi[t]).
+inline __m512i bf16_pairs(__m512 lo, __m512 hi) {
+  const __m512i a = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
+  const __m512i b = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi));
+  return _mm512_or_si512(a, _mm512_slli_epi32(b, 16));
+}
+
+// Lane i holds the bfloat16 pair (a[i], b[i]) of two rows.
+inline __m512i bf16_pairs(const at::BFloat16* a, const at::BFloat16* b) {
+  const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
+  const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+  return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+}
+
+inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+}
+
+// One tile: the n tokens whose rows start at q, q_stride apart, at positions
+// pos0..pos0+n-1 of the sequence with block table `blocks`; query heads g*G..g*G+G-1,
+// each of DP bfloat16 pairs (head_dim 2 DP); output rows out_stride apart.
+template <int G, int DP>
+void prompt_tile(const at::BFloat16* q, int64_t q_stride, int64_t n, int64_t pos0,
+                 const int64_t* blocks, const at::BFloat16* kc, const at::BFloat16* vc,
+                 int64_t block_size, int64_t kv_heads, int64_t g, float scale, at::BFloat16* out,
+                 int64_t out_stride) {
+  // Scores of KC keys at a time: G x KC accumulators, held in registers.
+  constexpr int D = 2 * DP, KC = G <= 3 ? 8 : 4;
+  // Queries as bfloat16 pairs, token t in lane t; lanes past n repeat the last token
+  // (a valid query whose result is not stored).
+  alignas(64) int32_t qp[G][DP][kTile];
+  for (int t = 0; t < kTile; ++t) {
+    const auto* row = reinterpret_cast<const int32_t*>(q + std::min<int64_t>(t, n - 1) * q_stride);
+    for (int h = 0; h < G; ++h)
+      for (int i = 0; i < DP; ++i) qp[h][i][t] = row[(g * G + h) * DP + i];
+  }
+  const __m512i pos = _mm512_min_epi32(
+      _mm512_add_epi32(_mm512_set1_epi32(int32_t(pos0)),
+                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)),
+      _mm512_set1_epi32(int32_t(pos0 + n - 1)));
+  const int64_t len = pos0 + n;  // keys 0..len-1
+  __m512 top[G], sum[G];
+  for (int h = 0; h < G; ++h) {
+    top[h] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    sum[h] = _mm512_setzero_ps();
+  }
+  alignas(64) float acc[G][kTile][D];        // token t's output of head h, unnormalised
+  alignas(64) float s[G][kKeys][kTile];      // scores, then probabilities, of 16 keys
+  alignas(64) int32_t p2[G][kKeys / 2][kTile];  // probabilities as pairs of keys
+  alignas(64) int32_t v2[kKeys / 2][D];      // values as pairs of keys
+  alignas(64) float corr[kTile];
+  std::memset(acc, 0, sizeof(acc));
+  for (int64_t k0 = 0; k0 < len; k0 += kKeys) {
+    const int64_t nk = std::min<int64_t>(kKeys, len - k0);
+    const at::BFloat16* krow[kKeys];
+    const at::BFloat16* vrow[kKeys];
+    for (int j = 0; j < kKeys; ++j) {  // keys past nk repeat the last one; masked below
+      const int64_t p = k0 + std::min<int64_t>(j, nk - 1);
+      const int64_t block = blocks[p / block_size], offset = p % block_size;
+      krow[j] = cache_row(kc, block, g, offset, kv_heads, block_size, D);
+      vrow[j] = cache_row(vc, block, g, offset, kv_heads, block_size, D);
+    }
+    for (int c = 0; c < kKeys; c += KC) {
+      __m512 sc[G][KC];
+      for (int h = 0; h < G; ++h)
+        for (int j = 0; j < KC; ++j) sc[h][j] = _mm512_setzero_ps();
+      for (int i = 0; i < DP; ++i) {
+        __m512i qv[G];
+        for (int h = 0; h < G; ++h) qv[h] = _mm512_load_si512(qp[h][i]);
+        for (int j = 0; j < KC; ++j) {
+          const __m512i kb =
+              _mm512_set1_epi32(reinterpret_cast<const int32_t*>(krow[c + j])[i]);
+          for (int h = 0; h < G; ++h) sc[h][j] = dot_pairs(sc[h][j], qv[h], kb);
+        }
+      }
+      for (int h = 0; h < G; ++h)
+        for (int j = 0; j < KC; ++j) _mm512_store_ps(s[h][c + j], sc[h][j]);
+    }
+    __mmask16 keep[kKeys];  // lanes whose token may see key k0 + j
+    for (int j = 0; j < kKeys; ++j) {
+      keep[j] = j < nk ? _mm512_cmp_epi32_mask(_mm512_set1_epi32(int32_t(k0 + j)), pos,
+                                               _MM_CMPINT_LE)
+                       : __mmask16(0);
+    }
+    for (int h = 0; h < G; ++h) {
+      __m512 m = top[h];
+      for (int j = 0; j < kKeys; ++j) {  // scaled here in float32, not the bfloat16 queries
+        const __m512 x = _mm512_mul_ps(_mm512_load_ps(s[h][j]), _mm512_set1_ps(scale));
+        _mm512_store_ps(s[h][j], x);
+        m = _mm512_mask_max_ps(m, keep[j], m, x);
+      }
+      if (_mm512_cmp_ps_mask(m, top[h], _CMP_NEQ_UQ)) {  // rescale what was summed
+        const __m512 c = exp16(_mm512_sub_ps(top[h], m));
+        sum[h] = _mm512_mul_ps(sum[h], c);
+        _mm512_store_ps(corr, c);
+        if (k0 > 0) {
+          for (int t = 0; t < n; ++t) {
+            const __m512 ct = _mm512_set1_ps(corr[t]);
+            for (int d = 0; d < D; d += 16) {
+              _mm512_store_ps(acc[h][t] + d, _mm512_mul_ps(_mm512_load_ps(acc[h][t] + d), ct));
+            }
+          }
+        }
+        top[h] = m;
+      }
+      for (int j = 0; j < kKeys; ++j) {
+        const __m512 e = _mm512_maskz_mov_ps(keep[j], exp16(_mm512_sub_ps(_mm512_load_ps(s[h][j]), m)));
+        sum[h] = _mm512_add_ps(sum[h], e);
+        _mm512_store_ps(s[h][j], e);
+      }
+      for (int j = 0; j < kKeys / 2; ++j) {
+        _mm512_store_si512(p2[h][j], bf16_pairs(_mm512_load_ps(s[h][2 * j]),
+                                                _mm512_load_ps(s[h][2 * j + 1])));
+      }
+    }
+    for (int j = 0; j < kKeys / 2; ++j) {
+      for (int d = 0; d < D; d += 16) {
+        _mm512_store_si512(v2[j] + d, bf16_pairs(vrow[2 * j] + d, vrow[2 * j + 1] + d));
+      }
+    }
+    for (int h = 0; h < G; ++h) {
+      for (int t = 0; t < n; ++t) {
+        for (int d = 0; d < D; d += 16) {
+          __m512 a = _mm512_load_ps(acc[h][t] + d);
+          for (int j = 0; j < kKeys / 2; ++j) {
+            a = dot_pairs(a, _mm512_load_si512(v2[j] + d), _mm512_set1_epi32(p2[h][j][t]));
+          }
+          _mm512_store_ps(acc[h][t] + d, a);
+        }
+      }
+    }
+  }
+  for (int h = 0; h < G; ++h) {
+    alignas(64) float total[kTile];
+    _mm512_store_ps(total, sum[h]);
+    for (int t = 0; t < n; ++t) {
+      const __m512 inv = _mm512_set1_ps(1.f / total[t]);
+      at::BFloat16* o = out + t * out_stride + (g * G + h) * D;
+      for (int d = 0; d < D; d += 16) store16(o + d, _mm512_mul_ps(_mm512_load_ps(acc[h][t] + d), inv));
+    }
+  }
+}
+
+using PromptTile = void (*)(const at::BFloat16*, int64_t, int64_t, int64_t, const int64_t*,
+                            const at::BFloat16*, const at::BFloat16*, int64_t, int64_t, int64_t,
+                            float, at::BFloat16*, int64_t);
+
+template <int DP>
+PromptTile prompt_tile_for_group(int64_t group) {
+  switch (group) {
+    case 1: return prompt_tile<1, DP>;
+    case 2: return prompt_tile<2, DP>;
+    case 3: return prompt_tile<3, DP>;
+    case 4: return prompt_tile<4, DP>;
+    case 5: return prompt_tile<5, DP>;
+    case 6: return prompt_tile<6, DP>;
+  }
+  return nullptr;
+}
+
+PromptTile prompt_tile_for(int64_t dim, int64_t group) {
+  if (dim == 64) return prompt_tile_for_group<32>(group);
+  if (dim == 128) return prompt_tile_for_group<64>(group);
+  return nullptr;
+}
+#endif  // __AVX512BF16__
+
+
+// The softmax of prompt attention: row (s, ..., j) of scores [S, ..., Q, L] keeps
+// keys 0..query_pos[s, j] and gives the rest probability 0. In float32, rounded to
+// T once at the end: one pass instead of a float copy, a bias add, a softmax and
+// a copy back.
+template <typename T>
+void causal_softmax_impl(const at::Tensor& scores, const at::Tensor& query_pos, at::Tensor& out) {
+  const int64_t seqs = scores.size(0), q_len = scores.size(-2), keys = scores.size(-1);
+  const int64_t rows = scores.numel() / keys, per_seq = rows / seqs;
+  const T* sp = scores.data_ptr<T>();
+  const int64_t* qp = query_pos.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(keys);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t len = std::min(qp[(r / per_seq) * q_len + r % q_len] + 1, keys);
+      TORCH_CHECK(len > 0, "query positions must be >= 0");
+      const T* row = sp + r * keys;
+      T* o = op + r * keys;
+      int64_t p = 0;
+#ifdef __AVX512F__
+      for (; p + 16 <= len; p += 16) _mm512_storeu_ps(buf.data() + p, load16(row + p));
+#endif
+      for (; p < len; ++p) buf[p] = to_f32(row[p]);
+      const float inv = 1.f / exp_shifted(buf.data(), len);
+      p = 0;
+#ifdef __AVX512F__
+      for (; p + 16 <= len; p += 16) {
+        store16(o + p, _mm512_mul_ps(_mm512_loadu_ps(buf.data() + p), _mm512_set1_ps(inv)));
+      }
+#endif
+      for (; p < len; ++p) o[p] = from_f32<T>(buf[p] * inv);
+      std::fill(o + len, o + keys, from_f32<T>(0.f));
+    }
+  });
+}
+
+}  // namespace
+
+#ifdef __AVX512BF16__
+// Attention of tokens to their sequences' cached keys, as paged_attention, for runs
+// of consecutive tokens (prompt chunks); bfloat16, head_dim 64 or 128, 1-6 query
+// heads per KV head.
+at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            const at::Tensor& token_seq, const at::Tensor& positions,
+                            double scale) {
+  check_attention_args(q, k_cache, v_cache, block_tables, token_seq, positions);
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16, "prompt_attention takes bfloat16");
+  const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k_cache.size(1), block_size = k_cache.size(2);
+  const int64_t num_blocks = k_cache.size(0), table_stride = block_tables.stride(0);
+  const PromptTile tile = prompt_tile_for(dim, heads / kv_heads);
+  TORCH_CHECK(tile != nullptr, "prompt_attention: unsupported head shape");
+  const int64_t* seq = token_seq.data_ptr<int64_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  // Tiles: up to kTile consecutive tokens of one sequence at consecutive positions.
+  std::vector<int64_t> starts;
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(seq[t] >= 0 && seq[t] < block_tables.size(0) && pos[t] >= 0,
+                "token_seq and positions must index block_tables");
+    if (t == 0 || seq[t] != seq[t - 1] || pos[t] != pos[t - 1] + 1 ||
+        t - starts.back() == kTile) {
+      starts.push_back(t);
+    }
+  }
+  const int64_t num_tiles = starts.size();
+  starts.push_back(tokens);
+  for (int64_t i = 0; i < num_tiles; ++i) {  // every block a tile will read
+    const int64_t last = starts[i + 1] - 1, used = pos[last] / block_size + 1;
+    TORCH_CHECK(used <= block_tables.size(1), "block_tables is too short for position ",
+                pos[last]);
+    check_blocks(tables + seq[last] * table_stride, pos[last] + 1, block_size, num_blocks);
+  }
+  at::Tensor out = at::empty({tokens, heads * dim}, q.options());
+  const auto* qp = q.data_ptr<at::BFloat16>();
+  auto* op = out.data_ptr<at::BFloat16>();
+  const auto* kc = k_cache.data_ptr<at::BFloat16>();
+  const auto* vc = v_cache.data_ptr<at::BFloat16>();
+  const float s = static_cast<float>(scale);
+  // Later tiles read more keys: hand the items out longest first.
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  for (int64_t item = num_tiles * kv_heads - 1; item >= 0; --item) {
+    const int64_t i = item / kv_heads, g = item % kv_heads, first = starts[i];
+    tile(qp + first * q.stride(0), q.stride(0), starts[i + 1] - first, pos[first],
+         tables + seq[first] * table_stride, kc, vc, block_size, kv_heads, g, s,
+         op + first * heads * dim, heads * dim);
+  }
+  return out;
+}
+#endif  // __AVX512BF16__
+
+at::Tensor causal_softmax(const at::Tensor& scores, const at::Tensor& query_pos) {
+  check_cpu(scores, "scores");
+  TORCH_CHECK(scores.dim() >= 3 && scores.is_contiguous(), "scores must be contiguous [S, ..., Q, L]");
+  TORCH_CHECK(query_pos.scalar_type() == at::kLong && query_pos.is_contiguous() &&
+                  query_pos.dim() == 2 && query_pos.size(0) == scores.size(0) &&
+                  query_pos.size(1) == scores.size(-2),
+              "query_pos must be contiguous int64 [S, Q]");
+  at::Tensor out = at::empty_like(scores);
+  dispatch_float_types(scores, "causal_softmax", [&](auto t) {
+    causal_softmax_impl<decltype(t)>(scores, query_pos, out);
+  });
+  return out;
+}
+
+}  // namespace pagoda

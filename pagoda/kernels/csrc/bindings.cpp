@@ -1,0 +1,71 @@
+// Registers the kernels as torch.ops.pagoda.*: one schema and one CPU implementation each,
+// defined in the op family's file (norm.cpp, activation.cpp, rope_and_cache.cpp,
+// attention_decode.cpp, attention_prompt.cpp, quantized_linear.cpp, argmax.cpp).
+//
+// Each op has a pure-PyTorch twin in pagoda/model/ops/<family>.py that defines what it
+// computes; these exist because one pass over the data beats the dozen small PyTorch
+// ops (and their temporaries) that the twins take. All arithmetic is in float32;
+// results are rounded to the tensor's dtype where the twin rounds.
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace pagoda {
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+void add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps);
+at::Tensor silu_mul(const at::Tensor& x);
+void rope_and_cache(at::Tensor q, at::Tensor k, const at::Tensor& v, const at::Tensor& positions,
+                    const at::Tensor& cos_sin, at::Tensor k_cache, at::Tensor v_cache,
+                    const at::Tensor& slot_mapping);
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& block_tables,
+                           const at::Tensor& token_seq, const at::Tensor& positions,
+                           double scale);
+#ifdef __AVX512BF16__
+at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            const at::Tensor& token_seq, const at::Tensor& positions,
+                            double scale);
+#endif
+at::Tensor causal_softmax(const at::Tensor& scores, const at::Tensor& query_pos);
+at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales);
+at::Tensor argmax_rows(const at::Tensor& x);
+
+}  // namespace pagoda
+
+using namespace pagoda;
+
+TORCH_LIBRARY(pagoda, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  m.def("silu_mul(Tensor x) -> Tensor");
+  m.def(
+      "rope_and_cache(Tensor(a!) q, Tensor(b!) k, Tensor v, Tensor positions, Tensor cos_sin, "
+      "Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor slot_mapping) -> ()");
+  m.def(
+      "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor token_seq, Tensor positions, float scale) -> Tensor");
+  m.def("causal_softmax(Tensor scores, Tensor query_pos) -> Tensor");
+  m.def("q8_0_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
+  m.def("argmax_rows(Tensor x) -> Tensor");
+#ifdef __AVX512BF16__
+  m.def(
+      "prompt_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor token_seq, Tensor positions, float scale) -> Tensor");
+#endif
+}
+
+TORCH_LIBRARY_IMPL(pagoda, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("silu_mul", &silu_mul);
+  m.impl("rope_and_cache", &rope_and_cache);
+  m.impl("paged_attention", &paged_attention);
+  m.impl("causal_softmax", &causal_softmax);
+  m.impl("q8_0_linear", &q8_0_linear);
+  m.impl("argmax_rows", &argmax_rows);
+#ifdef __AVX512BF16__
+  m.impl("prompt_attention", &prompt_attention);
+#endif
+}

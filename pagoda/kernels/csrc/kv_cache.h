@@ -1,0 +1,48 @@
+// The paged KV cache as the attention kernels and the cache write address it, and the
+// checks of the arguments that describe it.
+
+#pragma once
+
+#include "simd.h"
+
+namespace pagoda {
+
+// KV head g's row `offset` of a block, in a cache laid out [blocks, kv_heads, block_size,
+// head_dim]: each KV head's rows of a block lie together.
+template <typename T>
+inline T* cache_row(T* cache, int64_t block, int64_t g, int64_t offset, int64_t kv_heads,
+                    int64_t block_size, int64_t dim) {
+  return cache + ((block * kv_heads + g) * block_size + offset) * dim;
+}
+
+// That the blocks holding positions 0..len-1 of a sequence lie in the cache.
+inline void check_blocks(const int64_t* blocks, int64_t len, int64_t block_size, int64_t num_blocks) {
+  for (int64_t b = 0; b * block_size < len; ++b) {
+    TORCH_CHECK(blocks[b] >= 0 && blocks[b] < num_blocks, "block ", blocks[b],
+                " is out of the cache");
+  }
+}
+
+inline void check_heads(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2),
+              name, " must be [tokens, heads, head_dim] with contiguous heads");
+}
+
+// The arguments of paged_attention and prompt_attention.
+inline void check_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& block_tables,
+                          const at::Tensor& token_seq, const at::Tensor& positions) {
+  check_cpu(q, "q");
+  check_heads(q, "q");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4,
+              "caches must be contiguous [blocks, kv_heads, block_size, head_dim]");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "q and the caches must share a dtype");
+  TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.stride(1) == 1,
+              "block_tables must be int64 with contiguous rows");
+  TORCH_CHECK(token_seq.is_contiguous() && positions.is_contiguous(),
+              "token_seq and positions must be contiguous");
+}
+
+}  // namespace pagoda
