@@ -101,9 +101,15 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                 )
         if self.stop is not None:
             check(all(s for s in self.stop), "stop", "stop strings must not be empty")
-        for token_id, bias in (self.logit_bias or {}).items():
-            ok = token_id >= 0 and (vocab_size is None or token_id < vocab_size)
-            check(ok, "logit_bias", f"token id {token_id} is out of vocabulary")
+        logit_bias = self.logit_bias or {}
+        bad = [t for t in logit_bias if t < 0 or (vocab_size is not None and t >= vocab_size)]
+        check(
+            not bad,
+            "logit_bias",
+            f"token_id(s) {bad} in logit_bias contain out-of-vocab token ids. "
+            f"Vocabulary size: {vocab_size}",
+        )
+        for bias in logit_bias.values():
             check(-100 <= bias <= 100, "logit_bias", f"bias must be in [-100, 100], got {bias}")
         for token_id in self.stop_token_ids or []:
             ok = token_id >= 0 and (vocab_size is None or token_id < vocab_size)

@@ -32,6 +32,9 @@ class OpenAIError(Exception):
 
 
 def error_body(message: str, status: int, param: str | None = None) -> dict:
+    """The error object. Its code is the HTTP status as an integer, as vLLM sends it: OpenAI's
+    schema types code as a string, but the openai client takes any JSON value there (it
+    reads str(code)), and clients written against vLLM compare it with the status."""
     error_type = _TYPES.get(status, HTTPStatus(status).phrase.replace(" ", "") + "Error")
     return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
 

@@ -49,6 +49,7 @@ class SamplingFields(OpenAIModel):
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = None
     return_tokens_as_token_ids: bool | None = None  # None = the server's flag
+    return_token_ids: bool | None = None  # prompt_token_ids and token_ids in the response
 
 
 class CompletionRequest(SamplingFields):
@@ -128,7 +129,10 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # vLLM's extras, always sent (null unless asked for)
+    token_ids: list[int] | None = None
     prompt_logprobs: list[dict[int, dict[str, Any]] | None] | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -137,6 +141,7 @@ class CompletionResponse(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[CompletionChoice]
+    system_fingerprint: str | None = None
     usage: UsageInfo | None = None
 
 
@@ -160,6 +165,11 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    refusal: str | None = None  # required by OpenAI's schema, null when the model answers
+    annotations: list[dict[str, Any]] | None = None
+    audio: dict[str, Any] | None = None
+    function_call: dict[str, Any] | None = None
+    reasoning: str | None = None  # vLLM's
 
 
 class ChatChoice(BaseModel):
@@ -168,6 +178,7 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # vLLM's, with return_token_ids
 
 
 class ChatCompletionResponse(BaseModel):
@@ -176,8 +187,11 @@ class ChatCompletionResponse(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[ChatChoice]
+    system_fingerprint: str | None = None
     usage: UsageInfo | None = None
+    # vLLM's extras, always sent (null unless asked for)
     prompt_logprobs: list[dict[int, dict[str, Any]] | None] | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -191,6 +205,7 @@ class ChatStreamChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # vLLM's, with return_token_ids: this chunk's
 
 
 class ChatCompletionChunk(BaseModel):
@@ -200,6 +215,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM's, with return_token_ids: the first chunk
 
 
 # ---- models, tokenizer --------------------------------------------------------------------

@@ -152,6 +152,7 @@ class OpenAIServingChat(OpenAIServing):
                 logprobs=self._choice_logprobs(request, c),
                 finish_reason=c.finish_reason,
                 stop_reason=c.stop_reason,
+                token_ids=c.token_ids if request.return_token_ids else None,
             )
             for c in final.outputs
         ]
@@ -163,6 +164,7 @@ class OpenAIServingChat(OpenAIServing):
             choices=choices,
             usage=UsageInfo.of(prompt_tokens, completion_tokens, final.num_cached_tokens),
             prompt_logprobs=self.prompt_logprobs_json(final.prompt_logprobs),
+            prompt_token_ids=final.prompt_token_ids if request.return_token_ids else None,
         )
 
     async def stream(
@@ -175,20 +177,30 @@ class OpenAIServingChat(OpenAIServing):
         completion_tokens = [0] * params.n
         cached = 0
 
-        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+        def chunk(
+            choices: list[ChatStreamChoice],
+            usage: UsageInfo | None = None,
+            prompt_token_ids: list[int] | None = None,
+        ) -> str:
             if usage is None and continuous_usage:
                 index = choices[0].index
                 usage = UsageInfo.of(prompt_tokens, completion_tokens[index], cached)
             return sse(
-                ChatCompletionChunk(id=request_id, model=model, choices=choices, usage=usage)
+                ChatCompletionChunk(
+                    id=request_id,
+                    model=model,
+                    choices=choices,
+                    usage=usage,
+                    prompt_token_ids=prompt_token_ids,
+                )
             )
 
         try:
             # The first chunk of each choice names the role, as OpenAI's server does.
+            prompt_ids = prompt["prompt_token_ids"] if request.return_token_ids else None
             for i in range(params.n):
-                yield chunk(
-                    [ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]
-                )
+                role = ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                yield chunk([role], prompt_token_ids=prompt_ids)
             if echo := self._echo(request):
                 for i in range(params.n):
                     yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(content=echo))])
@@ -196,7 +208,9 @@ class OpenAIServingChat(OpenAIServing):
                 cached = output.num_cached_tokens
                 for c in output.outputs:
                     completion_tokens[c.index] += len(c.token_ids)
-                    if not c.text and not c.finished:
+                    # Tokens that make no text yet still carry their ids and logprobs.
+                    wanted = c.token_ids and (request.return_token_ids or request.logprobs)
+                    if not c.text and not c.finished and not wanted:
                         continue
                     choice = ChatStreamChoice(
                         index=c.index,
@@ -204,6 +218,7 @@ class OpenAIServingChat(OpenAIServing):
                         logprobs=self._choice_logprobs(request, c),
                         finish_reason=c.finish_reason,
                         stop_reason=c.stop_reason,
+                        token_ids=c.token_ids if request.return_token_ids else None,
                     )
                     yield chunk([choice])
             if include_usage:

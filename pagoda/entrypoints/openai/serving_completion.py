@@ -100,7 +100,9 @@ class OpenAIServingCompletion(OpenAIServing):
             else None,
             finish_reason=c.finish_reason,
             stop_reason=c.stop_reason,
+            token_ids=c.token_ids if request.return_token_ids else None,
             prompt_logprobs=self.prompt_logprobs_json(final.prompt_logprobs),
+            prompt_token_ids=final.prompt_token_ids if request.return_token_ids else None,
         )
 
     @staticmethod
@@ -113,9 +115,11 @@ class OpenAIServingCompletion(OpenAIServing):
             return c.text, c.token_ids, entries
         prompt_ids = output.prompt_token_ids
         prompt_entries = output.prompt_logprobs or [None] * len(prompt_ids)
+        # With return_token_ids the prompt comes back as ids, not echoed as text (vLLM's rule).
+        prompt_text = "" if request.return_token_ids else (output.prompt or "")
         if request.max_tokens == 0:  # only the prompt, scored
-            return output.prompt or "", prompt_ids, list(prompt_entries)
-        text = (output.prompt or "") + c.text
+            return prompt_text, prompt_ids, list(prompt_entries)
+        text = prompt_text + c.text
         return text, prompt_ids + c.token_ids, [*prompt_entries, *entries]
 
     def _logprobs(
@@ -184,6 +188,10 @@ class OpenAIServingCompletion(OpenAIServing):
                         finish_reason=c.finish_reason,
                         stop_reason=c.stop_reason,
                     )
+                    if request.return_token_ids:
+                        choice.token_ids = c.token_ids
+                        if first:
+                            choice.prompt_token_ids = output.prompt_token_ids
                     chunk = CompletionResponse(id=request_id, model=model, choices=[choice])
                     if continuous_usage:
                         chunk.usage = UsageInfo.of(

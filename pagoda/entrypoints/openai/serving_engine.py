@@ -94,16 +94,7 @@ class OpenAIServing:
             raise OpenAIError(
                 f"n must be at most {self.server_config.max_n}, got {request.n}", 400, "n"
             )
-        logit_bias = None
-        if request.logit_bias:
-            logit_bias = {}
-            for key, value in request.logit_bias.items():
-                try:
-                    logit_bias[int(key)] = value
-                except ValueError:
-                    raise OpenAIError(
-                        f"logit_bias: key {key!r} is not a token id", 400, "logit_bias"
-                    ) from None
+        logit_bias = self._logit_bias(request.logit_bias)
         stop = [request.stop] if isinstance(request.stop, str) else request.stop
         vocab = self.tokenizer.vocab_size
         # -1 asks for every token's logprob, as in vLLM.
@@ -138,6 +129,30 @@ class OpenAIServing:
         except SamplingParamsError as e:
             raise OpenAIError(str(e), 400, e.param) from None
         return params
+
+    def _logit_bias(self, raw: dict[str, float] | None) -> dict[int, float] | None:
+        """Token ids from the JSON keys; every key that is not a token id is named at once,
+        with the vocabulary size, in vLLM's words."""
+        if not raw:
+            return None
+        not_ids = [key for key in raw if not key.strip().lstrip("-").isdigit()]
+        if not_ids:
+            raise OpenAIError(
+                f"logit_bias: keys {', '.join(map(repr, not_ids))} are not token ids",
+                400,
+                "logit_bias",
+            )
+        vocab = self.tokenizer.vocab_size
+        bias = {int(key): value for key, value in raw.items()}
+        out_of_vocab = [t for t in bias if not 0 <= t < vocab]
+        if out_of_vocab:
+            raise OpenAIError(
+                f"token_id(s) {out_of_vocab} in logit_bias contain out-of-vocab token ids. "
+                f"Vocabulary size: {vocab}",
+                400,
+                "logit_bias",
+            )
+        return bias
 
     def tokens_as_ids(self, request: SamplingFields) -> bool:
         """Whether logprob tokens are written "token_id:{id}": the request's choice, else the

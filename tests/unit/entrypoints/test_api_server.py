@@ -116,7 +116,8 @@ def test_chat_and_its_stream(client, engine) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "chat.completion"
-    assert body["choices"][0]["message"] == {"role": "assistant", "content": " one two"}
+    message = body["choices"][0]["message"]
+    assert message["role"] == "assistant" and message["content"] == " one two"
     assert engine.last_params.max_tokens == 2 and engine.last_params.logprobs == 2
     r = client.post(
         "/v1/chat/completions", json={"messages": messages, "max_tokens": 3, "stream": True}
@@ -189,8 +190,8 @@ def test_malformed_json(client) -> None:
         ({"prompt": [[999999999]]}, "prompt", "out of vocabulary"),
         ({"prompt": "Hi", "n": 1000}, "n", "at most 8"),
         ({"prompt": "Hi", "n": 0}, "n", "at least 1"),
-        ({"prompt": "Hi", "logit_bias": {"abc": 1}}, "logit_bias", "not a token id"),
-        ({"prompt": "Hi", "logit_bias": {"999999999": 1}}, "logit_bias", "out of vocabulary"),
+        ({"prompt": "Hi", "logit_bias": {"abc": 1}}, "logit_bias", "not token ids"),
+        ({"prompt": "Hi", "logit_bias": {"999999999": 1}}, "logit_bias", "out-of-vocab token ids"),
         ({"prompt": "Hi", "logit_bias": {"5": 500}}, "logit_bias", "[-100, 100]"),
         ({"prompt": "Hi", "logprobs": 50}, "logprobs", "max allowed: 20"),
         ({"prompt": "Hi", "suffix": "x"}, "suffix", "not supported"),

@@ -324,3 +324,69 @@ def test_chat_prompt_logprobs(client, engine) -> None:
     body = {"messages": CHAT, "max_tokens": 1, "echo": True, "logprobs": True, "top_logprobs": 2}
     client.post("/v1/chat/completions", json=body)
     assert engine.last_params.prompt_logprobs == 2
+
+
+# ---- token ids and the fields vLLM always sends ---------------------------------------------
+
+
+def test_completion_fields_vllm_sends_as_null(client) -> None:
+    body = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}).json()
+    choice = body["choices"][0]
+    for field in ("prompt_token_ids", "token_ids", "prompt_logprobs", "logprobs", "stop_reason"):
+        assert field in choice and choice[field] is None, field
+    assert "system_fingerprint" in body
+
+
+def test_chat_fields_vllm_and_openai_send_as_null(client) -> None:
+    body = client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 1}).json()
+    message = body["choices"][0]["message"]
+    # OpenAI's schema requires refusal (null when the model did not refuse).
+    assert message["role"] == "assistant" and "refusal" in message and message["refusal"] is None
+    assert body["choices"][0]["token_ids"] is None
+    for field in ("prompt_token_ids", "prompt_logprobs", "system_fingerprint"):
+        assert field in body and body[field] is None, field
+
+
+def test_completion_return_token_ids(client, engine, tokenizer) -> None:
+    body = {"prompt": ["Hi", "Hello there"], "max_tokens": 2, "return_token_ids": True}
+    choices = client.post("/v1/completions", json=body).json()["choices"]
+    assert [c["prompt_token_ids"] for c in choices] == [
+        tokenizer.encode("Hi"),
+        tokenizer.encode("Hello there"),
+    ]
+    assert [c["token_ids"] for c in choices] == [engine.script[:2]] * 2
+    body |= {"stream": True, "prompt": "Hi"}
+    chunks = [e["choices"][0] for e in sse_events(client.post("/v1/completions", json=body))]
+    assert chunks[0]["prompt_token_ids"] == tokenizer.encode("Hi")
+    assert all(c.get("prompt_token_ids") is None for c in chunks[1:])
+    assert [t for c in chunks for t in c["token_ids"]] == engine.script[:2]
+
+
+def test_chat_return_token_ids(client, engine) -> None:
+    body = {"messages": CHAT, "max_tokens": 2, "return_token_ids": True}
+    r = client.post("/v1/chat/completions", json=body).json()
+    assert r["choices"][0]["token_ids"] == engine.script[:2]
+    assert len(r["prompt_token_ids"]) == r["usage"]["prompt_tokens"]
+    events = sse_events(client.post("/v1/chat/completions", json=body | {"stream": True}))
+    assert events[0]["prompt_token_ids"] == r["prompt_token_ids"]
+    assert [t for e in events[1:] for t in e["choices"][0].get("token_ids") or []] == (
+        engine.script[:2]
+    )
+
+
+def test_logit_bias_error_names_every_bad_key_and_the_vocabulary(client, tokenizer) -> None:
+    vocab = tokenizer.vocab_size
+    bias = {"5": 1, str(vocab): 1, str(vocab + 7): 1, "-1": 1}
+    r = client.post("/v1/completions", json={"prompt": "Hi", "logit_bias": bias})
+    error = assert_error(r, 400, "logit_bias")
+    assert f"[{vocab}, {vocab + 7}, -1]" in error["message"]
+    assert f"Vocabulary size: {vocab}" in error["message"]
+    r = client.post("/v1/completions", json={"prompt": "Hi", "logit_bias": {"a": 1, "b": 2}})
+    assert "'a', 'b'" in assert_error(r, 400, "logit_bias")["message"]
+
+
+def test_error_code_is_the_status_as_vllm_sends_it(client) -> None:
+    """vLLM's ErrorInfo.code is the HTTP status as an integer; the openai client reads any
+    JSON value there (APIError.code), so a client of vLLM sees the same."""
+    error = client.post("/v1/completions", json={"prompt": "Hi", "n": 0}).json()["error"]
+    assert error["code"] == 400 and error["type"] == "BadRequestError"
