@@ -69,6 +69,10 @@ def _serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig
         enable_force_include_usage=args.enable_force_include_usage,
         max_logprobs=args.max_logprobs,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+        h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+        h11_max_header_count=args.h11_max_header_count,
+        header_read_timeout=args.header_read_timeout,
+        max_connections=args.max_connections,
     )
     return engine_config, server_config
 
@@ -127,8 +131,6 @@ async def _run_server(
         ssl_certfile=args.ssl_certfile,
         ssl_ca_certs=args.ssl_ca_certs,
         ssl_cert_reqs=args.ssl_cert_reqs,
-        h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
-        h11_max_header_count=args.h11_max_header_count,
         timeout_keep_alive=5,
     )
 
@@ -272,14 +274,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--h11-max-incomplete-event-size",
         type=at_least(1, parse_size),
-        default=None,
-        help="the largest request head in bytes (default 4M)",
+        default=ServerConfig.h11_max_incomplete_event_size,
+        help="the largest request head (request line and headers), e.g. 64K; larger is "
+        "answered 431 (default: %(default)s bytes)",
     )
     serve.add_argument(
         "--h11-max-header-count",
         type=at_least(1),
-        default=None,
-        help="the most headers a request may carry (default 256)",
+        default=ServerConfig.h11_max_header_count,
+        help="the most headers a request may carry; more is answered 431 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--header-read-timeout",
+        type=at_least(0.001, float),
+        default=ServerConfig.header_read_timeout,
+        help="seconds a client has to send a whole request head; later is answered 408 and "
+        "the connection closed (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=at_least(1),
+        default=ServerConfig.max_connections,
+        help="open connections beyond this are answered 503 and closed (default: %(default)s)",
     )
     serve.add_argument("--allowed-origins", type=_json_list, default=["*"])
     serve.add_argument("--allowed-methods", type=_json_list, default=["*"])

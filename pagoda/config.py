@@ -172,7 +172,30 @@ class ServerConfig:
     max_logprobs: int = 20  # the most logprobs a request may ask per token; -1 = the vocabulary
     # Logprob tokens as "token_id:{id}" unless a request says otherwise (vLLM's flag).
     return_tokens_as_token_ids: bool = False
+    # HTTP limits, so that a client cannot hold memory or connections forever.
+    # A request head (request line and headers) of at most 64 KiB, as AWS's load balancer
+    # allows: room for large bearer tokens and cookies (browsers keep each cookie under
+    # 4 KiB); vLLM's 4 MiB let one header line of megabytes in.
+    h11_max_incomplete_event_size: int = 64 << 10
+    h11_max_header_count: int = 256
+    # Seconds a client has to send a whole request head, from connecting (or from the end
+    # of its previous response); a slow sender of heads otherwise holds its connection open.
+    header_read_timeout: float = 30.0
+    # Open connections beyond this are answered 503 and closed at once.
+    max_connections: int = 2048
 
     def __post_init__(self) -> None:
         _require(self.max_n >= 1, "--max-n", self.max_n, "at least 1")
         _require(self.max_logprobs >= -1, "--max-logprobs", self.max_logprobs, "-1 or more")
+        for flag, value in (
+            ("--h11-max-incomplete-event-size", self.h11_max_incomplete_event_size),
+            ("--h11-max-header-count", self.h11_max_header_count),
+            ("--max-connections", self.max_connections),
+        ):
+            _require(value >= 1, flag, value, "at least 1")
+        _require(
+            self.header_read_timeout > 0,
+            "--header-read-timeout",
+            self.header_read_timeout,
+            "more than 0",
+        )

@@ -37,19 +37,19 @@ from pagoda.entrypoints.openai.api_server import PagodaApp
 
 logger = logging.getLogger(__name__)
 
-H11_MAX_INCOMPLETE_EVENT_SIZE = 4 * 1024 * 1024
-H11_MAX_HEADER_COUNT = 256
 WATCHDOG_INTERVAL_S = 5.0
 
 
-# ---- HTTP header limits ---------------------------------------------------------------------
+# ---- HTTP limits ----------------------------------------------------------------------------
 
 
 class _LimitedConnection(h11.Connection):
-    """h11 bounds the size of a request head; this also bounds how many headers it has."""
+    """h11 bounds the size of a request head; this also bounds how many headers it has and
+    refuses a request framed two ways."""
 
     def __init__(self, max_incomplete_event_size: int, max_header_count: int) -> None:
         super().__init__(h11.SERVER, max_incomplete_event_size=max_incomplete_event_size)
+        self.max_head_size = max_incomplete_event_size
         self.max_header_count = max_header_count
         self.error_status = 400
 
@@ -59,25 +59,110 @@ class _LimitedConnection(h11.Connection):
         except h11.RemoteProtocolError as e:
             self.error_status = e.error_status_hint
             raise
-        if isinstance(event, h11.Request) and len(event.headers) > self.max_header_count:
-            self.error_status = 431
-            raise h11.RemoteProtocolError(
-                f"too many headers: {len(event.headers)} > {self.max_header_count}", 431
-            )
+        if isinstance(event, h11.Request):
+            # h11 bounds only a head still arriving: one that came whole in a single read
+            # (uvicorn reads 64 KiB at a time) passes at any size. Measured again here.
+            size = len(event.method) + len(event.target) + 12
+            size += sum(len(name) + len(value) + 4 for name, value in event.headers)
+            if size > self.max_head_size:
+                self.error_status = 431
+                raise h11.RemoteProtocolError(f"request head over {self.max_head_size} B", 431)
+            if len(event.headers) > self.max_header_count:
+                self.error_status = 431
+                raise h11.RemoteProtocolError(
+                    f"too many headers: {len(event.headers)} > {self.max_header_count}", 431
+                )
+            names = {name for name, _ in event.headers}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                # h11 would frame by Transfer-Encoding; a proxy in front may frame by
+                # Content-Length, and what one reads as body the other reads as a request.
+                self.error_status = 400
+                raise h11.RemoteProtocolError("both Content-Length and Transfer-Encoding", 400)
         return event
 
 
-class LimitedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a header count limit, answering 431 when a limit is hit."""
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
 
-    def __init__(self, *args: Any, max_header_count: int, **kwargs: Any) -> None:
+
+class LimitedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with the limits that keep clients from holding the server.
+
+    - a request head of bounded size and header count (431), framed one way only (400);
+    - a deadline for each request head, from the connection's start or from the end of
+      the previous response (408): slow senders of headers cannot hold connections;
+    - a cap on open connections: one past it is answered 503 and closed.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        max_header_count: int,
+        header_read_timeout: float,
+        max_connections: int,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.conn = _LimitedConnection(self.config.h11_max_incomplete_event_size, max_header_count)
+        self.header_read_timeout = header_read_timeout
+        self.max_connections = max_connections
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            logger.warning("more than %d open connections: refusing one", self.max_connections)
+            self._answer_and_close(503)
+            return
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        # Between requests uvicorn's keep-alive timeout closes a quiet connection; it stops
+        # at the first byte of the next head, and the head's own deadline starts there.
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE:
+            self._arm_head_timer()  # a head has begun and is not complete
+        else:
+            self._cancel_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None and not self.transport.is_closing():
+            self._head_timer = self.loop.call_later(self.header_read_timeout, self._head_late)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            if self.cycle is None or self.cycle.response_complete:
+                self._answer_and_close(408)
+
+    def _answer_and_close(self, status: int) -> None:
+        """A whole response written past h11 (whose state may not allow one), then close."""
+        reason = _REASONS[status]
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s\n"
+            % (status, reason, len(reason) + 1, reason)
+        )
+        self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
+        self._cancel_head_timer()
         status = self.conn.error_status
-        reason = b"Request Header Fields Too Large" if status == 431 else b"Bad Request"
         headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]
+        reason = _REASONS.get(status, b"Bad Request")
         for event in (
             h11.Response(status_code=status, headers=headers, reason=reason),
             h11.Data(data=reason + b"\n"),
@@ -119,15 +204,21 @@ async def serve_http(
     log_routes(app)
     state = app.server_state
     engine = state.engine
+    limits = state.config
+    # Given here (as uvicorn options) or not, the limits hold: the server config's otherwise.
     max_size = uvicorn_kwargs.pop("h11_max_incomplete_event_size", None)
     max_count = uvicorn_kwargs.pop("h11_max_header_count", None)
-    max_size = max_size or H11_MAX_INCOMPLETE_EVENT_SIZE
-    max_count = max_count or H11_MAX_HEADER_COUNT
-    uvicorn_kwargs.pop("http", None)  # httptools would skip both limits
+    uvicorn_kwargs.pop("http", None)  # httptools would skip every limit
+    protocol = functools.partial(
+        LimitedH11Protocol,
+        max_header_count=max_count or limits.h11_max_header_count,
+        header_read_timeout=limits.header_read_timeout,
+        max_connections=limits.max_connections,
+    )
     config = uvicorn.Config(
         app,
-        http=functools.partial(LimitedH11Protocol, max_header_count=max_count),  # type: ignore[arg-type]
-        h11_max_incomplete_event_size=max_size,
+        http=protocol,  # type: ignore[arg-type]
+        h11_max_incomplete_event_size=max_size or limits.h11_max_incomplete_event_size,
         lifespan="off",
         **uvicorn_kwargs,
     )

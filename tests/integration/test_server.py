@@ -177,6 +177,10 @@ def test_header_count_limit(server, chunk) -> None:
 def test_header_size_limit(server, chunk) -> None:
     huge = head_with([b"X-Big: " + b"a" * (5 * 1024 * 1024) + b"\r\n"])
     assert raw_request(server.port, huge, chunk).startswith(b"HTTP/1.1 431")
+    line = head_with([b"X-Big: " + b"a" * (100 * 1024) + b"\r\n"])  # over the 64 KiB default
+    assert raw_request(server.port, line, chunk).startswith(b"HTTP/1.1 431")
+    cookie = head_with([b"Cookie: " + b"c" * (40 * 1024) + b"\r\n"])
+    assert raw_request(server.port, cookie, chunk).startswith(b"HTTP/1.1 200")
     endless = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Endless: " + b"b" * (5 * 1024 * 1024)
     assert raw_request(server.port, endless, chunk).startswith(b"HTTP/1.1 431")
     assert httpx.get(f"{server.url}/health").status_code == 200
