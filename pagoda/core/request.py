@@ -54,7 +54,7 @@ class Request:
         self.all_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
-        self.num_cached_tokens = -1  # prefix-cache hit on first scheduling; -1 until then
+        self.num_cached_tokens: int | None = None  # prefix-cache hit when first scheduled
         self.status = RequestStatus.WAITING
         self.stop_reason: int | None = None
         self.num_prompt_logprobs_sent = 0  # a preempted request recomputes, but sends once

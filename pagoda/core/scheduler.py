@@ -134,7 +134,7 @@ class Scheduler:
                 break  # no room: wait for running requests to finish
             self.waiting.popleft()
             request.num_computed_tokens = num_hit
-            if request.num_cached_tokens < 0:
+            if request.num_cached_tokens is None:
                 request.num_cached_tokens = num_hit
                 request.first_scheduled_at = time.monotonic()
             request.status = RequestStatus.RUNNING
@@ -197,7 +197,7 @@ class Scheduler:
                         if prompt_logprobs is not None
                         else None
                     ),
-                    num_cached_tokens=max(request.num_cached_tokens, 0),
+                    num_cached_tokens=request.num_cached_tokens or 0,  # set: it was scheduled
                     queue_time=_queue_time(request) if request.num_output_tokens == 1 else None,
                 )
             )

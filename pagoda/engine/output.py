@@ -115,16 +115,10 @@ class OutputProcessor:
         state = self.requests.pop(request_id, None)
         if state is None:
             return []
-        ids = [eid for eid, (st, _) in self.engine_ids.items() if st is state]
-        for eid in ids:
+        samples = {eid: sample for eid, (st, sample) in self.engine_ids.items() if st is state}
+        for eid in samples:
             del self.engine_ids[eid]
-        return [eid for eid in ids if self._sample_of(state, eid).finish_reason is None]
-
-    @staticmethod
-    def _sample_of(state: RequestState, engine_id: str) -> SampleState:
-        if state.params.n == 1:
-            return state.samples[0]
-        return state.samples[int(engine_id.split("_", 1)[0])]
+        return [eid for eid, sample in samples.items() if sample.finish_reason is None]
 
     def process_outputs(
         self, engine_outputs: list[EngineOutput]

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import make_request, make_scheduler, step
+from helpers import fake_run, make_request, make_scheduler, step
 
 from pagoda.core.request import RequestStatus
 
@@ -157,3 +157,18 @@ def test_prompt_longer_than_the_context_is_a_bug() -> None:
     s = make_scheduler(num_blocks=4, block_size=4)
     with pytest.raises(AssertionError, match="context"):
         s.add_request(make_request("a", 16))
+
+
+def test_num_cached_tokens_is_none_until_first_scheduled() -> None:
+    s = make_scheduler(block_size=4)
+    a = make_request("a", 10, max_tokens=1)
+    s.add_request(a)
+    assert a.num_cached_tokens is None
+    step(s)
+    assert a.num_cached_tokens == 0
+    b = make_request("b", 10, max_tokens=2)
+    s.add_request(b)
+    out = s.schedule()
+    assert b.num_cached_tokens == 8
+    (eo,) = s.update_from_output(out, fake_run(out)).outputs
+    assert eo.num_cached_tokens == 8

@@ -65,3 +65,15 @@ def test_n_samples_are_gathered(tokenizer: Tokenizer) -> None:
     assert final.finished
     assert [c.text for c in final.outputs] == [" a b c", " a b"]
     assert [c.finish_reason for c in final.outputs] == ["length", "stop"]
+
+
+def test_abort_returns_the_unfinished_samples_of_an_id_with_underscores(
+    tokenizer: Tokenizer,
+) -> None:
+    processor = OutputProcessor(tokenizer)
+    params = SamplingParams(n=3, max_tokens=4)
+    ids = [er.request_id for er in processor.add_request("cmpl_1_x", None, [1, 2], params)]
+    assert len(set(ids)) == 3
+    feed(processor, ids[1], [5, 6], finish="length")
+    assert sorted(processor.abort_request("cmpl_1_x")) == sorted([ids[0], ids[2]])
+    assert not processor.engine_ids and not processor.has_unfinished()
