@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -75,3 +76,62 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return stored
+
+
+def tiny_gemma3(layers: int = 3, seed: int = 0) -> torch.nn.Module:
+    """A transformers Gemma 3 (text) with random weights, norms perturbed off zero."""
+    import transformers
+
+    config = transformers.Gemma3TextConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        sliding_window=16,
+        query_pre_attn_scalar=32,  # head_dim, as in every Gemma 3 but the 27B
+    )
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def write_gemma3_gguf(
+    path: Path, state: dict[str, torch.Tensor], config: Any, **extra: Any
+) -> None:
+    """Writes a Gemma 3 as llama.cpp's converter does: its names, norms stored as 1 + weight.
+
+    extra: optional metadata (sliding_window_pattern, rope_freq_base_swa, final_logit_softcapping).
+    """
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, config.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["full_attention"]["rope_theta"])
+    writer.add_sliding_window(config.sliding_window)
+    writer.add_vocab_size(config.vocab_size)
+    for key, value in extra.items():
+        getattr(writer, f"add_{key}")(value)
+    for name, tensor in state.items():
+        w = tensor.numpy().astype(np.float32)
+        if name.endswith("norm.weight"):
+            w = w + 1
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -17,8 +17,8 @@ from pagoda.model.layers.rope import RotaryEmbedding
 from pagoda.model.loader import gguf as gguf_loader
 from pagoda.model.loader import safetensors as st_loader
 from pagoda.model.loader.weights import load_weights
-from pagoda.model.models import CausalLM, build_model
-from pagoda.model.spec import ModelSpec
+from pagoda.model.models import MODELS, CausalLM, build_model
+from pagoda.model.spec import ModelLoadError, ModelSpec
 from pagoda.model_files import is_gguf
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,11 @@ def load_model(
         weights = st_loader.iter_weights(path, dtype)
         num_tensors = 0
 
+    if spec.family not in MODELS:
+        raise ModelLoadError(
+            f"{path.name} is a {spec.family} model, which Pagoda reads but cannot run yet; "
+            f"it runs: {', '.join(MODELS)}"
+        )
     with torch.device("meta"):
         model = build_model(spec)
     model = model.to_empty(device=device).to(dtype)

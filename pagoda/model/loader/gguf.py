@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import gguf
@@ -15,7 +16,13 @@ from pagoda.model.loader.quants import FORMATS, dequantize, q4_1_to_int4, q8_0_t
 from pagoda.model.spec import ModelLoadError, ModelSpec
 
 # GGUF architecture -> our family. Mistral files declare "llama".
-FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+FAMILIES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3": "gemma3",
+}
 
 # GGUF tensor name -> Hugging Face name; {i} is the layer number.
 NAME_TABLE = {
@@ -37,14 +44,33 @@ NAME_TABLE = {
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
+# Gemma 3 normalises around attention and MLP both before and after; GGUF's ffn_norm is
+# the norm before the MLP, as in Llama, but Hugging Face calls that one pre_feedforward.
+GEMMA3_NAME_TABLE = {
+    **{g: h for g, h in NAME_TABLE.items() if not h.endswith(".bias")},
+    "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
+    "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
+}
+NAME_TABLES = {"gemma3": GEMMA3_NAME_TABLE}  # family -> table; NAME_TABLE otherwise
+
+# llama.cpp's converter stores Gemma's RMSNorm weights w as 1 + w, the factor the norm
+# multiplies by; Hugging Face's (and our) models hold w.
+NORM_OFFSETS = {"gemma3": 1.0}
+
+# Gemma 3 values llama.cpp assumes when the file does not carry them.
+GEMMA3_SLIDING_WINDOW_PATTERN = 6  # every sixth layer attends globally
+GEMMA3_ROPE_LOCAL_BASE_FREQ = 10000.0
+
 _LAYER = re.compile(r"^blk\.(\d+)\.")
+_REQUIRED = object()
 
 
-def field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
-    """The value of a metadata field, or default when absent (None default = required)."""
+def field(reader: gguf.GGUFReader, key: str, default: Any = _REQUIRED) -> Any:
+    """The value of a metadata field, or default when absent (no default: required)."""
     f = reader.fields.get(key)
     if f is None:
-        if default is None:
+        if default is _REQUIRED:
             raise ModelLoadError(f"GGUF metadata lacks the field {key!r}")
         return default
     return f.contents()
@@ -60,7 +86,7 @@ def read_spec(reader: gguf.GGUFReader) -> ModelSpec:
     names = {t.name for t in reader.tensors}
     hidden = field(reader, f"{arch}.embedding_length")
     heads = field(reader, f"{arch}.attention.head_count")
-    return ModelSpec(
+    spec = ModelSpec(
         family=FAMILIES[arch],
         vocab_size=field(reader, f"{arch}.vocab_size", 0)
         or len(reader.fields["tokenizer.ggml.tokens"].data),
@@ -78,6 +104,40 @@ def read_spec(reader: gguf.GGUFReader) -> ModelSpec:
         qk_norm="blk.0.attn_q_norm.weight" in names,
         rope_scaling=_rope_factors(reader),
     )
+    return _gemma3_spec(reader, spec) if arch == "gemma3" else spec
+
+
+def _gemma3_spec(reader: gguf.GGUFReader, spec: ModelSpec) -> ModelSpec:
+    """Gemma 3's sliding-window layers, local RoPE base, attention scale and GELU MLP."""
+    window = field(reader, "gemma3.attention.sliding_window", None)
+    pattern = field(reader, "gemma3.attention.sliding_window_pattern", None)
+    if isinstance(pattern, list):  # one flag a layer, True where it slides
+        sliding = [bool(p) for p in pattern]
+    else:  # a period n: the last layer of every n attends globally (0: all slide)
+        n = GEMMA3_SLIDING_WINDOW_PATTERN if pattern is None else pattern
+        sliding = [n == 0 or i % n < n - 1 for i in range(spec.num_layers)]
+    if len(sliding) != spec.num_layers:
+        raise ModelLoadError(
+            f"gemma3.attention.sliding_window_pattern has {len(sliding)} entries "
+            f"for {spec.num_layers} layers"
+        )
+    # The file does not say how scores are scaled: llama.cpp follows Google's reference,
+    # 1/sqrt(head_dim), except for the 27B model (62 layers): 1/sqrt(hidden / heads).
+    scalar = spec.hidden_size // spec.num_heads if spec.num_layers == 62 else spec.head_dim
+    return replace(
+        spec,
+        qk_norm=True,
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=scalar,
+        sliding_window=window,
+        layer_types=None
+        if window is None
+        else tuple("sliding_attention" if s else "full_attention" for s in sliding),
+        rope_local_base_freq=field(
+            reader, "gemma3.rope.freq_base_swa", GEMMA3_ROPE_LOCAL_BASE_FREQ
+        ),
+        final_logit_softcapping=field(reader, "gemma3.final_logit_softcapping", None),
+    )
 
 
 def _rope_factors(reader: gguf.GGUFReader) -> dict[str, Any] | None:
@@ -88,11 +148,11 @@ def _rope_factors(reader: gguf.GGUFReader) -> dict[str, Any] | None:
     return {"rope_type": "factors", "factors": tensor_values(t).tolist()}
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, family: str) -> str | None:
     """The Hugging Face name of a GGUF tensor, or None for tensors without one."""
     m = _LAYER.match(gguf_name)
     key = _LAYER.sub("blk.{i}.", gguf_name) if m else gguf_name
-    target = NAME_TABLE.get(key)
+    target = NAME_TABLES.get(family, NAME_TABLE).get(key)
     return target.format(i=m.group(1)) if (target and m) else target
 
 
@@ -129,7 +189,7 @@ def expected_tensors(spec: ModelSpec) -> list[str]:
         return True
 
     names = []
-    for gguf_name, target in NAME_TABLE.items():
+    for gguf_name, target in NAME_TABLES.get(spec.family, NAME_TABLE).items():
         if needed(target):
             names += [gguf_name.format(i=i) for i in range(spec.num_layers)]
     return list(dict.fromkeys(names))  # a name without {i} comes once
@@ -161,13 +221,16 @@ def iter_weights(
     """
     check_tensors(reader, spec)
     permuted = field(reader, "general.architecture") in ("llama", "mistral")
+    norm_offset = NORM_OFFSETS.get(spec.family, 0.0)
     for t in reader.tensors:
-        name = hf_name(t.name)
+        name = hf_name(t.name, spec.family)
         if name is None:
             if t.name == "rope_freqs.weight":
                 continue  # read into the spec's rope scaling
             raise ModelLoadError(f"unknown GGUF tensor {t.name!r}")
         w = tensor_values(t)
+        if norm_offset and name.endswith("norm.weight"):
+            w -= norm_offset
         rows = None
         if permuted and name.endswith("q_proj.weight"):
             rows = unpermute(torch.arange(w.shape[0]), spec.num_heads)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from tiny_gguf import write_gguf
 from tiny_models import make_hf_model
 
+from pagoda.model import models
 from pagoda.model.loader import load_model
 from pagoda.model.spec import ModelLoadError
 from pagoda.model_files import resolve_model_path
@@ -141,3 +142,15 @@ def test_truncated_gguf_says_so(tmp_path: Path, cut: str) -> None:
         load_model(tmp_path / "cut.gguf")
     with pytest.raises(ModelLoadError, match=expected):
         Tokenizer.from_path(tmp_path / "cut.gguf")
+
+
+def test_architecture_without_a_model_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file whose metadata is understood but whose network is not built yet."""
+    write_gguf(tmp_path / "m.gguf", tiny_llama_state(), "F32")
+    monkeypatch.delitem(models.MODELS, "llama")
+    with pytest.raises(
+        ModelLoadError, match=r"m.gguf is a llama model, .* cannot run yet; it runs: "
+    ):
+        load_model(tmp_path / "m.gguf")
