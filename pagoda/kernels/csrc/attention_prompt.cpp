@@ -228,21 +228,32 @@ void causal_softmax_impl(const at::Tensor& scores, const at::Tensor& query_pos, 
 
 }  // namespace
 
+// The shapes prompt_attention takes, stated here once (Python asks this): bfloat16, in a
+// build for a CPU with AVX512-BF16; head_dim 64 or 128; 1 to 6 query heads per KV head
+// (the register-blocked tiles above); any block size.
+bool prompt_attention_supports(at::ScalarType dtype, int64_t head_dim, int64_t heads_per_kv) {
 #ifdef __AVX512BF16__
+  return dtype == at::kBFloat16 && prompt_tile_for(head_dim, heads_per_kv) != nullptr;
+#else
+  return false;
+#endif
+}
+
 // Attention of tokens to their sequences' cached keys, as paged_attention, for runs
-// of consecutive tokens (prompt chunks); bfloat16, head_dim 64 or 128, 1-6 query
-// heads per KV head.
+// of consecutive tokens (prompt chunks), in the shapes prompt_attention_supports names.
 at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,
                             const at::Tensor& token_seq, const at::Tensor& positions,
                             double scale) {
   check_attention_args(q, k_cache, v_cache, block_tables, token_seq, positions);
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16, "prompt_attention takes bfloat16");
   const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = k_cache.size(1), block_size = k_cache.size(2);
+  TORCH_CHECK(prompt_attention_supports(q.scalar_type(), dim, heads / kv_heads),
+              "prompt_attention does not take ", q.scalar_type(), " with head_dim ", dim, " and ",
+              heads / kv_heads, " query heads per KV head in this build");
+#ifdef __AVX512BF16__
   const int64_t num_blocks = k_cache.size(0), table_stride = block_tables.stride(0);
   const PromptTile tile = prompt_tile_for(dim, heads / kv_heads);
-  TORCH_CHECK(tile != nullptr, "prompt_attention: unsupported head shape");
   const int64_t* seq = token_seq.data_ptr<int64_t>();
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
@@ -279,8 +290,11 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k_cache,
          op + first * heads * dim, heads * dim);
   }
   return out;
+#else
+  (void)tokens, (void)block_size, (void)scale;
+  return {};  // not reached: nothing is supported without AVX512-BF16
+#endif
 }
-#endif  // __AVX512BF16__
 
 at::Tensor causal_softmax(const at::Tensor& scores, const at::Tensor& query_pos) {
   check_cpu(scores, "scores");

@@ -22,12 +22,11 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& block_tables,
                            const at::Tensor& token_seq, const at::Tensor& positions,
                            double scale);
-#ifdef __AVX512BF16__
+bool prompt_attention_supports(at::ScalarType dtype, int64_t head_dim, int64_t heads_per_kv);
 at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,
                             const at::Tensor& token_seq, const at::Tensor& positions,
                             double scale);
-#endif
 at::Tensor causal_softmax(const at::Tensor& scores, const at::Tensor& query_pos);
 at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales);
 at::Tensor argmax_rows(const at::Tensor& x);
@@ -49,11 +48,12 @@ TORCH_LIBRARY(pagoda, m) {
   m.def("causal_softmax(Tensor scores, Tensor query_pos) -> Tensor");
   m.def("q8_0_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
-#ifdef __AVX512BF16__
   m.def(
       "prompt_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor token_seq, Tensor positions, float scale) -> Tensor");
-#endif
+  // No tensor to dispatch on: one implementation for every device.
+  m.def("prompt_attention_supports(ScalarType dtype, int head_dim, int heads_per_kv) -> bool",
+        &prompt_attention_supports);
 }
 
 TORCH_LIBRARY_IMPL(pagoda, CPU, m) {
@@ -65,7 +65,5 @@ TORCH_LIBRARY_IMPL(pagoda, CPU, m) {
   m.impl("causal_softmax", &causal_softmax);
   m.impl("q8_0_linear", &q8_0_linear);
   m.impl("argmax_rows", &argmax_rows);
-#ifdef __AVX512BF16__
   m.impl("prompt_attention", &prompt_attention);
-#endif
 }

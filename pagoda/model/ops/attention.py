@@ -7,6 +7,7 @@ same on the CPU with the C++ kernels (csrc), which read the blocks in place.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -20,12 +21,11 @@ def causal_softmax(scores: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
     return torch.ops.pagoda.causal_softmax.default(scores.contiguous(), group.query_pos)
 
 
-def _prompt_kernel(q: torch.Tensor, k_cache: torch.Tensor):
-    """The C++ prompt attention where it takes these shapes: bfloat16 (a build for a CPU
-    with AVX512-BF16), head_dim 64 or 128, 1 to 6 query heads per KV head; else None."""
-    kernel = getattr(torch.ops.pagoda, "prompt_attention", None)
-    shape_ok = q.shape[2] in (64, 128) and q.shape[1] // k_cache.shape[1] <= 6
-    return kernel.default if kernel and q.dtype == torch.bfloat16 and shape_ok else None
+@functools.cache
+def prompt_kernel_takes(dtype: torch.dtype, head_dim: int, heads_per_kv: int) -> bool:
+    """Whether the C++ prompt attention takes these shapes in this build (the kernel states
+    which, in csrc/attention_prompt.cpp); asked once per shape."""
+    return torch.ops.pagoda.prompt_attention_supports(dtype, head_dim, heads_per_kv)
 
 
 def paged_attention(
@@ -45,7 +45,9 @@ def paged_attention(
     """
     if not kernels.available(q):
         return paged_attention_torch(q, k_cache, v_cache, attn, scale)
-    prompt_kernel = _prompt_kernel(q, k_cache)
+    prompt_kernel = None
+    if prompt_kernel_takes(q.dtype, q.shape[2], q.shape[1] // k_cache.shape[1]):
+        prompt_kernel = torch.ops.pagoda.prompt_attention.default
 
     def attend(group: AttentionGroup) -> torch.Tensor:
         if group.max_query_len == 1:

@@ -14,6 +14,7 @@ from pagoda.model.ops.attention import (
     causal_softmax_torch,
     paged_attention,
     paged_attention_torch,
+    prompt_kernel_takes,
 )
 
 pytestmark = pytest.mark.usefixtures("kernels_built")
@@ -53,9 +54,13 @@ def test_paged_attention_equals_the_pytorch_path() -> None:
     )
 
 
+def prompt_kernel_built() -> bool:
+    """The prompt kernel is in a build for a CPU with AVX512-BF16 (else skip its tests)."""
+    return kernels.load() and prompt_kernel_takes(torch.bfloat16, 64, 1)
+
+
 needs_prompt_kernel = pytest.mark.skipif(
-    not kernels.load() or not hasattr(torch.ops.pagoda, "prompt_attention"),
-    reason="the prompt attention kernel needs a CPU with AVX512-BF16",
+    not prompt_kernel_built(), reason="the prompt attention kernel needs a CPU with AVX512-BF16"
 )
 
 
@@ -113,6 +118,24 @@ def test_prompt_attention_equals_float32(
     )
 
 
+@needs_prompt_kernel
+def test_prompt_kernel_states_its_shapes_and_refuses_others() -> None:
+    takes = [
+        (dtype, dim, group)
+        for dtype in DTYPES
+        for dim in (32, 64, 96, 128, 256)
+        for group in range(1, 9)
+        if prompt_kernel_takes(dtype, dim, group)
+    ]
+    assert takes == [(torch.bfloat16, dim, g) for dim in (64, 128) for g in range(1, 7)]
+    qkv, (q, k, v), attn, positions, (kc, vc), table = random_batch(torch.bfloat16, dim=32)
+    chunk = attn.groups[1]
+    with pytest.raises(RuntimeError, match="does not take BFloat16 with head_dim 32"):
+        torch.ops.pagoda.prompt_attention(
+            q[chunk.flat_index], kc, vc, chunk.block_tables, chunk.token_seq, chunk.positions, 0.3
+        )
+
+
 def test_attention_kernels_refuse_out_of_cache_blocks() -> None:
     qkv, (q, k, v), attn, positions, (kc, vc), table = random_batch(torch.float32)
     with pytest.raises(RuntimeError, match="out of the cache"):
@@ -125,7 +148,7 @@ def test_attention_kernels_refuse_out_of_cache_blocks() -> None:
             torch.tensor([9]),
             0.3,
         )
-    if hasattr(torch.ops.pagoda, "prompt_attention"):
+    if prompt_kernel_built():
         qkv, (q, k, v), attn, positions, (kc, vc), table = random_batch(torch.bfloat16, dim=64)
         chunk = attn.groups[1]
         with pytest.raises(RuntimeError, match="out of the cache"):
