@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pagoda.core.request import FinishReason
+
 # One position's logprobs: token id -> (logprob, rank), the sampled token among them.
 Logprobs = dict[int, tuple[float, int]]
 
@@ -15,7 +17,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: FinishReason | None = None  # a str: "stop", "length" or "abort"
     stop_reason: int | str | None = None  # the stop string or token id that ended it
     logprobs: list[Logprobs] | None = None
     cumulative_logprob: float | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from pagoda.core.request import FinishReason
 from pagoda.engine.messages import EngineOutput, EngineOutputs, WireLogprob
 from pagoda.engine.output import OutputProcessor
 from pagoda.engine.protocol import (
@@ -79,7 +80,7 @@ class FakeEngineClient(EngineClient):
                 for i, er in enumerate(engine_requests):
                     token = self.script[(step + i) % len(self.script)]
                     output = EngineOutput(
-                        er.request_id, [token], finish_reason="length" if last else None
+                        er.request_id, [token], finish_reason=FinishReason.LENGTH if last else None
                     )
                     if sampling_params.logprobs is not None:
                         output.new_logprobs = [self.fake_logprobs(token, sampling_params.logprobs)]

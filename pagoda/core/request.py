@@ -8,6 +8,20 @@ import time
 from pagoda.sampling_params import SamplingParams
 
 
+class FinishReason(str, enum.Enum):
+    """Why a sequence ended, in the OpenAI API's words: from RequestStatus to the wire to HTTP.
+
+    A str, so that it is the plain word in msgpack, JSON and metric labels alike.
+    """
+
+    STOP = "stop"  # an EOS or stop token, or a stop string
+    LENGTH = "length"  # max_tokens, or the end of the context
+    ABORT = "abort"  # aborted by the client or by shutdown
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
@@ -21,8 +35,15 @@ class RequestStatus(enum.IntEnum):
         return self >= RequestStatus.FINISHED_STOPPED
 
     @property
-    def finish_reason(self) -> str | None:
-        return {3: "stop", 4: "length", 5: "abort"}.get(int(self))
+    def finish_reason(self) -> FinishReason | None:
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
+    RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
+    RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
+}
 
 
 class Request:

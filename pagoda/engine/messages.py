@@ -13,6 +13,7 @@ import enum
 
 import msgspec
 
+from pagoda.core.request import FinishReason
 from pagoda.sampling_params import SamplingParams
 
 
@@ -38,7 +39,7 @@ WireLogprob = tuple[int, float, int]
 class EngineOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     request_id: str
     new_token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: FinishReason | None = None
     stop_reason: int | None = None
     new_logprobs: list[list[WireLogprob]] | None = None  # one list per new token
     prompt_logprobs: list[list[WireLogprob]] | None = None

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from pagoda.core.request import FinishReason
 from pagoda.engine.detokenizer import IncrementalDetokenizer
 from pagoda.engine.messages import EngineOutput, EngineRequest, WireLogprob
 from pagoda.outputs import CompletionOutput, Logprobs, RequestOutput
@@ -30,7 +31,7 @@ class SampleState:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Logprobs] | None = None
     cumulative_logprob: float | None = None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     checked_text: int = 0  # chars already searched for stop strings
     sent_text: int = 0  # chars already delivered (delta mode)
@@ -185,7 +186,7 @@ class OutputProcessor:
             return False
         at, stop = best
         sample.text = sample.text[: at + len(stop) if params.include_stop_str_in_output else at]
-        sample.finish_reason, sample.stop_reason = "stop", stop
+        sample.finish_reason, sample.stop_reason = FinishReason.STOP, stop
         return True
 
     def _make_output(self, state: RequestState, sample: SampleState) -> RequestOutput | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from pagoda.core.request import FinishReason, RequestStatus
+from pagoda.engine import messages as m
 from pagoda.engine.detokenizer import IncrementalDetokenizer
 from pagoda.engine.messages import EngineOutput
 from pagoda.engine.output import OutputProcessor
@@ -59,8 +61,8 @@ def test_n_samples_are_gathered(tokenizer: Tokenizer) -> None:
     assert [e.request_id for e in engine_requests] == ["0_r", "1_r"]
     assert [e.sampling_params.seed for e in engine_requests] == [5, 6]
     ids = tokenizer.encode(" a b c", add_special_tokens=False)
-    feed(processor, "0_r", ids, finish="length")
-    outputs, _ = feed(processor, "1_r", ids[:2], finish="stop")
+    feed(processor, "0_r", ids, finish=FinishReason.LENGTH)
+    outputs, _ = feed(processor, "1_r", ids[:2], finish=FinishReason.STOP)
     final = outputs[-1]
     assert final.finished
     assert [c.text for c in final.outputs] == [" a b c", " a b"]
@@ -74,6 +76,24 @@ def test_abort_returns_the_unfinished_samples_of_an_id_with_underscores(
     params = SamplingParams(n=3, max_tokens=4)
     ids = [er.request_id for er in processor.add_request("cmpl_1_x", None, [1, 2], params)]
     assert len(set(ids)) == 3
-    feed(processor, ids[1], [5, 6], finish="length")
+    feed(processor, ids[1], [5, 6], finish=FinishReason.LENGTH)
     assert sorted(processor.abort_request("cmpl_1_x")) == sorted([ids[0], ids[2]])
     assert not processor.engine_ids and not processor.has_unfinished()
+
+
+def test_finish_reason_is_one_enum_from_the_request_to_the_output(tokenizer: Tokenizer) -> None:
+    assert RequestStatus.FINISHED_LENGTH.finish_reason is FinishReason.LENGTH
+    assert RequestStatus.RUNNING.finish_reason is None
+    step = m.EngineOutputs([EngineOutput("r", [5], finish_reason=FinishReason.LENGTH)])
+    (eo,) = m.outputs_decoder.decode(m.encoder.encode(step)).outputs
+    assert eo.finish_reason is FinishReason.LENGTH
+    processor = OutputProcessor(tokenizer)
+    processor.add_request("r", None, [1, 2], SamplingParams(max_tokens=1))
+    (out,), _ = processor.process_outputs([eo])
+    assert out.outputs[0].finish_reason is FinishReason.LENGTH
+    assert f"{out.outputs[0].finish_reason}" == "length"  # the word the HTTP layer sends
+
+    processor.add_request("s", None, [1, 2], SamplingParams(max_tokens=9, stop=["two"]))
+    ids = tokenizer.encode(" one two three", add_special_tokens=False)
+    outputs, _ = feed(processor, "s", ids)
+    assert outputs[-1].outputs[0].finish_reason is FinishReason.STOP
