@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16")
-# auto: in bfloat16 on the CPU, a GGUF's Q4_1 projections and Q8_0 output layer also run
+# auto: in bfloat16 on the CPU, a GGUF's Q4_1 and Q4_K projections and Q8_0 output layer also run
 # in their file form for small batches (model/layers/linear.py, CausalLM.compute_logits).
 QUANTIZATIONS = ("auto", "none")
 

@@ -39,7 +39,7 @@ def load_model(
 ) -> CausalLM:
     """Builds the model on the meta device, then streams the weights in; logs time and memory.
 
-    quantized keeps a GGUF's Q4_1 projections and Q8_0 output layer in their file
+    quantized keeps a GGUF's Q4_1 and Q4_K projections and Q8_0 output layer in their file
     form too, for batches of a few tokens (CPU, bfloat16); see layers.linear.Linear.
     """
     start = time.perf_counter()

@@ -124,19 +124,26 @@ def _q3_k(b: torch.Tensor) -> torch.Tensor:
     return (dl * q).reshape(n, SUPER_BLOCK)
 
 
+def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's sub-block scales d * sc and minimums dmin * mn, [n, 8] float32 each."""
+    sc, mn = _k_scale_min(b[:, 4:16])
+    return _f16(b[:, :2]) * sc.float(), _f16(b[:, 2:4]) * mn.float()
+
+
 def _k_4_5(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Q4_K/Q5_K from the [n, 8, 32] codes q: w = (d * sc) * q - dmin * mn per sub-block."""
     n = b.shape[0]
-    sc, mn = _k_scale_min(b[:, 4:16])
-    d = (_f16(b[:, :2]) * sc.float()).reshape(n, 8, 1)
-    dm = (_f16(b[:, 2:4]) * mn.float()).reshape(n, 8, 1)
-    return (d * q.float() - dm).reshape(n, SUPER_BLOCK)
+    scale, minimum = _k_scales(b)
+    return (scale.reshape(n, 8, 1) * q.float() - minimum.reshape(n, 8, 1)).reshape(n, SUPER_BLOCK)
+
+
+def _q4_k_codes(b: torch.Tensor) -> torch.Tensor:
+    """[n, 8, 32] codes 0..15: 4 x 32 bytes, each the low then high nibbles of 64 weights."""
+    return _bits(b[:, 16:].reshape(-1, 4, 32), range(0, 8, 4), 0x0F).reshape(-1, 8, 32)
 
 
 def _q4_k(b: torch.Tensor) -> torch.Tensor:
-    # 4 x 32 bytes, each the low then high nibbles of 64 weights
-    q = _bits(b[:, 16:].reshape(-1, 4, 32), range(0, 8, 4), 0x0F)
-    return _k_4_5(b, q.reshape(-1, 8, 32))
+    return _k_4_5(b, _q4_k_codes(b))
 
 
 def _q5_k(b: torch.Tensor) -> torch.Tensor:
@@ -203,6 +210,24 @@ def q4_1_to_int4(raw: torch.Tensor, rows: int) -> Int4Weight:
     m = _f16(blocks[:, 2:4]).reshape(rows, -1)
     codes = _nibbles(blocks[:, 4:]).reshape(rows, -1)
     return Int4Weight(codes, d, m + 8 * d)
+
+
+def q4_k_to_int4(raw: torch.Tensor, rows: int) -> Int4Weight:
+    """Raw Q4_K bytes of a [rows, cols] tensor as an Int4Weight.
+
+    Each 32-weight sub-block is a Q4_1 block in all but its header: w = scale * q -
+    minimum, so zero = 8 * scale - minimum (equal to the dequantized weights up to
+    float32 rounding of that sum).
+    """
+    blocks = raw.reshape(-1, BLOCK_BYTES["Q4_K"])
+    scale, minimum = _k_scales(blocks)
+    codes = _q4_k_codes(blocks).reshape(rows, -1)
+    scale, minimum = scale.reshape(rows, -1), minimum.reshape(rows, -1)
+    return Int4Weight(codes, scale, 8 * scale - minimum)
+
+
+# GGUF types whose projections can run as int4 codes: type -> (raw bytes, rows) -> codes
+INT4_FORMATS = {"Q4_1": q4_1_to_int4, "Q4_K": q4_k_to_int4}
 
 
 def q8_0_to_q8(raw: torch.Tensor, rows: int) -> Q8Weight:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import gguf
@@ -9,7 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from pagoda.model.loader.quants import FORMATS, dequantize
+from pagoda.model.gguf_metadata import open_reader
+from pagoda.model.layers.linear import Int4Weight, Linear
+from pagoda.model.loader import gguf as gguf_loader
+from pagoda.model.loader.quants import FORMATS, dequantize, q4_k_to_int4
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 # Where each block keeps its float16 scales (d, and dmin or m where there is one).
@@ -71,3 +75,46 @@ def test_real_blocks_of_the_gemma3_file(gemma3_gguf_path: Path, device: str) -> 
     assert {"F32", "Q8_0", "Q5_0", "Q4_K", "Q6_K"} <= set(smallest)
     for kind, t in smallest.items():
         assert_same_bits(np.asarray(t.data), kind, device)
+
+
+def random_q4_k(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """Random Q4_K bytes of a [rows, cols] matrix, its float16 d and dmin kept sane."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows * cols // 256, 144), dtype=np.uint8)
+    for offset in SCALE_BYTES["Q4_K"]:
+        scale = (np.abs(rng.standard_normal(len(blocks))) * 0.001).astype(np.float16)
+        blocks[:, offset : offset + 2] = scale.view(np.uint8).reshape(-1, 2)
+    return torch.from_numpy(blocks.reshape(-1))
+
+
+def int4_values(w: Int4Weight) -> torch.Tensor:
+    """What the int4 kernel multiplies by: (code - 8) * scale + zero per 32 columns."""
+    expand = lambda t: t.repeat_interleave(32, dim=1)  # noqa: E731
+    return (w.codes.float() - 8) * expand(w.scale) + expand(w.zero)
+
+
+def test_q4_k_as_int4_codes() -> None:
+    """Each 32-weight sub-block of Q4_K is a scale and a minimum, as Q4_1's blocks are."""
+    raw = random_q4_k(64, 512)
+    dense = dequantize(raw, "Q4_K").reshape(64, 512)
+    w = q4_k_to_int4(raw, 64)
+    assert w.codes.shape == (64, 512) and w.scale.shape == w.zero.shape == (64, 16)
+    torch.testing.assert_close(int4_values(w), dense, rtol=1e-6, atol=1e-6)
+
+    linear = Linear(512, 64, bias=False)
+    linear.weight.data = dense
+    linear.set_int4(w)
+    x = torch.randn(Linear.INT4_MAX_ROWS, 512)
+    torch.testing.assert_close(linear(x), x @ dense.T, rtol=1e-4, atol=1e-4)  # the int4 kernel
+
+
+def test_q4_k_projections_of_the_gemma3_file_load_as_int4(gemma3_gguf_path: Path) -> None:
+    reader = open_reader(gemma3_gguf_path)
+    spec = gguf_loader.read_spec(reader)
+    weights = gguf_loader.iter_weights(reader, spec, torch.float32, quantized=True)
+    (name, dense), (int4_name, w) = next(
+        pair for pair in itertools.pairwise(weights) if isinstance(pair[1][1], Int4Weight)
+    )
+    assert name == int4_name == "model.layers.0.self_attn.o_proj.weight"  # Q4_K in this file
+    assert isinstance(dense, torch.Tensor) and isinstance(w, Int4Weight)
+    torch.testing.assert_close(int4_values(w), dense, rtol=1e-6, atol=1e-6)
