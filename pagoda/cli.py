@@ -65,6 +65,7 @@ def _serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig
         allow_credentials=args.allow_credentials,
         root_path=args.root_path,
         max_n=args.max_n,
+        chat_template=_chat_template(args.chat_template),
         disable_log_requests=args.disable_log_requests,
         enable_force_include_usage=args.enable_force_include_usage,
         max_logprobs=args.max_logprobs,
@@ -75,6 +76,15 @@ def _serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig
         max_connections=args.max_connections,
     )
     return engine_config, server_config
+
+
+def _chat_template(value: str | None) -> str | None:
+    from pagoda.tokenizer import load_chat_template
+
+    try:
+        return load_chat_template(value) if value is not None else None
+    except ValueError as e:
+        raise ConfigError(f"--chat-template: {e}") from None
 
 
 def engine_config_from_args(
@@ -309,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--disable-uvicorn-access-log", action="store_true")
     serve.add_argument("--disable-log-requests", action="store_true")
+    serve.add_argument(
+        "--chat-template",
+        default=None,
+        help="a Jinja chat template, as a file path or inline; replaces the model's own, and "
+        "lets a model without one serve /v1/chat/completions",
+    )
     serve.add_argument(
         "--enable-force-include-usage",
         action="store_true",

@@ -166,6 +166,7 @@ class ServerConfig:
     allow_credentials: bool = False
     root_path: str = ""
     max_n: int = 64  # the largest n a request may ask for
+    chat_template: str | None = None  # replaces the model's own (--chat-template); None: keep it
     disable_log_requests: bool = False
     # Usage in every stream, on every chunk, whatever stream_options say (vLLM's flag).
     enable_force_include_usage: bool = False

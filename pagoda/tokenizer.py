@@ -5,6 +5,8 @@ Built on the `tokenizers` library; the API-server process uses it, so it imports
 
 from __future__ import annotations
 
+import codecs
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -36,7 +38,6 @@ class Tokenizer:
         self.eos_token = eos_token
         self.bos_token_id = backend.token_to_id(bos_token) if bos_token else None
         self.chat_template = chat_template
-        self._template: jinja2.Template | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -53,22 +54,17 @@ class Tokenizer:
         return self.backend.id_to_token(token_id)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        **kwargs: Any,
     ) -> str:
-        """Renders messages with the model's chat template, as transformers does."""
-        if self.chat_template is None:
+        """Renders messages with chat_template (default: the model's own), as transformers does."""
+        template = chat_template or self.chat_template
+        if template is None:
             raise ValueError("this model has no chat template")
-        if self._template is None:
-            env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-            )
-            env.filters["tojson"] = lambda x, indent=None: json.dumps(
-                x, ensure_ascii=False, indent=indent
-            )
-            env.globals["raise_exception"] = _raise_template_error
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._template = env.from_string(self.chat_template)
-        return self._template.render(
+        return _compile(template).render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
@@ -124,6 +120,40 @@ class Tokenizer:
             eos_token=text("eos_token_id"),
             chat_template=meta["chat_template"],
         )
+
+
+def load_chat_template(value: str) -> str:
+    """A chat template given as a file path or inline, as vLLM's --chat-template reads it.
+
+    A readable file gives its text. Otherwise a value with Jinja's characters ({, } or a newline)
+    is the template itself, its backslash escapes read ("\\n" is a newline); any other value was
+    meant as a path, and is an error. The template is compiled here, so a broken one fails early.
+    """
+    path = Path(value).expanduser()
+    if path.is_file():
+        template = path.read_text()
+    elif any(c in value for c in "{}\n"):
+        template = codecs.decode(value, "unicode_escape")
+    else:
+        raise ValueError(
+            f"the chat template {value!r} looks like a file path, but no such file exists"
+        )
+    try:
+        _compile(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"the chat template does not compile: {e} (line {e.lineno})") from None
+    return template
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str) -> jinja2.Template:
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = _raise_template_error
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
 
 
 def _raise_template_error(message: str) -> None:

@@ -69,10 +69,19 @@ class OpenAIServingChat(OpenAIServing):
             raise OpenAIError(
                 "continue_final_message needs a final assistant message", 400, "messages"
             )
+        template = self.server_config.chat_template or self.tokenizer.chat_template
+        if template is None:
+            raise OpenAIError(
+                "this model has no chat template, so it serves /v1/completions only; "
+                "start the server with --chat-template FILE to supply one",
+                400,
+                "messages",
+            )
         try:
             text = self.tokenizer.apply_chat_template(
                 messages,
                 add_generation_prompt=request.add_generation_prompt and not continue_final,
+                chat_template=template,
                 **kwargs,
             )
         except (jinja2.TemplateError, ValueError) as e:
