@@ -116,16 +116,25 @@ def build_app(engine: EngineClient, server_config: ServerConfig | None = None) -
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         completions.check_model(body.model)
         if body.messages is not None:
+            template_fields = {"add_generation_prompt", "continue_final_message"}
             chat_request = ChatCompletionRequest(
-                messages=body.messages, add_generation_prompt=body.add_generation_prompt
+                messages=body.messages,
+                chat_template_kwargs=body.chat_template_kwargs,
+                **body.model_dump(include=template_fields, exclude_unset=True),
             )
             tokens = engine.tokenizer.encode(chat.render(chat_request), add_special_tokens=False)
         elif body.prompt is not None:
             tokens = engine.tokenizer.encode(body.prompt, body.add_special_tokens)
         else:
             raise OpenAIError("either prompt or messages is required", 400, "prompt")
+        token_strs = None
+        if body.return_token_strs:
+            token_strs = [engine.tokenizer.id_to_token(t) or "" for t in tokens]
         return TokenizeResponse(
-            count=len(tokens), max_model_len=engine.config.max_model_len, tokens=tokens
+            count=len(tokens),
+            max_model_len=engine.config.max_model_len,
+            tokens=tokens,
+            token_strs=token_strs,
         )
 
     @app.post("/detokenize")

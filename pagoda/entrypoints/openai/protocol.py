@@ -50,6 +50,9 @@ class SamplingFields(OpenAIModel):
     prompt_logprobs: int | None = None
     return_tokens_as_token_ids: bool | None = None  # None = the server's flag
     return_token_ids: bool | None = None  # prompt_token_ids and token_ids in the response
+    use_beam_search: bool = False  # refused: Pagoda has no beam search
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # -1 = the context length
+    truncation_side: Literal["left", "right"] | None = None  # left (default): keep the end
 
 
 class CompletionRequest(SamplingFields):
@@ -241,12 +244,18 @@ class TokenizeRequest(OpenAIModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
 
 
 class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
     tokens: list[int]
+    token_strs: list[str] | None = (
+        None  # with return_token_strs: each token as the vocabulary has it
+    )
 
 
 class DetokenizeRequest(OpenAIModel):

@@ -47,7 +47,10 @@ class OpenAIServingChat(OpenAIServing):
             if request.top_logprobs != 0 and not request.logprobs:
                 raise OpenAIError("top_logprobs requires logprobs to be true", 400, "top_logprobs")
         text = self.render(request)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        full = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = self.truncate(full, request)
+        if len(ids) < len(full):
+            text = self.tokenizer.decode(ids, skip_special_tokens=False)
         max_tokens = self.check_lengths(
             len(ids), request.max_completion_tokens or request.max_tokens
         )
@@ -65,6 +68,16 @@ class OpenAIServingChat(OpenAIServing):
         if request.tools:
             kwargs["tools"] = request.tools
         continue_final = request.continue_final_message
+        # vLLM refuses both only when the client set add_generation_prompt itself.
+        if (
+            continue_final
+            and request.add_generation_prompt
+            and "add_generation_prompt" in request.model_fields_set
+        ):
+            raise OpenAIError(
+                "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                400,
+            )
         if continue_final and messages[-1]["role"] != "assistant":
             raise OpenAIError(
                 "continue_final_message needs a final assistant message", 400, "messages"

@@ -56,12 +56,15 @@ class OpenAIServingCompletion(OpenAIServing):
         for item in raw:
             if isinstance(item, str):
                 ids = self.tokenizer.encode(item, add_special_tokens=request.add_special_tokens)
-                prompts.append(TokensPrompt(prompt_token_ids=ids, prompt=item))
+                kept = self.truncate(ids, request)
+                text = item if len(kept) == len(ids) else self.tokenizer.decode(kept)
+                prompts.append(TokensPrompt(prompt_token_ids=kept, prompt=text))
             else:
                 if any(not 0 <= t < vocab for t in item):
                     raise OpenAIError("prompt: token id out of vocabulary", 400, "prompt")
+                kept = self.truncate(list(item), request)
                 prompts.append(
-                    TokensPrompt(prompt_token_ids=list(item), prompt=self.tokenizer.decode(item))
+                    TokensPrompt(prompt_token_ids=kept, prompt=self.tokenizer.decode(kept))
                 )
         return prompts
 

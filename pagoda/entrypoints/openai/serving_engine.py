@@ -70,6 +70,25 @@ class OpenAIServing:
             )
         return max_tokens
 
+    def truncate(self, ids: list[int], request: SamplingFields) -> list[int]:
+        """The prompt cut to truncate_prompt_tokens, before the length check: the last tokens
+        kept, or the first with truncation_side "right" (vLLM's rules and wording)."""
+        n = request.truncate_prompt_tokens
+        if n is None:
+            return ids
+        limit = self.engine.config.max_model_len
+        n = limit if n == -1 else n
+        if n > limit:
+            raise OpenAIError(
+                f"truncate_prompt_tokens value ({n}) is greater than max_model_len ({limit}). "
+                "Please, select a smaller truncation size.",
+                400,
+                "truncate_prompt_tokens",
+            )
+        if len(ids) <= n:
+            return ids
+        return ids[:n] if request.truncation_side == "right" else ids[len(ids) - n :]
+
     def sampling_params(
         self,
         request: SamplingFields,
@@ -78,6 +97,8 @@ class OpenAIServing:
         prompt_logprobs: int | None,
     ) -> SamplingParams:
         """The request's sampling fields, validated; a bad value is a 400 naming the field."""
+        if request.use_beam_search:
+            raise OpenAIError("beam search is not supported", 400, "use_beam_search")
         if request.stream and request.prompt_logprobs not in (None, 0):
             raise OpenAIError(
                 "`prompt_logprobs` are not available when `stream=True`.", 400, "prompt_logprobs"

@@ -390,3 +390,70 @@ def test_error_code_is_the_status_as_vllm_sends_it(client) -> None:
     JSON value there (APIError.code), so a client of vLLM sees the same."""
     error = client.post("/v1/completions", json={"prompt": "Hi", "n": 0}).json()["error"]
     assert error["code"] == 400 and error["type"] == "BadRequestError"
+
+
+# ---- request fields that change the result ----------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_beam_search_is_refused_not_ignored(client, route) -> None:
+    body: dict = {"max_tokens": 1, "use_beam_search": True}
+    body |= {"prompt": "Hi"} if route == "/v1/completions" else {"messages": CHAT}
+    assert_error(client.post(route, json=body), 400, "use_beam_search", "beam search")
+    body["use_beam_search"] = False
+    assert client.post(route, json=body).status_code == 200
+
+
+def test_truncate_prompt_tokens(client, engine, tokenizer) -> None:
+    long = "one two three four five six seven eight nine ten " * 20  # > 128 tokens
+    ids = tokenizer.encode(long)
+    assert len(ids) > engine.config.max_model_len
+    assert_error(client.post("/v1/completions", json={"prompt": long, "max_tokens": 1}), 400)
+    body = {"prompt": long, "max_tokens": 1, "truncate_prompt_tokens": 10, "echo": True}
+    r = client.post("/v1/completions", json=body).json()
+    assert r["usage"]["prompt_tokens"] == 10
+    assert r["choices"][0]["text"] == tokenizer.decode(ids[-10:]) + " one"  # keeps the end
+    body["truncation_side"] = "right"
+    r = client.post("/v1/completions", json=body).json()
+    assert r["choices"][0]["text"] == tokenizer.decode(ids[:10]) + " one"  # keeps the start
+    body["truncate_prompt_tokens"] = 129
+    assert_error(
+        client.post("/v1/completions", json=body),
+        400,
+        "truncate_prompt_tokens",
+        "greater than max_model_len (128)",
+    )
+    # -1: to the context length, which leaves no room for output
+    body["truncate_prompt_tokens"] = -1
+    assert_error(client.post("/v1/completions", json=body), 400, None, "context length")
+    chat = {"messages": [{"role": "user", "content": long}], "max_tokens": 1}
+    r = client.post("/v1/chat/completions", json=chat | {"truncate_prompt_tokens": 20})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 20
+
+
+def test_continue_final_message_and_generation_prompt_exclude_each_other(client) -> None:
+    body = {
+        "messages": ASSISTANT_START,
+        "continue_final_message": True,
+        "add_generation_prompt": True,
+        "max_tokens": 1,
+    }
+    for route in ("/v1/chat/completions", "/tokenize"):
+        assert_error(client.post(route, json=body), 400, None, "Cannot set both")
+    del body["add_generation_prompt"]  # its default gives way
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_tokenize_continue_final_message_and_token_strs(client, tokenizer) -> None:
+    body = {"messages": ASSISTANT_START, "add_generation_prompt": False}
+    closed = client.post("/tokenize", json=body).json()["tokens"]
+    body["continue_final_message"] = True
+    r = client.post("/tokenize", json=body).json()
+    open_ = r["tokens"]
+    # The open message ends at its content: no end-of-turn after it.
+    assert tokenizer.decode(open_).endswith("My favourite colour is")
+    assert len(open_) < len(closed) and closed[: len(open_)] == open_
+    assert r["token_strs"] is None
+    r = client.post("/tokenize", json={"prompt": "Hello world", "return_token_strs": True}).json()
+    assert r["token_strs"] == [tokenizer.id_to_token(t) for t in r["tokens"]]
+    assert "".join(r["token_strs"]).replace("Ġ", " ").endswith("Hello world")
