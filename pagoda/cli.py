@@ -74,6 +74,7 @@ def _serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig
         h11_max_header_count=args.h11_max_header_count,
         header_read_timeout=args.header_read_timeout,
         max_connections=args.max_connections,
+        watchdog_timeout=args.watchdog_timeout,
     )
     return engine_config, server_config
 
@@ -119,7 +120,11 @@ async def _run_server(
     from pagoda.entrypoints.openai.api_server import build_app
 
     names = engine_config.model.served_model_names
-    engine = AsyncEngineClient(engine_config, served_model_names=names)
+    engine = AsyncEngineClient(
+        engine_config,
+        served_model_names=names,
+        watchdog_timeout=server_config.watchdog_timeout or None,
+    )
     try:
         await engine.ready()
     except (EngineDeadError, TimeoutError) as e:
@@ -306,6 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=at_least(1),
         default=ServerConfig.max_connections,
         help="open connections beyond this are answered 503 and closed (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--watchdog-timeout",
+        type=at_least(0, float),
+        default=ServerConfig.watchdog_timeout,
+        help="seconds without progress (a step's outputs or an idle engine's heartbeat) "
+        "after which the engine counts as hung: /health answers 503 and the server exits "
+        "as on a dead engine; 0: never (default: %(default)s)",
     )
     serve.add_argument("--allowed-origins", type=_json_list, default=["*"])
     serve.add_argument("--allowed-methods", type=_json_list, default=["*"])

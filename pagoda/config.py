@@ -184,6 +184,11 @@ class ServerConfig:
     header_read_timeout: float = 30.0
     # Open connections beyond this are answered 503 and closed at once.
     max_connections: int = 2048
+    # Seconds the engine may stay silent (no step's outputs, no idle heartbeat) before it
+    # counts as hung, and then as dead. One step computes at most max_num_batched_tokens
+    # tokens, about 0.3 s here with the default 384; SGLang's watchdog waits 300 s.
+    # 0: never.
+    watchdog_timeout: float = 120.0
 
     def __post_init__(self) -> None:
         _require(self.max_n >= 1, "--max-n", self.max_n, "at least 1")
@@ -194,6 +199,7 @@ class ServerConfig:
             ("--max-connections", self.max_connections),
         ):
             _require(value >= 1, flag, value, "at least 1")
+        _require(self.watchdog_timeout >= 0, "--watchdog-timeout", self.watchdog_timeout, ">= 0")
         _require(
             self.header_read_timeout > 0,
             "--header-read-timeout",

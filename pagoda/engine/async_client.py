@@ -52,11 +52,16 @@ class AsyncEngineClient(EngineClient):
         config: EngineConfig,
         tokenizer: Tokenizer | None = None,
         served_model_names: tuple[str, ...] = (),
+        watchdog_timeout: float | None = None,
     ) -> None:
         """Starts the engine process; call `await ready()` before generating.
 
         Without a tokenizer, one is loaded from the model while the engine loads its weights.
+        An engine that sends nothing (no step's outputs, no idle heartbeat) for
+        watchdog_timeout seconds is taken as hung, and then as dead; None: never.
         """
+        self.watchdog_timeout = watchdog_timeout
+        self._last_heard = time.monotonic()
         self.engine_config = config
         self.served_model_names = served_model_names or (config.model.path.name,)
         self._tokenizer: Tokenizer | concurrent.futures.Future[Tokenizer] = (
@@ -126,6 +131,7 @@ class AsyncEngineClient(EngineClient):
             dtype=info.dtype,
         )
         self._loop = asyncio.get_running_loop()
+        self._last_heard = time.monotonic()
         self._output_task = asyncio.create_task(self._output_loop(), name="engine-output-loop")
 
     @property
@@ -271,8 +277,17 @@ class AsyncEngineClient(EngineClient):
                             f"the engine process exited with code {self.process.exitcode}"
                         )
                         return
+                    silent = time.monotonic() - self._last_heard
+                    if self.watchdog_timeout is not None and silent > self.watchdog_timeout:
+                        self._mark_dead(
+                            f"the engine made no progress for {silent:.0f} s (a step or an "
+                            f"idle heartbeat is due within --watchdog-timeout "
+                            f"{self.watchdog_timeout:g} s): it is hung"
+                        )
+                        return
                     continue
                 step = m.outputs_decoder.decode(await self._inbox.recv())
+                self._last_heard = time.monotonic()
                 if step.engine_error is not None:
                     self._mark_dead(f"the engine failed:\n{step.engine_error}")
                     return

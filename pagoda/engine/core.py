@@ -105,7 +105,8 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
     """The engine process: take requests, step while there is work, send outputs back.
 
     Requests arrive on a PULL socket as a type byte and a msgpack payload; every
-    step's outputs leave as one EngineOutputs on a PUSH socket. An exception is
+    step's outputs leave as one EngineOutputs on a PUSH socket, and an idle engine
+    sends an empty one every second, so that silence means a hung engine. An exception is
     reported to the client as engine_error before the process exits non-zero.
     """
     import signal
@@ -159,6 +160,8 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
                 outbox.send(m.encoder.encode(core.step()))
             elif aborted:  # no step will report that the engine emptied
                 outbox.send(m.encoder.encode(m.EngineOutputs([], stats=core.scheduler.stats())))
+            else:  # idle: a heartbeat, so that the client can tell idle from hung
+                outbox.send(m.encoder.encode(m.EngineOutputs([])))
             if (stepped or aborted) and not core.has_work:
                 core.check_invariants()  # cheap, and the moment when all is quiet
     except Exception as e:

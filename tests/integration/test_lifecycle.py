@@ -95,6 +95,31 @@ def test_engine_death_with_keep_alive(start_server) -> None:
     assert httpx.get(f"{server.url}/health").status_code == 503
     r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi"})
     assert r.status_code == 500 and "dead" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi", "stream": True})
+    assert r.status_code == 500 and "dead" in r.json()["error"]["message"]
+
+
+def test_hung_engine_is_noticed_on_health(start_server) -> None:
+    server = start_server("--watchdog-timeout", "3", env={"PAGODA_KEEP_ALIVE_ON_ENGINE_DEATH": "1"})
+    time.sleep(4)  # idle longer than the timeout: the engine's heartbeats keep it healthy
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    server.engine_process.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{server.url}/health").status_code == 200:
+        assert time.monotonic() < deadline, "a stopped engine was not noticed"
+        time.sleep(0.5)
+    health = httpx.get(f"{server.url}/health")
+    assert health.status_code == 503 and "no progress" in health.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi", "stream": True})
+    assert r.status_code == 500
+    assert "no progress" in server.log.read_text()
+
+
+def test_hung_engine_stops_the_server(start_server) -> None:
+    server = start_server("--watchdog-timeout", "3")
+    server.engine_process.send_signal(signal.SIGSTOP)
+    assert server.process.wait(60) != 0
+    server.assert_no_process_left(within=15)
 
 
 def test_request_meeting_a_dead_engine_stops_the_server_at_once(start_server) -> None:

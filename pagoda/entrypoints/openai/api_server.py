@@ -219,6 +219,10 @@ def _authorised(headers: Headers, keys: tuple[str, ...]) -> bool:
 
 async def _respond(raw: Request, serving, body, prompt, params) -> Response:
     """Streams the request as SSE, or runs it whole; an engine failure becomes its error."""
+    if serving.engine.errored:
+        # Before a stream's 200: a client (or a gateway retrying elsewhere) sees the 5xx.
+        error = await serving.on_engine_error(serving.engine.dead_error)
+        return JSONResponse(error, status_code=error["error"]["code"])
     if body.stream:
         return StreamingResponse(
             serving.stream(body, prompt, params),

@@ -275,9 +275,11 @@ def test_dead_engine_is_5xx_and_unhealthy(client, engine) -> None:
     r = client.post("/v1/completions", json={"prompt": "Hi"})
     assert_error(r, 500, match="engine is dead")
     assert client.get("/health").status_code == 503
+    # A stream that cannot start is refused before it starts, with the same 5xx.
     r = client.post("/v1/completions", json={"prompt": "Hi", "stream": True})
-    events = sse_events(r)
-    assert events[-1]["error"]["code"] == 500
+    assert_error(r, 500, match="engine is dead")
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "stream": True}
+    assert_error(client.post("/v1/chat/completions", json=chat), 500, match="engine is dead")
 
 
 def test_draining_refuses_new_work(client) -> None:
