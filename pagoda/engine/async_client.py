@@ -174,16 +174,17 @@ class AsyncEngineClient(EngineClient):
                 f"{self.config.max_model_len}"
             )
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self.queues[request_id] = queue
-        for er in self.processor.add_request(request_id, text, token_ids, sampling_params):
-            if not self._send(m.RequestType.ADD, er):
-                self.processor.abort_request(request_id)
-                self.queues.pop(request_id, None)
-                raise EngineDeadError("the engine process is not taking requests")
-            for stat_logger in self.stat_loggers:
-                stat_logger.request_added(er)
         finished = False
+        # Whatever fails from here on (a message that cannot be encoded, a dead engine, the
+        # caller leaving), the finally forgets the request: state left in the processor
+        # would make a later shutdown wait out its whole drain timeout.
         try:
+            self.queues[request_id] = queue
+            for er in self.processor.add_request(request_id, text, token_ids, sampling_params):
+                if not self._send(m.RequestType.ADD, er):
+                    raise EngineDeadError("the engine process is not taking requests")
+                for stat_logger in self.stat_loggers:
+                    stat_logger.request_added(er)
             while not finished:
                 item = await queue.get()
                 if isinstance(item, BaseException):

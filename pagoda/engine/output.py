@@ -46,6 +46,7 @@ class RequestState:
     params: SamplingParams
     samples: list[SampleState]
     arrival_time: float
+    engine_ids: list[str] = field(default_factory=list)  # one per sample, by index
     first_token_time: float | None = None
     num_cached_tokens: int = 0
     prompt_logprobs: list[Logprobs | None] | None = None
@@ -98,6 +99,7 @@ class OutputProcessor:
             if params.logprobs is not None:
                 sample.logprobs, sample.cumulative_logprob = [], 0.0
             state.samples.append(sample)
+            state.engine_ids.append(engine_id)
             self.engine_ids[engine_id] = (state, sample)
             engine_requests.append(
                 EngineRequest(
@@ -112,14 +114,20 @@ class OutputProcessor:
         return engine_requests
 
     def abort_request(self, request_id: str) -> list[str]:
-        """Forgets a request; returns the engine ids of its unfinished samples."""
+        """Forgets a request; returns the engine ids of its unfinished samples.
+
+        Touches only the request's own samples, so that aborting the many sub-requests
+        of one large request costs time linear in their number.
+        """
         state = self.requests.pop(request_id, None)
         if state is None:
             return []
-        samples = {eid: sample for eid, (st, sample) in self.engine_ids.items() if st is state}
-        for eid in samples:
-            del self.engine_ids[eid]
-        return [eid for eid, sample in samples.items() if sample.finish_reason is None]
+        unfinished = []
+        for engine_id, sample in zip(state.engine_ids, state.samples):
+            self.engine_ids.pop(engine_id, None)
+            if sample.finish_reason is None:
+                unfinished.append(engine_id)
+        return unfinished
 
     def process_outputs(
         self, engine_outputs: list[EngineOutput]

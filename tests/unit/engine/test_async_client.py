@@ -92,6 +92,28 @@ def test_stream_abort_and_shutdown(default_model_path) -> None:
     run_with_client(default_model_path, check)
 
 
+def test_a_request_that_cannot_be_sent_leaves_nothing_behind(default_model_path) -> None:
+    # Seeds past 64 bits cannot be encoded for the engine (the HTTP layer rejects them;
+    # here they stand for any failure after the request was registered). A request left
+    # in the processor made a later shutdown wait out its whole drain timeout.
+    async def check(client: AsyncEngineClient) -> None:
+        with pytest.raises(OverflowError):
+            await collect(client, "Hi", SamplingParams(seed=2**64, max_tokens=4), "one")
+        # n=2: the first sample reaches the engine, the second cannot be encoded.
+        two = SamplingParams(n=2, seed=2**64 - 1, max_tokens=4000, ignore_eos=True)
+        with pytest.raises(OverflowError):
+            await collect(client, "Hi", two, "two")
+        assert not client.processor.has_unfinished() and not client.processor.engine_ids
+        assert not client.queues
+        deadline = time.monotonic() + 60
+        while client.stats.num_running or client.stats.num_waiting:
+            assert time.monotonic() < deadline, "the sample that was sent kept running"
+            await asyncio.sleep(0.05)
+        assert (await collect(client, "Hi", SHORT, "after"))[-1].finished
+
+    run_with_client(default_model_path, check)
+
+
 def test_engine_death_fails_requests_within_a_second(default_model_path) -> None:
     async def check(client: AsyncEngineClient) -> None:
         tasks = [asyncio.create_task(collect(client, f"Story {i}", LONG, str(i))) for i in range(3)]

@@ -97,3 +97,29 @@ def test_finish_reason_is_one_enum_from_the_request_to_the_output(tokenizer: Tok
     ids = tokenizer.encode(" one two three", add_special_tokens=False)
     outputs, _ = feed(processor, "s", ids)
     assert outputs[-1].outputs[0].finish_reason is FinishReason.STOP
+
+
+class NoScanDict(dict):
+    """A dict that fails the test when iterated whole."""
+
+    def _scan(self, *args, **kwargs):
+        raise AssertionError("the whole table of engine ids was scanned")
+
+    __iter__ = items = keys = values = _scan  # type: ignore[assignment]
+
+
+def test_abort_touches_only_the_requests_own_samples(tokenizer: Tokenizer) -> None:
+    # Aborting each of a large request's sub-requests must not scan every engine id
+    # (that made aborting 100,000 prompts quadratic and stalled the event loop for minutes).
+    processor = OutputProcessor(tokenizer)
+    for i in range(50):
+        processor.add_request(f"r-{i}", None, [1], SamplingParams(n=1 + i % 3))
+    feed(processor, "1_r-2", [5], finish=FinishReason.LENGTH)  # one sample of r-2 has finished
+    processor.engine_ids = NoScanDict(processor.engine_ids)
+    assert processor.abort_request("r-2") == ["0_r-2", "2_r-2"]
+    assert processor.abort_request("r-0") == ["r-0"]
+    assert processor.abort_request("r-0") == []
+    for i in range(1, 50):
+        if i != 2:
+            processor.abort_request(f"r-{i}")
+    assert not processor.has_unfinished() and not processor.engine_ids
