@@ -138,6 +138,10 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         tokens = greedy
     else:
         temperature = torch.where(meta.temperature > 0, meta.temperature, 1.0)
+        # Shifted so that each row's largest logit is 0 before dividing: a tiny temperature
+        # then sends the others to -inf (never the largest to +inf, which made softmax NaN),
+        # and sampling becomes what it tends to as the temperature goes to 0, greedy.
+        logits = logits - logits.max(dim=-1, keepdim=True).values
         logits = logits / temperature.unsqueeze(1)
         if meta.needs_top_k_top_p:
             logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)

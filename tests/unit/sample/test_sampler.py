@@ -122,3 +122,16 @@ def test_logprobs_and_ranks() -> None:
     assert result.sampled_ranks.tolist() == [1]
     assert torch.allclose(result.sampled_logprobs, expected[:, 9])
     assert result.top_ids.tolist() == [[9, 2, 3]]
+
+
+def test_tiny_temperatures_behave_as_their_limit_greedy() -> None:
+    # logits / 1e-45 overflows float32 to infinity and softmax then gives NaN (nonsense
+    # tokens); the limit of sampling as the temperature goes to 0 is the greedy token.
+    logits = torch.cat([LOGITS, LOGITS.flip(1) * 7.0, LOGITS - 50.0])
+    greedy = logits.argmax(dim=-1).tolist()
+    for temperature in (1e-45, 1e-40, 1e-38, 1e-30, 1e-8):
+        for seed in range(20):
+            for extra in ({}, {"top_p": 0.5}, {"top_k": 3}, {"min_p": 0.1}):
+                params = SamplingParams(temperature=temperature, seed=seed, **extra)
+                reqs = requests(params, params, params)
+                assert run(logits, reqs).token_ids.tolist() == greedy, (temperature, extra)
