@@ -66,6 +66,7 @@ def _serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig
         root_path=args.root_path,
         max_n=args.max_n,
         chat_template=_chat_template(args.chat_template),
+        max_prompts_per_request=args.max_prompts_per_request,
         disable_log_requests=args.disable_log_requests,
         enable_force_include_usage=args.enable_force_include_usage,
         max_logprobs=args.max_logprobs,
@@ -238,6 +239,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pagoda.config import ServerConfig
+
     parser = argparse.ArgumentParser(prog="pagoda", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -264,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", nargs="+", default=None)
     serve.add_argument(
         "--max-n", type=int, default=ServerConfig.max_n, help="the largest n a request may ask"
+    )
+    serve.add_argument(
+        "--max-prompts-per-request",
+        type=int,
+        default=ServerConfig.max_prompts_per_request,
+        help="the most prompts one completion request may list (default: %(default)s)",
     )
     serve.add_argument(
         "--shutdown-timeout",

@@ -167,6 +167,9 @@ class ServerConfig:
     root_path: str = ""
     max_n: int = 64  # the largest n a request may ask for
     chat_template: str | None = None  # replaces the model's own (--chat-template); None: keep it
+    # The most prompts one completion request may list (OpenAI's limit for a batch of
+    # inputs); each is a request of its own in the engine.
+    max_prompts_per_request: int = 2048
     disable_log_requests: bool = False
     # Usage in every stream, on every chunk, whatever stream_options say (vLLM's flag).
     enable_force_include_usage: bool = False

@@ -22,6 +22,12 @@ class SamplingParamsError(ValueError):
 
 
 MAX_LOGPROBS = 20  # vLLM's default for --max-logprobs
+MAX_TEMPERATURE = 2.0  # vLLM's and OpenAI's upper bound
+# The sampler divides (or multiplies) logits by the repetition penalty in float32: beyond
+# these a logit of a few tens overflows to infinity, or every seen token ties at zero.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+# Integers travel to the engine as 64-bit values and become int64 tensors there.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -63,19 +69,35 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             if not ok:
                 raise SamplingParamsError(param, message)
 
+        # NaN fails every comparison below, so each range check also rejects it.
         check(self.n >= 1, "n", f"must be at least 1, got {self.n}")
-        check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        check(
+            0 <= self.temperature <= MAX_TEMPERATURE,
+            "temperature",
+            f"must be >= 0 and at most {MAX_TEMPERATURE:g}, got {self.temperature}",
+        )
         check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
-        check(self.top_k >= -1, "top_k", f"must be -1, 0 (disabled) or positive, got {self.top_k}")
+        check(
+            -1 <= self.top_k <= INT64_MAX,
+            "top_k",
+            f"must be -1, 0 (disabled) or a positive 64-bit integer, got {self.top_k}",
+        )
         check(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             check(-2 <= value <= 2, name, f"must be in [-2, 2], got {value}")
+        low, high = REPETITION_PENALTY_RANGE
         check(
-            self.repetition_penalty > 0,
+            low <= self.repetition_penalty <= high,
             "repetition_penalty",
-            f"must be > 0, got {self.repetition_penalty}",
+            f"must be in [{low:g}, {high:g}] (> 0; 1 = no penalty), got {self.repetition_penalty}",
         )
+        if self.seed is not None:
+            check(
+                INT64_MIN <= self.seed <= INT64_MAX,
+                "seed",
+                f"must be in [-2**63, 2**63 - 1], got {self.seed}",
+            )
         if self.max_tokens is not None:
             check(self.max_tokens >= 1, "max_tokens", f"must be at least 1, got {self.max_tokens}")
         check(self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}")

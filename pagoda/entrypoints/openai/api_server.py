@@ -122,9 +122,9 @@ def build_app(engine: EngineClient, server_config: ServerConfig | None = None) -
                 chat_template_kwargs=body.chat_template_kwargs,
                 **body.model_dump(include=template_fields, exclude_unset=True),
             )
-            tokens = engine.tokenizer.encode(chat.render(chat_request), add_special_tokens=False)
+            tokens = chat.encode(chat.render(chat_request), "messages", add_special_tokens=False)
         elif body.prompt is not None:
-            tokens = engine.tokenizer.encode(body.prompt, body.add_special_tokens)
+            tokens = chat.encode(body.prompt, "prompt", body.add_special_tokens)
         else:
             raise OpenAIError("either prompt or messages is required", 400, "prompt")
         token_strs = None
@@ -235,7 +235,7 @@ async def _respond(raw: Request, serving, body, prompt, params) -> Response:
         raise
     except Exception as e:
         error = await serving.on_engine_error(e)
-        return JSONResponse(error, status_code=error["error"]["code"])
+        return errors.ErrorResponse(error, status_code=error["error"]["code"])
     if result is None:  # the client left; nobody reads this
         return Response(status_code=499)
     return JSONResponse(result.model_dump(mode="json"))

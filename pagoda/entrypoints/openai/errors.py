@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -39,8 +41,16 @@ def error_body(message: str, status: int, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
 
 
+class ErrorResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: a message that quotes the client's input
+    (a lone surrogate, say) must not fail to encode as UTF-8 and turn a 4xx into a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error_response(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, status, param), status_code=status)
+    return ErrorResponse(error_body(message, status, param), status_code=status)
 
 
 async def openai_error_handler(_: Request, exc: Exception) -> JSONResponse:
@@ -54,12 +64,14 @@ async def validation_error_handler(_: Request, exc: Exception) -> JSONResponse:
     errors = exc.errors()
     if not errors:
         return error_response("invalid request")
-    first = errors[0]
+    # Of a union's members (prompt: a string or a list of them, ...), the error that says
+    # what is wrong with the value rather than that it is not some other type.
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     if first.get("type") == "json_invalid":
         return error_response(f"invalid JSON in the request body: {first.get('msg')}")
     loc = [str(part) for part in first.get("loc", ()) if part != "body" and not _is_type_tag(part)]
     param = ".".join(loc) or None
-    message = first.get("msg", "invalid value")
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
     if first.get("type") == "missing":
         message = "field required"
     text = f"{param}: {message}" if param else message

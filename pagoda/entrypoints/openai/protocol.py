@@ -2,20 +2,57 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+# JSON may escape half of a UTF-16 surrogate pair ("\ud800") on its own; Python then holds a
+# string that is not Unicode text, which neither the tokenizer nor a UTF-8 response can take.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(value: Any) -> Any:
+    """Raises ValueError when a string anywhere in value holds a lone surrogate."""
+    if isinstance(value, str):
+        found = _LONE_SURROGATE.search(value)
+        if found:
+            raise ValueError(
+                f"contains a lone surrogate ({ascii(found.group())[1:-1]}) at character "
+                f"{found.start()}, which is not Unicode text"
+            )
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key)
+            check_text(item)
+    elif isinstance(value, list):
+        for item in value:
+            check_text(item)
+    return value
+
+
+# A string that reaches the tokenizer or the chat template.
+Text = Annotated[str, AfterValidator(check_text)]
+
+
 class OpenAIModel(BaseModel):
     # Unknown fields are ignored, as the OpenAI and vLLM servers do.
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """An explicit JSON null is the field's default, as OpenAI's server takes it."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
 
 class StreamOptions(OpenAIModel):
@@ -26,7 +63,7 @@ class StreamOptions(OpenAIModel):
 class SamplingFields(OpenAIModel):
     """Sampling fields shared by completions and chat completions."""
 
-    model: str | None = None
+    model: Text | None = None
     n: int = 1
     temperature: float | None = None
     top_p: float | None = None
@@ -56,7 +93,7 @@ class SamplingFields(OpenAIModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     echo: bool = False
     logprobs: int | None = None
@@ -67,13 +104,13 @@ class CompletionRequest(SamplingFields):
 
 class ContentPart(OpenAIModel):
     type: str
-    text: str | None = None
+    text: Text | None = None
 
 
 class ChatMessage(OpenAIModel):
-    role: str
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    role: Text
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
 
 class ResponseFormat(OpenAIModel):
@@ -89,9 +126,9 @@ class ChatCompletionRequest(SamplingFields):
     echo: bool = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: Annotated[dict[str, Any], AfterValidator(check_text)] | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: Annotated[list[dict[str, Any]], AfterValidator(check_text)] | None = None
     tool_choice: Any = None
 
 
@@ -239,8 +276,8 @@ class ModelList(BaseModel):
 
 
 class TokenizeRequest(OpenAIModel):
-    model: str | None = None
-    prompt: str | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
@@ -259,7 +296,7 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(OpenAIModel):
-    model: str | None = None
+    model: Text | None = None
     tokens: list[int]
 
 

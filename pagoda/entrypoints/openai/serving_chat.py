@@ -27,6 +27,9 @@ from pagoda.entrypoints.openai.serving_engine import SSE_DONE, OpenAIServing, ss
 from pagoda.outputs import CompletionOutput, Logprobs, RequestOutput
 from pagoda.sampling_params import SamplingParams
 
+# What the template is given besides chat_template_kwargs (see Tokenizer.apply_chat_template).
+_TEMPLATE_ARGUMENTS = {"messages", "add_generation_prompt", "bos_token", "eos_token", "tools"}
+
 
 class OpenAIServingChat(OpenAIServing):
     def prepare(self, request: ChatCompletionRequest) -> tuple[TokensPrompt, SamplingParams]:
@@ -47,7 +50,7 @@ class OpenAIServingChat(OpenAIServing):
             if request.top_logprobs != 0 and not request.logprobs:
                 raise OpenAIError("top_logprobs requires logprobs to be true", 400, "top_logprobs")
         text = self.render(request)
-        full = self.tokenizer.encode(text, add_special_tokens=False)
+        full = self.encode(text, "messages", add_special_tokens=False)
         ids = self.truncate(full, request)
         if len(ids) < len(full):
             text = self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -65,6 +68,14 @@ class OpenAIServingChat(OpenAIServing):
         """The prompt text: the messages through the chat template; template errors are 400s."""
         messages = [self._message(i, m) for i, m in enumerate(request.messages)]
         kwargs: dict[str, Any] = dict(request.chat_template_kwargs or {})
+        clash = sorted(kwargs.keys() & _TEMPLATE_ARGUMENTS)
+        if clash:
+            raise OpenAIError(
+                f"chat_template_kwargs: {', '.join(clash)} cannot be set here "
+                "(the request's own fields set them)",
+                400,
+                "chat_template_kwargs",
+            )
         if request.tools:
             kwargs["tools"] = request.tools
         continue_final = request.continue_final_message
@@ -99,6 +110,10 @@ class OpenAIServingChat(OpenAIServing):
             )
         except (jinja2.TemplateError, ValueError) as e:
             raise OpenAIError(f"chat template failed: {e}", 400, "messages") from None
+        except Exception as e:  # the template met a shape it cannot handle
+            raise OpenAIError(
+                f"chat template failed: {type(e).__name__}: {e}", 400, "messages"
+            ) from None
         if continue_final:
             # Cut whatever the template appends after the last message (its end-of-turn).
             last = messages[-1]["content"]

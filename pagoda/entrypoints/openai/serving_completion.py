@@ -51,11 +51,20 @@ class OpenAIServingCompletion(OpenAIServing):
             raw = [raw]  # type: ignore[list-item]
         if not raw:
             raise OpenAIError("the prompt is empty", 400, "prompt")
+        limit = self.server_config.max_prompts_per_request
+        if len(raw) > limit:
+            raise OpenAIError(
+                f"prompt: a request may hold at most {limit} prompts, got {len(raw)} "
+                "(--max-prompts-per-request)",
+                400,
+                "prompt",
+            )
         prompts: list[TokensPrompt] = []
         vocab = self.tokenizer.vocab_size
-        for item in raw:
+        for i, item in enumerate(raw):
             if isinstance(item, str):
-                ids = self.tokenizer.encode(item, add_special_tokens=request.add_special_tokens)
+                param = "prompt" if len(raw) == 1 else f"prompt.{i}"
+                ids = self.encode(item, param, request.add_special_tokens)
                 kept = self.truncate(ids, request)
                 text = item if len(kept) == len(ids) else self.tokenizer.decode(kept)
                 prompts.append(TokensPrompt(prompt_token_ids=kept, prompt=text))

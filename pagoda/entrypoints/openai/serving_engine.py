@@ -46,6 +46,14 @@ class OpenAIServing:
         if model is not None and model not in self.engine.config.served_model_names:
             raise OpenAIError(f"The model `{model}` does not exist.", 404, "model")
 
+    def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        """The text's token ids; text the tokenizer cannot take is a 400 naming param."""
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        except (TypeError, UnicodeError) as e:
+            message = f"{param}: the tokenizer cannot take this text: {e}"
+            raise OpenAIError(message, 400, param) from None
+
     def check_lengths(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
         """The max_tokens to use; a prompt or request that cannot fit the context is a 400."""
         limit = self.engine.config.max_model_len
