@@ -28,7 +28,14 @@ from pagoda.outputs import CompletionOutput, Logprobs, RequestOutput
 from pagoda.sampling_params import SamplingParams
 
 # What the template is given besides chat_template_kwargs (see Tokenizer.apply_chat_template).
-_TEMPLATE_ARGUMENTS = {"messages", "add_generation_prompt", "bos_token", "eos_token", "tools"}
+_TEMPLATE_ARGUMENTS = {
+    "messages",
+    "add_generation_prompt",
+    "chat_template",
+    "bos_token",
+    "eos_token",
+    "tools",
+}
 
 
 class OpenAIServingChat(OpenAIServing):

@@ -124,6 +124,7 @@ def test_stream_with_a_lone_surrogate_is_400_before_streaming(client) -> None:
         ({"messages": 1}, "chat_template_kwargs"),
         ({"add_generation_prompt": 1}, "chat_template_kwargs"),
         ({"bos_token": [1]}, "chat_template_kwargs"),
+        ({"chat_template": "{{ x }}"}, "chat_template_kwargs"),
     ],
 )
 def test_chat_template_kwargs_that_clash_are_400(client, kwargs, param) -> None:
@@ -131,13 +132,11 @@ def test_chat_template_kwargs_that_clash_are_400(client, kwargs, param) -> None:
     assert_error(r, 400, param)
 
 
-def test_a_template_that_raises_on_odd_shapes_is_400(client, tokenizer, monkeypatch) -> None:
-    # Whatever a template does with the request's shapes (here: adds a string to a list),
+def test_a_template_that_raises_on_odd_shapes_is_400(engine) -> None:
+    # Whatever a template does with the request's shapes (here: adds a list to a string),
     # its failure is the request's fault.
-    monkeypatch.setattr(
-        tokenizer, "chat_template", "{{ messages[0]['content'] + tools }}", raising=True
-    )
-    monkeypatch.setattr(tokenizer, "_template", None)
+    template = "{{ messages[0]['content'] + tools }}"
+    client = TestClient(build_app(engine, ServerConfig(chat_template=template)))
     r = client.post("/v1/chat/completions", json={"messages": USER, "tools": [{"a": 1}]})
     assert_error(r, 400, "messages", "chat template")
 
