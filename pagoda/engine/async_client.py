@@ -20,7 +20,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-import msgspec
 import zmq
 import zmq.asyncio
 
@@ -118,11 +117,9 @@ class AsyncEngineClient(EngineClient):
         self.tokenizer = self._tokenizer
         self.processor = OutputProcessor(self.tokenizer)
         frame = await self._inbox.recv()
-        try:
-            info = m.ready_decoder.decode(frame)
-        except msgspec.ValidationError:
-            error = m.outputs_decoder.decode(frame).engine_error
-            raise EngineDeadError(f"the engine failed while loading:\n{error}") from None
+        info = m.message_decoder.decode(frame)
+        if not isinstance(info, m.EngineReady):
+            raise EngineDeadError(f"the engine failed while loading:\n{info.engine_error}")
         self._serving_config = ServingConfig(
             model_path=str(self.engine_config.model.path),
             served_model_names=self.served_model_names,
@@ -287,7 +284,8 @@ class AsyncEngineClient(EngineClient):
                         )
                         return
                     continue
-                step = m.outputs_decoder.decode(await self._inbox.recv())
+                step = m.message_decoder.decode(await self._inbox.recv())
+                assert isinstance(step, m.EngineOutputs), "the engine is ready only once"
                 self._last_heard = time.monotonic()
                 if step.engine_error is not None:
                     self._mark_dead(f"the engine failed:\n{step.engine_error}")

@@ -152,8 +152,10 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
                     core.add_request(m.request_decoder.decode(payload))
                 elif kind == m.RequestType.ABORT.value:
                     aborted |= bool(core.abort_requests(m.abort_decoder.decode(payload)))
-                else:
+                elif kind == m.RequestType.SHUTDOWN.value:
                     return
+                else:  # a bug in the client: fail loudly, not as if asked to shut down
+                    raise ValueError(f"unknown request type {kind!r}")
                 timeout = 0
             stepped = core.has_work
             if stepped:

@@ -5,6 +5,9 @@ A message to the engine is one type byte followed by the msgpack payload:
     ADD       EngineRequest
     ABORT     list[str]  (request ids)
     SHUTDOWN  nothing
+
+(any other byte is a bug: the engine fails with an error). Back from the engine comes
+one EngineMessage at a time, a union tagged by its first element.
 """
 
 from __future__ import annotations
@@ -58,20 +61,14 @@ class SchedulerStats(msgspec.Struct, array_like=True):
     step_num_seqs: int = 0  # requests in the last step's batch
 
 
-class EngineOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
+class EngineOutputs(msgspec.Struct, array_like=True, omit_defaults=True, tag="outputs"):
     outputs: list[EngineOutput]
     timestamp: float = 0.0
     stats: SchedulerStats | None = None
     engine_error: str | None = None  # set once, when the engine dies of an exception
 
 
-encoder = msgspec.msgpack.Encoder()
-request_decoder = msgspec.msgpack.Decoder(EngineRequest)
-abort_decoder = msgspec.msgpack.Decoder(list[str])
-outputs_decoder = msgspec.msgpack.Decoder(EngineOutputs)
-
-
-class EngineReady(msgspec.Struct, array_like=True):
+class EngineReady(msgspec.Struct, array_like=True, tag="ready"):
     """Sent once by the engine process when the model is loaded."""
 
     max_model_len: int
@@ -81,4 +78,11 @@ class EngineReady(msgspec.Struct, array_like=True):
     vocab_size: int
 
 
-ready_decoder = msgspec.msgpack.Decoder(EngineReady)
+# What the engine process sends back: EngineReady once (or EngineOutputs with engine_error
+# if loading failed), then EngineOutputs every step. The tag, not trial, says which.
+EngineMessage = EngineReady | EngineOutputs
+
+encoder = msgspec.msgpack.Encoder()
+request_decoder = msgspec.msgpack.Decoder(EngineRequest)
+abort_decoder = msgspec.msgpack.Decoder(list[str])
+message_decoder = msgspec.msgpack.Decoder(EngineMessage)

@@ -134,6 +134,23 @@ def test_engine_death_fails_requests_within_a_second(default_model_path) -> None
     run_with_client(default_model_path, check)
 
 
+def test_unknown_request_type_fails_the_engine_cleanly(default_model_path) -> None:
+    """A message the engine cannot read is a bug on this side of the wire: the engine logs
+    it and reports an error (not a silent exit that looks like a shutdown)."""
+
+    async def check(client: AsyncEngineClient) -> None:
+        client._outbox.send_multipart([b"\x7f", b""])
+        deadline = time.monotonic() + 10
+        while not client.errored:
+            assert time.monotonic() < deadline, "the engine ignored the unknown request"
+            await asyncio.sleep(0.05)
+        assert "unknown request type" in str(client.dead_error)
+        client.process.join(10)
+        assert client.process.exitcode == 1
+
+    run_with_client(default_model_path, check)
+
+
 @pytest.mark.timeout(60)
 def test_an_engine_that_fails_to_load_is_reported_and_shut_down(
     default_model_path, tmp_path

@@ -85,7 +85,7 @@ def test_finish_reason_is_one_enum_from_the_request_to_the_output(tokenizer: Tok
     assert RequestStatus.FINISHED_LENGTH.finish_reason is FinishReason.LENGTH
     assert RequestStatus.RUNNING.finish_reason is None
     step = m.EngineOutputs([EngineOutput("r", [5], finish_reason=FinishReason.LENGTH)])
-    (eo,) = m.outputs_decoder.decode(m.encoder.encode(step)).outputs
+    (eo,) = m.message_decoder.decode(m.encoder.encode(step)).outputs
     assert eo.finish_reason is FinishReason.LENGTH
     processor = OutputProcessor(tokenizer)
     processor.add_request("r", None, [1, 2], SamplingParams(max_tokens=1))
