@@ -43,6 +43,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None  # sample only among these
     min_tokens: int = 0
     max_tokens: int | None = 16  # None = up to the context length
     ignore_eos: bool = False
@@ -133,6 +134,13 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         )
         for bias in logit_bias.values():
             check(-100 <= bias <= 100, "logit_bias", f"bias must be in [-100, 100], got {bias}")
+        if self.allowed_token_ids is not None:
+            check(bool(self.allowed_token_ids), "allowed_token_ids", "must not be empty")
+            check(
+                all(0 <= t < (vocab_size or t + 1) for t in self.allowed_token_ids),
+                "allowed_token_ids",
+                "contains out-of-vocab token id",
+            )
         for token_id in self.stop_token_ids or []:
             ok = token_id >= 0 and (vocab_size is None or token_id < vocab_size)
             check(ok, "stop_token_ids", f"token id {token_id} is out of vocabulary")

@@ -40,6 +40,8 @@ class SamplingMetadata:
     # Sparse edits: logit_bias additions and banned tokens (min_tokens not reached).
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # rows, token ids, values
     banned: tuple[torch.Tensor, torch.Tensor] | None  # rows, token ids
+    # allowed_token_ids: the rows that have them, and which tokens each row allows
+    allowed: tuple[torch.Tensor, torch.Tensor] | None  # rows [R], mask [R, V] bool
     max_logprobs: int | None  # the most top logprobs any row asked for; None = no row asked
 
     @classmethod
@@ -77,6 +79,13 @@ class SamplingMetadata:
                 ban_rows.extend([i] * len(stops))
                 ban_ids.extend(stops)
         logprob_counts = [p.logprobs for p in params if p.logprobs is not None]
+        allowed = None
+        allowed_rows = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
+        if allowed_rows:
+            mask = torch.zeros(len(allowed_rows), vocab_size, dtype=torch.bool, device=device)
+            for j, i in enumerate(allowed_rows):
+                mask[j, column(params[i].allowed_token_ids, torch.long)] = True
+            allowed = (column(allowed_rows, torch.long), mask)
 
         return cls(
             temperature=column([p.temperature for p in params], torch.float32),
@@ -105,6 +114,7 @@ class SamplingMetadata:
             banned=(column(ban_rows, torch.long), column(ban_ids, torch.long))
             if ban_rows
             else None,
+            allowed=allowed,
             max_logprobs=max(logprob_counts) if logprob_counts else None,
         )
 
@@ -120,18 +130,22 @@ class SamplerOutput:
 
 
 def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-    """Penalties, bias and bans, then greedy or temperature/top-k/top-p/min-p sampling."""
+    """Penalties, bias, bans and allowed tokens, then greedy or top-k/top-p/min-p sampling."""
     # logits: [B, V] float32, straight from the model (logprobs are reported from these)
     raw = logits
     if meta.output_counts is not None:
         logits = apply_penalties(logits, meta)  # a new tensor
-    if meta.bias is not None or meta.banned is not None:
+    if meta.bias is not None or meta.banned is not None or meta.allowed is not None:
         logits = logits.clone() if logits is raw else logits
     if meta.bias is not None:
         rows, ids, values = meta.bias
         logits.index_put_((rows, ids), values, accumulate=True)
     if meta.banned is not None:
         logits[meta.banned] = float("-inf")
+    if meta.allowed is not None:
+        # After penalties, bias and bans; before temperature and top-k/top-p.
+        rows, mask = meta.allowed
+        logits[rows] = logits[rows].masked_fill(~mask, float("-inf"))
 
     greedy = argmax_rows(logits)
     if meta.all_greedy:

@@ -73,6 +73,7 @@ class SamplingFields(OpenAIModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None  # vLLM's: sample only among these
     seed: int | None = None
     user: str | None = None
     # vLLM's extras

@@ -142,6 +142,7 @@ class OpenAIServing:
                 1.0 if request.repetition_penalty is None else request.repetition_penalty
             ),
             logit_bias=logit_bias,
+            allowed_token_ids=request.allowed_token_ids,
             min_tokens=request.min_tokens,
             max_tokens=max_tokens,
             ignore_eos=request.ignore_eos,

@@ -186,3 +186,13 @@ def test_prompt_logprobs_match_a_full_forward(llm: LLM) -> None:
         assert logprob == pytest.approx(reference[i - 1, prompt[i]].item(), abs=1e-4)
         assert rank == int((reference[i - 1] > reference[i - 1, prompt[i]]).sum()) + 1
         assert len(entries[i]) in (2, 3)  # the prompt token and the top 2
+
+
+def test_allowed_token_ids_bound_what_the_model_says(llm: LLM) -> None:
+    reset_scheduler(llm)
+    allowed = llm.tokenizer.encode(" yes no maybe", add_special_tokens=False)
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=12, allowed_token_ids=allowed)
+    free = SamplingParams(temperature=1.0, seed=3, max_tokens=12)
+    bound, unbound = llm.generate(["The weather today is", "The weather today is"], [params, free])
+    assert set(bound.outputs[0].token_ids) <= set(allowed)
+    assert not set(unbound.outputs[0].token_ids) <= set(allowed)

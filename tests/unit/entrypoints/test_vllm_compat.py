@@ -457,3 +457,18 @@ def test_tokenize_continue_final_message_and_token_strs(client, tokenizer) -> No
     r = client.post("/tokenize", json={"prompt": "Hello world", "return_token_strs": True}).json()
     assert r["token_strs"] == [tokenizer.id_to_token(t) for t in r["tokens"]]
     assert "".join(r["token_strs"]).replace("Ġ", " ").endswith("Hello world")
+
+
+def test_allowed_token_ids_reach_the_engine_and_are_checked(client, engine, tokenizer) -> None:
+    body = {"prompt": "Hi", "max_tokens": 1, "allowed_token_ids": [5, 6]}
+    assert client.post("/v1/completions", json=body).status_code == 200
+    assert engine.last_params.allowed_token_ids == [5, 6]
+    chat = {"messages": CHAT, "max_tokens": 1, "allowed_token_ids": [7]}
+    assert client.post("/v1/chat/completions", json=chat).status_code == 200
+    assert engine.last_params.allowed_token_ids == [7]
+    body["allowed_token_ids"] = []
+    assert_error(client.post("/v1/completions", json=body), 400, "allowed_token_ids", "empty")
+    body["allowed_token_ids"] = [5, tokenizer.vocab_size]
+    assert_error(
+        client.post("/v1/completions", json=body), 400, "allowed_token_ids", "out-of-vocab"
+    )

@@ -135,3 +135,20 @@ def test_tiny_temperatures_behave_as_their_limit_greedy() -> None:
                 params = SamplingParams(temperature=temperature, seed=seed, **extra)
                 reqs = requests(params, params, params)
                 assert run(logits, reqs).token_ids.tolist() == greedy, (temperature, extra)
+
+
+def test_allowed_token_ids_mask_every_other_token() -> None:
+    # Greedy picks the best allowed token, not the best token (9).
+    assert run(
+        LOGITS, requests(SamplingParams(temperature=0, allowed_token_ids=[0, 4, 7]))
+    ).token_ids.tolist() == [4]
+    seen = set()
+    for seed in range(100):
+        r = requests(SamplingParams(temperature=2.0, seed=seed, allowed_token_ids=[1, 5, 6]))
+        seen.add(run(LOGITS, r).token_ids.item())
+    assert seen == {1, 5, 6}
+    # Only the rows that ask are masked.
+    both = requests(
+        SamplingParams(temperature=0), SamplingParams(temperature=0, allowed_token_ids=[8])
+    )
+    assert run(LOGITS.repeat(2, 1), both).token_ids.tolist() == [9, 8]
