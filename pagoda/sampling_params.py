@@ -51,6 +51,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # top-k logprobs per sampled token (0 = only the sampled one)
+    logprob_token_ids: list[int] | None = None  # these tokens' logprobs too, at each position
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
@@ -124,6 +125,21 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                 )
         if self.stop is not None:
             check(all(s for s in self.stop), "stop", "stop strings must not be empty")
+        if self.logprob_token_ids is not None:
+            ids = self.logprob_token_ids
+            bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+            check(
+                not bad,
+                "logprob_token_ids",
+                f"token_id(s) {bad} in logprob_token_ids contain out-of-vocab token ids. "
+                f"Vocabulary size: {vocab_size}",
+            )
+            check(
+                max_logprobs == -1 or len(ids) <= max_logprobs,
+                "logprob_token_ids",
+                f"requested logprob_token_ids of length {len(ids)}, which is greater than max "
+                f"allowed: {max_logprobs}",
+            )
         logit_bias = self.logit_bias or {}
         bad = [t for t in logit_bias if t < 0 or (vocab_size is not None and t >= vocab_size)]
         check(

@@ -83,7 +83,10 @@ class FakeEngineClient(EngineClient):
                         er.request_id, [token], finish_reason=FinishReason.LENGTH if last else None
                     )
                     if sampling_params.logprobs is not None:
-                        output.new_logprobs = [self.fake_logprobs(token, sampling_params.logprobs)]
+                        entry = self.fake_logprobs(token, sampling_params.logprobs)
+                        for j, t in enumerate(sampling_params.logprob_token_ids or []):
+                            entry.append((t, -5.0 - j, 100 + j))
+                        output.new_logprobs = [entry]
                     k = sampling_params.prompt_logprobs
                     if k is not None and step == 0:
                         output.prompt_logprobs = [self.fake_logprobs(t, k) for t in ids[1:]]

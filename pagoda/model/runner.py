@@ -165,4 +165,9 @@ class ModelRunner:
             for j in range(k):
                 assert top_ids is not None and top_lp is not None
                 entry.setdefault(top_ids[i][j], (top_lp[i][j], j + 1))
+            if i in result.asked:
+                asked_lp, asked_ranks = result.asked[i]
+                ids = request.sampling_params.logprob_token_ids
+                for t, logprob, rank in zip(ids, asked_lp, asked_ranks):
+                    entry.setdefault(t, (logprob, rank))
             out.logprobs[request.request_id] = entry

@@ -8,7 +8,7 @@ exactly what it sampled before.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +43,8 @@ class SamplingMetadata:
     # allowed_token_ids: the rows that have them, and which tokens each row allows
     allowed: tuple[torch.Tensor, torch.Tensor] | None  # rows [R], mask [R, V] bool
     max_logprobs: int | None  # the most top logprobs any row asked for; None = no row asked
+    # logprob_token_ids: (row, the token ids whose logprobs that row wants)
+    logprob_token_ids: list[tuple[int, torch.Tensor]]
 
     @classmethod
     def from_requests(
@@ -116,6 +118,11 @@ class SamplingMetadata:
             else None,
             allowed=allowed,
             max_logprobs=max(logprob_counts) if logprob_counts else None,
+            logprob_token_ids=[
+                (i, column(p.logprob_token_ids, torch.long))
+                for i, p in enumerate(params)
+                if p.logprob_token_ids and p.logprobs is not None
+            ],
         )
 
 
@@ -127,6 +134,8 @@ class SamplerOutput:
     sampled_ranks: torch.Tensor | None = None  # [B]
     top_logprobs: torch.Tensor | None = None  # [B, k]
     top_ids: torch.Tensor | None = None  # [B, k]
+    # Rows with logprob_token_ids: row -> (logprobs, ranks) of those tokens, in their order.
+    asked: dict[int, tuple[list[float], list[int]]] = field(default_factory=dict)
 
 
 def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
@@ -176,6 +185,10 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         out.sampled_ranks = (logprobs > out.sampled_logprobs.unsqueeze(1)).sum(dim=-1) + 1
         if meta.max_logprobs > 0:
             out.top_logprobs, out.top_ids = logprobs.topk(meta.max_logprobs, dim=-1)
+        for row, ids in meta.logprob_token_ids:
+            chosen = logprobs[row, ids]  # [n]
+            ranks = (logprobs[row].unsqueeze(0) > chosen.unsqueeze(1)).sum(dim=-1) + 1
+            out.asked[row] = (chosen.tolist(), ranks.tolist())
     return out
 
 

@@ -74,6 +74,7 @@ class SamplingFields(OpenAIModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     allowed_token_ids: list[int] | None = None  # vLLM's: sample only among these
+    logprob_token_ids: list[int] | None = None  # vLLM's: these tokens' logprobs, each position
     seed: int | None = None
     user: str | None = None
     # vLLM's extras

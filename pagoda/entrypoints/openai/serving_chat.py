@@ -159,8 +159,8 @@ class OpenAIServingChat(OpenAIServing):
         if not request.logprobs:
             return None
         k = request.top_logprobs or 0
-        if k == -1:
-            k = self.tokenizer.vocab_size
+        if k == -1 or request.logprob_token_ids:
+            k = self.tokenizer.vocab_size  # every entry: the top k, or the asked tokens
         return self._logprobs(c.token_ids, c.logprobs, k, self.tokens_as_ids(request))
 
     def _logprobs(

@@ -33,6 +33,13 @@ class OpenAIServingCompletion(OpenAIServing):
             max_tokens_p = self.check_lengths(len(p["prompt_token_ids"]), request.max_tokens)
             max_tokens = max_tokens_p if max_tokens is None else min(max_tokens, max_tokens_p)
         assert max_tokens is not None
+        if request.logprob_token_ids is not None and request.echo and request.max_tokens == 0:
+            raise OpenAIError(
+                "`logprob_token_ids` is not supported when `echo=True` and `max_tokens=0` "
+                "because no output tokens are generated.",
+                400,
+                "logprob_token_ids",
+            )
         if max_tokens == 0 and request.echo:
             # Scoring a prompt (its echo and logprobs) without generating: the engine runs
             # one step, whose token is not shown (vLLM does the same).
@@ -104,10 +111,11 @@ class OpenAIServingCompletion(OpenAIServing):
     ) -> CompletionChoice:
         text, token_ids, entries = self._echoed(request, final, c)
         k = request.logprobs
+        asked = bool(request.logprob_token_ids)
         return CompletionChoice(
             index=index,
             text=text,
-            logprobs=self._logprobs(token_ids, entries, k, 0, self.tokens_as_ids(request))
+            logprobs=self._logprobs(token_ids, entries, k, 0, self.tokens_as_ids(request), asked)
             if k is not None
             else None,
             finish_reason=c.finish_reason,
@@ -141,6 +149,7 @@ class OpenAIServingCompletion(OpenAIServing):
         k: int,
         offset: int,
         as_ids: bool,
+        asked: bool = False,
     ) -> CompletionLogprobs:
         """OpenAI's legacy shape. An entry of None (the prompt's first token) has no logprob."""
         out = CompletionLogprobs()
@@ -157,7 +166,8 @@ class OpenAIServingCompletion(OpenAIServing):
             # The entry holds the chosen token first, then the most likely ones by rank: so
             # up to k + 1 tokens, the chosen one always among them (OpenAI's rule).
             top: dict[str, float] = {}
-            for t, (logprob, _) in list(entry.items())[: len(entry) if k == -1 else k + 1]:
+            every = k == -1 or asked  # asked tokens are all shown, whatever k
+            for t, (logprob, _) in list(entry.items())[: len(entry) if every else k + 1]:
                 top.setdefault(self.token_text(t, as_ids), max(logprob, -9999.0))
             out.top_logprobs.append(top)
         return out
@@ -169,6 +179,7 @@ class OpenAIServingCompletion(OpenAIServing):
         model = request.model or self.model_name
         include_usage, continuous_usage = self.stream_usage(request)
         as_ids = self.tokens_as_ids(request)
+        asked = bool(request.logprob_token_ids)
         prompt_tokens = [len(p["prompt_token_ids"]) for p in prompts]
         # Per choice index: tokens generated and text sent (text_offset runs on across chunks).
         completion_tokens: dict[int, int] = {}
@@ -193,7 +204,7 @@ class OpenAIServingCompletion(OpenAIServing):
                         index=index,
                         text=text,
                         logprobs=self._logprobs(
-                            token_ids, entries, request.logprobs, offset, as_ids
+                            token_ids, entries, request.logprobs, offset, as_ids, asked
                         )
                         if request.logprobs is not None
                         else None,

@@ -105,6 +105,20 @@ class OpenAIServing:
         prompt_logprobs: int | None,
     ) -> SamplingParams:
         """The request's sampling fields, validated; a bad value is a 400 naming the field."""
+        if request.logprob_token_ids is not None:
+            if not request.logprob_token_ids:
+                raise OpenAIError(
+                    "`logprob_token_ids` must not be an empty list.", 400, "logprob_token_ids"
+                )
+            if logprobs is None:
+                # chat's logprobs is a flag, completions' a count: vLLM words them apart
+                flag = " to true" if isinstance(request.logprobs, bool) else ""
+                raise OpenAIError(
+                    f"when using `logprob_token_ids`, `logprobs` must be set{flag}.",
+                    400,
+                    "logprob_token_ids",
+                )
+            logprobs = 0  # the asked tokens take the place of the top k
         if request.use_beam_search:
             raise OpenAIError("beam search is not supported", 400, "use_beam_search")
         if request.stream and request.prompt_logprobs not in (None, 0):
@@ -143,6 +157,7 @@ class OpenAIServing:
             ),
             logit_bias=logit_bias,
             allowed_token_ids=request.allowed_token_ids,
+            logprob_token_ids=request.logprob_token_ids,
             min_tokens=request.min_tokens,
             max_tokens=max_tokens,
             ignore_eos=request.ignore_eos,

@@ -196,3 +196,22 @@ def test_allowed_token_ids_bound_what_the_model_says(llm: LLM) -> None:
     bound, unbound = llm.generate(["The weather today is", "The weather today is"], [params, free])
     assert set(bound.outputs[0].token_ids) <= set(allowed)
     assert not set(unbound.outputs[0].token_ids) <= set(allowed)
+
+
+def test_logprob_token_ids_are_the_logprobs_of_those_tokens(llm: LLM) -> None:
+    reset_scheduler(llm)
+    prompt = "The capital of France is"
+    (top,) = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=3, logprobs=3))
+    # Ask, at each position, for the tokens that were second and third there.
+    firsts = [sorted(e.items(), key=lambda kv: kv[1][1]) for e in top.outputs[0].logprobs]
+    wanted = [t for t, _ in firsts[0][1:3]]
+    params = SamplingParams(temperature=0, max_tokens=3, logprobs=0, logprob_token_ids=wanted)
+    (out,) = llm.generate(prompt, params)
+    assert out.outputs[0].token_ids == top.outputs[0].token_ids
+    first = out.outputs[0].logprobs[0]
+    assert list(first)[0] == out.outputs[0].token_ids[0]  # the sampled token first
+    for t in wanted:
+        assert first[t][0] == pytest.approx(top.outputs[0].logprobs[0][t][0], abs=1e-5)
+        assert first[t][1] == top.outputs[0].logprobs[0][t][1]
+    for entry in out.outputs[0].logprobs[1:]:
+        assert set(wanted) <= set(entry) and len(entry) <= 3

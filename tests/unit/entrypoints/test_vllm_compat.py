@@ -472,3 +472,29 @@ def test_allowed_token_ids_reach_the_engine_and_are_checked(client, engine, toke
     assert_error(
         client.post("/v1/completions", json=body), 400, "allowed_token_ids", "out-of-vocab"
     )
+
+
+def test_logprob_token_ids(client, engine, tokenizer) -> None:
+    body = {"prompt": "Hi", "max_tokens": 2, "logprobs": 1, "logprob_token_ids": [11, 12]}
+    logprobs = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    assert engine.last_params.logprob_token_ids == [11, 12]
+    for token, top in zip(logprobs["tokens"], logprobs["top_logprobs"]):
+        decoded = {tokenizer.decode([t], skip_special_tokens=False) for t in (11, 12)}
+        assert set(top) == {token} | decoded  # the sampled token and the asked ones
+    chat = {"messages": CHAT, "max_tokens": 1, "logprobs": True, "logprob_token_ids": [11]}
+    content = client.post("/v1/chat/completions", json=chat).json()["choices"][0]["logprobs"][
+        "content"
+    ]
+    assert tokenizer.decode([11], skip_special_tokens=False) in [
+        t["token"] for t in content[0]["top_logprobs"]
+    ]
+    for bad, match in [
+        ({"logprob_token_ids": []}, "must not be an empty list"),
+        ({"logprobs": None}, "`logprobs` must be set"),
+        ({"logprob_token_ids": [tokenizer.vocab_size]}, "out-of-vocab"),
+        ({"echo": True, "max_tokens": 0}, "echo"),
+    ]:
+        r = client.post("/v1/completions", json=body | bad)
+        assert_error(r, 400, "logprob_token_ids", match)
+    r = client.post("/v1/chat/completions", json=chat | {"logprobs": False})
+    assert_error(r, 400, "logprob_token_ids", "must be set to true")
