@@ -89,7 +89,7 @@ class AsyncEngineClient(EngineClient):
         self._inbox = zmq.asyncio.Context.instance().socket(zmq.PULL)  # outputs from the engine
         self._inbox.setsockopt(zmq.LINGER, 0)
         self._inbox.bind(output_addr)
-        self._outbox = zmq.Context.instance().socket(zmq.PUSH)  # requests to the engine
+        self._outbox: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUSH)  # to the engine
         self._outbox.setsockopt(zmq.LINGER, 0)
         # No queue limit: a send then fails (see _send) only when no engine is connected.
         self._outbox.setsockopt(zmq.SNDHWM, 0)
@@ -130,6 +130,11 @@ class AsyncEngineClient(EngineClient):
         self._loop = asyncio.get_running_loop()
         self._last_heard = time.monotonic()
         self._output_task = asyncio.create_task(self._output_loop(), name="engine-output-loop")
+
+    @property
+    def _processor(self) -> OutputProcessor:
+        assert self.processor is not None, "await ready() first"
+        return self.processor
 
     @property
     def config(self) -> ServingConfig:
@@ -177,7 +182,7 @@ class AsyncEngineClient(EngineClient):
         # would make a later shutdown wait out its whole drain timeout.
         try:
             self.queues[request_id] = queue
-            for er in self.processor.add_request(request_id, text, token_ids, sampling_params):
+            for er in self._processor.add_request(request_id, text, token_ids, sampling_params):
                 if not self._send(m.RequestType.ADD, er):
                     raise EngineDeadError("the engine process is not taking requests")
                 for stat_logger in self.stat_loggers:
@@ -238,7 +243,7 @@ class AsyncEngineClient(EngineClient):
 
     def _abort_now(self, request_id: str) -> None:
         """Forgets the request here, tells the engine, and ends its generate() cleanly."""
-        engine_ids = self.processor.abort_request(request_id)
+        engine_ids = self._processor.abort_request(request_id)
         if engine_ids and not self.errored:
             self._send(m.RequestType.ABORT, engine_ids)
         for stat_logger in self.stat_loggers:
@@ -248,7 +253,7 @@ class AsyncEngineClient(EngineClient):
             queue.put_nowait(RequestAborted(f"request {request_id} was aborted"))
 
     def _abort_all(self) -> None:
-        for request_id in list(self.processor.requests):
+        for request_id in list(self._processor.requests):
             self._abort_now(request_id)
 
     def _call_in_loop(self, fn: Callable[[], None]) -> None:
@@ -292,7 +297,7 @@ class AsyncEngineClient(EngineClient):
                     return
                 if step.stats is not None:
                     self.stats = step.stats
-                outputs, to_abort = self.processor.process_outputs(step.outputs)
+                outputs, to_abort = self._processor.process_outputs(step.outputs)
                 if to_abort:  # finished by a stop string
                     self._send(m.RequestType.ABORT, to_abort)
                     for stat_logger in self.stat_loggers:
@@ -313,8 +318,8 @@ class AsyncEngineClient(EngineClient):
         self._dead = EngineDeadError(reason)
         for queue in self.queues.values():
             queue.put_nowait(self._dead)
-        self.processor.requests.clear()
-        self.processor.engine_ids.clear()
+        self._processor.requests.clear()
+        self._processor.engine_ids.clear()
 
     def _stop_process(self) -> None:
         if self.process.is_alive():

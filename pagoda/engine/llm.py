@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import cast
 
 from tqdm import tqdm
 
@@ -72,8 +73,7 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
+        prompts = _prompt_list(prompts)
         params_list = (
             list(sampling_params)
             if isinstance(sampling_params, Sequence)
@@ -109,6 +109,8 @@ class LLM:
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(self.processor.requests), desc="Generating", disable=not progress)
         while self.processor.has_unfinished():
+            # Each step computes something (the scheduler asserts it), so this ends.
+            assert self.engine.has_work, "requests unfinished, but none in the engine"
             step = self.engine.step()
             outputs, to_abort = self.processor.process_outputs(step.outputs)
             if to_abort:
@@ -119,6 +121,15 @@ class LLM:
                     bar.update(1)
         bar.close()
         return finished
+
+
+def _prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """One prompt (text or token ids) or several, as a list of prompts."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if prompts and isinstance(prompts[0], int):
+        return [cast(list[int], prompts)]
+    return list(cast(Sequence[Prompt], prompts))
 
 
 def _replace(params: SamplingParams, **changes: object) -> SamplingParams:
