@@ -162,16 +162,22 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
 
-def at_least(low: float, parse: Callable[[str], float] = int) -> Callable[[str], float]:
-    """An argparse type: parse, then refuse values below low (argparse names the flag)."""
+def at_least(
+    low: float, parse: Callable[[str], float] = int, *, strict: bool = False
+) -> Callable[[str], float]:
+    """An argparse type: parse, then refuse values below low (or equal to it, if strict).
+
+    argparse names the flag in the error.
+    """
 
     def check(text: str) -> float:
         try:
             value = parse(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        if value < low or (strict and value == low):
+            what = "more than" if strict else "at least"
+            raise argparse.ArgumentTypeError(f"must be {what} {low}, got {text}")
         return value
 
     return check

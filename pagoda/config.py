@@ -200,6 +200,7 @@ class ServerConfig:
             ("--h11-max-incomplete-event-size", self.h11_max_incomplete_event_size),
             ("--h11-max-header-count", self.h11_max_header_count),
             ("--max-connections", self.max_connections),
+            ("--max-prompts-per-request", self.max_prompts_per_request),
         ):
             _require(value >= 1, flag, value, "at least 1")
         _require(self.watchdog_timeout >= 0, "--watchdog-timeout", self.watchdog_timeout, ">= 0")

@@ -42,6 +42,8 @@ class RequestResult:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from pagoda.cli import at_least
+
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument(
         "--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"]
@@ -56,8 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: the embedded default model)",
     )
     p.add_argument("--dataset-name", default="random", choices=["random", "prompts"])
-    p.add_argument("--random-input-len", type=int, default=256)
-    p.add_argument("--random-output-len", type=int, default=128)
+    p.add_argument("--random-input-len", type=at_least(1), default=256)
+    p.add_argument("--random-output-len", type=at_least(1), default=128)
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument(
         "--ban-token-ids",
@@ -65,21 +67,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="comma-separated token ids sent as logit_bias -100 (for servers "
         "without ignore_eos, such as llama.cpp's)",
     )
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--num-prompts", type=at_least(1), default=64)
+    p.add_argument("--max-concurrency", type=at_least(1), default=None)
     p.add_argument(
         "--request-rate",
-        type=float,
+        type=at_least(0, float, strict=True),
         default=float("inf"),
         help="requests per second, Poisson arrivals; inf sends all at once",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-warmups", type=int, default=1)
+    p.add_argument("--num-warmups", type=at_least(0), default=1)
     p.add_argument("--save-result", action="store_true")
     p.add_argument("--result-filename", default=None)
     p.add_argument("--label", default="", help="a name for the server, kept in the JSON")
     p.add_argument("--disable-tqdm", action="store_true")
-    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--timeout", type=at_least(0, float, strict=True), default=600.0)
 
 
 # ---- datasets ---------------------------------------------------------------------------------

@@ -105,3 +105,28 @@ def test_serve_bench_and_llm_share_the_defaults() -> None:
     assert offline.scheduler.max_num_batched_tokens == OFFLINE_MAX_NUM_BATCHED_TOKENS
     differ = EngineConfig.from_flags(MODEL, max_num_batched_tokens=OFFLINE_MAX_NUM_BATCHED_TOKENS)
     assert offline == differ
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--num-prompts", "0"], "--num-prompts"),
+        (["--max-concurrency", "0"], "--max-concurrency"),
+        (["--request-rate", "0"], "--request-rate"),
+        (["--random-input-len", "0"], "--random-input-len"),
+        (["--num-warmups", "-1"], "--num-warmups"),
+        (["--timeout", "0"], "--timeout"),
+    ],
+)
+def test_bench_serve_refuses_what_cannot_work(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "serve", *argv])
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_server_config_refuses_max_prompts_per_request_below_one() -> None:
+    with pytest.raises(ConfigError, match="--max-prompts-per-request"):
+        ServerConfig(max_prompts_per_request=0)
