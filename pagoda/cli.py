@@ -67,6 +67,7 @@ def _serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig
         max_n=args.max_n,
         chat_template=_chat_template(args.chat_template),
         max_prompts_per_request=args.max_prompts_per_request,
+        max_request_body_size=args.max_request_body_size,
         disable_log_requests=args.disable_log_requests,
         enable_force_include_usage=args.enable_force_include_usage,
         max_logprobs=args.max_logprobs,
@@ -279,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=ServerConfig.max_prompts_per_request,
         help="the most prompts one completion request may list (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-request-body-size",
+        type=parse_size,
+        default=None,
+        help="the largest request body, e.g. 16M; larger is a 413 (default: room for a "
+        "prompt that fills the context, and at least 16 MiB)",
     )
     serve.add_argument(
         "--shutdown-timeout",

@@ -170,6 +170,9 @@ class ServerConfig:
     # The most prompts one completion request may list (OpenAI's limit for a batch of
     # inputs); each is a request of its own in the engine.
     max_prompts_per_request: int = 2048
+    # The largest request body in bytes; None: room for a prompt that fills the context in
+    # the worst JSON escaping, and at least 16 MiB (entrypoints/openai/limits.py).
+    max_request_body_size: int | None = None
     disable_log_requests: bool = False
     # Usage in every stream, on every chunk, whatever stream_options say (vLLM's flag).
     enable_force_include_usage: bool = False
@@ -195,6 +198,19 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         _require(self.max_n >= 1, "--max-n", self.max_n, "at least 1")
+        _require(
+            self.max_prompts_per_request >= 1,
+            "--max-prompts-per-request",
+            self.max_prompts_per_request,
+            "at least 1",
+        )
+        if self.max_request_body_size is not None:
+            _require(
+                self.max_request_body_size >= 1,
+                "--max-request-body-size",
+                self.max_request_body_size,
+                "at least 1",
+            )
         _require(self.max_logprobs >= -1, "--max-logprobs", self.max_logprobs, "-1 or more")
         for flag, value in (
             ("--h11-max-incomplete-event-size", self.h11_max_incomplete_event_size),

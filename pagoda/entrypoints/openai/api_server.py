@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import uuid
@@ -24,6 +25,7 @@ from pagoda.engine.protocol import EngineClient
 from pagoda.entrypoints.metrics import Metrics
 from pagoda.entrypoints.openai import errors
 from pagoda.entrypoints.openai.errors import OpenAIError, error_response
+from pagoda.entrypoints.openai.limits import BodySizeLimitMiddleware, default_body_limit
 from pagoda.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -83,6 +85,10 @@ def build_app(engine: EngineClient, server_config: ServerConfig | None = None) -
     app.add_exception_handler(StarletteHTTPException, errors.http_error_handler)
     app.add_exception_handler(Exception, errors.internal_error_handler)
 
+    body_limit = server_config.max_request_body_size or default_body_limit(
+        engine.tokenizer, engine.config.max_model_len
+    )
+    app.add_middleware(BodySizeLimitMiddleware, max_body_size=body_limit)
     app.add_middleware(GuardMiddleware, state=state)
     app.add_middleware(
         CORSMiddleware,
@@ -104,16 +110,21 @@ def build_app(engine: EngineClient, server_config: ServerConfig | None = None) -
 
     @app.post("/v1/completions")
     async def create_completion(body: CompletionRequest, raw: Request) -> Response:
-        prompts, params = completions.prepare(body)
+        # Tokenizing (and rendering a chat template) takes a thread, not the event loop:
+        # a big prompt must not keep /health and everyone else's streams waiting.
+        prompts, params = await asyncio.to_thread(completions.prepare, body)
         return await _respond(raw, completions, body, prompts, params)
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> Response:
-        prompt, params = chat.prepare(body)
+        prompt, params = await asyncio.to_thread(chat.prepare, body)
         return await _respond(raw, chat, body, prompt, params)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        return await asyncio.to_thread(tokenize_now, body)
+
+    def tokenize_now(body: TokenizeRequest) -> TokenizeResponse:
         completions.check_model(body.model)
         if body.messages is not None:
             template_fields = {"add_generation_prompt", "continue_final_message"}
@@ -122,9 +133,10 @@ def build_app(engine: EngineClient, server_config: ServerConfig | None = None) -
                 chat_template_kwargs=body.chat_template_kwargs,
                 **body.model_dump(include=template_fields, exclude_unset=True),
             )
-            tokens = chat.encode(chat.render(chat_request), "messages", add_special_tokens=False)
+            text = chat.render(chat_request)
+            tokens = chat.encode(text, "messages", add_special_tokens=False, bounded=False)
         elif body.prompt is not None:
-            tokens = chat.encode(body.prompt, "prompt", body.add_special_tokens)
+            tokens = chat.encode(body.prompt, "prompt", body.add_special_tokens, bounded=False)
         else:
             raise OpenAIError("either prompt or messages is required", 400, "prompt")
         token_strs = None

@@ -57,7 +57,8 @@ class OpenAIServingChat(OpenAIServing):
             if request.top_logprobs != 0 and not request.logprobs:
                 raise OpenAIError("top_logprobs requires logprobs to be true", 400, "top_logprobs")
         text = self.render(request)
-        full = self.encode(text, "messages", add_special_tokens=False)
+        bounded = request.truncate_prompt_tokens is None  # a longer prompt is cut
+        full = self.encode(text, "messages", add_special_tokens=False, bounded=bounded)
         ids = self.truncate(full, request)
         if len(ids) < len(full):
             text = self.tokenizer.decode(ids, skip_special_tokens=False)

@@ -71,7 +71,8 @@ class OpenAIServingCompletion(OpenAIServing):
         for i, item in enumerate(raw):
             if isinstance(item, str):
                 param = "prompt" if len(raw) == 1 else f"prompt.{i}"
-                ids = self.encode(item, param, request.add_special_tokens)
+                bounded = request.truncate_prompt_tokens is None  # a longer prompt is cut
+                ids = self.encode(item, param, request.add_special_tokens, bounded)
                 kept = self.truncate(ids, request)
                 text = item if len(kept) == len(ids) else self.tokenizer.decode(kept)
                 prompts.append(TokensPrompt(prompt_token_ids=kept, prompt=text))

@@ -19,6 +19,7 @@ from pagoda.engine.protocol import (
     RequestAborted,
 )
 from pagoda.entrypoints.openai.errors import OpenAIError, error_body
+from pagoda.entrypoints.openai.limits import max_prompt_chars
 from pagoda.entrypoints.openai.protocol import SamplingFields
 from pagoda.outputs import Logprobs, RequestOutput
 from pagoda.sampling_params import RequestOutputKind, SamplingParams, SamplingParamsError
@@ -36,6 +37,7 @@ class OpenAIServing:
         self.engine = engine
         self.on_engine_dead = on_engine_dead  # lets the server stop at once, not at its next check
         self.server_config = server_config
+        self.max_prompt_chars = max_prompt_chars(engine.tokenizer, engine.config.max_model_len)
         self.tokenizer = engine.tokenizer
 
     @property
@@ -46,8 +48,23 @@ class OpenAIServing:
         if model is not None and model not in self.engine.config.served_model_names:
             raise OpenAIError(f"The model `{model}` does not exist.", 404, "model")
 
-    def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
-        """The text's token ids; text the tokenizer cannot take is a 400 naming param."""
+    def encode(
+        self, text: str, param: str, add_special_tokens: bool = True, bounded: bool = True
+    ) -> list[int]:
+        """The text's token ids; text the tokenizer cannot take is a 400 naming param.
+
+        bounded: the text must fit the context, so one whose characters alone prove it too
+        long is a 400 before the tokenizer spends seconds and much memory on it.
+        """
+        limit = self.max_prompt_chars
+        if bounded and limit is not None and len(text) > limit:
+            max_len = self.engine.config.max_model_len
+            raise OpenAIError(
+                f"This model's maximum context length is {max_len} tokens. However, your "
+                f"{param} has {len(text)} characters, more than {max_len} tokens can hold.",
+                400,
+                param,
+            )
         try:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         except (TypeError, UnicodeError) as e:
