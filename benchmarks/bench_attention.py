@@ -1,12 +1,14 @@
 """Decode attention over the paged KV cache: the C++ kernel on the default model's shapes.
 
-    .venv/bin/python benchmarks/bench_attention.py [--seqs 32] [--context 330]
+    .venv/bin/python benchmarks/bench_attention.py [--seqs 32] [--context 330] [--window W]
 
 Times one decode step's attention (one query token per sequence, 30 layers, the
 default model's 9 query and 3 KV heads of 64) with each sequence's blocks laid out
 two ways: contiguous, as a fresh server hands them out, and scattered at random
 over the cache, as they are after the free queue has cycled for a while. Prints
 the median over 20 steps and the rate at which the keys and values were read.
+With --window, each query sees only its last W positions (a local attention
+layer), and the same steps are also timed without the window, in turn.
 """
 
 from __future__ import annotations
@@ -27,39 +29,48 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", type=int, default=32)
     parser.add_argument("--context", type=int, default=330)
+    parser.add_argument("--window", type=int, default=None, help="a sliding window (positions)")
     args = parser.parse_args()
     if not kernels.load():
         raise SystemExit("the C++ kernels are not built: python -m pagoda.kernels")
     torch.manual_seed(0)
+    per_seq = -(-args.context // BLOCK_SIZE)
+    num_blocks = max(NUM_BLOCKS, args.seqs * per_seq)
     caches = allocate_kv_cache(
-        LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM, torch.bfloat16, torch.device("cpu")
+        LAYERS, num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, torch.bfloat16, torch.device("cpu")
     )
     for k, v in caches:
         k.normal_()
         v.normal_()
-    per_seq = -(-args.context // BLOCK_SIZE)
     q = torch.randn(args.seqs, HEADS, HEAD_DIM, dtype=torch.bfloat16)
     token_seq = torch.arange(args.seqs)
     positions = torch.full((args.seqs,), args.context - 1)
-    kv_bytes = args.seqs * args.context * KV_HEADS * HEAD_DIM * 2 * 2 * LAYERS
     layouts = {
         "contiguous": torch.arange(args.seqs * per_seq),
-        "scattered": torch.randperm(NUM_BLOCKS)[: args.seqs * per_seq],
+        "scattered": torch.randperm(num_blocks)[: args.seqs * per_seq],
     }
+    windows = [None] if args.window is None else [args.window, None]
     for name, blocks in layouts.items():
         tables = blocks.view(args.seqs, per_seq).contiguous()
-        times = []
+        times: dict[int | None, list[float]] = {w: [] for w in windows}
         for i in range(23):
-            start = time.perf_counter()
-            for k, v in caches:
-                torch.ops.pagoda.paged_attention(q, k, v, tables, token_seq, positions, 0.125)
-            if i >= 3:  # warm-up
-                times.append(time.perf_counter() - start)
-        step = statistics.median(times)
-        print(
-            f"{name:>10}: {step * 1e3:.2f} ms a step ({step / LAYERS * 1e6:.0f} us a layer), "
-            f"keys and values read at {kv_bytes / step / 1e9:.1f} GB/s"
-        )
+            for window in windows:  # in turn, so that both see the same machine
+                start = time.perf_counter()
+                for k, v in caches:
+                    torch.ops.pagoda.paged_attention(
+                        q, k, v, tables, token_seq, positions, 0.125, window
+                    )
+                if i >= 3:  # warm-up
+                    times[window].append(time.perf_counter() - start)
+        for window in windows:
+            step = statistics.median(times[window])
+            seen = min(args.context, window or args.context)
+            kv_bytes = args.seqs * seen * KV_HEADS * HEAD_DIM * 2 * 2 * LAYERS
+            label = f"{name}, window {window}" if window else name
+            print(
+                f"{label:>22}: {step * 1e3:.2f} ms a step ({step / LAYERS * 1e6:.0f} us a "
+                f"layer), keys and values read at {kv_bytes / step / 1e9:.1f} GB/s"
+            )
 
 
 if __name__ == "__main__":

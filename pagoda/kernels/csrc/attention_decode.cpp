@@ -8,8 +8,9 @@
 namespace pagoda {
 namespace {
 
-// Each query token t attends to keys 0..positions[t] of its sequence, read in
-// place from the paged cache through block_tables[token_seq[t]]. The query
+// Each query token t attends to keys 0..positions[t] of its sequence (with a sliding
+// window, only the last `window` of them: the blocks before are not read), in place
+// from the paged cache through block_tables[token_seq[t]]. The query
 // heads that share a KV head are done together, so each key is read once.
 
 // scores[h * stride] = q_h . key for each of the group's heads; q holds them in float32.
@@ -69,13 +70,14 @@ inline void prefetch_row(const T* row, int64_t dim) {
 }
 
 // One token's query heads that share KV head g, for head_dim = 16 C and G heads per KV
-// head, with the G x C accumulators held in registers: the keys and values of the
-// sequence stream through once. scores is scratch of G * len floats.
+// head, with the G x C accumulators held in registers: the keys first..len-1 and their
+// values stream through once. scores is scratch of G * (len - first) floats.
 template <int C, int G, typename T>
 void attend_kv_head(const float* q, const T* kc, const T* vc, const int64_t* blocks,
-                    int64_t block_size, int64_t kv_heads, int64_t g, int64_t len, float* scores,
-                    T* out) {
+                    int64_t block_size, int64_t kv_heads, int64_t g, int64_t first, int64_t len,
+                    float* scores, T* out) {
   constexpr int64_t dim = 16 * C;
+  const int64_t n = len - first;  // scores[h * n + p - first]: head h, key p
   __m512 qv[G][C];
   for (int h = 0; h < G; ++h)
     for (int c = 0; c < C; ++c) qv[h][c] = _mm512_loadu_ps(q + h * dim + 16 * c);
@@ -84,7 +86,7 @@ void attend_kv_head(const float* q, const T* kc, const T* vc, const int64_t* blo
     return cache_row(cache, blocks[b], g, p % block_size, kv_heads, block_size, dim);
   };
   const int64_t last_block = (len - 1) / block_size;
-  for (int64_t p = 0; p < len; ++p) {
+  for (int64_t p = first; p < len; ++p) {
     const int64_t b = p / block_size;
     if (b < last_block) prefetch_row(row(kc, b + 1, p), dim);
     const T* key = row(kc, b, p);
@@ -93,22 +95,22 @@ void attend_kv_head(const float* q, const T* kc, const T* vc, const int64_t* blo
     for (int h = 0; h < G; ++h) {
       __m512 dot = _mm512_mul_ps(qv[h][0], kv[0]);
       for (int c = 1; c < C; ++c) dot = _mm512_fmadd_ps(qv[h][c], kv[c], dot);
-      scores[h * len + p] = _mm512_reduce_add_ps(dot);
+      scores[h * n + p - first] = _mm512_reduce_add_ps(dot);
     }
   }
   float inv[G];
-  for (int h = 0; h < G; ++h) inv[h] = 1.f / exp_shifted(scores + h * len, len);
+  for (int h = 0; h < G; ++h) inv[h] = 1.f / exp_shifted(scores + h * n, n);
   __m512 acc[G][C];
   for (int h = 0; h < G; ++h)
     for (int c = 0; c < C; ++c) acc[h][c] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < len; ++p) {
+  for (int64_t p = first; p < len; ++p) {
     const int64_t b = p / block_size;
     if (b < last_block) prefetch_row(row(vc, b + 1, p), dim);
     const T* value = row(vc, b, p);
     __m512 vv[C];
     for (int c = 0; c < C; ++c) vv[c] = load16(value + 16 * c);
     for (int h = 0; h < G; ++h) {
-      const __m512 w = _mm512_set1_ps(scores[h * len + p]);
+      const __m512 w = _mm512_set1_ps(scores[h * n + p - first]);
       for (int c = 0; c < C; ++c) acc[h][c] = _mm512_fmadd_ps(w, vv[c], acc[h][c]);
     }
   }
@@ -121,7 +123,7 @@ void attend_kv_head(const float* q, const T* kc, const T* vc, const int64_t* blo
 
 template <typename T>
 using AttendKvHead = void (*)(const float*, const T*, const T*, const int64_t*, int64_t, int64_t,
-                              int64_t, int64_t, float*, T*);
+                              int64_t, int64_t, int64_t, float*, T*);
 
 // The register-blocked attend_kv_head for this shape, or nullptr.
 template <typename T>
@@ -150,7 +152,7 @@ template <typename T>
 void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& block_tables,
                           const at::Tensor& token_seq, const at::Tensor& positions, double scale,
-                          at::Tensor& out) {
+                          const std::optional<int64_t>& window, at::Tensor& out) {
   const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = k_cache.size(1), block_size = k_cache.size(2);
   const int64_t group = heads / kv_heads, num_blocks = k_cache.size(0);
@@ -170,12 +172,13 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
       std::vector<float> qf(group * dim), scores;
       for (int64_t item = begin; item < end; ++item) {
         const int64_t t = item / kv_heads, g = item % kv_heads, len = pos[t] + 1;
+        const int64_t first = window_start(pos[t], window);
         const int64_t* blocks = tables + seq[t] * table_stride;
-        check_blocks(blocks, len, block_size, num_blocks);
+        check_blocks(blocks, first, len, block_size, num_blocks);
         const T* row = qp + t * qs + g * group * dim;
         for (int64_t i = 0; i < group * dim; ++i) qf[i] = to_f32(row[i]) * s;
-        scores.resize(group * len);
-        attend(qf.data(), kc, vc, blocks, block_size, kv_heads, g, len, scores.data(),
+        scores.resize(group * (len - first));
+        attend(qf.data(), kc, vc, blocks, block_size, kv_heads, g, first, len, scores.data(),
                op + (t * heads + g * group) * dim);
       }
     });
@@ -187,26 +190,26 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
   at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(heads * dim), acc(heads * dim), scores, sums(heads);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t len = pos[t] + 1;
+      const int64_t len = pos[t] + 1, first = window_start(pos[t], window), n = len - first;
       const int64_t* blocks = tables + seq[t] * table_stride;
-      check_blocks(blocks, len, block_size, num_blocks);
+      check_blocks(blocks, first, len, block_size, num_blocks);
       for (int64_t i = 0; i < heads * dim; ++i) qf[i] = to_f32(qp[t * qs + i]) * s;
-      scores.resize(heads * len);
+      scores.resize(heads * n);
       auto row = [&](const T* cache, int64_t g, int64_t p) {
         return cache_row(cache, blocks[p / block_size], g, p % block_size, kv_heads, block_size,
                          dim);
       };
       for (int64_t g = 0; g < kv_heads; ++g) {
-        for (int64_t p = 0; p < len; ++p) {
-          dot_heads(&qf[g * group * dim], row(kc, g, p), group, dim, &scores[g * group * len + p],
-                    len);
+        for (int64_t p = first; p < len; ++p) {
+          dot_heads(&qf[g * group * dim], row(kc, g, p), group, dim,
+                    &scores[g * group * n + p - first], n);
         }
       }
-      for (int64_t h = 0; h < heads; ++h) sums[h] = exp_shifted(&scores[h * len], len);
+      for (int64_t h = 0; h < heads; ++h) sums[h] = exp_shifted(&scores[h * n], n);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t g = 0; g < kv_heads; ++g) {
-        for (int64_t p = 0; p < len; ++p) {
-          axpy_heads(&scores[g * group * len + p], len, row(vc, g, p), group, dim,
+        for (int64_t p = first; p < len; ++p) {
+          axpy_heads(&scores[g * group * n + p - first], n, row(vc, g, p), group, dim,
                      &acc[g * group * dim]);
         }
       }
@@ -224,12 +227,13 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& block_tables,
                            const at::Tensor& token_seq, const at::Tensor& positions,
-                           double scale) {
+                           double scale, std::optional<int64_t> window) {
   check_attention_args(q, k_cache, v_cache, block_tables, token_seq, positions);
+  check_window(window);
   at::Tensor out = at::empty({q.size(0), q.size(1) * q.size(2)}, q.options());
   dispatch_float_types(q, "paged_attention", [&](auto t) {
     paged_attention_impl<decltype(t)>(q, k_cache, v_cache, block_tables, token_seq, positions,
-                                      scale, out);
+                                      scale, window, out);
   });
   return out;
 }

@@ -12,7 +12,9 @@ namespace {
 // The queries of prompt chunks (runs of consecutive tokens of a sequence), bfloat16
 // only, flash-style: a tile of up to 16 consecutive tokens with the query heads that
 // share KV head g reads each cached key and value row once, and only the keys up to
-// its last token's position, so the causal half of the square is skipped. Scores
+// its last token's position, so the causal half of the square is skipped (and with a
+// sliding window, only from its first token's first key on: the blocks before it are
+// not read, so a long context costs no more than the window). Scores
 // are float32 with token t in lane t of a vector: the softmax runs over the keys
 // 16 at a time with vertical operations, rescaling what it has summed when the
 // running maximum grows. Products take bfloat16 pairs (vdpbf16ps) into float32
@@ -21,6 +23,8 @@ namespace {
 
 constexpr int kTile = 16;  // tokens per tile: the lanes of a vector
 constexpr int kKeys = 16;  // keys per step of the softmax
+// A window wider than any position (which the tiles hold as int32): no window.
+constexpr int64_t kNoWindow = std::numeric_limits<int32_t>::max();
 
 // Lane t holds the bfloat16 pair (lo[t], hi[t]).
 inline __m512i bf16_pairs(__m512 lo, __m512 hi) {
@@ -42,12 +46,14 @@ inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
 
 // One tile: the n tokens whose rows start at q, q_stride apart, at positions
 // pos0..pos0+n-1 of the sequence with block table `blocks`; query heads g*G..g*G+G-1,
-// each of DP bfloat16 pairs (head_dim 2 DP); output rows out_stride apart.
+// each of DP bfloat16 pairs (head_dim 2 DP); output rows out_stride apart. Token t
+// sees keys pos0+t-window < p <= pos0+t (a window of kNoWindow: keys 0..pos0+t), and
+// the tile reads only from its first token's first key on.
 template <int G, int DP>
 void prompt_tile(const at::BFloat16* q, int64_t q_stride, int64_t n, int64_t pos0,
                  const int64_t* blocks, const at::BFloat16* kc, const at::BFloat16* vc,
-                 int64_t block_size, int64_t kv_heads, int64_t g, float scale, at::BFloat16* out,
-                 int64_t out_stride) {
+                 int64_t block_size, int64_t kv_heads, int64_t g, float scale, int64_t window,
+                 at::BFloat16* out, int64_t out_stride) {
   // Scores of KC keys at a time: G x KC accumulators, held in registers.
   constexpr int D = 2 * DP, KC = G <= 3 ? 8 : 4;
   // Queries as bfloat16 pairs, token t in lane t; lanes past n repeat the last token
@@ -62,7 +68,9 @@ void prompt_tile(const at::BFloat16* q, int64_t q_stride, int64_t n, int64_t pos
       _mm512_add_epi32(_mm512_set1_epi32(int32_t(pos0)),
                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)),
       _mm512_set1_epi32(int32_t(pos0 + n - 1)));
-  const int64_t len = pos0 + n;  // keys 0..len-1
+  // Lane t sees key p when lo[t] < p <= pos[t].
+  const __m512i lo = _mm512_sub_epi32(pos, _mm512_set1_epi32(int32_t(window)));
+  const int64_t first = std::max<int64_t>(0, pos0 - window + 1), len = pos0 + n;  // keys read
   __m512 top[G], sum[G];
   for (int h = 0; h < G; ++h) {
     top[h] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -74,7 +82,7 @@ void prompt_tile(const at::BFloat16* q, int64_t q_stride, int64_t n, int64_t pos
   alignas(64) int32_t v2[kKeys / 2][D];      // values as pairs of keys
   alignas(64) float corr[kTile];
   std::memset(acc, 0, sizeof(acc));
-  for (int64_t k0 = 0; k0 < len; k0 += kKeys) {
+  for (int64_t k0 = first; k0 < len; k0 += kKeys) {
     const int64_t nk = std::min<int64_t>(kKeys, len - k0);
     const at::BFloat16* krow[kKeys];
     const at::BFloat16* vrow[kKeys];
@@ -102,8 +110,9 @@ void prompt_tile(const at::BFloat16* q, int64_t q_stride, int64_t n, int64_t pos
     }
     __mmask16 keep[kKeys];  // lanes whose token may see key k0 + j
     for (int j = 0; j < kKeys; ++j) {
-      keep[j] = j < nk ? _mm512_cmp_epi32_mask(_mm512_set1_epi32(int32_t(k0 + j)), pos,
-                                               _MM_CMPINT_LE)
+      const __m512i key = _mm512_set1_epi32(int32_t(k0 + j));
+      keep[j] = j < nk ? _mm512_mask_cmp_epi32_mask(
+                             _mm512_cmp_epi32_mask(key, pos, _MM_CMPINT_LE), key, lo, _MM_CMPINT_NLE)
                        : __mmask16(0);
     }
     for (int h = 0; h < G; ++h) {
@@ -117,7 +126,7 @@ void prompt_tile(const at::BFloat16* q, int64_t q_stride, int64_t n, int64_t pos
         const __m512 c = exp16(_mm512_sub_ps(top[h], m));
         sum[h] = _mm512_mul_ps(sum[h], c);
         _mm512_store_ps(corr, c);
-        if (k0 > 0) {
+        if (k0 > first) {
           for (int t = 0; t < n; ++t) {
             const __m512 ct = _mm512_set1_ps(corr[t]);
             for (int d = 0; d < D; d += 16) {
@@ -167,7 +176,7 @@ void prompt_tile(const at::BFloat16* q, int64_t q_stride, int64_t n, int64_t pos
 
 using PromptTile = void (*)(const at::BFloat16*, int64_t, int64_t, int64_t, const int64_t*,
                             const at::BFloat16*, const at::BFloat16*, int64_t, int64_t, int64_t,
-                            float, at::BFloat16*, int64_t);
+                            float, int64_t, at::BFloat16*, int64_t);
 
 template <int DP>
 PromptTile prompt_tile_for_group(int64_t group) {
@@ -191,11 +200,12 @@ PromptTile prompt_tile_for(int64_t dim, int64_t group) {
 
 
 // The softmax of prompt attention: row (s, ..., j) of scores [S, ..., Q, L] keeps
-// keys 0..query_pos[s, j] and gives the rest probability 0. In float32, rounded to
-// T once at the end: one pass instead of a float copy, a bias add, a softmax and
-// a copy back.
+// keys 0..query_pos[s, j] (with a sliding window, only the last `window` of them)
+// and gives the rest probability 0. In float32, rounded to T once at the end: one
+// pass instead of a float copy, a bias add, a softmax and a copy back.
 template <typename T>
-void causal_softmax_impl(const at::Tensor& scores, const at::Tensor& query_pos, at::Tensor& out) {
+void causal_softmax_impl(const at::Tensor& scores, const at::Tensor& query_pos,
+                         const std::optional<int64_t>& window, at::Tensor& out) {
   const int64_t seqs = scores.size(0), q_len = scores.size(-2), keys = scores.size(-1);
   const int64_t rows = scores.numel() / keys, per_seq = rows / seqs;
   const T* sp = scores.data_ptr<T>();
@@ -204,24 +214,28 @@ void causal_softmax_impl(const at::Tensor& scores, const at::Tensor& query_pos, 
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(keys);
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t len = std::min(qp[(r / per_seq) * q_len + r % q_len] + 1, keys);
-      TORCH_CHECK(len > 0, "query positions must be >= 0");
-      const T* row = sp + r * keys;
+      const int64_t query = qp[(r / per_seq) * q_len + r % q_len];
+      TORCH_CHECK(query >= 0, "query positions must be >= 0");
+      const int64_t len = std::min(query + 1, keys);
+      const int64_t first = std::min(window_start(query, window), len - 1), n = len - first;
+      const T* row = sp + r * keys + first;
       T* o = op + r * keys;
+      std::fill(o, o + first, from_f32<T>(0.f));
+      o += first;
       int64_t p = 0;
 #ifdef __AVX512F__
-      for (; p + 16 <= len; p += 16) _mm512_storeu_ps(buf.data() + p, load16(row + p));
+      for (; p + 16 <= n; p += 16) _mm512_storeu_ps(buf.data() + p, load16(row + p));
 #endif
-      for (; p < len; ++p) buf[p] = to_f32(row[p]);
-      const float inv = 1.f / exp_shifted(buf.data(), len);
+      for (; p < n; ++p) buf[p] = to_f32(row[p]);
+      const float inv = 1.f / exp_shifted(buf.data(), n);
       p = 0;
 #ifdef __AVX512F__
-      for (; p + 16 <= len; p += 16) {
+      for (; p + 16 <= n; p += 16) {
         store16(o + p, _mm512_mul_ps(_mm512_loadu_ps(buf.data() + p), _mm512_set1_ps(inv)));
       }
 #endif
-      for (; p < len; ++p) o[p] = from_f32<T>(buf[p] * inv);
-      std::fill(o + len, o + keys, from_f32<T>(0.f));
+      for (; p < n; ++p) o[p] = from_f32<T>(buf[p] * inv);
+      std::fill(o + n, op + (r + 1) * keys, from_f32<T>(0.f));
     }
   });
 }
@@ -244,8 +258,9 @@ bool prompt_attention_supports(at::ScalarType dtype, int64_t head_dim, int64_t h
 at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,
                             const at::Tensor& token_seq, const at::Tensor& positions,
-                            double scale) {
+                            double scale, std::optional<int64_t> window) {
   check_attention_args(q, k_cache, v_cache, block_tables, token_seq, positions);
+  check_window(window);
   const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = k_cache.size(1), block_size = k_cache.size(2);
   TORCH_CHECK(prompt_attention_supports(q.scalar_type(), dim, heads / kv_heads),
@@ -273,7 +288,8 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k_cache,
     const int64_t last = starts[i + 1] - 1, used = pos[last] / block_size + 1;
     TORCH_CHECK(used <= block_tables.size(1), "block_tables is too short for position ",
                 pos[last]);
-    check_blocks(tables + seq[last] * table_stride, pos[last] + 1, block_size, num_blocks);
+    check_blocks(tables + seq[last] * table_stride, window_start(pos[starts[i]], window),
+                 pos[last] + 1, block_size, num_blocks);
   }
   at::Tensor out = at::empty({tokens, heads * dim}, q.options());
   const auto* qp = q.data_ptr<at::BFloat16>();
@@ -281,23 +297,26 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k_cache,
   const auto* kc = k_cache.data_ptr<at::BFloat16>();
   const auto* vc = v_cache.data_ptr<at::BFloat16>();
   const float s = static_cast<float>(scale);
+  const int64_t w = window ? std::min(*window, kNoWindow) : kNoWindow;
   // Later tiles read more keys: hand the items out longest first.
 #pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
   for (int64_t item = num_tiles * kv_heads - 1; item >= 0; --item) {
     const int64_t i = item / kv_heads, g = item % kv_heads, first = starts[i];
     tile(qp + first * q.stride(0), q.stride(0), starts[i + 1] - first, pos[first],
-         tables + seq[first] * table_stride, kc, vc, block_size, kv_heads, g, s,
+         tables + seq[first] * table_stride, kc, vc, block_size, kv_heads, g, s, w,
          op + first * heads * dim, heads * dim);
   }
   return out;
 #else
-  (void)tokens, (void)block_size, (void)scale;
+  (void)tokens, (void)block_size, (void)scale, (void)window;
   return {};  // not reached: nothing is supported without AVX512-BF16
 #endif
 }
 
-at::Tensor causal_softmax(const at::Tensor& scores, const at::Tensor& query_pos) {
+at::Tensor causal_softmax(const at::Tensor& scores, const at::Tensor& query_pos,
+                          std::optional<int64_t> window) {
   check_cpu(scores, "scores");
+  check_window(window);
   TORCH_CHECK(scores.dim() >= 3 && scores.is_contiguous(), "scores must be contiguous [S, ..., Q, L]");
   TORCH_CHECK(query_pos.scalar_type() == at::kLong && query_pos.is_contiguous() &&
                   query_pos.dim() == 2 && query_pos.size(0) == scores.size(0) &&
@@ -305,7 +324,7 @@ at::Tensor causal_softmax(const at::Tensor& scores, const at::Tensor& query_pos)
               "query_pos must be contiguous int64 [S, Q]");
   at::Tensor out = at::empty_like(scores);
   dispatch_float_types(scores, "causal_softmax", [&](auto t) {
-    causal_softmax_impl<decltype(t)>(scores, query_pos, out);
+    causal_softmax_impl<decltype(t)>(scores, query_pos, window, out);
   });
   return out;
 }

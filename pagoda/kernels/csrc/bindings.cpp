@@ -10,6 +10,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <optional>
+
 namespace pagoda {
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
@@ -21,13 +23,14 @@ void rope_and_cache(at::Tensor q, at::Tensor k, const at::Tensor& v, const at::T
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& block_tables,
                            const at::Tensor& token_seq, const at::Tensor& positions,
-                           double scale);
+                           double scale, std::optional<int64_t> window);
 bool prompt_attention_supports(at::ScalarType dtype, int64_t head_dim, int64_t heads_per_kv);
 at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,
                             const at::Tensor& token_seq, const at::Tensor& positions,
-                            double scale);
-at::Tensor causal_softmax(const at::Tensor& scores, const at::Tensor& query_pos);
+                            double scale, std::optional<int64_t> window);
+at::Tensor causal_softmax(const at::Tensor& scores, const at::Tensor& query_pos,
+                          std::optional<int64_t> window);
 at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales);
 at::Tensor argmax_rows(const at::Tensor& x);
 
@@ -44,13 +47,13 @@ TORCH_LIBRARY(pagoda, m) {
       "Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor slot_mapping) -> ()");
   m.def(
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-      "Tensor token_seq, Tensor positions, float scale) -> Tensor");
-  m.def("causal_softmax(Tensor scores, Tensor query_pos) -> Tensor");
+      "Tensor token_seq, Tensor positions, float scale, int? window=None) -> Tensor");
+  m.def("causal_softmax(Tensor scores, Tensor query_pos, int? window=None) -> Tensor");
   m.def("q8_0_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def(
       "prompt_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-      "Tensor token_seq, Tensor positions, float scale) -> Tensor");
+      "Tensor token_seq, Tensor positions, float scale, int? window=None) -> Tensor");
   // No tensor to dispatch on: one implementation for every device.
   m.def("prompt_attention_supports(ScalarType dtype, int head_dim, int heads_per_kv) -> bool",
         &prompt_attention_supports);

@@ -3,6 +3,8 @@
 
 #pragma once
 
+#include <optional>
+
 #include "simd.h"
 
 namespace pagoda {
@@ -15,12 +17,23 @@ inline T* cache_row(T* cache, int64_t block, int64_t g, int64_t offset, int64_t 
   return cache + ((block * kv_heads + g) * block_size + offset) * dim;
 }
 
-// That the blocks holding positions 0..len-1 of a sequence lie in the cache.
-inline void check_blocks(const int64_t* blocks, int64_t len, int64_t block_size, int64_t num_blocks) {
-  for (int64_t b = 0; b * block_size < len; ++b) {
+// That the blocks holding positions first..len-1 of a sequence lie in the cache.
+inline void check_blocks(const int64_t* blocks, int64_t first, int64_t len, int64_t block_size,
+                         int64_t num_blocks) {
+  for (int64_t b = first / block_size; b * block_size < len; ++b) {
     TORCH_CHECK(blocks[b] >= 0 && blocks[b] < num_blocks, "block ", blocks[b],
                 " is out of the cache");
   }
+}
+
+// The first key a query at position pos sees: with a sliding window of W positions it
+// sees keys pos - W < p <= pos (a layer of local attention), without one keys 0..pos.
+inline int64_t window_start(int64_t pos, const std::optional<int64_t>& window) {
+  return window ? std::max<int64_t>(0, pos - *window + 1) : 0;
+}
+
+inline void check_window(const std::optional<int64_t>& window) {
+  TORCH_CHECK(!window || *window >= 1, "window must be at least 1 position, got ", *window);
 }
 
 inline void check_heads(const at::Tensor& x, const char* name) {

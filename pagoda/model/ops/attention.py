@@ -16,9 +16,11 @@ from pagoda import kernels
 from pagoda.model.attention_metadata import AttentionGroup, AttentionMetadata
 
 
-def causal_softmax(scores: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+def causal_softmax(
+    scores: torch.Tensor, group: AttentionGroup, window: int | None = None
+) -> torch.Tensor:
     """causal_softmax_torch in one pass (scores contiguous, as matmul makes them)."""
-    return torch.ops.pagoda.causal_softmax.default(scores.contiguous(), group.query_pos)
+    return torch.ops.pagoda.causal_softmax.default(scores.contiguous(), group.query_pos, window)
 
 
 @functools.cache
@@ -34,9 +36,12 @@ def paged_attention(
     v_cache: torch.Tensor,
     attn: AttentionMetadata,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Each query [T, H, D] attends to its own sequence's cached keys up to its position.
 
+    With a sliding window (a local attention layer), a query at position p sees only
+    the keys at p - window < position <= p; the kernels do not read the blocks before.
     Returns [T, H * D]. The cache must already hold the batch's own keys and values.
     One kernel takes the decoding sequences: one query each, so the work is reading
     their keys. Another takes prompt chunks in bfloat16, tiles of consecutive
@@ -44,7 +49,7 @@ def paged_attention(
     prompt chunks go to two matmuls, which use each key for every query at once.
     """
     if not kernels.available(q):
-        return paged_attention_torch(q, k_cache, v_cache, attn, scale)
+        return paged_attention_torch(q, k_cache, v_cache, attn, scale, window)
     prompt_kernel = None
     if prompt_kernel_takes(q.dtype, q.shape[2], q.shape[1] // k_cache.shape[1]):
         prompt_kernel = torch.ops.pagoda.prompt_attention.default
@@ -56,10 +61,17 @@ def paged_attention(
         elif prompt_kernel is not None:
             kernel = prompt_kernel
         else:
-            return attend_group(q, k_cache, v_cache, group, scale, causal_softmax)
+            return attend_group(q, k_cache, v_cache, group, scale, window, causal_softmax)
         rows = q[group.dense[0] : group.dense[1]] if group.dense else q[group.flat_index]
         return kernel(
-            rows, k_cache, v_cache, group.block_tables, group.token_seq, group.positions, scale
+            rows,
+            k_cache,
+            v_cache,
+            group.block_tables,
+            group.token_seq,
+            group.positions,
+            scale,
+            window,
         )
 
     return attend_groups(q, attn, attend)
@@ -71,9 +83,13 @@ def paged_attention_torch(
     v_cache: torch.Tensor,
     attn: AttentionMetadata,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Attention of each query [T, H, D] to its sequence's cached keys; returns [T, H * D]."""
-    return attend_groups(q, attn, lambda group: attend_group(q, k_cache, v_cache, group, scale))
+    """Attention of each query [T, H, D] to its sequence's cached keys (the last `window`
+    positions up to its own with a sliding window, else all up to it); returns [T, H * D]."""
+    return attend_groups(
+        q, attn, lambda group: attend_group(q, k_cache, v_cache, group, scale, window)
+    )
 
 
 def attend_groups(
@@ -94,12 +110,13 @@ def attend_group(
     v_cache: torch.Tensor,
     group: AttentionGroup,
     scale: float,
-    softmax: Callable[[torch.Tensor, AttentionGroup], torch.Tensor] | None = None,
+    window: int | None = None,
+    softmax: Callable[[torch.Tensor, AttentionGroup, int | None], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of one group's queries; rows in the order of group.flat_index.
 
-    softmax(scores [S, kv_heads, heads_per_kv, max_q, L], group) -> probabilities in
-    the scores' dtype, each query over its own keys; causal_softmax_torch by default.
+    softmax(scores [S, kv_heads, heads_per_kv, max_q, L], group, window) -> probabilities
+    in the scores' dtype, each query over its own keys; causal_softmax_torch by default.
     """
     num_kv_heads, _, head_dim = k_cache.shape[1:]
     num_seqs = group.block_tables.shape[0]
@@ -125,13 +142,26 @@ def attend_group(
     rows = rows.permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, -1, head_dim) * scale
     scores = torch.matmul(rows, keys.transpose(2, 3))  # [S, kv_heads, rows, L]
     scores = scores.view(num_seqs, num_kv_heads, heads_per_kv, max_q, -1)
-    probs = (softmax or causal_softmax_torch)(scores, group).flatten(2, 3)
+    probs = (softmax or causal_softmax_torch)(scores, group, window).flatten(2, 3)
     out = torch.matmul(probs, values)  # [S, kv_heads, rows, head_dim]
     out = out.view(num_seqs, num_kv_heads, heads_per_kv, max_q, head_dim).permute(0, 3, 1, 2, 4)
     out = out.reshape(num_seqs * max_q, num_heads * head_dim)
     return out if group.dense is not None else out[group.token_index]
 
 
-def causal_softmax_torch(scores: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+def causal_softmax_torch(
+    scores: torch.Tensor, group: AttentionGroup, window: int | None = None
+) -> torch.Tensor:
     """Softmax in float32, with the causal/padding bias shared by all heads."""
-    return scores.float().add_(group.bias).softmax(dim=-1).to(scores.dtype)
+    bias = group.bias if window is None else window_bias(group, window)
+    return scores.float().add_(bias).softmax(dim=-1).to(scores.dtype)
+
+
+def window_bias(group: AttentionGroup, window: int) -> torch.Tensor:
+    """group.bias with a sliding window: a cell at position p may attend to the keys
+    p - window < key <= p. [num_seqs, 1, 1, max_query_len, max_seq_len] float32."""
+    keys = torch.arange(group.max_seq_len, device=group.query_pos.device)
+    pos = group.query_pos.unsqueeze(-1)
+    bias = torch.zeros(*group.query_pos.shape, group.max_seq_len, device=keys.device)
+    bias.masked_fill_((keys > pos) | (keys <= pos - window), float("-inf"))
+    return bias[:, None, None]

@@ -172,3 +172,193 @@ def test_causal_softmax(dtype: torch.dtype) -> None:
         got = torch.ops.pagoda.causal_softmax(scores, group.query_pos)
         torch.testing.assert_close(got, causal_softmax_torch(scores, group), **TOLERANCE[dtype])
         assert (got.float().sum(-1) - 1).abs().max() < 0.02
+
+
+# ---- Sliding window: a query at position p sees keys p - window < key <= p.
+
+
+def window_batch(dtype: torch.dtype, heads: int, kv_heads: int, dim: int, block_size: int):
+    """A whole prompt, chunks (one from after a context of 21), decodes early and at 300,
+    over a shuffled cache: q, (k_cache, v_cache), attn, the block tables."""
+    num_computed, num_new = [0, 21, 40, 0, 5, 300], [37, 16, 1, 2, 70, 1]
+    num_blocks = sum(-(-(c + n) // block_size) for c, n in zip(num_computed, num_new))
+    order = torch.randperm(num_blocks).tolist()
+    tables = []
+    for c, n in zip(num_computed, num_new):
+        used = -(-(c + n) // block_size)
+        tables.append(order[:used])
+        order = order[used:]
+    attn, _ = AttentionMetadata.build(num_computed, num_new, tables, block_size)
+    q = torch.randn(sum(num_new), heads, dim).to(dtype)
+    shape = (num_blocks, kv_heads, block_size, dim)
+    caches = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    return q, caches, attn, tables
+
+
+# 1: the token itself; 7, 16, 24: edges inside tiles, on a tile, and crossed by the chunk at
+# 21..36; 33: across the whole prompt of 37; 300: wider than every context but the last.
+WINDOWS = [1, 7, 16, 24, 33, 300]
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+def test_window_twin_sees_the_last_window_positions(window: int) -> None:
+    """The PyTorch twin against attention written out token by token in float64."""
+    torch.manual_seed(0)
+    q, (kc, vc), attn, tables = window_batch(torch.float32, 4, 2, 16, 4)
+    got = paged_attention_torch(q, kc, vc, attn, 0.25, window)
+    num_computed, num_new = [0, 21, 40, 0, 5, 300], [37, 16, 1, 2, 70, 1]
+    t = 0
+    for seq, (c, n) in enumerate(zip(num_computed, num_new)):
+        slots = torch.tensor([tables[seq][p // 4] * 4 + p % 4 for p in range(c + n)])
+        keys = kc.transpose(1, 2).reshape(-1, 2, 16)[slots].double()  # [positions, 2, 16]
+        values = vc.transpose(1, 2).reshape(-1, 2, 16)[slots].double()
+        for p in range(c, c + n):
+            seen = slice(max(0, p - window + 1), p + 1)
+            for h in range(4):
+                scores = keys[seen, h // 2] @ q[t, h].double() * 0.25
+                want = scores.softmax(0) @ values[seen, h // 2]
+                torch.testing.assert_close(
+                    got[t, h * 16 : (h + 1) * 16].double(), want, rtol=1e-5, atol=1e-5
+                )
+            t += 1
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_kernel_with_window_equals_float32(
+    dtype: torch.dtype, dim: int, window: int
+) -> None:
+    """The decode kernel (register-blocked for 64 and 128, general for 32) on every group."""
+    torch.manual_seed(0)
+    q, (kc, vc), attn, _ = window_batch(dtype, 6, 2, dim, 16)
+    for group in attn.groups:
+        out = torch.ops.pagoda.paged_attention(
+            q[group.flat_index],
+            kc,
+            vc,
+            group.block_tables,
+            group.token_seq,
+            group.positions,
+            0.3,
+            window,
+        )
+        reference = attend_group(q.float(), kc.float(), vc.float(), group, 0.3, window)
+        torch.testing.assert_close(out.float(), reference, **TOLERANCE[dtype])
+
+
+@needs_prompt_kernel
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize(
+    "heads, kv_heads, dim, block_size", [(9, 3, 64, 16), (4, 4, 64, 4), (4, 2, 128, 32)]
+)
+def test_prompt_kernel_with_window_equals_float32(
+    heads: int, kv_heads: int, dim: int, block_size: int, window: int
+) -> None:
+    """A prefill longer than the window, a chunk crossing the window's edge, short chunks."""
+    torch.manual_seed(0)
+    q, (kc, vc), attn, _ = window_batch(torch.bfloat16, heads, kv_heads, dim, block_size)
+    chunks = next(g for g in attn.groups if g.max_query_len > 1)
+    reference = attend_group(q.float(), kc.float(), vc.float(), chunks, dim**-0.5, window)
+    out = torch.ops.pagoda.prompt_attention(
+        q[chunks.flat_index],
+        kc,
+        vc,
+        chunks.block_tables,
+        chunks.token_seq,
+        chunks.positions,
+        dim**-0.5,
+        window,
+    )
+    torch.testing.assert_close(out.float(), reference, **TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("window", [7, 24])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_attention_with_window_equals_the_twin(dtype: torch.dtype, window: int) -> None:
+    """The dispatcher: decode kernel, and the prompt kernel (bfloat16) or matmuls with the
+    C++ softmax (float32), against the twin in float32."""
+    torch.manual_seed(0)
+    q, (kc, vc), attn, _ = window_batch(dtype, 6, 2, 64, 16)
+    torch.testing.assert_close(
+        paged_attention(q, kc, vc, attn, 0.125, window).float(),
+        paged_attention_torch(q.float(), kc.float(), vc.float(), attn, 0.125, window),
+        **TOLERANCE[dtype],
+    )
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_causal_softmax_with_window(dtype: torch.dtype, window: int) -> None:
+    torch.manual_seed(0)
+    _, _, attn, _ = window_batch(dtype, 6, 2, 16, 16)
+    for group in attn.groups:
+        shape = (len(group.block_tables), 2, 3, group.max_query_len, group.max_seq_len)
+        scores = (torch.randn(shape) * 4).to(dtype)
+        got = torch.ops.pagoda.causal_softmax(scores, group.query_pos, window)
+        want = causal_softmax_torch(scores, group, window)
+        torch.testing.assert_close(got, want, **TOLERANCE[dtype])
+        assert torch.equal(got > 0, want > 0)  # the same keys, and no others, kept
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_window_wider_than_every_context_changes_nothing(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    q, (kc, vc), attn, _ = window_batch(dtype, 9, 3, 64, 16)
+    for group in attn.groups:
+        args = (kc, vc, group.block_tables, group.token_seq, group.positions, 0.125)
+        rows = q[group.flat_index]
+        kernels_ = [torch.ops.pagoda.paged_attention]
+        if prompt_kernel_built() and dtype == torch.bfloat16 and group.max_query_len > 1:
+            kernels_.append(torch.ops.pagoda.prompt_attention)
+        for kernel in kernels_:
+            assert torch.equal(kernel(rows, *args, 301), kernel(rows, *args))
+        scores = torch.randn(len(group.block_tables), 3, 3, group.max_query_len, group.max_seq_len)
+        scores = scores.to(dtype)
+        assert torch.equal(
+            torch.ops.pagoda.causal_softmax(scores, group.query_pos, 301),
+            torch.ops.pagoda.causal_softmax(scores, group.query_pos),
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_read_no_block_before_the_window(dtype: torch.dtype) -> None:
+    """Blocks wholly before every query's window are given ids out of the cache: the kernels,
+    which check each block they read, must not touch them, and still give the twin's result."""
+    torch.manual_seed(0)
+    window, block_size = 8, 4  # the chunk at 21..36 sees from 14 on, its first 3 blocks not
+    q, (kc, vc), attn, _ = window_batch(dtype, 6, 2, 64, block_size)
+    for group in attn.groups:
+        first_seen = torch.full((len(group.block_tables),), 1 << 40)
+        first_seen.scatter_reduce_(0, group.token_seq, group.positions - window + 1, "amin")
+        before = torch.arange(group.block_tables.shape[1]) * block_size + block_size <= (
+            first_seen.unsqueeze(1)
+        )
+        assert before.any()  # some blocks lie before every window of their sequence
+        tables = group.block_tables.masked_fill(before, 10**6)
+        kernels_ = [torch.ops.pagoda.paged_attention]
+        if prompt_kernel_built() and dtype == torch.bfloat16 and group.max_query_len > 1:
+            kernels_.append(torch.ops.pagoda.prompt_attention)
+        reference = attend_group(q.float(), kc.float(), vc.float(), group, 0.125, window)
+        for kernel in kernels_:
+            rows = q[group.flat_index]
+            out = kernel(rows, kc, vc, tables, group.token_seq, group.positions, 0.125, window)
+            torch.testing.assert_close(out.float(), reference, **TOLERANCE[dtype])
+            with pytest.raises(RuntimeError, match="out of the cache"):  # without the window
+                kernel(rows, kc, vc, tables, group.token_seq, group.positions, 0.125)
+
+
+def test_window_must_be_positive() -> None:
+    q, (kc, vc), attn, _ = window_batch(torch.float32, 6, 2, 64, 16)
+    group = attn.groups[0]
+    with pytest.raises(RuntimeError, match="window must be at least 1"):
+        torch.ops.pagoda.paged_attention(
+            q[group.flat_index],
+            kc,
+            vc,
+            group.block_tables,
+            group.token_seq,
+            group.positions,
+            0.3,
+            0,
+        )
