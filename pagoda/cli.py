@@ -210,8 +210,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--quantization",
         choices=QUANTIZATIONS,
         default=ModelConfig.quantization,
-        help="auto: in bfloat16, also run a GGUF's Q4_1 and Q4_K projections (batches of up to 8 "
-        "tokens) and Q8_0 output layer (up to 4) in their file form; none: dequantize "
+        help="auto: in bfloat16, also run a GGUF's Q4_1 and Q4_K projections (batches of up to "
+        "8 tokens), Q8_0 and Q5_0 projections (1 token) and Q8_0 output layer (up to 4) in "
+        "their file form; none: dequantize "
         "every weight",
     )
     p.add_argument(

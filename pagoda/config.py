@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16")
-# auto: in bfloat16 on the CPU, a GGUF's Q4_1 and Q4_K projections and Q8_0 output layer also run
-# in their file form for small batches (model/layers/linear.py, CausalLM.compute_logits).
+# auto: in bfloat16 on the CPU, a GGUF's Q4_1/Q4_K/Q8_0/Q5_0 projections and Q8_0 output layer run
+# in their file form for small batches too (model/layers/linear.py, CausalLM.compute_logits).
 QUANTIZATIONS = ("auto", "none")
 
 # Tokens per step. Serving takes fewer, so that a step of prompts stays short (about

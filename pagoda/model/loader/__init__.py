@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from pagoda.model.gguf_metadata import open_reader
-from pagoda.model.layers.linear import Int4Weight, Q8Weight
+from pagoda.model.layers.linear import Int4Weight, Linear, Q8Weight
 from pagoda.model.layers.rope import RotaryEmbedding
 from pagoda.model.loader import gguf as gguf_loader
 from pagoda.model.loader import safetensors as st_loader
@@ -39,8 +39,9 @@ def load_model(
 ) -> CausalLM:
     """Builds the model on the meta device, then streams the weights in; logs time and memory.
 
-    quantized keeps a GGUF's Q4_1 and Q4_K projections and Q8_0 output layer in their file
-    form too, for batches of a few tokens (CPU, bfloat16); see layers.linear.Linear.
+    quantized keeps a GGUF's Q4_1/Q4_K (int4) and Q8_0/Q5_0 (int8) projections and its
+    Q8_0 output layer in their file form too, for batches of a few tokens (CPU,
+    bfloat16); see layers.linear.Linear.
     """
     start = time.perf_counter()
     weights: Iterator[tuple[str, torch.Tensor | Int4Weight | Q8Weight]]
@@ -77,8 +78,10 @@ def load_model(
     for rope in ropes:
         rope.init_table()
     model.eval().requires_grad_(False)
-    int4_bytes = sum(
-        m.int4[0].nbytes + m.int4[1].nbytes for m in model.modules() if getattr(m, "int4", None)
+    codes_bytes = sum(  # int4 and int8 copies of projections, beside their dense weights
+        sum(t.nbytes for t in m.int4 or ()) + (m.q8.codes.nbytes + m.q8.scale.nbytes if m.q8 else 0)
+        for m in model.modules()
+        if isinstance(m, Linear)
     )
     logger.info(
         "Loaded %s (%s, %d layers) in %.2f s: %.1f MiB of weights in %s%s",
@@ -88,7 +91,7 @@ def load_model(
         time.perf_counter() - start,
         nbytes / 2**20,
         dtype,
-        f", plus {int4_bytes / 2**20:.1f} MiB of int4 projections" if int4_bytes else "",
+        f", plus {codes_bytes / 2**20:.1f} MiB of int4/int8 projections" if codes_bytes else "",
     )
     return model
 

@@ -12,7 +12,13 @@ import numpy as np
 import torch
 
 from pagoda.model.layers.linear import Int4Weight, Q8Weight
-from pagoda.model.loader.quants import FORMATS, INT4_FORMATS, dequantize, q8_0_to_q8
+from pagoda.model.loader.quants import (
+    FORMATS,
+    INT4_FORMATS,
+    INT8_FORMATS,
+    dequantize,
+    q8_0_to_q8,
+)
 from pagoda.model.spec import ModelLoadError, ModelSpec
 
 # GGUF architecture -> our family. Mistral files declare "llama".
@@ -216,8 +222,8 @@ def iter_weights(
     """Yields (Hugging Face name, tensor in dtype) for every tensor the model uses.
 
     With quantized, each Q4_1 or Q4_K projection is also yielded under the same
-    name as an Int4Weight, and a Q8_0 output layer as a Q8Weight, with their exact codes
-    and scales.
+    name as an Int4Weight, each Q8_0 or Q5_0 projection and a Q8_0 output layer as
+    a Q8Weight, with their exact codes and scales.
     """
     check_tensors(reader, spec)
     permuted = field(reader, "general.architecture") in ("llama", "mistral")
@@ -237,8 +243,9 @@ def iter_weights(
         elif permuted and name.endswith("k_proj.weight"):
             rows = unpermute(torch.arange(w.shape[0]), spec.num_kv_heads)
         yield name, (w if rows is None else w[rows]).to(dtype)
-        if quantized and t.tensor_type.name in INT4_FORMATS and ".layers." in name:
-            q = INT4_FORMATS[t.tensor_type.name](_raw_bytes(t), w.shape[0])
+        qtype = t.tensor_type.name
+        if quantized and ".layers." in name and qtype in INT4_FORMATS | INT8_FORMATS:
+            q = (INT4_FORMATS | INT8_FORMATS)[qtype](_raw_bytes(t), w.shape[0])
             yield name, q if rows is None else q.rows(rows)
-        elif quantized and t.tensor_type.name == "Q8_0" and ".layers." not in name:
+        elif quantized and qtype == "Q8_0" and ".layers." not in name:
             yield name, q8_0_to_q8(_raw_bytes(t), w.shape[0])

@@ -235,3 +235,15 @@ def q8_0_to_q8(raw: torch.Tensor, rows: int) -> Q8Weight:
     blocks = raw.reshape(-1, BLOCK_BYTES["Q8_0"])
     codes = _int8(blocks[:, 2:]).reshape(rows, -1)
     return Q8Weight(codes, _f16(blocks[:, 0:2]).reshape(rows, -1))
+
+
+def q5_0_to_q8(raw: torch.Tensor, rows: int) -> Q8Weight:
+    """Raw Q5_0 bytes of a [rows, cols] tensor as a Q8Weight, exactly: code = q - 16."""
+    b = raw.reshape(-1, BLOCK_BYTES["Q5_0"])
+    q = _nibbles(b[:, 6:]) | (_high_bits(b[:, 2:6]) << 4)
+    codes = (q.to(torch.int16) - 16).to(torch.int8).reshape(rows, -1)
+    return Q8Weight(codes, _f16(b[:, :2]).reshape(rows, -1))
+
+
+# GGUF types whose projections can run as int8 codes: type -> (raw bytes, rows) -> codes
+INT8_FORMATS = {"Q8_0": q8_0_to_q8, "Q5_0": q5_0_to_q8}

@@ -8,6 +8,7 @@ loader fuses projections: q/k/v into qkv_proj and gate/up into gate_up_proj.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TypeVar
 
 import torch
 
@@ -49,21 +50,43 @@ def _shard_sizes(name: str, spec: ModelSpec) -> list[int] | None:
     return None
 
 
+W = TypeVar("W", Int4Weight, Q8Weight)
+
+
+def _add_shard(
+    pending: dict[str, dict[int, W]], name: str, shard: int, w: W, count: int
+) -> list[W]:
+    """Collects a projection's shards in one coded form: all of them, in order, once complete."""
+    shards = pending.setdefault(name, {})
+    shards[shard] = w
+    if len(shards) < count:
+        return []
+    del pending[name]
+    return [shards[i] for i in range(count)]
+
+
+def _projection(model: CausalLM, name: str) -> Linear:
+    module = model.get_submodule(name.removesuffix(".weight"))
+    assert isinstance(module, Linear), name
+    return module
+
+
 @torch.no_grad()
 def load_weights(
     model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | Int4Weight | Q8Weight]]
 ) -> None:
     """Copies Hugging Face-named tensors in, fusing q/k/v and gate/up; checks completeness.
 
-    An Int4Weight arriving beside a projection's dense weight gives that
-    projection its 4-bit form too, once all of its shards have come in 4 bits;
-    a Q8Weight of the output layer gives compute_logits its Q8_0 form.
+    An Int4Weight (Q8Weight) arriving beside a projection's dense weight gives that
+    projection its 4-bit (8-bit) form too, once all of its shards have come in that
+    form; a Q8Weight of the output layer gives compute_logits its Q8_0 form.
     """
     spec = model.spec
     params = dict(model.named_parameters())
     expected = {name: len(_shard_sizes(name, spec) or [0]) for name in params}
     seen: dict[str, set[int]] = {name: set() for name in params}
     int4_shards: dict[str, dict[int, Int4Weight]] = {}
+    q8_shards: dict[str, dict[int, Q8Weight]] = {}
 
     for hf_name, tensor in weights:
         name, shard = param_name(hf_name, spec)
@@ -71,17 +94,16 @@ def load_weights(
             continue
         if name not in params:
             raise ModelLoadError(f"unexpected tensor {hf_name!r} for a {spec.family} model")
-        if isinstance(tensor, Q8Weight):
-            if name == model.output_weight_name():
-                model.logits_q8 = tensor
+        if isinstance(tensor, Q8Weight) and name == model.output_weight_name():
+            model.logits_q8 = tensor
             continue
         if isinstance(tensor, Int4Weight):
-            shards = int4_shards.setdefault(name, {})
-            shards[shard] = tensor
-            if len(shards) == expected[name]:  # all in 4 bits: stack the shards in order
-                module = model.get_submodule(name.removesuffix(".weight"))
-                assert isinstance(module, Linear)
-                module.set_int4(Int4Weight.cat([shards.pop(i) for i in range(len(shards))]))
+            if parts := _add_shard(int4_shards, name, shard, tensor, expected[name]):
+                _projection(model, name).set_int4(Int4Weight.cat(parts))
+            continue
+        if isinstance(tensor, Q8Weight):
+            if q8_parts := _add_shard(q8_shards, name, shard, tensor, expected[name]):
+                _projection(model, name).q8 = Q8Weight.cat(q8_parts)
             continue
         target: torch.Tensor = params[name]
         sizes = _shard_sizes(name, spec)

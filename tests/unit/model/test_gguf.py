@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from tiny_gguf import write_gguf
 from tiny_models import COMMON, bind_cache, forward, make_hf_model
 
+from pagoda import kernels
 from pagoda.model.layers.linear import Linear
 from pagoda.model.loader import load_model
 
@@ -73,9 +74,38 @@ def test_q4_1_projections_also_load_as_exact_int4(tmp_path: Path) -> None:
         )
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0"])
+def test_int8_projections_compute_as_the_dense_ones(tmp_path: Path, qtype: str) -> None:
+    """Q8_0 and Q5_0 projections keep int8 codes, used for one row with the C++ kernels."""
+    hf = make_hf_model("llama")
+    state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    write_gguf(tmp_path / "tiny.gguf", state, qtype)
+    model = load_model(tmp_path / "tiny.gguf", quantized=True)
+    projections = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(projections) == 4 * COMMON["num_hidden_layers"]
+    for m in projections:
+        assert m.int4 is None and m.q8 is not None
+        # the codes are the file's weights exactly (q/k rows un-permuted as the dense ones)
+        scale = m.q8.scale.repeat_interleave(32, dim=1)
+        assert torch.equal(m.q8.codes.float() * scale, m.weight)
+    if not kernels.load():
+        pytest.skip("the C++ kernels are not built")
+    for m in projections:
+        x = torch.randn(Linear.Q8_MAX_ROWS, m.in_features)
+        torch.testing.assert_close(m(x), F.linear(x, m.weight), rtol=1e-5, atol=1e-5)
+
+    dense = load_model(tmp_path / "tiny.gguf")
+    for m in (model, dense):
+        bind_cache(m)
+    chunk = [([5], 0, list(range(8)))]
+    torch.testing.assert_close(forward(model, chunk), forward(dense, chunk), rtol=1e-4, atol=1e-4)
+
+
 def test_int4_is_left_out_for_other_formats(tmp_path: Path) -> None:
     hf = make_hf_model("llama")
     state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     write_gguf(tmp_path / "tiny.gguf", state, "Q8_0")
     model = load_model(tmp_path / "tiny.gguf", quantized=True)
     assert all(m.int4 is None for m in model.modules() if isinstance(m, Linear))
+    model = load_model(tmp_path / "tiny.gguf", quantized=False)
+    assert all(m.q8 is None for m in model.modules() if isinstance(m, Linear))

@@ -13,7 +13,7 @@ import torch
 from pagoda.model.gguf_metadata import open_reader
 from pagoda.model.layers.linear import Int4Weight, Linear
 from pagoda.model.loader import gguf as gguf_loader
-from pagoda.model.loader.quants import FORMATS, dequantize, q4_k_to_int4
+from pagoda.model.loader.quants import FORMATS, dequantize, q4_k_to_int4, q5_0_to_q8
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 # Where each block keeps its float16 scales (d, and dmin or m where there is one).
@@ -118,3 +118,12 @@ def test_q4_k_projections_of_the_gemma3_file_load_as_int4(gemma3_gguf_path: Path
     assert name == int4_name == "model.layers.0.self_attn.o_proj.weight"  # Q4_K in this file
     assert isinstance(dense, torch.Tensor) and isinstance(w, Int4Weight)
     torch.testing.assert_close(int4_values(w), dense, rtol=1e-6, atol=1e-6)
+
+
+def test_q5_0_as_int8_codes_exactly() -> None:
+    x = np.random.default_rng(2).standard_normal((16, 128)).astype(np.float32)
+    raw = torch.from_numpy(gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q5_0).reshape(-1))
+    w = q5_0_to_q8(raw, 16)
+    assert w.codes.dtype == torch.int8 and int(w.codes.min()) >= -16 and int(w.codes.max()) <= 15
+    values = w.codes.float() * w.scale.repeat_interleave(32, dim=1)
+    assert torch.equal(values, dequantize(raw, "Q5_0").reshape(16, 128))
