@@ -81,17 +81,23 @@ def read_metadata(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             return _read_kv(data)
+    except _NotGGUF as e:
+        raise ModelLoadError(f"{path} is not a readable GGUF file (corrupt): {e}") from None
     except (struct.error, IndexError, ValueError) as e:
         raise ModelLoadError(
-            f"{path} ends at byte {path.stat().st_size}, inside its header, or its header is "
-            f"corrupt: {e}"
+            f"{path} ends at byte {path.stat().st_size}, inside its header: the file is "
+            f"truncated or corrupt ({e})"
         ) from None
+
+
+class _NotGGUF(ValueError):
+    """The file does not start as a GGUF file this reader knows."""
 
 
 def _read_kv(data: mmap.mmap) -> dict[str, Any]:
     magic, version, _, num_kv = struct.unpack_from("<4sIQQ", data, 0)
     if magic != b"GGUF" or version not in (2, 3):
-        raise ValueError(f"not a little-endian GGUF file of version 2 or 3 ({magic!r}, {version})")
+        raise _NotGGUF(f"not a little-endian GGUF file of version 2 or 3 ({magic!r}, {version})")
     pos = 24
 
     def string() -> str:

@@ -140,8 +140,9 @@ def test_truncated_gguf_says_so(tmp_path: Path, cut: str) -> None:
     )
     with pytest.raises(ModelLoadError, match=expected):
         load_model(tmp_path / "cut.gguf")
-    with pytest.raises(ModelLoadError, match=expected):
-        Tokenizer.from_path(tmp_path / "cut.gguf")
+    if cut == "header":  # the tokenizer reads the header alone
+        with pytest.raises(ModelLoadError, match=expected):
+            Tokenizer.from_path(tmp_path / "cut.gguf")
 
 
 def test_architecture_without_a_model_is_named(
