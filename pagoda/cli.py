@@ -36,12 +36,13 @@ def _generate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from pagoda.entrypoints.launcher import bind_socket
+    from pagoda.entrypoints.launcher import bind_socket, bind_unix_socket
 
     # Built before the port and the engine: a flag that cannot work fails here (main()).
     engine_config, server_config = _serve_configs(args)
     try:
-        sock = bind_socket(args.host, args.port)  # before the engine: a taken port fails fast
+        # Bound before the engine starts: a taken port fails fast.
+        sock = bind_unix_socket(args.uds) if args.uds else bind_socket(args.host, args.port)
     except OSError as e:
         print(f"error: {e.strerror or e}", file=sys.stderr)
         return 1
@@ -77,6 +78,9 @@ def _serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig
         header_read_timeout=args.header_read_timeout,
         max_connections=args.max_connections,
         watchdog_timeout=args.watchdog_timeout,
+        enable_request_id_headers=args.enable_request_id_headers,
+        enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
+        api_server_count=args.api_server_count,
     )
     return engine_config, server_config
 
@@ -141,7 +145,6 @@ async def _run_server(
         shutdown_timeout=args.shutdown_timeout,
         host=args.host,
         port=args.port,
-        root_path=args.root_path,
         log_level=args.uvicorn_log_level,
         access_log=not args.disable_uvicorn_access_log,
         ssl_keyfile=args.ssl_keyfile,
@@ -348,7 +351,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allowed-methods", type=_json_list, default=["*"])
     serve.add_argument("--allowed-headers", type=_json_list, default=["*"])
     serve.add_argument("--allow-credentials", action="store_true")
-    serve.add_argument("--root-path", default="")
+    serve.add_argument(
+        "--root-path",
+        default="",
+        help="the path prefix a proxy in front adds, e.g. /llm: both /llm/v1/... and /v1/... "
+        "are served",
+    )
+    serve.add_argument("--uds", default=None, help="listen on this Unix domain socket instead")
+    serve.add_argument(
+        "--api-server-count",
+        type=int,
+        default=ServerConfig.api_server_count,
+        help="API server processes; Pagoda runs one (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--enable-request-id-headers",
+        action="store_true",
+        help="send X-Request-Id (the request's own, or a new one) on every response",
+    )
+    serve.add_argument(
+        "--enable-tokenizer-info-endpoint",
+        action="store_true",
+        help="serve GET /tokenizer_info (the tokenizer's configuration, chat template included)",
+    )
     serve.add_argument(
         "--uvicorn-log-level",
         default="info",

@@ -195,6 +195,10 @@ class ServerConfig:
     # tokens, about 0.3 s here with the default 384; SGLang's watchdog waits 300 s.
     # 0: never.
     watchdog_timeout: float = 120.0
+    enable_request_id_headers: bool = False  # X-Request-Id on every response (vLLM's flag)
+    enable_tokenizer_info_endpoint: bool = False  # GET /tokenizer_info (vLLM's flag)
+    # API server processes: Pagoda runs one (scale out with replicas: DESIGN.md).
+    api_server_count: int = 1
 
     def __post_init__(self) -> None:
         _require(self.max_n >= 1, "--max-n", self.max_n, "at least 1")
@@ -219,6 +223,13 @@ class ServerConfig:
             ("--max-prompts-per-request", self.max_prompts_per_request),
         ):
             _require(value >= 1, flag, value, "at least 1")
+        _require(
+            self.api_server_count == 1,
+            "--api-server-count",
+            self.api_server_count,
+            "1: Pagoda runs one API server process (for more, run more replicas behind "
+            "a load balancer)",
+        )
         _require(self.watchdog_timeout >= 0, "--watchdog-timeout", self.watchdog_timeout, ">= 0")
         _require(
             self.header_read_timeout > 0,

@@ -209,6 +209,9 @@ async def serve_http(
     max_size = uvicorn_kwargs.pop("h11_max_incomplete_event_size", None)
     max_count = uvicorn_kwargs.pop("h11_max_header_count", None)
     uvicorn_kwargs.pop("http", None)  # httptools would skip every limit
+    # The app strips --root-path itself, from prefixed paths only, as vLLM's does; uvicorn's
+    # would prefix every path once more, and then /llm/v1/... no longer matched a route.
+    uvicorn_kwargs.pop("root_path", None)
     protocol = functools.partial(
         LimitedH11Protocol,
         max_header_count=max_count or limits.h11_max_header_count,
@@ -254,8 +257,8 @@ async def serve_http(
     try:
         await server_task
     except asyncio.CancelledError:
-        port = sock.getsockname()[1]
-        holder = find_process_using_port(port)
+        port = sock.getsockname()[1] if sock.family != socket.AF_UNIX else None
+        holder = find_process_using_port(port) if port is not None else None
         if holder is not None:
             logger.warning(
                 "port %d is used by process %s launched with command:\n%s",
@@ -325,6 +328,21 @@ def bind_socket(host: str | None, port: int) -> socket.socket:
         holder = find_process_using_port(port)
         who = f" by process {holder.pid} ({' '.join(holder.cmdline())})" if holder else ""
         raise OSError(e.errno, f"port {port} is already in use{who}") from e
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def bind_unix_socket(path: str) -> socket.socket:
+    """Binds a listening Unix domain socket at path (--uds), replacing a stale socket file."""
+    if os.path.exists(path) and Path(path).is_socket():
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+    except OSError:
+        sock.close()
+        raise
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock

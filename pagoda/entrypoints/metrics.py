@@ -58,6 +58,11 @@ class Metrics:
         self._live: dict[str, _Live] = {}
         self._last = SchedulerStats()
 
+    @property
+    def latest_stats(self) -> SchedulerStats:
+        """The engine's scheduler stats as of its last step."""
+        return self._last
+
     def request_added(self, request: EngineRequest) -> None:
         self._live[request.request_id] = _Live(arrival=time.time())
         self.prompt_tokens.labels(self.model_name).inc(len(request.prompt_token_ids))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import uuid
@@ -15,6 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -120,6 +122,27 @@ def build_app(engine: EngineClient, server_config: ServerConfig | None = None) -
         prompt, params = await asyncio.to_thread(chat.prepare, body)
         return await _respond(raw, chat, body, prompt, params)
 
+    @app.post("/invocations")
+    async def invocations(raw: Request) -> Response:
+        """SageMaker's one route: a chat body goes to chat, a completion body to completions."""
+        try:
+            data = await raw.json()
+        except ValueError as e:
+            raise OpenAIError(f"invalid JSON: {e}", 400) from None
+        for model in (ChatCompletionRequest, CompletionRequest):  # vLLM's order
+            try:
+                body = model.model_validate(data)
+            except ValidationError:
+                continue
+            if isinstance(body, ChatCompletionRequest):
+                return await create_chat_completion(body, raw)
+            return await create_completion(body, raw)
+        raise OpenAIError(
+            "Cannot find suitable handler for request. Expected one of: "
+            "['ChatCompletionRequest', 'CompletionRequest']",
+            400,
+        )
+
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         return await asyncio.to_thread(tokenize_now, body)
@@ -157,6 +180,21 @@ def build_app(engine: EngineClient, server_config: ServerConfig | None = None) -
             raise OpenAIError("tokens: token id out of vocabulary", 400, "tokens")
         return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
 
+    if server_config.enable_tokenizer_info_endpoint:
+
+        @app.get("/tokenizer_info")
+        async def tokenizer_info() -> dict:
+            """What the tokenizer's configuration says, as vLLM's route answers."""
+            tokenizer = engine.tokenizer
+            return {
+                "tokenizer_class": "PreTrainedTokenizerFast",  # a `tokenizers` tokenizer
+                "bos_token": tokenizer.bos_token,
+                "eos_token": tokenizer.eos_token,
+                "model_max_length": engine.config.max_model_len,
+                "vocab_size": tokenizer.vocab_size,
+                "chat_template": tokenizer.chat_template,
+            }
+
     @app.get("/health")
     async def health() -> Response:
         if engine.errored:
@@ -185,7 +223,8 @@ def build_app(engine: EngineClient, server_config: ServerConfig | None = None) -
 
 
 class GuardMiddleware:
-    """In front of every route: the X-Request-Id header, the API key, refusal while draining."""
+    """In front of every route: the API key, refusal while draining, and the X-Request-Id
+    header with --enable-request-id-headers."""
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app = app
@@ -198,9 +237,10 @@ class GuardMiddleware:
             return
         headers = Headers(scope=scope)
         request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        with_id = self.config.enable_request_id_headers
 
         async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if with_id and message["type"] == "http.response.start":
                 MutableHeaders(scope=message)["X-Request-Id"] = request_id
             await send(message)
 
@@ -250,4 +290,22 @@ async def _respond(raw: Request, serving, body, prompt, params) -> Response:
         return errors.ErrorResponse(error, status_code=error["error"]["code"])
     if result is None:  # the client left; nobody reads this
         return Response(status_code=499)
-    return JSONResponse(result.model_dump(mode="json"))
+    load_format = raw.headers.get("endpoint-load-metrics-format", "")
+    headers = orca_load_header(load_format, raw.app.server_state) if load_format else None
+    return JSONResponse(result.model_dump(mode="json"), headers=headers)
+
+
+def orca_load_header(load_format: str, state: ServerState) -> dict[str, str] | None:
+    """ORCA's `endpoint-load-metrics` response header, as vLLM writes it for a request that
+    asks with `endpoint-load-metrics-format: TEXT|JSON` (load-aware gateways read it)."""
+    stats = state.metrics.latest_stats
+    named = {
+        "kv_cache_usage_perc": float(stats.kv_cache_usage),
+        "num_requests_waiting": float(stats.num_waiting),
+    }
+    if load_format.lower() == "text":
+        text = ", ".join(f"named_metrics.{name}={value}" for name, value in named.items())
+        return {"endpoint-load-metrics": f"TEXT {text}"}
+    if load_format.lower() == "json":
+        return {"endpoint-load-metrics": "JSON " + json.dumps({"named_metrics": named})}
+    return None

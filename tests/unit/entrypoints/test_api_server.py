@@ -70,7 +70,7 @@ def test_completion_with_usage(client) -> None:
         "total_tokens": 4,
         "prompt_tokens_details": {"cached_tokens": 0},
     }
-    assert r.headers["x-request-id"]
+    assert "x-request-id" not in r.headers  # only with --enable-request-id-headers
 
 
 def test_completion_prompt_forms_and_echo(client) -> None:
@@ -313,9 +313,69 @@ def test_cors(engine) -> None:
     assert "access-control-allow-origin" not in other.headers
 
 
-def test_request_id_is_echoed(client) -> None:
-    r = client.get("/health", headers={"X-Request-Id": "abc-123"})
+def test_request_id_header_only_when_enabled(client, engine) -> None:
+    # vLLM sends X-Request-Id only with --enable-request-id-headers.
+    assert "x-request-id" not in client.get("/health", headers={"X-Request-Id": "abc"}).headers
+    enabled = TestClient(build_app(engine, ServerConfig(enable_request_id_headers=True)))
+    r = enabled.get("/health", headers={"X-Request-Id": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
+    assert len(enabled.get("/health").headers["x-request-id"]) == 32
+
+
+def test_root_path_serves_prefixed_and_unprefixed_paths(engine) -> None:
+    client = TestClient(build_app(engine, ServerConfig(root_path="/llm", api_keys=("k",))))
+    auth = {"Authorization": "Bearer k"}
+    for path in ("/llm/v1/models", "/v1/models"):
+        assert client.get(path, headers=auth).status_code == 200, path
+        assert client.get(path).status_code == 401, path
+    body = {"prompt": "Hi", "max_tokens": 2}
+    assert client.post("/llm/v1/completions", json=body, headers=auth).status_code == 200
+
+
+def test_invocations_dispatches_on_the_body(client) -> None:
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    r = client.post("/invocations", json=chat)
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+    r = client.post("/invocations", json={"prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["object"] == "text_completion"
+    streamed = client.post("/invocations", json={"prompt": "Hi", "max_tokens": 2, "stream": True})
+    assert sse_events(streamed)[-1]["object"] == "text_completion"
+    assert_error(client.post("/invocations", json={"input": "Hi"}), 400, match="suitable handler")
+    r = client.post("/invocations", content=b"{", headers={"content-type": "application/json"})
+    assert_error(r, 400)
+    # A chat body with a bad field is that request's 400, not a fall-through to completions.
+    bad = {**chat, "temperature": -1}
+    assert_error(client.post("/invocations", json=bad), 400, param="temperature")
+
+
+def test_tokenizer_info_only_when_enabled(client, engine, tokenizer) -> None:
+    assert client.get("/tokenizer_info").status_code == 404
+    enabled = TestClient(build_app(engine, ServerConfig(enable_tokenizer_info_endpoint=True)))
+    info = enabled.get("/tokenizer_info").json()
+    assert info["tokenizer_class"]
+    assert info["eos_token"] == tokenizer.eos_token
+    assert info["model_max_length"] == engine.config.max_model_len
+    assert info["chat_template"] == tokenizer.chat_template
+
+
+def test_orca_load_header_when_asked(client) -> None:
+    body = {"prompt": "Hi", "max_tokens": 2}
+    assert "endpoint-load-metrics" not in client.post("/v1/completions", json=body).headers
+    r = client.post("/v1/completions", json=body, headers={"endpoint-load-metrics-format": "TEXT"})
+    text = r.headers["endpoint-load-metrics"]
+    assert text.startswith("TEXT ") and "named_metrics.kv_cache_usage_perc=" in text
+    assert "named_metrics.num_requests_waiting=" in text
+    r = client.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+        headers={"endpoint-load-metrics-format": "json"},
+    )
+    kind, _, payload = r.headers["endpoint-load-metrics"].partition(" ")
+    assert kind == "JSON"
+    assert set(json.loads(payload)["named_metrics"]) == {
+        "kv_cache_usage_perc",
+        "num_requests_waiting",
+    }
 
 
 def test_request_meeting_a_dead_engine_reports_it_at_once(client, engine) -> None:

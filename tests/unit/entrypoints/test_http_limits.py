@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 from fake_engine import FakeEngineClient
 
 from pagoda.config import ServerConfig
-from pagoda.entrypoints.launcher import bind_socket, serve_http
+from pagoda.entrypoints.launcher import bind_socket, bind_unix_socket, serve_http
 from pagoda.entrypoints.openai.api_server import build_app
 from pagoda.tokenizer import Tokenizer
 
@@ -34,26 +35,39 @@ async def serving(
     tokenizer: Tokenizer, config: ServerConfig | None = None, **kwargs: Any
 ) -> AsyncIterator[int]:
     """serve_http on a free port for the duration; yields the port; SIGTERM stops it."""
-    app = build_app(FakeEngineClient(tokenizer), config or ServerConfig())
     sock = bind_socket("127.0.0.1", 0)
-    port = sock.getsockname()[1]
+    async with serving_on(sock, tokenizer, config, **kwargs):
+        yield sock.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def serving_on(
+    sock: socket.socket, tokenizer: Tokenizer, config: ServerConfig | None = None, **kwargs: Any
+) -> AsyncIterator[None]:
+    app = build_app(FakeEngineClient(tokenizer), config or ServerConfig())
     task = asyncio.create_task(serve_http(app, sock, log_level="warning", **kwargs))
     try:
         for _ in range(200):
-            if b" 200 " in await exchange(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"):
+            if b" 200 " in await exchange(sock, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"):
                 break
             await asyncio.sleep(0.05)
-        yield port
+        yield
     finally:
         os.kill(os.getpid(), signal.SIGTERM)
         assert await asyncio.wait_for(task, DEADLINE_S) == 0
 
 
-async def exchange(port: int, data: bytes) -> bytes:
-    """Sends data on a new connection and returns what comes back until the server closes
-    it or a response head and any body given by Content-Length have arrived."""
+async def exchange(where: int | socket.socket, data: bytes) -> bytes:
+    """Sends data on a new connection (to a port, or a listening socket's address) and returns
+    what comes back until the server closes it or a response head and any body given by
+    Content-Length have arrived."""
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        if isinstance(where, int):
+            reader, writer = await asyncio.open_connection("127.0.0.1", where)
+        elif where.family == socket.AF_UNIX:
+            reader, writer = await asyncio.open_unix_connection(where.getsockname())
+        else:
+            reader, writer = await asyncio.open_connection(*where.getsockname()[:2])
     except OSError:
         return b""
     try:
@@ -208,5 +222,30 @@ def test_open_connections_are_capped(tokenizer) -> None:
             assert status(await exchange(port, head_with([]))) == 200
             for _, writer in idle:
                 writer.close()
+
+    run(main())
+
+
+# ---- where the server listens -----------------------------------------------------------------
+
+
+def test_root_path_through_the_server(tokenizer) -> None:
+    # The prefix was applied twice (by uvicorn and by the app): /llm/v1/models was a 404.
+    async def main() -> None:
+        async with serving(tokenizer, ServerConfig(root_path="/llm"), root_path="/llm") as port:
+            for path in (b"/llm/v1/models", b"/v1/models", b"/llm/health"):
+                head = b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path
+                assert status(await exchange(port, head)) == 200, path
+
+    run(main())
+
+
+def test_unix_socket(tokenizer, tmp_path) -> None:
+    sock = bind_unix_socket(str(tmp_path / "pagoda.sock"))
+
+    async def main() -> None:
+        async with serving_on(sock, tokenizer):
+            head = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+            assert b"fake-model" in await exchange(sock, head)
 
     run(main())
