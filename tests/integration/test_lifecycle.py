@@ -20,6 +20,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 LONG = {"prompt": "Tell me a long story.", "max_tokens": 3000, "ignore_eos": True}
+# Deadlines for what should happen in a second or two: generous, so that a machine slowed
+# several-fold still passes; only a hang misses them. No test asserts on elapsed time.
+DEADLINE_S = 120
 
 
 def stream_in_background(url: str, body: dict) -> tuple[threading.Thread, dict]:
@@ -29,7 +32,7 @@ def stream_in_background(url: str, body: dict) -> tuple[threading.Thread, dict]:
     def run() -> None:
         try:
             with httpx.stream(
-                "POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60
+                "POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=DEADLINE_S
             ) as r:
                 result["status"] = r.status_code
                 for line in r.iter_lines():
@@ -49,12 +52,10 @@ def stream_in_background(url: str, body: dict) -> tuple[threading.Thread, dict]:
 def test_sigterm_with_zero_timeout_exits_fast_and_fails_inflight(start_server) -> None:
     server = start_server("--shutdown-timeout", "0")
     thread, result = stream_in_background(server.url, LONG)
-    assert result["started"].wait(30)
+    assert result["started"].wait(DEADLINE_S)
     server.signal(signal.SIGTERM)
-    start = time.monotonic()
-    assert server.process.wait(10) == 0
-    assert time.monotonic() - start < 4
-    thread.join(5)
+    assert server.process.wait(DEADLINE_S) == 0  # long before 3000 tokens could stream
+    thread.join(DEADLINE_S)
     events = result["events"]
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == 503  # failed cleanly, and said so
@@ -62,28 +63,61 @@ def test_sigterm_with_zero_timeout_exits_fast_and_fails_inflight(start_server) -
 
 
 def test_sigterm_drains_inflight_and_refuses_new(start_server) -> None:
-    server = start_server("--shutdown-timeout", "30")
+    # A drain timeout far longer than 80 tokens take even on a machine slowed many-fold.
+    server = start_server("--shutdown-timeout", "600")
     thread, result = stream_in_background(server.url, {**LONG, "max_tokens": 80})
-    assert result["started"].wait(30)
+    assert result["started"].wait(DEADLINE_S)
     server.signal(signal.SIGTERM)
-    time.sleep(0.3)
+    deadline = time.monotonic() + DEADLINE_S
+    while httpx.get(f"{server.url}/health", timeout=DEADLINE_S).status_code != 503:
+        assert time.monotonic() < deadline, "SIGTERM did not start the drain"
+        time.sleep(0.05)
     refused = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi"}, timeout=10)
     assert refused.status_code == 503
-    assert httpx.get(f"{server.url}/health").status_code == 503
-    thread.join(60)
+    thread.join(600)
     finals = [json.loads(e) for e in result["events"][:-1]]
     assert finals[-1]["choices"][0]["finish_reason"] == "length"
     assert sum(1 for e in finals if e["choices"] and e["choices"][0]["text"]) > 60
-    assert server.process.wait(15) == 0
+    assert server.process.wait(DEADLINE_S) == 0
+    server.assert_no_process_left()
+
+
+def test_rejected_requests_leave_nothing_to_drain(start_server) -> None:
+    # A request that failed once stayed in the output processor, and SIGTERM then waited
+    # out the whole drain timeout for it.
+    server = start_server("--shutdown-timeout", "600")
+    url = f"{server.url}/v1/completions"
+    for body in (
+        {"prompt": "Hi", "seed": 2**64},
+        {"prompt": "Hi", "seed": -(2**63) - 1},
+        {"prompt": ["Hi"] * 3000},
+        {"prompt": "Hi", "temperature": 1e308},
+    ):
+        assert httpx.post(url, json=body, timeout=DEADLINE_S).status_code == 400, body
+    surrogate = httpx.post(
+        url,
+        content=b'{"prompt": "\\ud800"}',
+        headers={"content-type": "application/json"},
+        timeout=DEADLINE_S,
+    )
+    assert surrogate.status_code == 400 and surrogate.json()["error"]["param"] == "prompt"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE_S) as raw:
+        raw.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000000\r\n\r\n"
+        )
+        assert raw.recv(4096).startswith(b"HTTP/1.1 413")  # before any of the body
+    ok = httpx.post(url, json={"prompt": "Hi", "max_tokens": 2}, timeout=DEADLINE_S)
+    assert ok.status_code == 200
+    server.signal(signal.SIGTERM)
+    assert server.process.wait(DEADLINE_S) == 0  # nothing to drain: not the 600 s timeout
     server.assert_no_process_left()
 
 
 def test_engine_death_stops_the_server(start_server) -> None:
     server = start_server()
     server.engine_process.kill()
-    start = time.monotonic()
-    code = server.process.wait(15)
-    assert code != 0 and time.monotonic() - start < 10
+    assert server.process.wait(DEADLINE_S) != 0
     server.assert_no_process_left()
 
 
@@ -100,12 +134,15 @@ def test_engine_death_with_keep_alive(start_server) -> None:
 
 
 def test_hung_engine_is_noticed_on_health(start_server) -> None:
-    server = start_server("--watchdog-timeout", "3", env={"PAGODA_KEEP_ALIVE_ON_ENGINE_DEATH": "1"})
-    time.sleep(4)  # idle longer than the timeout: the engine's heartbeats keep it healthy
+    # 10 s: heartbeats come every second; a loaded machine may delay a few of them.
+    server = start_server(
+        "--watchdog-timeout", "10", env={"PAGODA_KEEP_ALIVE_ON_ENGINE_DEATH": "1"}
+    )
+    time.sleep(11)  # idle longer than the timeout: the engine's heartbeats keep it healthy
     assert httpx.get(f"{server.url}/health").status_code == 200
     server.engine_process.send_signal(signal.SIGSTOP)
-    deadline = time.monotonic() + 60
-    while httpx.get(f"{server.url}/health").status_code == 200:
+    deadline = time.monotonic() + DEADLINE_S
+    while httpx.get(f"{server.url}/health", timeout=DEADLINE_S).status_code == 200:
         assert time.monotonic() < deadline, "a stopped engine was not noticed"
         time.sleep(0.5)
     health = httpx.get(f"{server.url}/health")
@@ -118,8 +155,8 @@ def test_hung_engine_is_noticed_on_health(start_server) -> None:
 def test_hung_engine_stops_the_server(start_server) -> None:
     server = start_server("--watchdog-timeout", "3")
     server.engine_process.send_signal(signal.SIGSTOP)
-    assert server.process.wait(60) != 0
-    server.assert_no_process_left(within=15)
+    assert server.process.wait(DEADLINE_S) != 0
+    server.assert_no_process_left(within=DEADLINE_S)
 
 
 def test_request_meeting_a_dead_engine_stops_the_server_at_once(start_server) -> None:
@@ -128,9 +165,9 @@ def test_request_meeting_a_dead_engine_stops_the_server_at_once(start_server) ->
     time.sleep(0.5)
     r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi"})
     assert r.status_code == 500
-    start = time.monotonic()
-    assert server.process.wait(10) != 0
-    assert time.monotonic() - start < 3  # did not wait for the watchdog's next tick
+    # That the request triggers the check at once, without the watchdog's next tick, is
+    # tested on the HTTP layer (test_api_server); here: the server does stop.
+    assert server.process.wait(DEADLINE_S) != 0
 
 
 def test_taken_port_fails_fast(tmp_path: Path) -> None:
@@ -138,15 +175,13 @@ def test_taken_port_fails_fast(tmp_path: Path) -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        start = time.monotonic()
         done = subprocess.run(
             [sys.executable, "-m", "pagoda", "serve", "--host", "127.0.0.1", "--port", str(port)],
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=DEADLINE_S,
         )
         assert done.returncode != 0
-        assert time.monotonic() - start < 10
         assert f"port {port}" in done.stderr and "in use" in done.stderr
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from pagoda.config import CacheConfig, SchedulerConfig
@@ -92,22 +90,23 @@ def test_batching_does_not_change_greedy_tokens(llm: LLM, alone, setting: str) -
         assert llm.engine.scheduler.num_preemptions > 0
 
 
-def test_shared_prefix_is_computed_once_and_faster(llm: LLM) -> None:
+def test_shared_prefix_is_computed_once(llm: LLM) -> None:
+    # The reuse shows in the prefix cache's counts and in what each request reports as
+    # cached, not in wall-clock times (which a busy machine makes meaningless).
     reset_scheduler(llm)
     prefix = list(range(1000, 1256))  # 256 tokens: 16 full blocks
     one = SamplingParams(temperature=0, max_tokens=1)
-    llm.generate([prefix + [5, 6, 7]], one)
+    (first,) = llm.generate([prefix + [5, 6, 7]], one)
+    assert first.num_cached_tokens == 0
 
-    def first_token_time(prompt: list[int]) -> float:
-        start = time.perf_counter()
-        llm.generate([prompt], one)
-        return time.perf_counter() - start
-
-    hits_before = llm.engine.scheduler.kv.prefix_stats.hits
-    warm = first_token_time(prefix + [8, 9, 10, 11])
-    assert llm.engine.scheduler.kv.prefix_stats.hits - hits_before == 256
-    cold = first_token_time(list(range(3000, 3256)) + [8, 9, 10, 11])
-    assert warm < cold
+    stats = llm.engine.scheduler.kv.prefix_stats
+    hits_before = stats.hits
+    (warm,) = llm.generate([prefix + [8, 9, 10, 11]], one)
+    assert stats.hits - hits_before == 256 and warm.num_cached_tokens == 256
+    hits_before = stats.hits
+    (cold,) = llm.generate([list(range(3000, 3256)) + [8, 9, 10, 11]], one)
+    assert stats.hits == hits_before and cold.num_cached_tokens == 0
+    assert warm.outputs[0].token_ids and cold.outputs[0].token_ids
 
 
 def test_seeded_sampling_ignores_batch_composition(llm: LLM) -> None:
