@@ -197,7 +197,8 @@ class OpenAIServing:
         with the vocabulary size, in vLLM's words."""
         if not raw:
             return None
-        not_ids = [key for key in raw if not key.strip().lstrip("-").isdigit()]
+        ids = {key: _token_id(key) for key in raw}
+        not_ids = [key for key, token_id in ids.items() if token_id is None]
         if not_ids:
             raise OpenAIError(
                 f"logit_bias: keys {', '.join(map(repr, not_ids))} are not token ids",
@@ -205,7 +206,7 @@ class OpenAIServing:
                 "logit_bias",
             )
         vocab = self.tokenizer.vocab_size
-        bias = {int(key): value for key, value in raw.items()}
+        bias = {token_id: raw[key] for key, token_id in ids.items() if token_id is not None}
         out_of_vocab = [t for t in bias if not 0 <= t < vocab]
         if out_of_vocab:
             raise OpenAIError(
@@ -275,6 +276,14 @@ class OpenAIServing:
         if isinstance(error, OpenAIError):
             return error_body(error.message, error.status, error.param)
         return error_body(f"internal error: {type(error).__name__}: {error}", 500)
+
+
+def _token_id(key: str) -> int | None:
+    """A logit_bias key as a token id; None when it is not an integer."""
+    try:
+        return int(key)
+    except ValueError:
+        return None
 
 
 async def merge_streams(
