@@ -24,6 +24,8 @@ COMMON: dict[str, Any] = dict(
     eos_token_id=2,
 )
 
+SLIDING_WINDOW = 6  # the gemma3 variant's
+
 # name -> (transformers config class, extra config fields)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", dict(tie_word_embeddings=True, rope_theta=10000.0)),
@@ -44,6 +46,23 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral": ("MistralConfig", dict(tie_word_embeddings=False, sliding_window=None)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=32)),
+    # Local layers see the last 6 positions (a window that is no multiple of the block
+    # size); the global layer's RoPE is linearly scaled, the local ones' not.
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            num_hidden_layers=3,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            sliding_window=SLIDING_WINDOW,
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            },
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 
 
@@ -52,7 +71,7 @@ def make_hf_model(variant: str, seed: int = 0) -> torch.nn.Module:
     import transformers
 
     cls_name, extra = VARIANTS[variant]
-    config = getattr(transformers, cls_name)(**COMMON, **extra)
+    config = getattr(transformers, cls_name)(**{**COMMON, **extra})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init leaves norms at 1 and biases at 0; perturb them so that they are tested too.

@@ -11,7 +11,10 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
 }
+# config.json's model_type, for configs that name no architecture, where it is not the family.
+MODEL_TYPES = {"gemma3_text": "gemma3"}
 
 
 class ModelLoadError(ValueError):
@@ -71,8 +74,9 @@ class ModelSpec:
         family = next(
             (SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None
         )
-        if not archs and config.get("model_type") in SUPPORTED_ARCHITECTURES.values():
-            family = config["model_type"]
+        model_type = MODEL_TYPES.get(config.get("model_type", ""), config.get("model_type"))
+        if not archs and model_type in SUPPORTED_ARCHITECTURES.values():
+            family = model_type
         if family is None:
             raise ModelLoadError(
                 f"unsupported architecture {archs or config.get('model_type')!r}; "
@@ -86,7 +90,7 @@ class ModelSpec:
 
         hidden_size = need("hidden_size")
         num_heads = need("num_attention_heads")
-        return cls(
+        fields: dict[str, Any] = dict(
             family=family,
             vocab_size=need("vocab_size"),
             hidden_size=hidden_size,
@@ -101,8 +105,48 @@ class ModelSpec:
             tie_word_embeddings=config.get("tie_word_embeddings", False),
             attention_bias=family == "qwen2" or bool(config.get("attention_bias", False)),
             qk_norm=family == "qwen3",
-            rope_scaling=_rope_scaling(config),
+            rope_scaling=_rope_scaling(config.get("rope_scaling") or config.get("rope_parameters")),
         )
+        if family == "gemma3":
+            fields.update(_gemma3_fields(config, fields["num_layers"]))
+        return cls(**fields)
+
+
+def _gemma3_fields(config: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """What Gemma 3 sets apart, with Gemma3TextConfig's defaults where config.json is silent."""
+    if config.get("attn_logit_softcapping") is not None:
+        raise ModelLoadError("attention logit soft-capping is not supported")
+    activation = config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh"
+    if activation not in ("silu", "gelu_pytorch_tanh"):
+        raise ModelLoadError(f"unsupported hidden_activation {activation!r}")
+    rope = config.get("rope_parameters") or {}
+    if "full_attention" in rope:  # newer configs: one RoPE dict per layer type
+        full, local = rope["full_attention"], rope.get("sliding_attention") or {}
+    else:  # older ones: rope_theta and rope_scaling for global layers, a base for local ones
+        full = {**(config.get("rope_scaling") or {}), "rope_theta": config.get("rope_theta")}
+        local = {"rope_theta": config.get("rope_local_base_freq")}
+    if _rope_scaling(local) is not None:
+        raise ModelLoadError("RoPE scaling of the sliding-window layers is not supported")
+    pattern = config.get("sliding_window_pattern") or 6  # every 6th layer is global
+    layer_types = config.get("layer_types") or [
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)
+    ]
+    if len(layer_types) != num_layers:
+        raise ModelLoadError(f"layer_types names {len(layer_types)} layers, not {num_layers}")
+    return dict(
+        head_dim=config.get("head_dim") or 256,
+        tie_word_embeddings=config.get("tie_word_embeddings", True),
+        max_position_embeddings=config.get("max_position_embeddings", 131072),
+        qk_norm=True,
+        hidden_activation=activation,
+        query_pre_attn_scalar=config.get("query_pre_attn_scalar") or 256,
+        sliding_window=config.get("sliding_window") or 4096,
+        layer_types=tuple(layer_types),
+        rope_theta=float(full.get("rope_theta") or 1_000_000.0),
+        rope_scaling=_rope_scaling(full),
+        rope_local_base_freq=float(local.get("rope_theta") or 10_000.0),
+        final_logit_softcapping=config.get("final_logit_softcapping"),
+    )
 
 
 def _rope_theta(config: dict[str, Any]) -> float:
@@ -110,14 +154,13 @@ def _rope_theta(config: dict[str, Any]) -> float:
     return float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
 
 
-def _rope_scaling(config: dict[str, Any]) -> dict[str, Any] | None:
+def _rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
     """The rope scaling dict, or None for plain RoPE (newer configs call it rope_parameters)."""
-    scaling = config.get("rope_scaling") or config.get("rope_parameters")
     if not scaling:
         return None
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return None
-    if kind != "llama3":
-        raise ModelLoadError(f"unsupported rope scaling {kind!r}; supported: llama3")
-    return dict(scaling)
+    if kind not in ("llama3", "linear"):
+        raise ModelLoadError(f"unsupported rope scaling {kind!r}; supported: llama3, linear")
+    return {**scaling, "rope_type": kind}

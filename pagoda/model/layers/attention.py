@@ -15,13 +15,17 @@ from pagoda.model.spec import ModelSpec
 
 
 class Attention(nn.Module):
-    """One layer's attention; q_norm/k_norm (per head, before RoPE) where norm is given."""
+    """One layer's attention; q_norm/k_norm (per head, before RoPE) where norm is given.
+
+    With a window, a query at position p sees only keys at p - window + 1 .. p.
+    """
 
     def __init__(
         self,
         spec: ModelSpec,
         rope: RotaryEmbedding,
         norm: Callable[[int, float], nn.Module] | None = None,
+        window: int | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -35,6 +39,7 @@ class Attention(nn.Module):
             self.k_norm = norm(spec.head_dim, spec.rms_norm_eps)
         self.rope = rope
         self.scale = spec.attention_scale
+        self.window = window
         # Set by the runner once the cache is allocated: (k_cache, v_cache).
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -55,5 +60,5 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         assert self.kv_cache is not None, "the runner binds a KV cache before the first forward"
         ops.rope_and_cache(q, k, v, positions, self.rope.cos_sin, *self.kv_cache, attn.slot_mapping)
-        out = ops.paged_attention(q, *self.kv_cache, attn, self.scale)
+        out = ops.paged_attention(q, *self.kv_cache, attn, self.scale, self.window)
         return self.o_proj(out if keep is None else out[keep])

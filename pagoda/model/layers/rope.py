@@ -1,4 +1,5 @@
-"""Rotary position embeddings (the rotate-half form Hugging Face uses), with llama3 scaling."""
+"""Rotary position embeddings (the rotate-half form Hugging Face uses), with llama3 or linear
+scaling."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ def inverse_frequencies(
         return inv_freq.float()
     if scaling["rope_type"] == "factors":
         return (inv_freq / torch.tensor(scaling["factors"], dtype=torch.float64)).float()
+    if scaling["rope_type"] == "linear":  # positions slowed down uniformly
+        return (inv_freq / scaling["factor"]).float()
     # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
     factor = scaling["factor"]
     low_freq_factor = scaling.get("low_freq_factor", 1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pagoda.model.models.base import CausalLM
+from pagoda.model.models.gemma3 import Gemma3ForCausalLM
 from pagoda.model.models.llama import LlamaForCausalLM
 from pagoda.model.spec import ModelSpec
 
@@ -12,6 +13,7 @@ MODELS: dict[str, type[CausalLM]] = {
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
+    "gemma3": Gemma3ForCausalLM,
 }
 
 
