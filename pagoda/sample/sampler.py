@@ -86,7 +86,7 @@ class SamplingMetadata:
         if allowed_rows:
             mask = torch.zeros(len(allowed_rows), vocab_size, dtype=torch.bool, device=device)
             for j, i in enumerate(allowed_rows):
-                mask[j, column(params[i].allowed_token_ids, torch.long)] = True
+                mask[j, column(params[i].allowed_token_ids or [], torch.long)] = True
             allowed = (column(allowed_rows, torch.long), mask)
 
         return cls(

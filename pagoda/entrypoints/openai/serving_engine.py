@@ -129,7 +129,7 @@ class OpenAIServing:
                 )
             if logprobs is None:
                 # chat's logprobs is a flag, completions' a count: vLLM words them apart
-                flag = " to true" if isinstance(request.logprobs, bool) else ""
+                flag = " to true" if isinstance(getattr(request, "logprobs", None), bool) else ""
                 raise OpenAIError(
                     f"when using `logprob_token_ids`, `logprobs` must be set{flag}.",
                     400,
