@@ -28,9 +28,11 @@ def test_context_lowered_to_the_cache_and_requests_that_cannot_fit_refused(
     assert grow.status_code == 400 and grow.json()["error"]["param"] == "max_tokens"
 
     # The longest request that fits the context fits the cache, and ends by length.
+    one = httpx.post(url, json={"prompt": "Hello", "max_tokens": 1}, timeout=30).json()
+    room = CAPACITY - one["usage"]["prompt_tokens"]
     full = httpx.post(
         url,
-        json={"prompt": "Hello", "max_tokens": None, "ignore_eos": True, "temperature": 0},
+        json={"prompt": "Hello", "max_tokens": room, "ignore_eos": True, "temperature": 0},
         timeout=300,
     ).json()
     assert full["choices"][0]["finish_reason"] == "length"
