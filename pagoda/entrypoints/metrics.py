@@ -16,10 +16,20 @@ _LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
+_TOKEN_BUCKETS = (
+    1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000,
+)  # fmt: skip
+
+
 @dataclass
 class _Live:
     arrival: float
+    num_prompt_tokens: int
+    max_tokens: int | None
+    scheduled: float | None = None  # when the engine first scheduled it
+    first_token: float | None = None
     last_token: float | None = None
+    num_generated: int = 0
 
 
 class Metrics:
@@ -36,8 +46,10 @@ class Metrics:
         def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
             return Counter(name, doc, labels + list(extra), registry=r)
 
-        def histogram(name: str, doc: str) -> Histogram:
-            return Histogram(name, doc, labels, buckets=_LATENCY_BUCKETS, registry=r)
+        def histogram(
+            name: str, doc: str, buckets: tuple[float, ...] = _LATENCY_BUCKETS
+        ) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r)
 
         self.running = gauge("vllm:num_requests_running", "Requests in the running batch.")
         self.waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.")
@@ -54,6 +66,29 @@ class Metrics:
         self.itl = histogram("vllm:inter_token_latency_seconds", "Time between tokens.")
         self.e2e = histogram("vllm:e2e_request_latency_seconds", "Request latency.")
         self.queue = histogram("vllm:request_queue_time_seconds", "Time waiting for the batch.")
+        # Per finished engine request (each of a request's n samples is one), as vLLM's.
+        self.request_prompt = histogram(
+            "vllm:request_prompt_tokens", "Prompt tokens of a request.", _TOKEN_BUCKETS
+        )
+        self.request_generation = histogram(
+            "vllm:request_generation_tokens", "Tokens generated for a request.", _TOKEN_BUCKETS
+        )
+        self.params_max_tokens = histogram(
+            "vllm:request_params_max_tokens", "The max_tokens parameter.", _TOKEN_BUCKETS
+        )
+        self.inference = histogram(
+            "vllm:request_inference_time_seconds", "From first scheduled to finished."
+        )
+        self.prefill = histogram(
+            "vllm:request_prefill_time_seconds", "From first scheduled to the first token."
+        )
+        self.decode = histogram("vllm:request_decode_time_seconds", "From first to last token.")
+        self.tpot = histogram(
+            "vllm:request_time_per_output_token_seconds", "A request's mean time between tokens."
+        )
+        self.iteration_tokens = histogram(
+            "vllm:iteration_tokens_total", "Tokens computed in an engine step.", _TOKEN_BUCKETS
+        )
         self.model_name = model_name
         self._live: dict[str, _Live] = {}
         self._last = SchedulerStats()
@@ -64,7 +99,12 @@ class Metrics:
         return self._last
 
     def request_added(self, request: EngineRequest) -> None:
-        self._live[request.request_id] = _Live(arrival=time.time())
+        params = request.sampling_params
+        self._live[request.request_id] = _Live(
+            arrival=time.time(),
+            num_prompt_tokens=len(request.prompt_token_ids),
+            max_tokens=params.max_tokens,
+        )
         self.prompt_tokens.labels(self.model_name).inc(len(request.prompt_token_ids))
 
     def request_aborted(self, engine_ids: list[str]) -> None:
@@ -82,23 +122,44 @@ class Metrics:
                 continue
             if eo.new_token_ids:
                 self.generation_tokens.labels(m).inc(len(eo.new_token_ids))
+                live.num_generated += len(eo.new_token_ids)
                 if live.last_token is None:
                     self.ttft.labels(m).observe(now - live.arrival)
+                    queued = eo.queue_time or 0.0
                     if eo.queue_time is not None:
                         self.queue.labels(m).observe(eo.queue_time)
+                    live.scheduled = live.arrival + queued
+                    live.first_token = now
                 else:
                     self.itl.labels(m).observe(now - live.last_token)
                 live.last_token = now
             if eo.finish_reason is not None:
                 self._live.pop(eo.request_id, None)
+                self._request_finished(live, now)
         for output in outputs:
             if output.finished:
                 reason = output.outputs[0].finish_reason or "stop"
                 self.success.labels(m, reason).inc()
                 self.e2e.labels(m).observe(now - output.metrics["arrival_time"])
 
+    def _request_finished(self, live: _Live, now: float) -> None:
+        m = self.model_name
+        self.request_prompt.labels(m).observe(live.num_prompt_tokens)
+        self.request_generation.labels(m).observe(live.num_generated)
+        if live.max_tokens is not None:
+            self.params_max_tokens.labels(m).observe(live.max_tokens)
+        if live.scheduled is None or live.first_token is None:
+            return  # finished (aborted, or stopped) before its first token
+        self.inference.labels(m).observe(now - live.scheduled)
+        self.prefill.labels(m).observe(live.first_token - live.scheduled)
+        self.decode.labels(m).observe(now - live.first_token)
+        if live.num_generated > 1:
+            self.tpot.labels(m).observe((now - live.first_token) / (live.num_generated - 1))
+
     def _record_stats(self, stats: SchedulerStats) -> None:
         m, last = self.model_name, self._last
+        if stats.step_num_tokens:
+            self.iteration_tokens.labels(m).observe(stats.step_num_tokens)
         self.running.labels(m).set(stats.num_running)
         self.waiting.labels(m).set(stats.num_waiting)
         self.kv_usage.labels(m).set(stats.kv_cache_usage)

@@ -390,3 +390,30 @@ def test_request_meeting_a_dead_engine_reports_it_at_once(client, engine) -> Non
     assert reported == [True]
     client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
     assert reported == [True, True]
+
+
+def metric_value(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} is not in /metrics")
+
+
+def test_per_request_metrics(client) -> None:
+    body = {"prompt": "Hi", "max_tokens": 3, "n": 2}
+    assert client.post("/v1/completions", json=body).status_code == 200
+    text = client.get("/metrics").text
+    # Each of the n samples is one engine request, as in vLLM.
+    assert metric_value(text, "vllm:request_prompt_tokens_count") == 2
+    assert metric_value(text, "vllm:request_prompt_tokens_sum") == 2  # "Hi" is one token
+    assert metric_value(text, "vllm:request_generation_tokens_sum") == 6
+    assert metric_value(text, "vllm:request_params_max_tokens_sum") == 6
+    for name in (
+        "vllm:request_inference_time_seconds_count",
+        "vllm:request_prefill_time_seconds_count",
+        "vllm:request_decode_time_seconds_count",
+        "vllm:request_time_per_output_token_seconds_count",
+    ):
+        assert metric_value(text, name) == 2, name
+    # Observed from the engine's step stats, which the fake engine does not send.
+    assert "# TYPE vllm:iteration_tokens_total histogram" in text
