@@ -42,6 +42,10 @@ def check_text(value: Any) -> Any:
 Text = Annotated[str, AfterValidator(check_text)]
 
 
+# Fields whose null says something of its own: max_tokens null is "up to the context length".
+_NULL_IS_A_VALUE = {"max_tokens"}
+
+
 class OpenAIModel(BaseModel):
     # Unknown fields are ignored, as the OpenAI and vLLM servers do.
     model_config = ConfigDict(extra="ignore")
@@ -51,7 +55,7 @@ class OpenAIModel(BaseModel):
     def _null_means_default(cls, data: Any) -> Any:
         """An explicit JSON null is the field's default, as OpenAI's server takes it."""
         if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
+            return {k: v for k, v in data.items() if v is not None or k in _NULL_IS_A_VALUE}
         return data
 
 

@@ -198,7 +198,6 @@ def test_nulls_mean_the_default(client, engine) -> None:
             "presence_penalty",
             "frequency_penalty",
             "logprobs",
-            "max_tokens",
             "min_tokens",
             "ignore_eos",
             "skip_special_tokens",
@@ -219,6 +218,9 @@ def test_nulls_mean_the_default(client, engine) -> None:
             "prompt_logprobs",
         ]
     )
+    # max_tokens null is a value of its own: up to the context length (as in vLLM)
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": None})
+    assert r.status_code == 200 and engine.last_params.max_tokens == 128 - 1
     r = client.post("/v1/completions", json={"prompt": "Hi", **nulls})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"].startswith(" one two three")
