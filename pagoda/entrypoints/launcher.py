@@ -101,13 +101,14 @@ class LimitedH11Protocol(H11Protocol):
     def __init__(
         self,
         *args: Any,
+        max_head_size: int,
         max_header_count: int,
         header_read_timeout: float,
         max_connections: int,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.conn = _LimitedConnection(self.config.h11_max_incomplete_event_size, max_header_count)
+        self.conn: _LimitedConnection = _LimitedConnection(max_head_size, max_header_count)
         self.header_read_timeout = header_read_timeout
         self.max_connections = max_connections
         self._head_timer: asyncio.TimerHandle | None = None
@@ -188,7 +189,9 @@ class _Server(uvicorn.Server):
 def log_routes(app: FastAPI) -> None:
     for route in app.routes:
         if isinstance(route, APIRoute):
-            logger.info("Route: %s, Methods: %s", route.path, ", ".join(sorted(route.methods)))
+            logger.info(
+                "Route: %s, Methods: %s", route.path, ", ".join(sorted(route.methods or ()))
+            )
         elif isinstance(route, Mount):
             logger.info("Mount: %s", route.path)
 
@@ -207,6 +210,7 @@ async def serve_http(
     limits = state.config
     # Given here (as uvicorn options) or not, the limits hold: the server config's otherwise.
     max_size = uvicorn_kwargs.pop("h11_max_incomplete_event_size", None)
+    max_head_size: int = max_size or limits.h11_max_incomplete_event_size
     max_count = uvicorn_kwargs.pop("h11_max_header_count", None)
     uvicorn_kwargs.pop("http", None)  # httptools would skip every limit
     # The app strips --root-path itself, from prefixed paths only, as vLLM's does; uvicorn's
@@ -214,6 +218,7 @@ async def serve_http(
     uvicorn_kwargs.pop("root_path", None)
     protocol = functools.partial(
         LimitedH11Protocol,
+        max_head_size=max_head_size,
         max_header_count=max_count or limits.h11_max_header_count,
         header_read_timeout=limits.header_read_timeout,
         max_connections=limits.max_connections,
@@ -221,7 +226,7 @@ async def serve_http(
     config = uvicorn.Config(
         app,
         http=protocol,  # type: ignore[arg-type]
-        h11_max_incomplete_event_size=max_size or limits.h11_max_incomplete_event_size,
+        h11_max_incomplete_event_size=max_head_size,
         lifespan="off",
         **uvicorn_kwargs,
     )

@@ -12,6 +12,7 @@ from pagoda.model.attention_metadata import AttentionMetadata
 from pagoda.model.kv_memory import allocate_kv_cache
 from pagoda.model.loader import load_model, release_freed_memory
 from pagoda.model.spec import ModelSpec
+from pagoda.outputs import Logprobs
 from pagoda.sample.sampler import SamplingMetadata, sample
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class ModelRunner:
                 chosen = logprobs.gather(1, targets.unsqueeze(1))  # [n, 1]
                 ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
                 top_lp, top_ids = logprobs.topk(max(k, 1), dim=-1)
-                entries = []
+                entries: list[Logprobs | None] = []
                 for i, (target, lp) in enumerate(zip(targets.tolist(), chosen.squeeze(1).tolist())):
                     entry = {target: (lp, ranks[i])}
                     for j in range(k):

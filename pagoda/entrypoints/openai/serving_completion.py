@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+
+from typing_extensions import TypeIs
 
 from pagoda.engine.protocol import TokensPrompt
 from pagoda.entrypoints.openai.errors import OpenAIError
@@ -51,11 +53,13 @@ class OpenAIServingCompletion(OpenAIServing):
         return prompts, params
 
     def _prompts(self, request: CompletionRequest) -> list[TokensPrompt]:
-        raw = request.prompt
-        if isinstance(raw, str):
-            raw = [raw]
-        elif raw and isinstance(raw[0], int):
-            raw = [raw]  # type: ignore[list-item]
+        raw: Sequence[str | list[int]]
+        if isinstance(request.prompt, str):
+            raw = [request.prompt]
+        elif _is_token_ids(request.prompt):
+            raw = [request.prompt]
+        else:
+            raw = request.prompt
         if not raw:
             raise OpenAIError("the prompt is empty", 400, "prompt")
         limit = self.server_config.max_prompts_per_request
@@ -230,3 +234,9 @@ class OpenAIServingCompletion(OpenAIServing):
         except Exception as e:
             yield sse(await self.on_engine_error(e))
         yield SSE_DONE
+
+
+def _is_token_ids(prompt: list[str] | list[int] | list[list[int]]) -> TypeIs[list[int]]:
+    """Whether a list prompt is one prompt's token ids (the request model keeps a list's items
+    of one kind, so its first item tells)."""
+    return bool(prompt) and isinstance(prompt[0], int)

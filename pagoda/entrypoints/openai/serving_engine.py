@@ -294,14 +294,15 @@ async def merge_streams(
         async for item in streams[0]:
             yield 0, item
         return
-    queue: asyncio.Queue[tuple[int, T] | tuple[int, BaseException] | None] = asyncio.Queue()
+    # An item with its stream's index, a stream's error, or None when a stream ends.
+    queue: asyncio.Queue[tuple[int, T] | BaseException | None] = asyncio.Queue()
 
     async def pump(i: int, stream: AsyncIterator[T]) -> None:
         try:
             async for item in stream:
                 await queue.put((i, item))
         except Exception as e:
-            await queue.put((i, e))
+            await queue.put(e)
         finally:
             await queue.put(None)
 
@@ -313,10 +314,9 @@ async def merge_streams(
             if entry is None:
                 remaining -= 1
                 continue
-            i, item = entry
-            if isinstance(item, BaseException):
-                raise item
-            yield i, item  # type: ignore[misc]
+            if isinstance(entry, BaseException):
+                raise entry
+            yield entry
     finally:
         for task in tasks:
             task.cancel()
