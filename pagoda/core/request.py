@@ -78,6 +78,7 @@ class Request:
         self.num_cached_tokens: int | None = None  # prefix-cache hit when first scheduled
         self.status = RequestStatus.WAITING
         self.stop_reason: int | None = None
+        self.num_preemptions = 0
         self.num_prompt_logprobs_sent = 0  # a preempted request recomputes, but sends once
         self.block_hashes: list[int] = []  # chain hashes of the full blocks of all_token_ids
         # Seed of the counter-based sampler: fixed per request, so the batch cannot change it.

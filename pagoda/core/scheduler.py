@@ -156,6 +156,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         self.waiting.appendleft(request)
         self.num_preemptions += 1
+        request.num_preemptions += 1
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput
@@ -199,6 +200,7 @@ class Scheduler:
                     ),
                     num_cached_tokens=request.num_cached_tokens or 0,  # set: it was scheduled
                     queue_time=_queue_time(request) if request.num_output_tokens == 1 else None,
+                    num_preemptions=request.num_preemptions if status else 0,
                 )
             )
         return EngineOutputs(outputs=outputs, timestamp=time.time())

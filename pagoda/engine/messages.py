@@ -48,6 +48,7 @@ class EngineOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     prompt_logprobs: list[list[WireLogprob]] | None = None
     num_cached_tokens: int = 0
     queue_time: float | None = None  # seconds from arrival to first scheduling, on the first token
+    num_preemptions: int = 0  # times the request was preempted, on its finished output
 
 
 class SchedulerStats(msgspec.Struct, array_like=True):

@@ -57,6 +57,21 @@ def test_preemption_frees_the_newest_and_resumes_it() -> None:
     assert s.kv.pool.num_free_blocks == 4
 
 
+def test_finished_output_carries_the_request_preemptions() -> None:
+    s = make_scheduler(num_blocks=4, block_size=4, caching=False)
+    s.add_request(make_request("a", 7, max_tokens=6))
+    s.add_request(make_request("b", 7, max_tokens=6, start=50))
+    finished = {}
+    while s.has_work:
+        out = s.schedule()
+        for eo in s.update_from_output(out, fake_run(out)).outputs:
+            assert eo.num_preemptions == 0 or eo.finish_reason is not None
+            if eo.finish_reason is not None:
+                finished[eo.request_id] = eo.num_preemptions
+    assert s.num_preemptions >= 1
+    assert finished == {"a": 0, "b": s.num_preemptions}  # only b, the newest, is preempted
+
+
 def test_prefix_hit_skips_cached_blocks() -> None:
     s = make_scheduler(block_size=4)
     s.add_request(make_request("a", 10, max_tokens=1))
