@@ -38,6 +38,9 @@ class FakeEngineClient(EngineClient):
             max_model_len=max_model_len,
             vocab_size=tokenizer.vocab_size,
             dtype="float32",
+            num_gpu_blocks=64,
+            block_size=16,
+            enable_prefix_caching=True,
         )
         self.script = tokenizer.encode(FAKE_TEXT, add_special_tokens=False)
         self.dead = False

@@ -126,6 +126,9 @@ class AsyncEngineClient(EngineClient):
             max_model_len=info.max_model_len,
             vocab_size=info.vocab_size,
             dtype=info.dtype,
+            num_gpu_blocks=info.num_blocks,
+            block_size=info.block_size,
+            enable_prefix_caching=self.engine_config.cache.enable_prefix_caching,
         )
         self._loop = asyncio.get_running_loop()
         self._last_heard = time.monotonic()

@@ -42,6 +42,9 @@ class ServingConfig:
     max_model_len: int
     vocab_size: int
     dtype: str
+    num_gpu_blocks: int  # blocks in the KV cache
+    block_size: int  # tokens per block
+    enable_prefix_caching: bool
 
 
 class StatLogger(Protocol):
