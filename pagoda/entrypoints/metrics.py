@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pagoda.engine.messages import EngineOutputs, EngineRequest, SchedulerStats
+from pagoda.engine.protocol import ServingConfig
 from pagoda.outputs import RequestOutput
 
 _LATENCY_BUCKETS = (
@@ -21,8 +22,13 @@ _TOKEN_BUCKETS = (
 )  # fmt: skip
 
 
+_N_BUCKETS = (1, 2, 5, 10, 20)
+_PREEMPTION_BUCKETS = (0, 1, 2, 3, 4, 5, 10, 20)
+
+
 @dataclass
 class _Live:
+    parent: str  # the id of the request its client sent (its own, unless it is one of n)
     arrival: float
     num_prompt_tokens: int
     max_tokens: int | None
@@ -35,7 +41,8 @@ class _Live:
 class Metrics:
     """Fed by the engine client's listeners; exposed on /metrics."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, config: ServingConfig) -> None:
+        model_name = config.served_model_names[0]
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         r = self.registry
@@ -53,6 +60,15 @@ class Metrics:
 
         self.running = gauge("vllm:num_requests_running", "Requests in the running batch.")
         self.waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.")
+        # vLLM's "deferred" are waiting requests skipped for a reason other than room (a
+        # grammar still compiling, remote KV not yet arrived); Pagoda's scheduler skips none:
+        # every waiting request waits for blocks, the token budget or a batch slot.
+        self.waiting_by_reason = Gauge(
+            "vllm:num_requests_waiting_by_reason",
+            "Requests waiting, by why: capacity (room in the batch or KV cache) or deferred.",
+            labels + ["reason"],
+            registry=r,
+        )
         self.kv_usage = gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use.")
         self.prefix_queries = counter("vllm:prefix_cache_queries", "Prompt tokens looked up.")
         self.prefix_hits = counter("vllm:prefix_cache_hits", "Prompt tokens found cached.")
@@ -86,11 +102,33 @@ class Metrics:
         self.tpot = histogram(
             "vllm:request_time_per_output_token_seconds", "A request's mean time between tokens."
         )
+        self.params_n = histogram(
+            "vllm:request_params_n", "The n parameter of a request.", _N_BUCKETS
+        )
+        self.request_preemptions = histogram(
+            "vllm:request_num_preemptions",
+            "Times a finished request was preempted.",
+            _PREEMPTION_BUCKETS,
+        )
         self.iteration_tokens = histogram(
             "vllm:iteration_tokens_total", "Tokens computed in an engine step.", _TOKEN_BUCKETS
         )
+        # An info gauge, as vLLM's: the value is 1, the configuration is in the labels.
+        cache_info = {
+            "block_size": str(config.block_size),
+            "cache_dtype": "auto",  # the KV cache holds the model's dtype, as vLLM's "auto"
+            "enable_prefix_caching": str(config.enable_prefix_caching),
+            "num_gpu_blocks": str(config.num_gpu_blocks),
+        }
+        Gauge(
+            "vllm:cache_config_info",
+            "Information of the KV cache configuration.",
+            list(cache_info),
+            registry=r,
+        ).labels(**cache_info).set(1)
         self.model_name = model_name
         self._live: dict[str, _Live] = {}
+        self._num_samples: dict[str, int] = {}  # by client request id, until it finishes
         self._last = SchedulerStats()
 
     @property
@@ -100,7 +138,10 @@ class Metrics:
 
     def request_added(self, request: EngineRequest) -> None:
         params = request.sampling_params
+        parent = request.parent_id or request.request_id
+        self._num_samples[parent] = self._num_samples.get(parent, 0) + 1
         self._live[request.request_id] = _Live(
+            parent=parent,
             arrival=time.time(),
             num_prompt_tokens=len(request.prompt_token_ids),
             max_tokens=params.max_tokens,
@@ -109,7 +150,9 @@ class Metrics:
 
     def request_aborted(self, engine_ids: list[str]) -> None:
         for engine_id in engine_ids:
-            self._live.pop(engine_id, None)
+            live = self._live.pop(engine_id, None)
+            if live is not None:
+                self._num_samples.pop(live.parent, None)
 
     def step(self, step: EngineOutputs, outputs: list[RequestOutput]) -> None:
         now = time.time()
@@ -136,11 +179,15 @@ class Metrics:
             if eo.finish_reason is not None:
                 self._live.pop(eo.request_id, None)
                 self._request_finished(live, now)
+                self.request_preemptions.labels(m).observe(eo.num_preemptions)
         for output in outputs:
             if output.finished:
                 reason = output.outputs[0].finish_reason or "stop"
                 self.success.labels(m, reason).inc()
                 self.e2e.labels(m).observe(now - output.metrics["arrival_time"])
+                n = self._num_samples.pop(output.request_id, None)
+                if n is not None:  # the client's request, once: not each of its n samples
+                    self.params_n.labels(m).observe(n)
 
     def _request_finished(self, live: _Live, now: float) -> None:
         m = self.model_name
@@ -162,6 +209,8 @@ class Metrics:
             self.iteration_tokens.labels(m).observe(stats.step_num_tokens)
         self.running.labels(m).set(stats.num_running)
         self.waiting.labels(m).set(stats.num_waiting)
+        self.waiting_by_reason.labels(m, "capacity").set(stats.num_waiting)
+        self.waiting_by_reason.labels(m, "deferred").set(0)
         self.kv_usage.labels(m).set(stats.kv_cache_usage)
         # The engine reports running totals; counters advance by the difference.
         self.prefix_queries.labels(m).inc(stats.prefix_cache_queries - last.prefix_cache_queries)

@@ -75,7 +75,7 @@ def build_app(engine: EngineClient, server_config: ServerConfig | None = None) -
     """The OpenAI-compatible routes, operational routes, auth, CORS and error handling."""
     server_config = server_config or ServerConfig()
     app = PagodaApp(title="Pagoda", version=pagoda.__version__, root_path=server_config.root_path)
-    metrics = Metrics(engine.config.served_model_names[0])
+    metrics = Metrics(engine.config)
     engine.add_stat_logger(metrics)
     state = ServerState(engine, server_config, metrics)
     app.server_state = state

@@ -9,6 +9,7 @@ from fake_engine import FakeEngineClient
 from fastapi.testclient import TestClient
 
 from pagoda.config import ServerConfig
+from pagoda.engine.messages import EngineOutputs, SchedulerStats
 from pagoda.entrypoints.openai.api_server import build_app
 from pagoda.tokenizer import Tokenizer
 
@@ -399,6 +400,29 @@ def metric_value(text: str, name: str) -> float:
     raise AssertionError(f"{name} is not in /metrics")
 
 
+def test_cache_config_info(client, engine) -> None:
+    config = engine.config
+    text = client.get("/metrics").text
+    labels = (
+        f'block_size="{config.block_size}",cache_dtype="auto",'
+        f'enable_prefix_caching="{config.enable_prefix_caching}",'
+        f'num_gpu_blocks="{config.num_gpu_blocks}"'
+    )
+    assert f"vllm:cache_config_info{{{labels}}} 1.0" in text
+
+
+def test_scheduler_stats_metrics(client, engine) -> None:
+    stats = SchedulerStats(num_running=1, num_waiting=3, num_preemptions=2)
+    for stat_logger in engine.stat_loggers:
+        stat_logger.step(EngineOutputs([], stats=stats), [])
+    text = client.get("/metrics").text
+    # Pagoda's scheduler skips no waiting request: each waits for room (vLLM's "capacity").
+    by_reason = 'vllm:num_requests_waiting_by_reason{model_name="fake-model",reason="%s"}'
+    assert metric_value(text, by_reason % "capacity") == 3
+    assert metric_value(text, by_reason % "deferred") == 0
+    assert metric_value(text, "vllm:num_preemptions_total") == 2
+
+
 def test_per_request_metrics(client) -> None:
     body = {"prompt": "Hi", "max_tokens": 3, "n": 2}
     assert client.post("/v1/completions", json=body).status_code == 200
@@ -415,5 +439,11 @@ def test_per_request_metrics(client) -> None:
         "vllm:request_time_per_output_token_seconds_count",
     ):
         assert metric_value(text, name) == 2, name
+    # n is the client request's, observed once, not per sample.
+    assert metric_value(text, "vllm:request_params_n_count") == 1
+    assert metric_value(text, "vllm:request_params_n_sum") == 2
+    # Each finished sample: the fake engine never preempts.
+    assert metric_value(text, "vllm:request_num_preemptions_count") == 2
+    assert metric_value(text, "vllm:request_num_preemptions_sum") == 0
     # Observed from the engine's step stats, which the fake engine does not send.
     assert "# TYPE vllm:iteration_tokens_total histogram" in text
