@@ -129,6 +129,7 @@ class Metrics:
         self.model_name = model_name
         self._live: dict[str, _Live] = {}
         self._num_samples: dict[str, int] = {}  # by client request id, until it finishes
+        self._aborted_parents: set[str] = set()  # forgotten after the next step
         self._last = SchedulerStats()
 
     @property
@@ -152,7 +153,8 @@ class Metrics:
         for engine_id in engine_ids:
             live = self._live.pop(engine_id, None)
             if live is not None:
-                self._num_samples.pop(live.parent, None)
+                # A stop string ends a request with an abort before the step that finishes it.
+                self._aborted_parents.add(live.parent)
 
     def step(self, step: EngineOutputs, outputs: list[RequestOutput]) -> None:
         now = time.time()
@@ -188,6 +190,11 @@ class Metrics:
                 n = self._num_samples.pop(output.request_id, None)
                 if n is not None:  # the client's request, once: not each of its n samples
                     self.params_n.labels(m).observe(n)
+        if self._aborted_parents:  # those the step did not finish were aborted by their client
+            live_parents = {live.parent for live in self._live.values()}
+            for parent in self._aborted_parents - live_parents:
+                self._num_samples.pop(parent, None)
+            self._aborted_parents.clear()
 
     def _request_finished(self, live: _Live, now: float) -> None:
         m = self.model_name

@@ -7,10 +7,14 @@ import json
 import pytest
 from fake_engine import FakeEngineClient
 from fastapi.testclient import TestClient
+from prometheus_client import generate_latest
 
 from pagoda.config import ServerConfig
-from pagoda.engine.messages import EngineOutputs, SchedulerStats
+from pagoda.engine.messages import EngineOutputs, EngineRequest, SchedulerStats
+from pagoda.entrypoints.metrics import Metrics
 from pagoda.entrypoints.openai.api_server import build_app
+from pagoda.outputs import CompletionOutput, RequestOutput
+from pagoda.sampling_params import SamplingParams
 from pagoda.tokenizer import Tokenizer
 
 
@@ -421,6 +425,25 @@ def test_scheduler_stats_metrics(client, engine) -> None:
     assert metric_value(text, by_reason % "capacity") == 3
     assert metric_value(text, by_reason % "deferred") == 0
     assert metric_value(text, "vllm:num_preemptions_total") == 2
+
+
+def test_params_n_of_a_request_its_stop_string_ended(engine) -> None:
+    """The engine client forgets a request a stop string ended before the step that finishes it."""
+    metrics = Metrics(engine.config)
+    params = SamplingParams(max_tokens=4)
+    metrics.request_added(EngineRequest("r", [1, 2], params, [2], 0.0))
+    metrics.request_aborted(["r"])
+    done = CompletionOutput(0, "a", [5], finish_reason="stop", stop_reason="b")
+    metrics.step(
+        EngineOutputs([]),
+        [RequestOutput("r", None, [1, 2], [done], True, 0, None, {"arrival_time": 0.0})],
+    )
+    metrics.request_added(EngineRequest("gone", [1, 2], params, [2], 0.0))
+    metrics.request_aborted(["gone"])  # the client left: never finishes
+    metrics.step(EngineOutputs([]), [])
+    text = generate_latest(metrics.registry).decode()
+    assert metric_value(text, "vllm:request_params_n_count") == 1
+    assert metrics._num_samples == {}
 
 
 def test_per_request_metrics(client) -> None:
