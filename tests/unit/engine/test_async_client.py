@@ -76,6 +76,11 @@ def test_stream_abort_and_shutdown(default_model_path) -> None:
             await collect(client, [], SHORT, "empty")
         assert client.is_running and not client.processor.has_unfinished()
 
+        # The KV cache's configuration, as /metrics shows it in vllm:cache_config_info.
+        cache = client.engine_config.cache
+        assert client.config.num_gpu_blocks > 0 and client.config.block_size == cache.block_size
+        assert client.config.enable_prefix_caching == cache.enable_prefix_caching
+
         # shutdown(10): the short request completes, the long one is aborted, nothing remains
         # (4 tokens take well under 10 s even on a machine slowed several-fold).
         short = asyncio.create_task(collect(client, "One", SHORT, "short"))
