@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from fake_engine import FakeEngineClient
 from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 
@@ -15,17 +14,6 @@ from pagoda.entrypoints.metrics import Metrics
 from pagoda.entrypoints.openai.api_server import build_app
 from pagoda.outputs import CompletionOutput, RequestOutput
 from pagoda.sampling_params import SamplingParams
-from pagoda.tokenizer import Tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_path) -> Tokenizer:
-    return Tokenizer.from_path(default_model_path)
-
-
-@pytest.fixture
-def engine(tokenizer) -> FakeEngineClient:
-    return FakeEngineClient(tokenizer)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 from fake_engine import FakeEngineClient
 
 from pagoda.config import ServerConfig
@@ -23,11 +22,6 @@ from pagoda.entrypoints.openai.api_server import build_app
 from pagoda.tokenizer import Tokenizer
 
 DEADLINE_S = 30.0  # generous: the machine may be busy
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_path) -> Tokenizer:
-    return Tokenizer.from_path(default_model_path)
 
 
 @contextlib.asynccontextmanager

@@ -23,11 +23,6 @@ from pagoda.tokenizer import Tokenizer
 DEADLINE_S = 60  # generous: only a blocked event loop misses it
 
 
-@pytest.fixture(scope="module")
-def tokenizer(default_model_path) -> Tokenizer:
-    return Tokenizer.from_path(default_model_path)
-
-
 @pytest.fixture
 def engine(tokenizer) -> FakeEngineClient:
     return FakeEngineClient(tokenizer, max_model_len=128)

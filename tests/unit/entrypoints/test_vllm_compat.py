@@ -6,24 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from fake_engine import FakeEngineClient
 from fastapi.testclient import TestClient
 
 from pagoda.config import ServerConfig
 from pagoda.entrypoints.openai.api_server import build_app
-from pagoda.tokenizer import Tokenizer
 
 CHAT = [{"role": "user", "content": "Hi"}]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_path) -> Tokenizer:
-    return Tokenizer.from_path(default_model_path)
-
-
-@pytest.fixture
-def engine(tokenizer) -> FakeEngineClient:
-    return FakeEngineClient(tokenizer)
 
 
 @pytest.fixture
