@@ -16,12 +16,15 @@ from pagoda.model.spec import ModelSpec
 class CausalLM(nn.Module):
     """Token ids in, hidden states out; compute_logits turns chosen rows into logits.
 
-    A subclass builds `embed_tokens`, its layers (each with an Attention) and, unless
-    the output layer is tied to the embeddings, `lm_head`, and defines forward.
+    A subclass builds `embed_tokens`, its `layers` (each with an Attention, called as
+    layer(positions, x, residual, attn, keep) -> (x, residual)), the final `norm` (which
+    adds the residual) and, unless the output layer is tied to the embeddings, `lm_head`.
     """
 
     spec: ModelSpec
     embed_tokens: nn.Embedding
+    layers: nn.ModuleList
+    norm: nn.Module
 
     # Up to this many rows, logits come from the Q8_0 output layer when there is one.
     Q8_LOGITS_MAX_ROWS = 4
@@ -42,7 +45,11 @@ class CausalLM(nn.Module):
         as it must, but runs its output projection and MLP on keep's rows only: for a
         prompt of n tokens, n - 1 rows of the last layer's work that nothing reads.
         """
-        raise NotImplementedError
+        x, residual = self.embed_tokens(input_ids), None
+        for i, layer in enumerate(self.layers):
+            last = i == len(self.layers) - 1
+            x, residual = layer(positions, x, residual, attn, keep if last else None)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden_size] -> float32 logits [n, vocab_size]."""

@@ -61,16 +61,3 @@ class LlamaForCausalLM(CausalLM):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         if not spec.tie_word_embeddings:
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        attn: AttentionMetadata,
-        keep: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
-        for i, layer in enumerate(self.layers):
-            last = i == len(self.layers) - 1
-            x, residual = layer(positions, x, residual, attn, keep if last else None)
-        return self.norm(x, residual)[0]
