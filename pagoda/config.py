@@ -8,8 +8,9 @@ a ConfigError that names the flag, rather than starting an engine that hangs.
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -97,6 +98,55 @@ class SchedulerConfig:
         )
 
 
+STRUCTURED_BACKENDS = ("auto", "guidance", "llguidance")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StructuredOutputsConfig:
+    """Structured outputs' server defaults (--structured-outputs-config, vLLM's names)."""
+
+    backend: str = "auto"  # auto = guidance = llguidance, the one backend
+    disable_any_whitespace: bool = False  # JSON as "," and ":" with no spaces
+    disable_additional_properties: bool = False  # objects take only the properties listed
+    # Tokens the grammar forces (the only one it allows) are appended at once and computed
+    # as a chunk in the next step instead of one decode step each; the output is the same.
+    forced_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        _require(
+            self.backend in STRUCTURED_BACKENDS,
+            "--structured-outputs-config backend",
+            self.backend,
+            f"one of {', '.join(STRUCTURED_BACKENDS)}",
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> StructuredOutputsConfig:
+        """The config from a JSON object such as '{"disable_any_whitespace": true}'."""
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--structured-outputs-config is not valid JSON: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError("--structured-outputs-config must be a JSON object")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"--structured-outputs-config: unknown key(s) {', '.join(unknown)}; "
+                f"known: {', '.join(known)}"
+            )
+        for name, value in values.items():
+            expected = str if name == "backend" else bool
+            _require(
+                isinstance(value, expected),
+                f"--structured-outputs-config {name}",
+                value,
+                f"a {expected.__name__}",
+            )
+        return cls(**values)
+
+
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 DEFAULT_DEVICE = "cpu"
 
@@ -106,6 +156,7 @@ class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    structured: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     device: str = DEFAULT_DEVICE
 
     def __post_init__(self) -> None:
@@ -128,6 +179,7 @@ class EngineConfig:
         enable_prefix_caching: bool = CacheConfig.enable_prefix_caching,
         max_num_seqs: int = SchedulerConfig.max_num_seqs,
         max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens,
+        structured: StructuredOutputsConfig | None = None,
         device: str = DEFAULT_DEVICE,
     ) -> EngineConfig:
         """The configuration from the engine's flags (`pagoda serve`, `pagoda bench`, `LLM`).
@@ -151,6 +203,7 @@ class EngineConfig:
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
             ),
+            structured=structured or StructuredOutputsConfig(),
             device=device,
         )
 

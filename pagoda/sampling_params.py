@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Any, ClassVar
 
 import msgspec
 
@@ -30,6 +31,32 @@ REPETITION_PENALTY_RANGE = (0.01, 100.0)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
+class StructuredOutputsParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A constraint on the output, as vLLM's `structured_outputs`: exactly one kind is set.
+
+    The options say how JSON is laid out: by default one line with ", " and ": " between
+    items (no other whitespace, so that a small model cannot run away in newlines);
+    disable_any_whitespace makes it "," and ":", and whitespace_pattern allows whitespace
+    matching that regex wherever JSON allows it.
+    """
+
+    json: str | dict[str, Any] | None = None  # a JSON schema (object or its text)
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # Lark, or GBNF (llama.cpp's grammar format)
+    json_object: bool | None = None  # any JSON object
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False  # objects take only the properties listed
+    whitespace_pattern: str | None = None
+
+    KINDS: ClassVar[tuple[str, ...]] = ("json", "regex", "choice", "grammar", "json_object")
+
+    @property
+    def kinds(self) -> list[str]:
+        """The constraint kinds set (valid params have exactly one)."""
+        return [k for k in self.KINDS if getattr(self, k) not in (None, False)]
+
+
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     """vLLM's sampling fields; validate() names the first bad one and never clamps."""
 
@@ -54,6 +81,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     logprob_token_ids: list[int] | None = None  # these tokens' logprobs too, at each position
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
@@ -160,3 +188,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         for token_id in self.stop_token_ids or []:
             ok = token_id >= 0 and (vocab_size is None or token_id < vocab_size)
             check(ok, "stop_token_ids", f"token id {token_id} is out of vocabulary")
+        if self.structured_outputs is not None:
+            kinds = self.structured_outputs.kinds
+            check(
+                len(kinds) == 1,
+                "structured_outputs",
+                "exactly one of json, regex, choice, grammar and json_object must be set, "
+                f"got {', '.join(kinds) if kinds else 'none'}",
+            )

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 from pagoda.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the API server imports this module, and must not import torch
+    from pagoda.structured.matcher import RequestGrammar
 
 
 class FinishReason(str, enum.Enum):
@@ -78,11 +82,14 @@ class Request:
         self.num_cached_tokens: int | None = None  # prefix-cache hit when first scheduled
         self.status = RequestStatus.WAITING
         self.stop_reason: int | None = None
+        self.error: str | None = None  # why an aborted request failed, for its client
         self.num_preemptions = 0
         self.num_prompt_logprobs_sent = 0  # a preempted request recomputes, but sends once
         self.block_hashes: list[int] = []  # chain hashes of the full blocks of all_token_ids
         # Seed of the counter-based sampler: fixed per request, so the batch cannot change it.
         self.sampling_seed = 0
+        self.grammar: RequestGrammar | None = None  # structured outputs: the allowed tokens
+        self.num_forced_tokens = 0  # output tokens the grammar forced (computed, not decoded)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -55,6 +55,7 @@ class Scheduler:
         cache_config: CacheConfig,
         num_blocks: int,
         max_model_len: int,
+        forced_tokens: bool = True,
     ) -> None:
         # Any request fits the cache alone: one of max_model_len tokens needs
         # max_model_len - 1 slots (its last token is sampled, never computed). So a
@@ -65,6 +66,7 @@ class Scheduler:
         )
         self.config = scheduler_config
         self.max_model_len = max_model_len
+        self.forced_tokens = forced_tokens  # append the tokens a grammar forces (structured)
         self.kv = KVCacheManager(
             num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
         )
@@ -72,6 +74,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_steps = 0  # steps scheduled so far
         self.last_step_tokens = 0
         self.last_step_seqs = 0
 
@@ -145,6 +148,7 @@ class Scheduler:
             budget -= num_new
         # The engine steps while there is work: a step that scheduled nothing would repeat.
         assert out.scheduled or not self.has_work, "a step with work scheduled nothing"
+        self.num_steps += 1
         self.last_step_tokens = out.num_tokens
         self.last_step_seqs = len(out.scheduled)
         return out
@@ -183,6 +187,8 @@ class Scheduler:
                 request.append_token(token)
                 new_tokens = [token]
                 status = request.check_stop(self.max_model_len)
+                if status is None and request.grammar is not None:
+                    status = self._follow_grammar(request, new_tokens)
             if status is not None:
                 self._finish(request, status)
             logprobs = runner_output.logprobs.get(request.request_id)
@@ -199,11 +205,46 @@ class Scheduler:
                         else None
                     ),
                     num_cached_tokens=request.num_cached_tokens or 0,  # set: it was scheduled
-                    queue_time=_queue_time(request) if request.num_output_tokens == 1 else None,
+                    queue_time=(
+                        _queue_time(request)
+                        if new_tokens and request.num_output_tokens == len(new_tokens)
+                        else None
+                    ),
                     num_preemptions=request.num_preemptions if status else 0,
+                    error=request.error if status else None,
                 )
             )
         return EngineOutputs(outputs=outputs, timestamp=time.time())
+
+    def _follow_grammar(self, request: Request, new_tokens: list[int]) -> RequestStatus | None:
+        """Advances the request's grammar past its new token, then appends forced tokens.
+
+        A forced token is the only one the grammar allows, so sampling would pick it
+        whatever the logits; appended now, it is computed with the others in the next
+        step's chunk instead of taking a decode step of its own. Not for requests that
+        want logprobs, which need each token's distribution.
+        """
+        grammar = request.grammar
+        assert grammar is not None
+        if not grammar.accept(new_tokens[-1]):
+            request.error = grammar.error
+            return RequestStatus.FINISHED_ABORTED
+        if grammar.is_terminated:
+            return RequestStatus.FINISHED_STOPPED
+        if not self.forced_tokens or request.sampling_params.logprobs is not None:
+            return None
+        while (token := grammar.forced_token()) is not None:
+            request.append_token(token)
+            request.num_forced_tokens += 1
+            new_tokens.append(token)
+            if (status := request.check_stop(self.max_model_len)) is not None:
+                return status
+            if not grammar.accept(token):
+                request.error = grammar.error
+                return RequestStatus.FINISHED_ABORTED
+            if grammar.is_terminated:
+                return RequestStatus.FINISHED_STOPPED
+        return None
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[str]:
         """Finishes (aborts) the named requests wherever they are; returns those that existed."""

@@ -14,12 +14,14 @@ from pagoda.config import (
     EngineConfig,
     ModelConfig,
     SchedulerConfig,
+    StructuredOutputsConfig,
 )
 from pagoda.engine.core import EngineCore
 from pagoda.engine.output import OutputProcessor
 from pagoda.model_files import resolve_model_path
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import RequestOutputKind, SamplingParams
+from pagoda.structured.grammar import grammar_of, with_defaults
 from pagoda.tokenizer import Tokenizer
 
 Prompt = str | list[int]
@@ -42,6 +44,7 @@ class LLM:
         max_num_batched_tokens: int = OFFLINE_MAX_NUM_BATCHED_TOKENS,
         seed: int = ModelConfig.seed,
         device: str = EngineConfig.device,
+        structured_outputs_config: StructuredOutputsConfig | None = None,
     ) -> None:
         """Loads the model; a flag that cannot work raises ConfigError before anything loads."""
         path = resolve_model_path(model)
@@ -56,6 +59,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
+            structured=structured_outputs_config,
             device=device,
         )
         self.tokenizer = Tokenizer.from_path(path)
@@ -100,6 +104,10 @@ class LLM:
         max_tokens = room if params.max_tokens is None else params.max_tokens
         params = _replace(params, max_tokens=max_tokens, output_kind=RequestOutputKind.FINAL_ONLY)
         params.validate(self.tokenizer.vocab_size)
+        if params.structured_outputs is not None:
+            constraint = with_defaults(params.structured_outputs, self.config.structured)
+            grammar_of(constraint)  # raises StructuredOutputsError (a ValueError) naming the field
+            params = _replace(params, structured_outputs=constraint)
         request_id = str(next(self._ids))
         for engine_request in self.processor.add_request(request_id, text, token_ids, params):
             self.engine.add_request(engine_request)

@@ -49,6 +49,7 @@ class EngineOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     num_cached_tokens: int = 0
     queue_time: float | None = None  # seconds from arrival to first scheduling, on the first token
     num_preemptions: int = 0  # times the request was preempted, on its finished output
+    error: str | None = None  # on a request that failed alone (a grammar that did not compile)
 
 
 class SchedulerStats(msgspec.Struct, array_like=True):

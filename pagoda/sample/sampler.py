@@ -42,6 +42,8 @@ class SamplingMetadata:
     banned: tuple[torch.Tensor, torch.Tensor] | None  # rows, token ids
     # allowed_token_ids: the rows that have them, and which tokens each row allows
     allowed: tuple[torch.Tensor, torch.Tensor] | None  # rows [R], mask [R, V] bool
+    # structured outputs: the rows that follow a grammar, and each one's allowed-token bitmask
+    grammar: tuple[torch.Tensor, torch.Tensor] | None  # rows [G], bitmask [G, ceil(V/32)] int32
     max_logprobs: int | None  # the most top logprobs any row asked for; None = no row asked
     # logprob_token_ids: (row, the token ids whose logprobs that row wants)
     logprob_token_ids: list[tuple[int, torch.Tensor]]
@@ -88,6 +90,11 @@ class SamplingMetadata:
             for j, i in enumerate(allowed_rows):
                 mask[j, column(params[i].allowed_token_ids or [], torch.long)] = True
             allowed = (column(allowed_rows, torch.long), mask)
+        grammar = None
+        grammar_rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+        if grammar_rows:
+            masks = [requests[i].grammar.allowed_mask() for i in grammar_rows]  # type: ignore[union-attr]
+            grammar = (column(grammar_rows, torch.long), torch.stack(masks).to(device))
 
         return cls(
             temperature=column([p.temperature for p in params], torch.float32),
@@ -117,6 +124,7 @@ class SamplingMetadata:
             if ban_rows
             else None,
             allowed=allowed,
+            grammar=grammar,
             max_logprobs=max(logprob_counts) if logprob_counts else None,
             logprob_token_ids=[
                 (i, column(p.logprob_token_ids, torch.long))
@@ -146,6 +154,8 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         logits = apply_penalties(logits, meta)  # a new tensor
     if meta.bias is not None or meta.banned is not None or meta.allowed is not None:
         logits = logits.clone() if logits is raw else logits
+    if meta.grammar is not None:
+        logits = logits.clone() if logits is raw else logits
     if meta.bias is not None:
         rows, ids, values = meta.bias
         logits.index_put_((rows, ids), values, accumulate=True)
@@ -155,6 +165,10 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         # After penalties, bias and bans; before temperature and top-k/top-p.
         rows, mask = meta.allowed
         logits[rows] = logits[rows].masked_fill(~mask, float("-inf"))
+    if meta.grammar is not None:
+        rows, bitmask = meta.grammar
+        allowed_by_grammar = unpack_bitmask(bitmask, logits.shape[1])
+        logits[rows] = logits[rows].masked_fill(~allowed_by_grammar, float("-inf"))
 
     greedy = argmax_rows(logits)
     if meta.all_greedy:
@@ -190,6 +204,13 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
             ranks = (logprobs[row].unsqueeze(0) > chosen.unsqueeze(1)).sum(dim=-1) + 1
             out.asked[row] = (chosen.tolist(), ranks.tolist())
     return out
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[R, W] int32 words -> [R, vocab_size] bool: bit i of word w is token 32 * w + i."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [R, W, 32]
+    return bits.flatten(1)[:, :vocab_size].bool()
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

@@ -1,0 +1,123 @@
+"""A request's constraint -> an llguidance grammar, checked; torch-free (the API side uses it).
+
+llguidance compiles JSON schemas, regular expressions, Lark and GBNF grammars into one
+grammar format; the engine builds its matcher from the text made here.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+
+from pagoda.config import StructuredOutputsConfig
+from pagoda.sampling_params import StructuredOutputsParams
+
+
+class StructuredOutputsError(ValueError):
+    """A constraint that cannot be used; `param` names the field at fault."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def with_defaults(
+    params: StructuredOutputsParams, config: StructuredOutputsConfig
+) -> StructuredOutputsParams:
+    """The constraint with the server's layout defaults where the request left them unset."""
+    return msgspec.structs.replace(
+        params,
+        disable_any_whitespace=params.disable_any_whitespace or config.disable_any_whitespace,
+        disable_additional_properties=(
+            params.disable_additional_properties or config.disable_additional_properties
+        ),
+    )
+
+
+def grammar_of(params: StructuredOutputsParams) -> str:
+    """The llguidance grammar of the constraint, checked; raises StructuredOutputsError."""
+    llg = _llguidance()
+    kinds = params.kinds
+    if len(kinds) != 1:
+        raise StructuredOutputsError(
+            "structured_outputs",
+            "exactly one of json, regex, choice, grammar and json_object must be set, "
+            f"got {', '.join(kinds) if kinds else 'none'}",
+        )
+    kind = kinds[0]
+    try:
+        if kind in ("json", "json_object"):
+            schema = _schema(params) if kind == "json" else {"type": "object"}
+            grammar = llg.LLMatcher.grammar_from_json_schema(schema, defaults=_json_options(params))
+        elif kind == "regex":
+            grammar = llg.LLMatcher.grammar_from_regex(params.regex)
+        elif kind == "choice":
+            choices = params.choice or []
+            if not choices:
+                raise StructuredOutputsError(kind, "must list at least one choice")
+            grammar = llg.grammar_from("choice", json.dumps(choices))
+        else:
+            # "grammar" takes Lark, and GBNF (converted to Lark when it looks like GBNF)
+            grammar = llg.grammar_from("grammar", params.grammar or "")
+    except ValueError as e:  # JSON that is not an object, GBNF that does not convert
+        raise StructuredOutputsError(kind, str(e)) from None
+    error = llg.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise StructuredOutputsError(kind, f"invalid {_NAMES[kind]}: {error.strip()}")
+    return grammar
+
+
+_NAMES = {
+    "json": "JSON schema",
+    "json_object": "JSON object",
+    "regex": "regular expression",
+    "choice": "choice",
+    "grammar": "grammar",
+}
+
+
+def _schema(params: StructuredOutputsParams) -> dict[str, Any]:
+    schema = params.json
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise StructuredOutputsError("json", f"the schema is not valid JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise StructuredOutputsError("json", "the schema must be a JSON object")
+    if params.disable_additional_properties:
+        schema = _closed(schema)
+    return schema
+
+
+def _closed(schema: Any) -> Any:
+    """The schema with additionalProperties false on every object that does not say."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) for k, v in schema.items()}
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def _json_options(params: StructuredOutputsParams) -> dict[str, Any]:
+    if params.whitespace_pattern is not None:
+        return {"whitespace_flexible": True, "whitespace_pattern": params.whitespace_pattern}
+    if params.disable_any_whitespace:
+        return {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+    return {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _llguidance() -> Any:
+    try:
+        import llguidance
+    except ImportError:
+        raise StructuredOutputsError(
+            "structured_outputs",
+            "structured outputs need the llguidance package: pip install 'pagoda[structured]'",
+        ) from None
+    return llguidance
