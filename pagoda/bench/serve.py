@@ -27,6 +27,7 @@ class BenchRequest:
     prompt: str | list[dict[str, str]]  # text, or chat messages
     prompt_len: int
     output_len: int
+    response_format: dict | None = None  # a JSON schema to follow (the structured dataset)
 
 
 @dataclass
@@ -57,7 +58,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="model directory or GGUF whose tokenizer builds and counts prompts "
         "(default: the embedded default model)",
     )
-    p.add_argument("--dataset-name", default="random", choices=["random", "prompts"])
+    p.add_argument(
+        "--dataset-name",
+        default="random",
+        choices=["random", "prompts", "structured"],
+        help="structured: chat requests that each ask for JSON following a schema "
+        "(response_format json_schema)",
+    )
+    p.add_argument(
+        "--unconstrained",
+        action="store_true",
+        help="send the structured dataset's requests without their schemas (the baseline)",
+    )
     p.add_argument("--random-input-len", type=at_least(1), default=256)
     p.add_argument("--random-output-len", type=at_least(1), default=128)
     p.add_argument("--ignore-eos", action="store_true")
@@ -120,6 +132,32 @@ def prompts_dataset(tokenizer, num: int, seed: int) -> list[BenchRequest]:
     return out
 
 
+def structured_dataset(
+    tokenizer, num: int, seed: int, constrained: bool = True
+) -> list[BenchRequest]:
+    """Extraction-style chat requests that ship with Pagoda, each with its JSON schema."""
+    text = resources.files("pagoda.bench").joinpath("structured.jsonl").read_text()
+    items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(num):
+        item = rng.choice(items)
+        prompt_len = len(tokenizer.encode(item["prompt"], add_special_tokens=False))
+        response_format = {
+            "type": "json_schema",
+            "json_schema": {"name": item["name"], "schema": item["schema"], "strict": True},
+        }
+        out.append(
+            BenchRequest(
+                item["prompt"],
+                prompt_len,
+                item["max_tokens"],
+                response_format if constrained else None,
+            )
+        )
+    return out
+
+
 # ---- one request ------------------------------------------------------------------------------
 
 
@@ -142,6 +180,8 @@ async def send(
         body["messages"] = [{"role": "user", "content": request.prompt}]
     else:
         body["prompt"] = request.prompt
+    if request.response_format is not None:
+        body["response_format"] = request.response_format
     if args.ignore_eos:
         body["ignore_eos"] = True
     if args.ban_token_ids:
@@ -221,7 +261,17 @@ def summarize(results: list[RequestResult], duration: float) -> dict:
         "tpot_ms": percentiles(tpots),
         "itl_ms": percentiles([gap for r in ok for gap in r.itl]),
         "e2el_ms": percentiles([r.latency for r in ok]),
+        # the outputs that parse as JSON (meaningful for the structured dataset)
+        "json_valid": sum(_is_json(r.text) for r in ok),
     }
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 async def run(
@@ -238,7 +288,12 @@ async def run(
             models = (await client.get(args.base_url + "/v1/models")).json()
             model = models["data"][0]["id"]
         for warmup in warmups:
-            short = BenchRequest(warmup.prompt, warmup.prompt_len, min(warmup.output_len, 8))
+            short = BenchRequest(
+                warmup.prompt,
+                warmup.prompt_len,
+                min(warmup.output_len, 8),
+                warmup.response_format,
+            )
             await send(client, args, model, short, tokenizer)
 
         semaphore = asyncio.Semaphore(args.max_concurrency or len(requests))
@@ -308,6 +363,8 @@ def main(args: argparse.Namespace) -> int:
         requests = random_dataset(
             tokenizer, total, args.random_input_len, args.random_output_len, args.seed
         )
+    elif args.dataset_name == "structured":
+        requests = structured_dataset(tokenizer, total, args.seed, not args.unconstrained)
     else:
         requests = prompts_dataset(tokenizer, total, args.seed)
     warmups, timed = requests[: args.num_warmups], requests[args.num_warmups :]

@@ -132,3 +132,19 @@ def test_percentiles() -> None:
     p = bench.percentiles([0.001 * i for i in range(1, 101)])
     assert p["median"] == pytest.approx(50.5) and p["p99"] == pytest.approx(99.0)
     assert p["mean"] == pytest.approx(50.5)
+
+
+def test_structured_dataset_carries_valid_schemas(default_model_path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    tokenizer = Tokenizer.from_path(default_model_path)
+    requests = bench.structured_dataset(tokenizer, 40, seed=1)
+    names = set()
+    for r in requests:
+        assert r.response_format is not None and r.response_format["type"] == "json_schema"
+        schema = r.response_format["json_schema"]["schema"]
+        jsonschema.Draft202012Validator.check_schema(schema)
+        names.add(r.response_format["json_schema"]["name"])
+    assert len(names) > 5
+    baseline = bench.structured_dataset(tokenizer, 40, seed=1, constrained=False)
+    assert [r.prompt for r in baseline] == [r.prompt for r in requests]
+    assert all(r.response_format is None for r in baseline)
