@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from pagoda.config import StructuredOutputsConfig
 from pagoda.core.request import FinishReason
 from pagoda.engine.messages import EngineOutput, EngineOutputs, WireLogprob
 from pagoda.engine.output import OutputProcessor
@@ -29,7 +30,12 @@ FAKE_TEXT = " one two three four five six seven eight nine ten eleven twelve"
 
 
 class FakeEngineClient(EngineClient):
-    def __init__(self, tokenizer: Tokenizer, max_model_len: int = 128) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        max_model_len: int = 128,
+        structured: StructuredOutputsConfig | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.processor = OutputProcessor(tokenizer)
         self._config = ServingConfig(
@@ -41,6 +47,7 @@ class FakeEngineClient(EngineClient):
             num_gpu_blocks=64,
             block_size=16,
             enable_prefix_caching=True,
+            structured=structured or StructuredOutputsConfig(),
         )
         self.script = tokenizer.encode(FAKE_TEXT, add_special_tokens=False)
         self.dead = False

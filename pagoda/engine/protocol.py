@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypedDict
 
+from pagoda.config import StructuredOutputsConfig
 from pagoda.engine.messages import EngineOutputs, EngineRequest
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
@@ -45,6 +46,8 @@ class ServingConfig:
     num_gpu_blocks: int  # blocks in the KV cache
     block_size: int  # tokens per block
     enable_prefix_caching: bool
+    # The defaults a request's constraint takes where it says nothing (JSON layout).
+    structured: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
 
 
 class StatLogger(Protocol):

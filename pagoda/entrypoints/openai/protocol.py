@@ -64,6 +64,40 @@ class StreamOptions(OpenAIModel):
     continuous_usage_stats: bool = False
 
 
+# A JSON object that may reach the constraint backend (a schema): its strings are checked too.
+JSONObject = Annotated[dict[str, Any], AfterValidator(check_text)]
+
+
+class JsonSchemaFormat(OpenAIModel):
+    """response_format's json_schema, as the openai client's `parse` sends it."""
+
+    name: str
+    description: str | None = None
+    # "schema" in the wire shape; pydantic models have a schema() of their own. None: any JSON.
+    json_schema: JSONObject | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    type: str  # text, json_object or json_schema; others are a 400 naming response_format
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(OpenAIModel):
+    """vLLM's `structured_outputs`: one constraint kind and the JSON layout options."""
+
+    # "json" in the wire shape (BaseModel has a json() of its own): a schema or its text
+    json_schema: Text | JSONObject | None = Field(default=None, alias="json")
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = None
+    json_object: bool | None = None
+    structural_tag: Any = None  # vLLM's; refused
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: Text | None = None
+
+
 class SamplingFields(OpenAIModel):
     """Sampling fields shared by completions and chat completions."""
 
@@ -96,6 +130,16 @@ class SamplingFields(OpenAIModel):
     use_beam_search: bool = False  # refused: Pagoda has no beam search
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # -1 = the context length
     truncation_side: Literal["left", "right"] | None = None  # left (default): keep the end
+    # Structured outputs (entrypoints/openai/structured.py): at most one constraint kind among
+    # response_format, structured_outputs and vLLM's older guided_* fields.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: Text | JSONObject | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
+    guided_whitespace_pattern: Text | None = None
+    guided_decoding_backend: str | None = None  # accepted and ignored: one backend, llguidance
 
 
 class CompletionRequest(SamplingFields):
@@ -119,10 +163,6 @@ class ChatMessage(OpenAIModel):
     name: Text | None = None
 
 
-class ResponseFormat(OpenAIModel):
-    type: str
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_tokens: int | None = None
@@ -133,7 +173,6 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: Annotated[dict[str, Any], AfterValidator(check_text)] | None = None
-    response_format: ResponseFormat | None = None
     tools: Annotated[list[dict[str, Any]], AfterValidator(check_text)] | None = None
     tool_choice: Any = None
 

@@ -45,10 +45,6 @@ class OpenAIServingChat(OpenAIServing):
             raise OpenAIError("messages must not be empty", 400, "messages")
         if request.tool_choice not in (None, "none"):
             raise OpenAIError("tool calling is not supported", 400, "tool_choice")
-        if request.response_format is not None and request.response_format.type != "text":
-            raise OpenAIError(
-                "structured output (response_format) is not supported", 400, "response_format"
-            )
         if request.top_logprobs is not None:
             if request.top_logprobs < -1:
                 raise OpenAIError(

@@ -21,6 +21,7 @@ from pagoda.engine.protocol import (
 from pagoda.entrypoints.openai.errors import OpenAIError, error_body
 from pagoda.entrypoints.openai.limits import max_prompt_chars
 from pagoda.entrypoints.openai.protocol import SamplingFields
+from pagoda.entrypoints.openai.structured import structured_outputs
 from pagoda.outputs import Logprobs, RequestOutput
 from pagoda.sampling_params import RequestOutputKind, SamplingParams, SamplingParamsError
 
@@ -184,6 +185,7 @@ class OpenAIServing:
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=request.skip_special_tokens,
+            structured_outputs=structured_outputs(request, self.engine.config.structured),
             output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
         )
         try:

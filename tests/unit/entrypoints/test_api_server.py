@@ -220,10 +220,10 @@ def test_completion_bad_input(client, body, param, match) -> None:
         (
             {
                 "messages": [{"role": "user", "content": "hi"}],
-                "response_format": {"type": "json_object"},
+                "response_format": {"type": "yaml"},
             },
             "response_format",
-            "not supported",
+            "unknown type",
         ),
         (
             {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 1000},
