@@ -21,6 +21,9 @@ class CompletionOutput:
     stop_reason: int | str | None = None  # the stop string or token id that ended it
     logprobs: list[Logprobs] | None = None
     cumulative_logprob: float | None = None
+    # Why the engine failed this sequence alone (finish_reason "abort"), e.g. a grammar it
+    # could not use; None for a sequence that ended normally or was aborted by its caller.
+    error: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -56,6 +56,9 @@ class FakeEngineClient(EngineClient):
         self.last_params: SamplingParams | None = None
         self.stat_loggers: list[StatLogger] = []
         self.killed = False
+        # (step, error): every sample fails alone at that step, as the engine reports a
+        # grammar it could not use (finish_reason abort with an error).
+        self.request_error: tuple[int, str] | None = None
 
     @property
     def config(self) -> ServingConfig:
@@ -86,12 +89,16 @@ class FakeEngineClient(EngineClient):
                 if request_id not in self.processor.requests:
                     raise RequestAborted(f"request {request_id} was aborted")
                 last = step + 1 == sampling_params.max_tokens
+                error = self.request_error
+                failing = error[1] if error is not None and error[0] == step else None
                 outputs = []
                 for i, er in enumerate(engine_requests):
                     token = self.script[(step + i) % len(self.script)]
                     output = EngineOutput(
                         er.request_id, [token], finish_reason=FinishReason.LENGTH if last else None
                     )
+                    if failing is not None:
+                        output.finish_reason, output.error = FinishReason.ABORT, failing
                     if sampling_params.logprobs is not None:
                         entry = self.fake_logprobs(token, sampling_params.logprobs)
                         for j, t in enumerate(sampling_params.logprob_token_ids or []):

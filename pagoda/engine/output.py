@@ -33,6 +33,7 @@ class SampleState:
     cumulative_logprob: float | None = None
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
+    error: str | None = None  # why the engine failed this sample alone
     checked_text: int = 0  # chars already searched for stop strings
     sent_text: int = 0  # chars already delivered (delta mode)
     sent_tokens: int = 0
@@ -156,6 +157,7 @@ class OutputProcessor:
             elif eo.finish_reason is not None and sample.finish_reason is None:
                 sample.finish_reason = eo.finish_reason
                 sample.stop_reason = eo.stop_reason
+                sample.error = eo.error
             if sample.finish_reason is not None:
                 del self.engine_ids[eo.request_id]
             output = self._make_output(state, sample)
@@ -229,6 +231,7 @@ class OutputProcessor:
             stop_reason=sample.stop_reason,
             logprobs=list(sample.logprobs) if sample.logprobs is not None else None,
             cumulative_logprob=sample.cumulative_logprob,
+            error=sample.error,
         )
 
     @staticmethod
@@ -249,4 +252,5 @@ class OutputProcessor:
             stop_reason=sample.stop_reason,
             logprobs=logprobs,
             cumulative_logprob=sample.cumulative_logprob,
+            error=sample.error,
         )

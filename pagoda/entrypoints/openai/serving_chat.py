@@ -184,6 +184,7 @@ class OpenAIServingChat(OpenAIServing):
         request_id = random_id("chatcmpl")
         final: RequestOutput | None = None
         async for _, output in self.generate_many([prompt], params, request_id):
+            self.check_output(request, output)
             final = output
         assert final is not None
         choices = [
@@ -246,6 +247,7 @@ class OpenAIServingChat(OpenAIServing):
                 for i in range(params.n):
                     yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(content=echo))])
             async for _, output in self.generate_many([prompt], params, request_id):
+                self.check_output(request, output)
                 cached = output.num_cached_tokens
                 for c in output.outputs:
                     completion_tokens[c.index] += len(c.token_ids)

@@ -95,6 +95,7 @@ class OpenAIServingCompletion(OpenAIServing):
         request_id = random_id("cmpl")
         finals: dict[int, RequestOutput] = {}
         async for i, output in self.generate_many(list(prompts), params, request_id):
+            self.check_output(request, output)
             finals[i] = output
         choices, prompt_tokens, completion_tokens, cached = [], 0, 0, 0
         for i in range(len(prompts)):
@@ -192,6 +193,7 @@ class OpenAIServingCompletion(OpenAIServing):
         cached: dict[int, int] = {}  # per prompt
         try:
             async for i, output in self.generate_many(list(prompts), params, request_id):
+                self.check_output(request, output)
                 cached[i] = output.num_cached_tokens
                 for c in output.outputs:
                     index = i * params.n + c.index

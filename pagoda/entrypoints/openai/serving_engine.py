@@ -21,7 +21,7 @@ from pagoda.engine.protocol import (
 from pagoda.entrypoints.openai.errors import OpenAIError, error_body
 from pagoda.entrypoints.openai.limits import max_prompt_chars
 from pagoda.entrypoints.openai.protocol import SamplingFields
-from pagoda.entrypoints.openai.structured import structured_outputs
+from pagoda.entrypoints.openai.structured import constraint_field, structured_outputs
 from pagoda.outputs import Logprobs, RequestOutput
 from pagoda.sampling_params import RequestOutputKind, SamplingParams, SamplingParamsError
 
@@ -218,6 +218,13 @@ class OpenAIServing:
                 "logit_bias",
             )
         return bias
+
+    def check_output(self, request: SamplingFields, output: RequestOutput) -> None:
+        """A sample the engine failed alone (a grammar it could not use) fails the request
+        with a 400 naming the constraint's field; the engine has already ended it."""
+        for c in output.outputs:
+            if c.error is not None:
+                raise OpenAIError(c.error, 400, constraint_field(request))
 
     def tokens_as_ids(self, request: SamplingFields) -> bool:
         """Whether logprob tokens are written "token_id:{id}": the request's choice, else the

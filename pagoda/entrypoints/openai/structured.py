@@ -96,6 +96,12 @@ def structured_outputs(
     return params
 
 
+def constraint_field(request: SamplingFields) -> str | None:
+    """The request field that set its constraint (for errors the engine reports later)."""
+    constraints = _constraints(request)
+    return constraints[0].field if constraints else None
+
+
 def _constraints(request: SamplingFields) -> list[Constraint]:
     """Every constraint kind the request sets, with its field, in the order fields are read."""
     found = []

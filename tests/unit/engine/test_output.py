@@ -123,3 +123,20 @@ def test_abort_touches_only_the_requests_own_samples(tokenizer: Tokenizer) -> No
         if i != 2:
             processor.abort_request(f"r-{i}")
     assert not processor.has_unfinished() and not processor.engine_ids
+
+
+@pytest.mark.parametrize(
+    "kind", [RequestOutputKind.DELTA, RequestOutputKind.FINAL_ONLY, RequestOutputKind.CUMULATIVE]
+)
+def test_an_engine_error_reaches_the_sample_it_ended(tokenizer: Tokenizer, kind) -> None:
+    processor = OutputProcessor(tokenizer)
+    processor.add_request("r", None, [1], SamplingParams(n=2, max_tokens=5, output_kind=kind))
+    outputs, _ = feed(processor, "0_r", [5, 6], finish=FinishReason.LENGTH)
+    error = EngineOutput("1_r", [7], finish_reason=FinishReason.ABORT, error="regex: no good")
+    step = m.message_decoder.decode(m.encoder.encode(m.EngineOutputs([error])))
+    (out,), _ = processor.process_outputs(step.outputs)
+    assert out.finished and not processor.has_unfinished()
+    by_index = {c.index: c for c in out.outputs}
+    assert by_index[1].error == "regex: no good" and by_index[1].finish_reason == "abort"
+    if kind != RequestOutputKind.DELTA:  # a delta carries only the sample that changed
+        assert by_index[0].error is None and by_index[0].finish_reason == "length"

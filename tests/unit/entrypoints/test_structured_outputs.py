@@ -1,6 +1,7 @@
 """Structured outputs at the HTTP edge: response_format, structured_outputs and vLLM's older
 guided_* fields become one constraint for the engine, with the server's defaults; a bad or
-conflicting constraint is a 400 naming the field that was sent, before the engine sees it."""
+conflicting constraint is a 400 naming the field that was sent, before the engine sees it;
+a request the engine failed alone is a 400 (or an error event in a stream)."""
 
 from __future__ import annotations
 
@@ -285,3 +286,40 @@ def test_without_llguidance_a_constraint_is_400_naming_the_field(
     assert_400(client, engine, CHAT, "guided_regex", "pagoda[structured]", guided_regex="[0-9]+")
     # an unconstrained request still runs
     assert client.post(CHAT, json=body(CHAT)).status_code == 200
+
+
+# ---- a request the engine failed alone -------------------------------------------------------
+
+ENGINE_ERROR = "json: the grammar did not compile in the engine"
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_a_request_the_engine_failed_is_400(client, engine, path) -> None:
+    engine.request_error = (1, ENGINE_ERROR)
+    r = client.post(path, json=body(path, structured_outputs={"regex": "[a-z ]+"}, n=2))
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["message"] == ENGINE_ERROR and error["param"] == "structured_outputs"
+    assert not engine.processor.has_unfinished() and not engine.processor.engine_ids
+    engine.request_error = None
+    again = client.post(path, json=body(path, structured_outputs={"regex": "[a-z ]+"}))
+    assert again.status_code == 200, again.text
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_a_stream_the_engine_failed_ends_with_an_error_event(client, engine, path) -> None:
+    engine.request_error = (2, ENGINE_ERROR)
+    fmt = {"type": "json_object"}
+    r = client.post(path, json=body(path, response_format=fmt, stream=True, max_tokens=8))
+    assert r.status_code == 200
+    lines = [line for line in r.text.split("\n") if line]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    error = events[-1]["error"]
+    assert error["code"] == 400 and error["message"] == ENGINE_ERROR
+    assert error["param"] == "response_format"
+    # the tokens before the failure were streamed; no chunk says "abort"
+    assert any(e.get("choices") for e in events[:-1])
+    reasons = [c.get("finish_reason") for e in events[:-1] for c in e.get("choices", [])]
+    assert "abort" not in reasons
+    assert not engine.processor.has_unfinished()
