@@ -19,6 +19,7 @@ from pagoda.config import (
     ModelConfig,
     SchedulerConfig,
     ServerConfig,
+    StructuredOutputsConfig,
 )
 
 
@@ -110,8 +111,15 @@ def engine_config_from_args(
         enable_prefix_caching=args.enable_prefix_caching,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        structured_outputs_config=structured_outputs_config_of(args),
         device=args.device,
     )
+
+
+def structured_outputs_config_of(args: argparse.Namespace) -> StructuredOutputsConfig | None:
+    """--structured-outputs-config's JSON; None when absent. ConfigError names the flag."""
+    text = args.structured_outputs_config
+    return None if text is None else StructuredOutputsConfig.from_json(text)
 
 
 async def _run_server(
@@ -247,6 +255,15 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=ModelConfig.seed)
     p.add_argument("--device", default=EngineConfig.device, help="cpu or cuda[:N]")
+    p.add_argument(
+        "--structured-outputs-config",
+        default=None,
+        metavar="JSON",
+        help="structured outputs' defaults as a JSON object, e.g. "
+        "'{\"disable_any_whitespace\": true}': backend (auto, guidance, llguidance: the one "
+        "backend), disable_any_whitespace (JSON without spaces), disable_additional_properties "
+        "(objects take only the properties their schema lists), forced_tokens (default true)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

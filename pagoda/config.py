@@ -179,7 +179,7 @@ class EngineConfig:
         enable_prefix_caching: bool = CacheConfig.enable_prefix_caching,
         max_num_seqs: int = SchedulerConfig.max_num_seqs,
         max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens,
-        structured: StructuredOutputsConfig | None = None,
+        structured_outputs_config: StructuredOutputsConfig | None = None,
         device: str = DEFAULT_DEVICE,
     ) -> EngineConfig:
         """The configuration from the engine's flags (`pagoda serve`, `pagoda bench`, `LLM`).
@@ -203,7 +203,7 @@ class EngineConfig:
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
             ),
-            structured=structured or StructuredOutputsConfig(),
+            structured=structured_outputs_config or StructuredOutputsConfig(),
             device=device,
         )
 

@@ -59,7 +59,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
-            structured=structured_outputs_config,
+            structured_outputs_config=structured_outputs_config,
             device=device,
         )
         self.tokenizer = Tokenizer.from_path(path)

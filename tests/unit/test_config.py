@@ -62,6 +62,10 @@ def test_server_config_refuses_max_n_below_one() -> None:
         (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
         (["--h11-max-header-count", "0"], "--h11-max-header-count"),
         (["--h11-max-incomplete-event-size", "0"], "--h11-max-incomplete-event-size"),
+        (["--structured-outputs-config", "{nope"], "--structured-outputs-config"),
+        (["--structured-outputs-config", '{"backend": "xgrammar"}'], "--structured-outputs-config"),
+        (["--structured-outputs-config", '{"compact": true}'], "--structured-outputs-config"),
+        (["--structured-outputs-config", "[]"], "--structured-outputs-config"),
     ],
 )
 def test_serve_refuses_at_startup(
@@ -74,11 +78,32 @@ def test_serve_refuses_at_startup(
     assert flag in capsys.readouterr().err
 
 
-def test_bench_throughput_refuses_at_startup(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--max-num-seqs", "0"], "--max-num-seqs"),
+        (["--structured-outputs-config", '{"forced_tokens": 1}'], "--structured-outputs-config"),
+    ],
+)
+def test_bench_throughput_refuses_at_startup(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "throughput", "--max-num-seqs", "0"])
+        main(["bench", "throughput", *argv])
     assert exit_info.value.code == 2
-    assert "--max-num-seqs" in capsys.readouterr().err
+    assert flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["serve"], ["bench", "throughput"]])
+def test_structured_outputs_config_reaches_the_engine_config(command: list[str]) -> None:
+    from pagoda.cli import build_parser, engine_config_from_args
+    from pagoda.config import StructuredOutputsConfig
+
+    flag = '{"disable_any_whitespace": true, "forced_tokens": false, "backend": "guidance"}'
+    args = build_parser().parse_args([*command, "--structured-outputs-config", flag])
+    assert engine_config_from_args(args, MODEL).structured == StructuredOutputsConfig(
+        backend="guidance", disable_any_whitespace=True, forced_tokens=False
+    )
 
 
 def test_serve_bench_and_llm_share_the_defaults() -> None:
