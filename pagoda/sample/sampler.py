@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pagoda.core.request import Request
@@ -94,7 +95,8 @@ class SamplingMetadata:
         grammar_rows = [i for i, r in enumerate(requests) if r.grammar is not None]
         if grammar_rows:
             masks = [requests[i].grammar.allowed_mask() for i in grammar_rows]  # type: ignore[union-attr]
-            grammar = (column(grammar_rows, torch.long), torch.stack(masks).to(device))
+            bitmask = torch.from_numpy(np.stack(masks)).to(device)
+            grammar = (column(grammar_rows, torch.long), bitmask)
 
         return cls(
             temperature=column([p.temperature for p in params], torch.float32),

@@ -12,7 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from pagoda.sampling_params import StructuredOutputsParams
 from pagoda.structured.grammar import StructuredOutputsError, grammar_of
@@ -78,7 +78,9 @@ class RequestGrammar:
         self.vocab_size = vocab_size
         self.end_token_ids = end_token_ids
         self.error: str | None = None
-        self.mask = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
+        # numpy, not torch: this is a few thousand words read and written in small steps,
+        # where numpy's per-call cost is a fraction of torch's.
+        self.mask = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
         self._mask_is_current = False
 
     @property
@@ -99,18 +101,19 @@ class RequestGrammar:
         """The grammar is complete and admits nothing more."""
         return self.matcher is not None and self.matcher.is_stopped()
 
-    def allowed_mask(self) -> torch.Tensor:
+    def allowed_mask(self) -> np.ndarray:
         """The bitmask of tokens allowed next ([words] int32); all allowed after an error."""
         if not self._mask_is_current:
             matcher = self.matcher
             if matcher is None:
-                self.mask.fill_(-1)
+                self.mask.fill(-1)
             else:
-                matcher.unsafe_compute_mask_ptr(self.mask.data_ptr(), self.mask.numel() * 4)
+                matcher.unsafe_compute_mask_ptr(self.mask.ctypes.data, self.mask.nbytes)
                 if self.end_token_ids and matcher.is_accepting():
+                    words = self.mask.view(np.uint32)
                     for token in self.end_token_ids:
                         if token < self.vocab_size:
-                            self.mask[token // 32] |= _bit(token % 32)
+                            words[token >> 5] |= np.uint32(1 << (token & 31))
             self._mask_is_current = True
         return self.mask
 
@@ -132,17 +135,11 @@ class RequestGrammar:
         if self.matcher is None:
             return None
         mask = self.allowed_mask()
-        words = torch.nonzero(mask)
-        if words.numel() != 1:
+        words = np.flatnonzero(mask)
+        if len(words) != 1:
             return None
-        word_index = int(words[0, 0])
-        word = int(mask[word_index]) & 0xFFFFFFFF
+        word = int(mask.view(np.uint32)[words[0]])
         if word & (word - 1):
             return None  # more than one bit
-        token = word_index * 32 + word.bit_length() - 1
+        token = int(words[0]) * 32 + word.bit_length() - 1
         return None if token in self.end_token_ids else token
-
-
-def _bit(i: int) -> int:
-    """Bit i of an int32 word, as the signed value torch stores (bit 31 is negative)."""
-    return (1 << i) - (1 << 32) if i == 31 else 1 << i

@@ -1,0 +1,73 @@
+"""The engine-side matcher on the tiny byte tokenizer (token id = byte's place in the byte-level
+alphabet): its bitmask, end tokens, forced tokens and padding rows, and the sampler's unpacking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pagoda.sample.sampler import unpack_bitmask
+from pagoda.sampling_params import StructuredOutputsParams
+from pagoda.structured.matcher import GrammarCompiler
+from pagoda.tokenizer import Tokenizer
+
+pytest.importorskip("llguidance")
+
+VOCAB = 300  # the model's rows: 44 beyond the tokenizer's 256 are padding
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir):
+    path = tiny_model_dir()
+    return GrammarCompiler(path, VOCAB), Tokenizer.from_path(path)
+
+
+def allowed(grammar) -> set[int]:
+    bits = unpack_bitmask(torch.from_numpy(grammar.allowed_mask()[None]), VOCAB)[0]
+    return set(torch.nonzero(bits).flatten().tolist())
+
+
+def ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_mask_follows_the_grammar_and_ends_only_where_it_may(setup) -> None:
+    compiler, tokenizer = setup
+    grammar = compiler.compile(StructuredOutputsParams(regex="ab+"), end_token_ids=(EOS,))
+    assert allowed(grammar) == set(ids(tokenizer, "a"))  # no EOS, no padding row
+    assert grammar.forced_token() == ids(tokenizer, "a")[0]
+    assert grammar.accept(ids(tokenizer, "a")[0])
+    assert allowed(grammar) == set(ids(tokenizer, "b"))
+    assert grammar.accept(ids(tokenizer, "b")[0])
+    assert allowed(grammar) == set(ids(tokenizer, "b")) | {EOS}  # it may end here
+    assert grammar.forced_token() is None  # two choices
+    assert not grammar.is_terminated
+
+
+def test_a_finished_grammar_terminates_and_a_refused_token_is_an_error(setup) -> None:
+    compiler, tokenizer = setup
+    grammar = compiler.compile(StructuredOutputsParams(choice=["hi"]), end_token_ids=(EOS,))
+    for token in ids(tokenizer, "hi"):
+        assert grammar.forced_token() == token
+        assert grammar.accept(token)
+    assert grammar.is_terminated
+    other = compiler.compile(StructuredOutputsParams(choice=["hi"]), end_token_ids=())
+    assert not other.accept(ids(tokenizer, "x")[0])
+    assert other.error is not None and "refused" in other.error
+
+
+def test_a_grammar_that_does_not_compile_allows_everything_and_says_why(setup) -> None:
+    compiler, _ = setup
+    grammar = compiler.compile(StructuredOutputsParams(regex="[a-"), end_token_ids=())
+    assert np.all(grammar.allowed_mask() == -1)
+    assert grammar.error is not None and grammar.error.startswith("regex")
+    assert not grammar.accept(5) and grammar.forced_token() is None
+
+
+def test_unpack_bitmask_reads_every_bit_including_the_sign_bit() -> None:
+    words = torch.tensor([[1 | (1 << 5) | -(1 << 31), 1 << 2]], dtype=torch.int32)
+    bits = unpack_bitmask(words, 40)
+    assert torch.nonzero(bits[0]).flatten().tolist() == [0, 5, 31, 34]
+    assert bits.shape == (1, 40)
