@@ -36,8 +36,12 @@ def with_defaults(
     )
 
 
-def grammar_of(params: StructuredOutputsParams) -> str:
-    """The llguidance grammar of the constraint, checked; raises StructuredOutputsError."""
+def grammar_of(params: StructuredOutputsParams, check: bool = True) -> str:
+    """The llguidance grammar of the constraint; raises StructuredOutputsError.
+
+    check compiles it once to find errors (the API server's 400); the engine, which
+    compiles it into its matcher anyway and reads the matcher's error, skips that.
+    """
     llg = _llguidance()
     kinds = params.kinds
     if len(kinds) != 1:
@@ -63,7 +67,7 @@ def grammar_of(params: StructuredOutputsParams) -> str:
             grammar = llg.grammar_from("grammar", params.grammar or "")
     except ValueError as e:  # JSON that is not an object, GBNF that does not convert
         raise StructuredOutputsError(kind, str(e)) from None
-    error = llg.LLMatcher.validate_grammar(grammar)
+    error = llg.LLMatcher.validate_grammar(grammar) if check else ""
     if error:
         raise StructuredOutputsError(kind, f"invalid {_NAMES[kind]}: {error.strip()}")
     return grammar

@@ -42,9 +42,11 @@ class GrammarCompiler:
     def _matcher(self, params: StructuredOutputsParams) -> Any:
         import llguidance
 
-        matcher = llguidance.LLMatcher(self._tokenizer.result(), grammar_of(params), log_level=0)
+        grammar = grammar_of(params, check=False)
+        matcher = llguidance.LLMatcher(self._tokenizer.result(), grammar, log_level=0)
         if matcher.is_error():
-            raise StructuredOutputsError(params.kinds[0], matcher.get_error())
+            kind = params.kinds[0]
+            raise StructuredOutputsError(kind, f"invalid {kind}: {matcher.get_error().strip()}")
         return matcher
 
     def shutdown(self) -> None:
