@@ -68,6 +68,8 @@ def _serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig
         root_path=args.root_path,
         max_n=args.max_n,
         chat_template=_chat_template(args.chat_template),
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=_tool_call_parser(args),
         max_prompts_per_request=args.max_prompts_per_request,
         max_request_body_size=args.max_request_body_size,
         disable_log_requests=args.disable_log_requests,
@@ -93,6 +95,19 @@ def _chat_template(value: str | None) -> str | None:
         return load_chat_template(value) if value is not None else None
     except ValueError as e:
         raise ConfigError(f"--chat-template: {e}") from None
+
+
+def _tool_call_parser(args: argparse.Namespace) -> str | None:
+    from pagoda.entrypoints.openai.tool_parsers import TOOL_PARSERS
+
+    name = args.tool_call_parser
+    if name is not None and name not in TOOL_PARSERS:
+        raise ConfigError(
+            f"--tool-call-parser: unknown parser {name!r}; known: {', '.join(sorted(TOOL_PARSERS))}"
+        )
+    if args.enable_auto_tool_choice and name is None:
+        raise ConfigError("--enable-auto-tool-choice requires --tool-call-parser")
+    return name
 
 
 def engine_config_from_args(
@@ -403,6 +418,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a Jinja chat template, as a file path or inline; replaces the model's own, and "
         "lets a model without one serve /v1/chat/completions",
+    )
+    serve.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let tool_choice "auto" (the default when a request has tools) read the '
+        "model's calls, in the format of --tool-call-parser",
+    )
+    serve.add_argument(
+        "--tool-call-parser",
+        default=None,
+        help="the format of the model's tool calls: hermes (Qwen2.5, Qwen3, Hermes), "
+        "llama3_json, mistral or pythonic",
     )
     serve.add_argument(
         "--enable-force-include-usage",

@@ -220,6 +220,10 @@ class ServerConfig:
     root_path: str = ""
     max_n: int = 64  # the largest n a request may ask for
     chat_template: str | None = None  # replaces the model's own (--chat-template); None: keep it
+    # tool_choice "auto" (the default with tools) needs both: the model's calls are read in
+    # the format of the tool_parsers/ module named here (vLLM's flags).
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
     # The most prompts one completion request may list (OpenAI's limit for a batch of
     # inputs); each is a request of its own in the engine.
     max_prompts_per_request: int = 2048

@@ -54,6 +54,7 @@ class FakeEngineClient(EngineClient):
         self.aborted: list[str] = []
         self.step_delay = 0.0
         self.last_params: SamplingParams | None = None
+        self.last_prompt: PromptType | None = None
         self.stat_loggers: list[StatLogger] = []
         self.killed = False
         # (step, error): every sample fails alone at that step, as the engine reports a
@@ -70,6 +71,7 @@ class FakeEngineClient(EngineClient):
         if self.dead:
             raise EngineDeadError("the fake engine is dead")
         self.last_params = sampling_params
+        self.last_prompt = prompt
         if isinstance(prompt, dict):
             text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
         elif isinstance(prompt, str):

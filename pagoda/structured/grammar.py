@@ -92,17 +92,17 @@ def _schema(params: StructuredOutputsParams) -> dict[str, Any]:
     if not isinstance(schema, dict):
         raise StructuredOutputsError("json", "the schema must be a JSON object")
     if params.disable_additional_properties:
-        schema = _closed(schema)
+        schema = closed_schema(schema)
     return schema
 
 
-def _closed(schema: Any) -> Any:
+def closed_schema(schema: Any) -> Any:
     """The schema with additionalProperties false on every object that does not say."""
     if isinstance(schema, list):
-        return [_closed(s) for s in schema]
+        return [closed_schema(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: _closed(v) for k, v in schema.items()}
+    out = {k: closed_schema(v) for k, v in schema.items()}
     if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
         out["additionalProperties"] = False
     return out

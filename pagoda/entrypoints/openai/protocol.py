@@ -157,10 +157,23 @@ class ContentPart(OpenAIModel):
     text: Text | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object's text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIModel):
     role: Text
     content: Text | list[ContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: Text | None = None  # the call a "tool" message answers
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -174,7 +187,9 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False
     chat_template_kwargs: Annotated[dict[str, Any], AfterValidator(check_text)] | None = None
     tools: Annotated[list[dict[str, Any]], AfterValidator(check_text)] | None = None
+    # none, auto, required or {"type": "function", "function": {"name": ...}} (tools.py)
     tool_choice: Any = None
+    parallel_tool_calls: bool = True
 
 
 class PromptTokensDetails(BaseModel):
@@ -254,6 +269,7 @@ class ChatResponseMessage(BaseModel):
     annotations: list[dict[str, Any]] | None = None
     audio: dict[str, Any] | None = None
     function_call: dict[str, Any] | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
     reasoning: str | None = None  # vLLM's
 
 
@@ -279,9 +295,22 @@ class ChatCompletionResponse(BaseModel):
     prompt_token_ids: list[int] | None = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None  # in a call's first delta only
+    arguments: str = ""  # the next piece of the arguments' text
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None  # id and type: in a call's first delta only
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):

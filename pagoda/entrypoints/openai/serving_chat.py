@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,13 +18,20 @@ from pagoda.entrypoints.openai.protocol import (
     ChatLogprobs,
     ChatResponseMessage,
     ChatStreamChoice,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
     TokenLogprob,
+    ToolCall,
     TopLogprob,
     UsageInfo,
     random_id,
 )
 from pagoda.entrypoints.openai.serving_engine import SSE_DONE, OpenAIServing, sse
+from pagoda.entrypoints.openai.tool_parsers import ToolCall as ParsedCall
+from pagoda.entrypoints.openai.tool_parsers import ToolCallStream
+from pagoda.entrypoints.openai.tools import ToolUse, tool_use, with_tool_prompt
 from pagoda.outputs import CompletionOutput, Logprobs, RequestOutput
 from pagoda.sampling_params import SamplingParams
 
@@ -43,8 +51,7 @@ class OpenAIServingChat(OpenAIServing):
         self.check_model(request.model)
         if not request.messages:
             raise OpenAIError("messages must not be empty", 400, "messages")
-        if request.tool_choice not in (None, "none"):
-            raise OpenAIError("tool calling is not supported", 400, "tool_choice")
+        use = tool_use(request, self.server_config)
         if request.top_logprobs is not None:
             if request.top_logprobs < -1:
                 raise OpenAIError(
@@ -52,7 +59,7 @@ class OpenAIServingChat(OpenAIServing):
                 )
             if request.top_logprobs != 0 and not request.logprobs:
                 raise OpenAIError("top_logprobs requires logprobs to be true", 400, "top_logprobs")
-        text = self.render(request)
+        text = self.render(request, use)
         bounded = request.truncate_prompt_tokens is None  # a longer prompt is cut
         full = self.encode(text, "messages", add_special_tokens=False, bounded=bounded)
         ids = self.truncate(full, request)
@@ -65,11 +72,19 @@ class OpenAIServingChat(OpenAIServing):
         prompt_logprobs = request.prompt_logprobs
         if prompt_logprobs is None and request.echo:
             prompt_logprobs = request.top_logprobs or 0  # vLLM scores an echoed prompt too
-        params = self.sampling_params(request, max_tokens, logprobs, prompt_logprobs)
+        constraint = use.constraint(self.engine.config.structured)
+        params = self.sampling_params(request, max_tokens, logprobs, prompt_logprobs, constraint)
+        parser = use.parser(self.server_config)
+        if parser is not None and not parser.skip_special_tokens:
+            params.skip_special_tokens = False  # the parser reads markers that are special
         return TokensPrompt(prompt_token_ids=ids, prompt=text), params
 
-    def render(self, request: ChatCompletionRequest) -> str:
-        """The prompt text: the messages through the chat template; template errors are 400s."""
+    def render(self, request: ChatCompletionRequest, use: ToolUse | None = None) -> str:
+        """The prompt text: the messages through the chat template; template errors are 400s.
+
+        A template that renders the same with and without `tools` ignores them; its messages
+        then carry the tool prompt and the earlier calls and results as text (tools.py).
+        """
         messages = [self._message(i, m) for i, m in enumerate(request.messages)]
         kwargs: dict[str, Any] = dict(request.chat_template_kwargs or {})
         clash = sorted(kwargs.keys() & _TEMPLATE_ARGUMENTS)
@@ -97,6 +112,22 @@ class OpenAIServingChat(OpenAIServing):
             raise OpenAIError(
                 "continue_final_message needs a final assistant message", 400, "messages"
             )
+        generation_prompt = request.add_generation_prompt and not continue_final
+        text = self._apply(messages, generation_prompt, kwargs)
+        if use is not None and request.tools:
+            kwargs.pop("tools")
+            if text == self._apply(messages, generation_prompt, kwargs):
+                messages = with_tool_prompt(messages, use)
+                text = self._apply(messages, generation_prompt, kwargs)
+        if continue_final:
+            # Cut whatever the template appends after the last message (its end-of-turn).
+            last = messages[-1]["content"]
+            text = text[: text.rfind(last) + len(last)]
+        return text
+
+    def _apply(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool, kwargs: dict[str, Any]
+    ) -> str:
         template = self.server_config.chat_template or self.tokenizer.chat_template
         if template is None:
             raise OpenAIError(
@@ -106,9 +137,9 @@ class OpenAIServingChat(OpenAIServing):
                 "messages",
             )
         try:
-            text = self.tokenizer.apply_chat_template(
+            return self.tokenizer.apply_chat_template(
                 messages,
-                add_generation_prompt=request.add_generation_prompt and not continue_final,
+                add_generation_prompt=add_generation_prompt,
                 chat_template=template,
                 **kwargs,
             )
@@ -118,11 +149,6 @@ class OpenAIServingChat(OpenAIServing):
             raise OpenAIError(
                 f"chat template failed: {type(e).__name__}: {e}", 400, "messages"
             ) from None
-        if continue_final:
-            # Cut whatever the template appends after the last message (its end-of-turn).
-            last = messages[-1]["content"]
-            text = text[: text.rfind(last) + len(last)]
-        return text
 
     @staticmethod
     def _message(index: int, message: Any) -> dict[str, Any]:
@@ -142,6 +168,22 @@ class OpenAIServingChat(OpenAIServing):
         out: dict[str, Any] = {"role": message.role, "content": content or ""}
         if message.name:
             out["name"] = message.name
+        if message.tool_call_id is not None:
+            out["tool_call_id"] = message.tool_call_id
+        if message.tool_calls:
+            # Templates (Qwen's, Llama's) write arguments with tojson: give them the object,
+            # as vLLM does, where the text is one.
+            out["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {
+                        "name": call.function.name,
+                        "arguments": _json_or_text(call.function.arguments),
+                    },
+                }
+                for call in message.tool_calls
+            ]
         return out
 
     def _echo(self, request: ChatCompletionRequest) -> str:
@@ -187,17 +229,32 @@ class OpenAIServingChat(OpenAIServing):
             self.check_output(request, output)
             final = output
         assert final is not None
-        choices = [
-            ChatChoice(
-                index=c.index,
-                message=ChatResponseMessage(content=self._echo(request) + c.text),
-                logprobs=self._choice_logprobs(request, c),
-                finish_reason=c.finish_reason,
-                stop_reason=c.stop_reason,
-                token_ids=c.token_ids if request.return_token_ids else None,
+        parser = tool_use(request, self.server_config, check_schemas=False).parser(
+            self.server_config
+        )
+        choices = []
+        for c in final.outputs:
+            content, calls = c.text, list[ParsedCall]()
+            if parser is not None:
+                content, calls = parser.extract(c.text)
+                calls = calls if request.parallel_tool_calls else calls[:1]
+            message = ChatResponseMessage(
+                content=self._echo(request) + content if content or not calls else None,
+                tool_calls=[
+                    ToolCall(id=t.id, function=FunctionCall(name=t.name, arguments=t.arguments))
+                    for t in calls
+                ],
             )
-            for c in final.outputs
-        ]
+            choices.append(
+                ChatChoice(
+                    index=c.index,
+                    message=message,
+                    logprobs=self._choice_logprobs(request, c),
+                    finish_reason="tool_calls" if calls else c.finish_reason,
+                    stop_reason=c.stop_reason,
+                    token_ids=c.token_ids if request.return_token_ids else None,
+                )
+            )
         completion_tokens = sum(len(c.token_ids) for c in final.outputs)
         prompt_tokens = len(final.prompt_token_ids)
         return ChatCompletionResponse(
@@ -218,6 +275,10 @@ class OpenAIServingChat(OpenAIServing):
         prompt_tokens = len(prompt["prompt_token_ids"])
         completion_tokens = [0] * params.n
         cached = 0
+        parser = tool_use(request, self.server_config, check_schemas=False).parser(
+            self.server_config
+        )
+        tool_streams = [ToolCallStream(parser) for _ in range(params.n)] if parser else []
 
         def chunk(
             choices: list[ChatStreamChoice],
@@ -253,13 +314,21 @@ class OpenAIServingChat(OpenAIServing):
                     completion_tokens[c.index] += len(c.token_ids)
                     # Tokens that make no text yet still carry their ids and logprobs.
                     wanted = c.token_ids and (request.return_token_ids or request.logprobs)
-                    if not c.text and not c.finished and not wanted:
-                        continue
+                    delta = DeltaMessage(content=c.text)
+                    finish_reason: str | None = c.finish_reason
+                    if tool_streams:
+                        tools = tool_streams[c.index]
+                        delta = _tool_delta(tools, c.text, c.finished, request.parallel_tool_calls)
+                        if tools.called and finish_reason is not None:
+                            finish_reason = "tool_calls"
+                    if not delta.content and not delta.tool_calls:
+                        if not c.finished and not wanted:
+                            continue
                     choice = ChatStreamChoice(
                         index=c.index,
-                        delta=DeltaMessage(content=c.text),
+                        delta=delta,
                         logprobs=self._choice_logprobs(request, c),
-                        finish_reason=c.finish_reason,
+                        finish_reason=finish_reason,
                         stop_reason=c.stop_reason,
                         token_ids=c.token_ids if request.return_token_ids else None,
                     )
@@ -270,3 +339,26 @@ class OpenAIServingChat(OpenAIServing):
         except Exception as e:
             yield sse(await self.on_engine_error(e))
         yield SSE_DONE
+
+
+def _tool_delta(tools: ToolCallStream, text: str, final: bool, parallel: bool) -> DeltaMessage:
+    """The stream's next delta with its parser's reading: content and call pieces."""
+    delta = tools.push(text, final)
+    calls = [
+        DeltaToolCall(
+            index=d.index,
+            id=d.id,
+            type="function" if d.id is not None else None,
+            function=DeltaFunctionCall(name=d.name, arguments=d.arguments),
+        )
+        for d in delta.calls
+        if parallel or d.index == 0
+    ]
+    return DeltaMessage(content=delta.content, tool_calls=calls or None)
+
+
+def _json_or_text(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments

@@ -23,7 +23,12 @@ from pagoda.entrypoints.openai.limits import max_prompt_chars
 from pagoda.entrypoints.openai.protocol import SamplingFields
 from pagoda.entrypoints.openai.structured import constraint_field, structured_outputs
 from pagoda.outputs import Logprobs, RequestOutput
-from pagoda.sampling_params import RequestOutputKind, SamplingParams, SamplingParamsError
+from pagoda.sampling_params import (
+    RequestOutputKind,
+    SamplingParams,
+    SamplingParamsError,
+    StructuredOutputsParams,
+)
 
 T = TypeVar("T")
 
@@ -121,8 +126,13 @@ class OpenAIServing:
         max_tokens: int,
         logprobs: int | None,
         prompt_logprobs: int | None,
+        tool_constraint: StructuredOutputsParams | None = None,
     ) -> SamplingParams:
-        """The request's sampling fields, validated; a bad value is a 400 naming the field."""
+        """The request's sampling fields, validated; a bad value is a 400 naming the field.
+
+        tool_constraint: the constraint a forced tool_choice sets, which takes the place of
+        the request's own (a request with both is a 400).
+        """
         if request.logprob_token_ids is not None:
             if not request.logprob_token_ids:
                 raise OpenAIError(
@@ -156,6 +166,16 @@ class OpenAIServing:
                 f"n must be at most {self.server_config.max_n}, got {request.n}", 400, "n"
             )
         logit_bias = self._logit_bias(request.logit_bias)
+        constraint = structured_outputs(request, self.engine.config.structured)
+        if tool_constraint is not None:
+            if constraint is not None:
+                raise OpenAIError(
+                    f"tool_choice: a required or named tool choice is a constraint of its own "
+                    f"and cannot be combined with {constraint_field(request)}",
+                    400,
+                    "tool_choice",
+                )
+            constraint = tool_constraint
         stop = [request.stop] if isinstance(request.stop, str) else request.stop
         vocab = self.tokenizer.vocab_size
         # -1 asks for every token's logprob, as in vLLM.
@@ -185,7 +205,7 @@ class OpenAIServing:
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=request.skip_special_tokens,
-            structured_outputs=structured_outputs(request, self.engine.config.structured),
+            structured_outputs=constraint,
             output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
         )
         try:

@@ -215,7 +215,7 @@ def test_completion_bad_input(client, body, param, match) -> None:
         (
             {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "auto"},
             "tool_choice",
-            "not supported",
+            "`tools` must be set",
         ),
         (
             {

@@ -126,7 +126,8 @@ def test_a_template_that_raises_on_odd_shapes_is_400(engine) -> None:
     # its failure is the request's fault.
     template = "{{ messages[0]['content'] + tools }}"
     client = TestClient(build_app(engine, ServerConfig(chat_template=template)))
-    r = client.post("/v1/chat/completions", json={"messages": USER, "tools": [{"a": 1}]})
+    fields = {"messages": USER, "tools": [{"a": 1}], "tool_choice": "none"}  # none: unchecked
+    r = client.post("/v1/chat/completions", json=fields)
     assert_error(r, 400, "messages", "chat template")
 
 

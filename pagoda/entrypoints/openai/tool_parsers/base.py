@@ -65,7 +65,8 @@ class ToolParser:
     """One tool-call format; subclasses write scan()."""
 
     name: ClassVar[str]
-    # False where the format's markers are special tokens that decoding would otherwise drop.
+    # False where the format's markers are special tokens that decoding would otherwise drop
+    # (then the end-of-turn token's text reaches the parser too).
     skip_special_tokens: ClassVar[bool] = True
 
     def scan(self, text: str) -> Scan:

@@ -16,7 +16,6 @@ START, END = "<tool_call>", "</tool_call>"
 
 class HermesToolParser(ToolParser):
     name = "hermes"
-    skip_special_tokens = False  # some models mark <tool_call> special
 
     def scan(self, text: str) -> Scan:
         i = text.find(START)

@@ -15,7 +15,6 @@ TAG = "<|python_tag|>"
 
 class Llama3JsonToolParser(ToolParser):
     name = "llama3_json"
-    skip_special_tokens = False  # <|python_tag|> is a special token
 
     def scan(self, text: str) -> Scan:
         tag = text.find(TAG)

@@ -29,7 +29,6 @@ _STRINGS = {q: re.compile(rf"{q}(?:[^{q}\\]|\\.)*{q}", re.DOTALL) for q in "'\""
 
 class PythonicToolParser(ToolParser):
     name = "pythonic"
-    skip_special_tokens = False  # <|python_start|> is a special token
 
     def scan(self, text: str) -> Scan:
         n = len(text)
