@@ -1,13 +1,18 @@
 """Pagoda, vLLM's CPU build and llama.cpp, side by side: the same load, one after another.
 
     .venv/bin/python benchmarks/compare_servers.py [--servers pagoda vllm llamacpp]
-        [--concurrency 1 8 32] [--out results/]
+        [--concurrency 1 8 32] [--out results/] [--gguf FILE --name NAME]
 
 Each server is started on 127.0.0.1 (the references with ../shared/anchors/serve-*.sh),
 timed until /v1/models answers, loaded with `pagoda bench serve` (random dataset,
 256 input / 128 output tokens, EOS ignored or banned, 4 x concurrency prompts with
 at least 16, a different seed per concurrency), measured for resident memory of
 all its processes, and stopped. One JSON file per run, a summary JSON and a plot.
+
+The model is the embedded default unless --gguf names a file, which every server
+but vLLM then serves; the end tokens banned for llama-cpp-python's server (it has
+no ignore_eos) are the model's own, as its tokenizer reads them. `llamacpp-2t` is
+that server with 2 decode threads, `llamaserver` llama.cpp's C++ server.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,35 +32,52 @@ import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-ANCHORS = ROOT.parent / "shared" / "anchors"
+ANCHORS = Path(os.environ.get("ANCHOR_SCRIPTS", ROOT.parent / "shared" / "anchors"))
 
-SERVERS = {
-    "pagoda": {
-        "command": [
-            str(ROOT / ".venv/bin/pagoda"),
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "8300",
-            "--served-model-name",
-            "smollm2",
-            "--disable-uvicorn-access-log",
-        ],
-        "url": "http://127.0.0.1:8300",
-        "extra": {"ignore_eos": True},
-    },
-    "vllm": {
-        "command": [str(ANCHORS / "serve-vllm.sh")],
-        "url": "http://127.0.0.1:8100",
-        "extra": {"ignore_eos": True},
-    },
-    "llamacpp": {
+
+def server_specs(gguf: Path | None, name: str, end_tokens: list[int]) -> dict[str, dict]:
+    """How to start each server on the model, its URL, and what its requests carry to run
+    to their full length."""
+    model_env = {"GGUF": str(gguf), "NAME": name} if gguf else {}
+    llamacpp = {
         "command": [str(ANCHORS / "serve-llamacpp.sh")],
+        "env": model_env,
         "url": "http://127.0.0.1:8200",
-        "extra": {"ban_token_ids": "0,2"},  # its server has no ignore_eos
-    },
-}
+        "extra": {"ban_token_ids": ",".join(map(str, end_tokens))},  # no ignore_eos
+    }
+    return {
+        "pagoda": {
+            "command": [
+                str(Path(sys.executable).with_name("pagoda")),  # this interpreter's environment
+                "serve",
+                *([str(gguf)] if gguf else []),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "8300",
+                "--served-model-name",
+                name,
+                "--disable-uvicorn-access-log",
+            ],
+            "env": {},
+            "url": "http://127.0.0.1:8300",
+            "extra": {"ignore_eos": True},
+        },
+        "vllm": {
+            "command": [str(ANCHORS / "serve-vllm.sh")],
+            "env": {},
+            "url": "http://127.0.0.1:8100",
+            "extra": {"ignore_eos": True},
+        },
+        "llamacpp": llamacpp,
+        "llamacpp-2t": {**llamacpp, "command": [*llamacpp["command"], "--n_threads", "2"]},
+        "llamaserver": {
+            "command": [str(ANCHORS / "serve-llamaserver.sh")],
+            "env": model_env,
+            "url": "http://127.0.0.1:8202",
+            "extra": {"ignore_eos": True},
+        },
+    }
 
 
 def tree_rss(pid: int) -> int:
@@ -83,10 +106,10 @@ class MemorySampler:
         return self.peak
 
 
-def bench_once(url: str, concurrency: int, extra: dict, label: str, out: Path) -> dict:
+def bench_once(
+    url: str, name: str, tokenizer, concurrency: int, extra: dict, label: str, out: Path
+) -> dict:
     from pagoda.bench import serve as bench
-    from pagoda.model_files import default_model_path
-    from pagoda.tokenizer import Tokenizer
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
@@ -95,7 +118,7 @@ def bench_once(url: str, concurrency: int, extra: dict, label: str, out: Path) -
         "--base-url",
         url,
         "--model",
-        "smollm2",
+        name,
         "--random-input-len",
         "256",
         "--random-output-len",
@@ -117,19 +140,23 @@ def bench_once(url: str, concurrency: int, extra: dict, label: str, out: Path) -
     if extra.get("ban_token_ids"):
         argv += ["--ban-token-ids", extra["ban_token_ids"]]
     args = parser.parse_args(argv)
-    tokenizer = Tokenizer.from_path(default_model_path())
     requests = bench.random_dataset(tokenizer, num_prompts + 1, 256, 128, args.seed)
     summary = asyncio.run(bench.run(args, requests[:1], requests[1:], tokenizer))
     bench.report(summary, args)
     return summary
 
 
-def run_server(name: str, concurrencies: list[int], out: Path) -> dict:
-    spec = SERVERS[name]
+def run_server(
+    name: str, spec: dict, model: str, tokenizer, concurrencies: list[int], out: Path
+) -> dict:
     start = time.monotonic()
     log = (out / f"{name}-server.log").open("w")
     process = subprocess.Popen(
-        spec["command"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        spec["command"],
+        env={**os.environ, **spec["env"]},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         while True:
@@ -146,7 +173,10 @@ def run_server(name: str, concurrencies: list[int], out: Path) -> dict:
         ready_s = time.monotonic() - start
         idle_rss = tree_rss(process.pid)
         sampler = MemorySampler(process.pid)
-        runs = {str(c): bench_once(spec["url"], c, spec["extra"], name, out) for c in concurrencies}
+        runs = {
+            str(c): bench_once(spec["url"], model, tokenizer, c, spec["extra"], name, out)
+            for c in concurrencies
+        }
         peak = sampler.stop()
     finally:
         os.killpg(process.pid, signal.SIGTERM)
@@ -192,15 +222,27 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
+    from pagoda.model_files import default_model_path
+    from pagoda.tokenizer import Tokenizer
+
+    names = list(server_specs(None, "", []))
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS))
+    parser.add_argument(
+        "--servers", nargs="+", default=["pagoda", "vllm", "llamacpp"], choices=names
+    )
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--out", default=str(ROOT / "results"))
+    parser.add_argument("--gguf", type=Path, default=None, help="default: the embedded model")
+    parser.add_argument("--name", default="smollm2", help="the model's name on every server")
     args = parser.parse_args()
+    if args.gguf and "vllm" in args.servers:
+        parser.error("vLLM serves Hugging Face directories here, not --gguf files")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer.from_path(args.gguf or default_model_path())
+    specs = server_specs(args.gguf, args.name, tokenizer.eos_token_ids)
     for name in args.servers:
-        result = run_server(name, args.concurrency, out)
+        result = run_server(name, specs[name], args.name, tokenizer, args.concurrency, out)
         (out / f"{name}-server.json").write_text(json.dumps(result, indent=2))
     # The summary and the plot take every server measured into this folder so far.
     results = {
