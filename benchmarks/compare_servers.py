@@ -75,7 +75,8 @@ def server_specs(gguf: Path | None, name: str, end_tokens: list[int]) -> dict[st
             "command": [str(ANCHORS / "serve-llamaserver.sh")],
             "env": model_env,
             "url": "http://127.0.0.1:8202",
-            "extra": {"ignore_eos": True},
+            # It drops some kept-alive connections as a request goes out on them.
+            "extra": {"ignore_eos": True, "no_keep_alive": True},
         },
     }
 
@@ -137,6 +138,8 @@ def bench_once(
     ]
     if extra.get("ignore_eos"):
         argv.append("--ignore-eos")
+    if extra.get("no_keep_alive"):
+        argv.append("--no-keep-alive")
     if extra.get("ban_token_ids"):
         argv += ["--ban-token-ids", extra["ban_token_ids"]]
     args = parser.parse_args(argv)

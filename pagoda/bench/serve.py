@@ -79,6 +79,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="comma-separated token ids sent as logit_bias -100 (for servers "
         "without ignore_eos, such as llama.cpp's)",
     )
+    p.add_argument(
+        "--no-keep-alive",
+        action="store_true",
+        help="a new connection for every request (for servers that drop a kept-alive "
+        "connection as the next request goes out on it, such as llama.cpp's llama-server)",
+    )
     p.add_argument("--num-prompts", type=at_least(1), default=64)
     p.add_argument("--max-concurrency", type=at_least(1), default=None)
     p.add_argument(
@@ -281,7 +287,9 @@ async def run(
     tokenizer,
 ) -> dict:
     """Sends the warm-ups one by one, then the timed requests; returns the summary."""
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    limits = httpx.Limits(
+        max_connections=None, max_keepalive_connections=0 if args.no_keep_alive else None
+    )
     async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
         model = args.model
         if model is None:

@@ -23,6 +23,7 @@ CHUNKS = 5
 
 def fake_app(send_usage: bool) -> FastAPI:
     app = FastAPI()
+    app.state.client_ports = []  # the client's port for each completion request
     counter = {"n": 0}
 
     @app.get("/v1/models")
@@ -32,6 +33,7 @@ def fake_app(send_usage: bool) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await request.json()
+        app.state.client_ports.append(request.client.port)
         counter["n"] += 1
         if counter["n"] % 4 == 0:  # every fourth request fails
             return JSONResponse({"error": {"message": "boom", "code": 500}}, status_code=500)
@@ -117,6 +119,25 @@ def test_figures_from_known_timings(send_usage: bool, tiny_model_dir, tmp_path) 
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["completed"] == 6 and saved["max_concurrency"] == 4
     assert saved["ttft_ms"]["p99"] >= saved["ttft_ms"]["median"]
+
+
+@pytest.mark.parametrize("keep_alive", [True, False], ids=["keep-alive", "no-keep-alive"])
+def test_no_keep_alive_opens_a_connection_per_request(
+    keep_alive: bool, tiny_model_dir, tmp_path
+) -> None:
+    app = fake_app(send_usage=True)
+    server, url = run_server(app)
+    try:
+        tokenizer = Tokenizer.from_path(tiny_model_dir("llama"))
+        args = bench_args(url, tmp_path, max_concurrency=1, no_keep_alive=not keep_alive)
+        requests = [bench.BenchRequest("x" * 4, 4, 10) for _ in range(8)]
+        asyncio.run(bench.run(args, [], requests, tokenizer))
+    finally:
+        server.should_exit = True
+    ports = app.state.client_ports
+    assert len(ports) == 8
+    # One at a time: a kept-alive connection carries every request; otherwise each has its own.
+    assert len(set(ports)) == (1 if keep_alive else 8)
 
 
 def test_random_dataset_has_exact_lengths(default_model_path) -> None:
