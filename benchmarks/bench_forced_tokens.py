@@ -5,9 +5,12 @@
 Runs each request of `pagoda bench serve --dataset-name structured` (chat prompts, each
 with its JSON schema) alone and greedily through the offline engine, once with forced
 tokens (the grammar's only allowed token appended and computed in the next step's chunk)
-and once without; the outputs must be equal. Prints the engine steps each way, the share
-of steps saved, the time spent in steps, and one JSON record. Alone, a request takes one
-step per token it decodes, so the saved share is the share of output tokens forced.
+and once without, and counts the outputs that differ: in float32 (the default) none do;
+in bfloat16 a chunk of tokens and the same tokens decoded one by one round differently,
+so a near tie between two tokens may go either way. Prints the engine steps each way, the
+share of steps saved, the time spent in steps, and one JSON record. Alone, a request
+takes one step per token it decodes, so the saved share is the share of output tokens
+that were forced.
 """
 
 from __future__ import annotations
@@ -48,20 +51,22 @@ def generate_one(llm: LLM, item: dict) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model", nargs="?", default=None)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     text = resources.files("pagoda.bench").joinpath("structured.jsonl").read_text()
     items = [json.loads(line) for line in text.splitlines() if line.strip()]
     results = {}
     for forced in (True, False):
-        llm = LLM(
-            args.model, structured_outputs_config=StructuredOutputsConfig(forced_tokens=forced)
-        )
+        config = StructuredOutputsConfig(forced_tokens=forced)
+        llm = LLM(args.model, dtype=args.dtype, structured_outputs_config=config)
         results[forced] = run(llm, items)
     (on_out, on_steps, on_s), (off_out, off_steps, off_s) = results[True], results[False]
-    assert on_out == off_out, "forced tokens changed the output"
+    differ = sum(a != b for a, b in zip(on_out, off_out))
     tokens = sum(len(o) for o in on_out)
     record = {
+        "dtype": args.dtype,
         "requests": len(items),
+        "outputs_that_differ": differ,
         "output_tokens": tokens,
         "steps_forced": on_steps,
         "steps_unforced": off_steps,
@@ -72,7 +77,7 @@ def main() -> None:
     print(
         f"{len(items)} requests, {tokens} output tokens: {on_steps} steps with forced tokens, "
         f"{off_steps} without ({record['steps_saved_share']:.0%} saved); "
-        f"{on_s:.2f} s against {off_s:.2f} s"
+        f"{on_s:.2f} s against {off_s:.2f} s; {differ} outputs differ ({args.dtype})"
     )
     print(json.dumps(record))
 
