@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pagoda.model.gguf_metadata import open_reader
+from pagoda.model.gguf_metadata import open_gguf
 from pagoda.model.layers.linear import Int4Weight, Linear, Q8Weight
 from pagoda.model.layers.rope import RotaryEmbedding
 from pagoda.model.loader import gguf as gguf_loader
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 def read_spec(path: Path) -> ModelSpec:
     """The hyper-parameters of a model directory or GGUF file, without loading weights."""
     if is_gguf(path):
-        return gguf_loader.read_spec(open_reader(path))
+        return gguf_loader.read_spec(open_gguf(path))
     return st_loader.read_spec(path)
 
 
@@ -46,10 +46,10 @@ def load_model(
     start = time.perf_counter()
     weights: Iterator[tuple[str, torch.Tensor | Int4Weight | Q8Weight]]
     if is_gguf(path):
-        reader = open_reader(path)
-        spec = gguf_loader.read_spec(reader)
-        weights = gguf_loader.iter_weights(reader, spec, dtype, quantized)
-        num_tensors = len(reader.tensors)
+        gguf_file = open_gguf(path)
+        spec = gguf_loader.read_spec(gguf_file)
+        weights = gguf_loader.iter_weights(gguf_file, spec, dtype, quantized)
+        num_tensors = len(gguf_file.tensors)
     else:
         spec = st_loader.read_spec(path)
         weights = st_loader.iter_weights(path, dtype)

@@ -7,10 +7,9 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
-import gguf
-import numpy as np
 import torch
 
+from pagoda.model.gguf_metadata import GGUFFile, TensorInfo
 from pagoda.model.layers.linear import Int4Weight, Q8Weight
 from pagoda.model.loader.quants import (
     FORMATS,
@@ -72,51 +71,50 @@ _LAYER = re.compile(r"^blk\.(\d+)\.")
 _REQUIRED = object()
 
 
-def field(reader: gguf.GGUFReader, key: str, default: Any = _REQUIRED) -> Any:
+def field(gguf_file: GGUFFile, key: str, default: Any = _REQUIRED) -> Any:
     """The value of a metadata field, or default when absent (no default: required)."""
-    f = reader.fields.get(key)
-    if f is None:
-        if default is _REQUIRED:
-            raise ModelLoadError(f"GGUF metadata lacks the field {key!r}")
-        return default
-    return f.contents()
+    if key in gguf_file.fields:
+        return gguf_file.fields[key]
+    if default is _REQUIRED:
+        raise ModelLoadError(f"GGUF metadata lacks the field {key!r}")
+    return default
 
 
-def read_spec(reader: gguf.GGUFReader) -> ModelSpec:
+def read_spec(gguf_file: GGUFFile) -> ModelSpec:
     """Reads the hyper-parameters from the metadata into a ModelSpec."""
-    arch = field(reader, "general.architecture")
+    arch = field(gguf_file, "general.architecture")
     if arch not in FAMILIES:
         raise ModelLoadError(
             f"unsupported GGUF architecture {arch!r}; supported: {', '.join(FAMILIES)}"
         )
-    names = {t.name for t in reader.tensors}
-    hidden = field(reader, f"{arch}.embedding_length")
-    heads = field(reader, f"{arch}.attention.head_count")
+    names = {t.name for t in gguf_file.tensors}
+    hidden = field(gguf_file, f"{arch}.embedding_length")
+    heads = field(gguf_file, f"{arch}.attention.head_count")
     spec = ModelSpec(
         family=FAMILIES[arch],
-        vocab_size=field(reader, f"{arch}.vocab_size", 0)
-        or len(reader.fields["tokenizer.ggml.tokens"].data),
+        vocab_size=field(gguf_file, f"{arch}.vocab_size", 0)
+        or len(field(gguf_file, "tokenizer.ggml.tokens")),
         hidden_size=hidden,
-        intermediate_size=field(reader, f"{arch}.feed_forward_length"),
-        num_layers=field(reader, f"{arch}.block_count"),
+        intermediate_size=field(gguf_file, f"{arch}.feed_forward_length"),
+        num_layers=field(gguf_file, f"{arch}.block_count"),
         num_heads=heads,
-        num_kv_heads=field(reader, f"{arch}.attention.head_count_kv", heads),
-        head_dim=field(reader, f"{arch}.attention.key_length", hidden // heads),
-        rms_norm_eps=field(reader, f"{arch}.attention.layer_norm_rms_epsilon"),
-        rope_theta=field(reader, f"{arch}.rope.freq_base", 10000.0),
-        max_position_embeddings=field(reader, f"{arch}.context_length"),
+        num_kv_heads=field(gguf_file, f"{arch}.attention.head_count_kv", heads),
+        head_dim=field(gguf_file, f"{arch}.attention.key_length", hidden // heads),
+        rms_norm_eps=field(gguf_file, f"{arch}.attention.layer_norm_rms_epsilon"),
+        rope_theta=field(gguf_file, f"{arch}.rope.freq_base", 10000.0),
+        max_position_embeddings=field(gguf_file, f"{arch}.context_length"),
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
         qk_norm="blk.0.attn_q_norm.weight" in names,
-        rope_scaling=_rope_factors(reader),
+        rope_scaling=_rope_factors(gguf_file),
     )
-    return _gemma3_spec(reader, spec) if arch == "gemma3" else spec
+    return _gemma3_spec(gguf_file, spec) if arch == "gemma3" else spec
 
 
-def _gemma3_spec(reader: gguf.GGUFReader, spec: ModelSpec) -> ModelSpec:
+def _gemma3_spec(gguf_file: GGUFFile, spec: ModelSpec) -> ModelSpec:
     """Gemma 3's sliding-window layers, local RoPE base, attention scale and GELU MLP."""
-    window = field(reader, "gemma3.attention.sliding_window", None)
-    pattern = field(reader, "gemma3.attention.sliding_window_pattern", None)
+    window = field(gguf_file, "gemma3.attention.sliding_window", None)
+    pattern = field(gguf_file, "gemma3.attention.sliding_window_pattern", None)
     if isinstance(pattern, list):  # one flag a layer, True where it slides
         sliding = [bool(p) for p in pattern]
     else:  # a period n: the last layer of every n attends globally (0: all slide)
@@ -140,18 +138,18 @@ def _gemma3_spec(reader: gguf.GGUFReader, spec: ModelSpec) -> ModelSpec:
         if window is None
         else tuple("sliding_attention" if s else "full_attention" for s in sliding),
         rope_local_base_freq=field(
-            reader, "gemma3.rope.freq_base_swa", GEMMA3_ROPE_LOCAL_BASE_FREQ
+            gguf_file, "gemma3.rope.freq_base_swa", GEMMA3_ROPE_LOCAL_BASE_FREQ
         ),
-        final_logit_softcapping=field(reader, "gemma3.final_logit_softcapping", None),
+        final_logit_softcapping=field(gguf_file, "gemma3.final_logit_softcapping", None),
     )
 
 
-def _rope_factors(reader: gguf.GGUFReader) -> dict[str, Any] | None:
+def _rope_factors(gguf_file: GGUFFile) -> dict[str, Any] | None:
     """llama3-style scaling, which GGUF stores as a tensor of per-frequency divisors."""
-    t = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    t = next((t for t in gguf_file.tensors if t.name == "rope_freqs.weight"), None)
     if t is None:
         return None
-    return {"rope_type": "factors", "factors": tensor_values(t).tolist()}
+    return {"rope_type": "factors", "factors": tensor_values(gguf_file, t).tolist()}
 
 
 def hf_name(gguf_name: str, family: str) -> str | None:
@@ -172,14 +170,13 @@ def unpermute(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     )
 
 
-def tensor_values(t: Any) -> torch.Tensor:
-    """A reader tensor's values as float32 in PyTorch layout (rows first)."""
-    shape = tuple(int(n) for n in reversed(t.shape))
-    return dequantize(_raw_bytes(t), t.tensor_type.name).reshape(shape)
+def tensor_values(gguf_file: GGUFFile, t: TensorInfo) -> torch.Tensor:
+    """A tensor's values as float32 in PyTorch layout (rows first)."""
+    return dequantize(_raw_bytes(gguf_file, t), t.type).reshape(t.shape)
 
 
-def _raw_bytes(t: Any) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(t.data).copy().view(np.uint8))
+def _raw_bytes(gguf_file: GGUFFile, t: TensorInfo) -> torch.Tensor:
+    return torch.from_numpy(gguf_file.raw_bytes(t).copy())
 
 
 def expected_tensors(spec: ModelSpec) -> list[str]:
@@ -201,9 +198,9 @@ def expected_tensors(spec: ModelSpec) -> list[str]:
     return list(dict.fromkeys(names))  # a name without {i} comes once
 
 
-def check_tensors(reader: gguf.GGUFReader, spec: ModelSpec) -> None:
+def check_tensors(gguf_file: GGUFFile, spec: ModelSpec) -> None:
     """Raises before any loading when a tensor is missing or of a type we cannot read."""
-    have = {t.name: t.tensor_type.name for t in reader.tensors}
+    have = {t.name: t.type for t in gguf_file.tensors}
     missing = sorted(set(expected_tensors(spec)) - set(have))
     if missing:
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
@@ -217,7 +214,7 @@ def check_tensors(reader: gguf.GGUFReader, spec: ModelSpec) -> None:
 
 
 def iter_weights(
-    reader: gguf.GGUFReader, spec: ModelSpec, dtype: torch.dtype, quantized: bool = False
+    gguf_file: GGUFFile, spec: ModelSpec, dtype: torch.dtype, quantized: bool = False
 ) -> Iterator[tuple[str, torch.Tensor | Int4Weight | Q8Weight]]:
     """Yields (Hugging Face name, tensor in dtype) for every tensor the model uses.
 
@@ -225,16 +222,16 @@ def iter_weights(
     name as an Int4Weight, each Q8_0 or Q5_0 projection and a Q8_0 output layer as
     a Q8Weight, with their exact codes and scales.
     """
-    check_tensors(reader, spec)
-    permuted = field(reader, "general.architecture") in ("llama", "mistral")
+    check_tensors(gguf_file, spec)
+    permuted = field(gguf_file, "general.architecture") in ("llama", "mistral")
     norm_offset = NORM_OFFSETS.get(spec.family, 0.0)
-    for t in reader.tensors:
+    for t in gguf_file.tensors:
         name = hf_name(t.name, spec.family)
         if name is None:
             if t.name == "rope_freqs.weight":
                 continue  # read into the spec's rope scaling
             raise ModelLoadError(f"unknown GGUF tensor {t.name!r}")
-        w = tensor_values(t)
+        w = tensor_values(gguf_file, t)
         if norm_offset and name.endswith("norm.weight"):
             w -= norm_offset
         rows = None
@@ -243,9 +240,9 @@ def iter_weights(
         elif permuted and name.endswith("k_proj.weight"):
             rows = unpermute(torch.arange(w.shape[0]), spec.num_kv_heads)
         yield name, (w if rows is None else w[rows]).to(dtype)
-        qtype = t.tensor_type.name
+        qtype = t.type
         if quantized and ".layers." in name and qtype in INT4_FORMATS | INT8_FORMATS:
-            q = (INT4_FORMATS | INT8_FORMATS)[qtype](_raw_bytes(t), w.shape[0])
+            q = (INT4_FORMATS | INT8_FORMATS)[qtype](_raw_bytes(gguf_file, t), w.shape[0])
             yield name, q if rows is None else q.rows(rows)
         elif quantized and qtype == "Q8_0" and ".layers." not in name:
-            yield name, q8_0_to_q8(_raw_bytes(t), w.shape[0])
+            yield name, q8_0_to_q8(_raw_bytes(gguf_file, t), w.shape[0])

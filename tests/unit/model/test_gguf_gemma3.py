@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gguf
 import pytest
 import torch
 import transformers
 from tiny_gguf import tiny_gemma3, write_gemma3_gguf
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-from pagoda.model.gguf_metadata import open_reader
+from pagoda.model.gguf_metadata import GGUFFile, open_gguf
 from pagoda.model.loader import gguf as gguf_loader
 from pagoda.model.spec import ModelLoadError, ModelSpec
 
@@ -48,14 +47,14 @@ def reference_config(gemma3_gguf_path: Path) -> transformers.Gemma3TextConfig:
 
 
 @pytest.fixture(scope="module")
-def gemma3_reader(gemma3_gguf_path: Path) -> gguf.GGUFReader:
-    return open_reader(gemma3_gguf_path)  # about 10 s: the 262,144-token vocabulary
+def gemma3_file(gemma3_gguf_path: Path) -> GGUFFile:
+    return open_gguf(gemma3_gguf_path)
 
 
 def test_real_file_spec_equals_transformers_reading(
-    gemma3_reader: gguf.GGUFReader, reference_config: transformers.Gemma3TextConfig
+    gemma3_file: GGUFFile, reference_config: transformers.Gemma3TextConfig
 ) -> None:
-    spec = gguf_loader.read_spec(gemma3_reader)
+    spec = gguf_loader.read_spec(gemma3_file)
     assert_spec_matches(spec, reference_config)
     # Gemma 3 270M: 18 layers, every sixth global, a 512-token window elsewhere.
     assert spec.layer_types is not None and spec.layer_types.count("full_attention") == 3
@@ -64,14 +63,13 @@ def test_real_file_spec_equals_transformers_reading(
 
 
 def test_real_file_tensor_names_are_transformers_parameters(
-    gemma3_reader: gguf.GGUFReader, reference_config: transformers.Gemma3TextConfig
+    gemma3_file: GGUFFile, reference_config: transformers.Gemma3TextConfig
 ) -> None:
-    reader = gemma3_reader
-    spec = gguf_loader.read_spec(reader)
+    spec = gguf_loader.read_spec(gemma3_file)
     with torch.device("meta"):
         hf = transformers.Gemma3ForCausalLM(reference_config)
     wanted = set(hf.state_dict()) - {"lm_head.weight"}  # tied to the embedding
-    file_names = [t.name for t in reader.tensors]
+    file_names = [t.name for t in gemma3_file.tensors]
     assert {gguf_loader.hf_name(n, spec.family) for n in file_names} == wanted
     assert set(gguf_loader.expected_tensors(spec)) == set(file_names)
 
@@ -101,11 +99,11 @@ def test_tiny_gemma3_spec_and_weights(tmp_path: Path, with_extras: bool) -> None
             }
         )
     write_gemma3_gguf(tmp_path / "g.gguf", state, config, **extra)
-    reader = open_reader(tmp_path / "g.gguf")
-    spec = gguf_loader.read_spec(reader)
+    gguf_file = open_gguf(tmp_path / "g.gguf")
+    spec = gguf_loader.read_spec(gguf_file)
     assert_spec_matches(spec, config)
 
-    weights = dict(gguf_loader.iter_weights(reader, spec, torch.float32))
+    weights = dict(gguf_loader.iter_weights(gguf_file, spec, torch.float32))
     assert set(weights) == set(state)
     for name, w in weights.items():
         assert isinstance(w, torch.Tensor)
@@ -118,6 +116,6 @@ def test_tiny_gemma3_missing_norm_is_named(tmp_path: Path) -> None:
     state = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     del state["model.layers.1.post_feedforward_layernorm.weight"]
     write_gemma3_gguf(tmp_path / "g.gguf", state, hf.config)
-    reader = open_reader(tmp_path / "g.gguf")
+    gguf_file = open_gguf(tmp_path / "g.gguf")
     with pytest.raises(ModelLoadError, match=r"lacks the tensors blk\.1\.post_ffw_norm\.weight$"):
-        next(gguf_loader.iter_weights(reader, gguf_loader.read_spec(reader), torch.float32))
+        next(gguf_loader.iter_weights(gguf_file, gguf_loader.read_spec(gguf_file), torch.float32))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pagoda.model.gguf_metadata import open_reader
+from pagoda.model.gguf_metadata import TensorInfo, open_gguf
 from pagoda.model.layers.linear import Int4Weight, Linear
 from pagoda.model.loader import gguf as gguf_loader
 from pagoda.model.loader.quants import FORMATS, dequantize, q4_k_to_int4, q5_0_to_q8
@@ -67,14 +67,14 @@ def test_quantized_by_gguf(qtype: str, device: str) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_real_blocks_of_the_gemma3_file(gemma3_gguf_path: Path, device: str) -> None:
     """The smallest tensor of each type in a real Q4_K_M file (F32, Q8_0, Q5_0, Q4_K, Q6_K)."""
-    smallest: dict[str, gguf.ReaderTensor] = {}
-    for t in gguf.GGUFReader(str(gemma3_gguf_path)).tensors:
-        kind = t.tensor_type.name
-        if kind not in smallest or t.n_bytes < smallest[kind].n_bytes:
-            smallest[kind] = t
+    gguf_file = open_gguf(gemma3_gguf_path)
+    smallest: dict[str, TensorInfo] = {}
+    for t in gguf_file.tensors:
+        if t.type not in smallest or t.nbytes < smallest[t.type].nbytes:
+            smallest[t.type] = t
     assert {"F32", "Q8_0", "Q5_0", "Q4_K", "Q6_K"} <= set(smallest)
     for kind, t in smallest.items():
-        assert_same_bits(np.asarray(t.data), kind, device)
+        assert_same_bits(gguf_file.raw_bytes(t).copy(), kind, device)
 
 
 def random_q4_k(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -109,9 +109,9 @@ def test_q4_k_as_int4_codes() -> None:
 
 
 def test_q4_k_projections_of_the_gemma3_file_load_as_int4(gemma3_gguf_path: Path) -> None:
-    reader = open_reader(gemma3_gguf_path)
-    spec = gguf_loader.read_spec(reader)
-    weights = gguf_loader.iter_weights(reader, spec, torch.float32, quantized=True)
+    gguf_file = open_gguf(gemma3_gguf_path)
+    spec = gguf_loader.read_spec(gguf_file)
+    weights = gguf_loader.iter_weights(gguf_file, spec, torch.float32, quantized=True)
     (name, dense), (int4_name, w) = next(
         pair for pair in itertools.pairwise(weights) if isinstance(pair[1][1], Int4Weight)
     )
