@@ -127,13 +127,8 @@ def random_dataset(tokenizer, num: int, input_len: int, output_len: int, seed: i
 
 def prompts_dataset(tokenizer, num: int, seed: int) -> list[BenchRequest]:
     """The realistic chat-shaped prompts that ship with Pagoda, sampled with replacement."""
-    text = resources.files("pagoda.bench").joinpath("prompts.jsonl").read_text()
-    items = [json.loads(line) for line in text.splitlines() if line.strip()]
-    rng = random.Random(seed)
     out = []
-    for _ in range(num):
-        item = rng.choice(items)
-        prompt_len = len(tokenizer.encode(item["prompt"], add_special_tokens=False))
+    for item, prompt_len in _sample_shipped("prompts.jsonl", tokenizer, num, seed):
         out.append(BenchRequest(item["prompt"], prompt_len, item["max_tokens"]))
     return out
 
@@ -142,13 +137,8 @@ def structured_dataset(
     tokenizer, num: int, seed: int, constrained: bool = True
 ) -> list[BenchRequest]:
     """Extraction-style chat requests that ship with Pagoda, each with its JSON schema."""
-    text = resources.files("pagoda.bench").joinpath("structured.jsonl").read_text()
-    items = [json.loads(line) for line in text.splitlines() if line.strip()]
-    rng = random.Random(seed)
     out = []
-    for _ in range(num):
-        item = rng.choice(items)
-        prompt_len = len(tokenizer.encode(item["prompt"], add_special_tokens=False))
+    for item, prompt_len in _sample_shipped("structured.jsonl", tokenizer, num, seed):
         response_format = {
             "type": "json_schema",
             "json_schema": {"name": item["name"], "schema": item["schema"], "strict": True},
@@ -162,6 +152,18 @@ def structured_dataset(
             )
         )
     return out
+
+
+def _sample_shipped(name: str, tokenizer, num: int, seed: int) -> list[tuple[dict, int]]:
+    """num items of a dataset file that ships with Pagoda, sampled with replacement, each
+    with its prompt's length in tokens."""
+    text = resources.files("pagoda.bench").joinpath(name).read_text()
+    items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    rng = random.Random(seed)
+    chosen = [rng.choice(items) for _ in range(num)]
+    return [
+        (item, len(tokenizer.encode(item["prompt"], add_special_tokens=False))) for item in chosen
+    ]
 
 
 # ---- one request ------------------------------------------------------------------------------
