@@ -1,4 +1,4 @@
-// The gated MLP's activation: torch.ops.pagoda.silu_mul.
+// The gated MLP's activation: torch.ops.pagoda.silu_mul (SwiGLU), gelu_tanh_mul (GeGLU).
 // The PyTorch twin that defines what it computes: pagoda/model/ops/activation.py.
 
 #include "simd.h"
@@ -6,9 +6,13 @@
 namespace pagoda {
 namespace {
 
-// x = [gate | up] along the last dimension; out = round(silu(gate)) * up.
-template <typename T>
-void silu_mul_impl(const at::Tensor& x, at::Tensor& out) {
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+
+// x = [gate | up] along the last dimension; out = round(act(gate)) * up, where act is
+// silu(g) = g * sigmoid(g), or (kGelu) gelu's tanh approximation,
+// 0.5 g (1 + tanh(u)) = g * sigmoid(2u), u = sqrt(2 / pi) (g + 0.044715 g^3).
+template <typename T, bool kGelu>
+void act_mul_impl(const at::Tensor& x, at::Tensor& out) {
   const int64_t rows = x.size(0), n = x.size(1) / 2, stride = x.stride(0);
   const T* xp = x.data_ptr<T>();
   T* op = out.data_ptr<T>();
@@ -23,32 +27,44 @@ void silu_mul_impl(const at::Tensor& x, at::Tensor& out) {
         // sigmoid(g) from e = e^-|g| <= 1, the range exp16 covers: 1 / (1 + e) for
         // g >= 0, e / (1 + e) below.
         const __m512 g = load16(gate + i);
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+        __m512 s = g;  // sigmoid's argument
+        if constexpr (kGelu) {
+          const __m512 g3 = _mm512_mul_ps(_mm512_mul_ps(g, g), g);
+          s = _mm512_mul_ps(_mm512_set1_ps(2.f * kSqrt2OverPi),
+                            _mm512_fmadd_ps(g3, _mm512_set1_ps(0.044715f), g));
+        }
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(s)));
         const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), e));
-        const __mmask16 negative = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+        const __mmask16 negative = _mm512_cmp_ps_mask(s, _mm512_setzero_ps(), _CMP_LT_OQ);
         const __m512 sigmoid = _mm512_mask_mul_ps(inv, negative, inv, e);
-        T silu[16];  // rounded to T before the product, as the twin's silu is
-        store16(silu, _mm512_mul_ps(g, sigmoid));
-        store16(o + i, _mm512_mul_ps(load16(silu), load16(up + i)));
+        T act[16];  // rounded to T before the product, as the twin's activation is
+        store16(act, _mm512_mul_ps(g, sigmoid));
+        store16(o + i, _mm512_mul_ps(load16(act), load16(up + i)));
       }
 #endif
       for (; i < n; ++i) {
         const float g = to_f32(gate[i]);
-        o[i] = from_f32<T>(round_to<T>(g / (1.f + std::exp(-g))) * to_f32(up[i]));
+        const float s = kGelu ? 2.f * kSqrt2OverPi * (g + 0.044715f * g * g * g) : g;
+        o[i] = from_f32<T>(round_to<T>(g / (1.f + std::exp(-s))) * to_f32(up[i]));
       }
     }
   });
 }
 
-}  // namespace
-
-at::Tensor silu_mul(const at::Tensor& x) {
+template <bool kGelu>
+at::Tensor act_mul(const at::Tensor& x, const char* op) {
   check_cpu(x, "x");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % 2 == 0,
               "x must be [rows, 2 * n] with contiguous rows");
   at::Tensor out = at::empty({x.size(0), x.size(1) / 2}, x.options());
-  dispatch_float_types(x, "silu_mul", [&](auto t) { silu_mul_impl<decltype(t)>(x, out); });
+  dispatch_float_types(x, op, [&](auto t) { act_mul_impl<decltype(t), kGelu>(x, out); });
   return out;
 }
+
+}  // namespace
+
+at::Tensor silu_mul(const at::Tensor& x) { return act_mul<false>(x, "silu_mul"); }
+
+at::Tensor gelu_tanh_mul(const at::Tensor& x) { return act_mul<true>(x, "gelu_tanh_mul"); }
 
 }  // namespace pagoda

@@ -16,7 +16,11 @@ namespace pagoda {
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 void add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps);
+at::Tensor gemma_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+void gemma_add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight,
+                        double eps);
 at::Tensor silu_mul(const at::Tensor& x);
+at::Tensor gelu_tanh_mul(const at::Tensor& x);
 void rope_and_cache(at::Tensor q, at::Tensor k, const at::Tensor& v, const at::Tensor& positions,
                     const at::Tensor& cos_sin, at::Tensor k_cache, at::Tensor v_cache,
                     const at::Tensor& slot_mapping);
@@ -41,7 +45,10 @@ using namespace pagoda;
 TORCH_LIBRARY(pagoda, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  m.def("gemma_rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("gemma_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
   m.def("silu_mul(Tensor x) -> Tensor");
+  m.def("gelu_tanh_mul(Tensor x) -> Tensor");
   m.def(
       "rope_and_cache(Tensor(a!) q, Tensor(b!) k, Tensor v, Tensor positions, Tensor cos_sin, "
       "Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor slot_mapping) -> ()");
@@ -62,7 +69,10 @@ TORCH_LIBRARY(pagoda, m) {
 TORCH_LIBRARY_IMPL(pagoda, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("gemma_rms_norm", &gemma_rms_norm);
+  m.impl("gemma_add_rms_norm", &gemma_add_rms_norm);
   m.impl("silu_mul", &silu_mul);
+  m.impl("gelu_tanh_mul", &gelu_tanh_mul);
   m.impl("rope_and_cache", &rope_and_cache);
   m.impl("paged_attention", &paged_attention);
   m.impl("causal_softmax", &causal_softmax);

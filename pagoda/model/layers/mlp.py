@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pagoda.model import ops
 from pagoda.model.layers.linear import Linear
 
-
-def gelu_tanh_mul(x: torch.Tensor) -> torch.Tensor:
-    """[..., 2n] = [gate | up] -> gelu(gate, tanh approximation) * up, [..., n] (GeGLU)."""
-    gate, up = x.chunk(2, dim=-1)
-    return F.gelu(gate, approximate="tanh") * up
-
-
 # Hugging Face's activation names -> act(gate) * up on the fused [gate | up] rows.
-ACTIVATIONS = {"silu": ops.silu_mul, "gelu_pytorch_tanh": gelu_tanh_mul}
+ACTIVATIONS = {"silu": ops.silu_mul, "gelu_pytorch_tanh": ops.gelu_tanh_mul}
 
 
 class GatedMLP(nn.Module):

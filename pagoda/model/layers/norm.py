@@ -38,11 +38,5 @@ class GemmaRMSNorm(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x); or, given the residual stream, (norm(x + residual), x + residual)."""
         if residual is None:
-            return self._norm(x)
-        residual = x + residual
-        return self._norm(residual), residual
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+            return ops.gemma_rms_norm(x, self.weight, self.eps)
+        return ops.gemma_add_rms_norm(x, residual, self.weight, self.eps)

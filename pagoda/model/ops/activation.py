@@ -1,4 +1,4 @@
-"""The gated MLP's activation: silu(gate) * up (csrc/activation.cpp)."""
+"""The gated MLP's activation: silu(gate) * up or gelu_tanh(gate) * up (csrc/activation.cpp)."""
 
 from __future__ import annotations
 
@@ -17,3 +17,15 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 def silu_mul_torch(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+def gelu_tanh_mul(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2n] = [gate | up] -> gelu(gate, tanh approximation) * up, [..., n] (GeGLU)."""
+    if kernels.available(x) and x.dim() == 2 and x.stride(1) == 1:
+        return torch.ops.pagoda.gelu_tanh_mul(x)
+    return gelu_tanh_mul_torch(x)
+
+
+def gelu_tanh_mul_torch(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up

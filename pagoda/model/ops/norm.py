@@ -1,4 +1,4 @@
-"""RMSNorm, alone and fused with the residual add before it (csrc/norm.cpp)."""
+"""RMSNorm, Llama's and Gemma's, alone and fused with the residual add before it (csrc/norm.cpp)."""
 
 from __future__ import annotations
 
@@ -40,3 +40,38 @@ def add_rms_norm_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     residual = x + residual
     return rms_norm_torch(residual, weight, eps), residual
+
+
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm: normalises and scales by (1 + weight) in float32, then rounds to x's
+    dtype. x is [rows, n], or [tokens, heads, n] with contiguous rows (attention's per-head
+    q and k views into the qkv rows)."""
+    fits = 2 <= x.dim() <= 3 and x.stride(-1) == 1 and weight.dtype == x.dtype
+    if kernels.available(x) and fits:
+        return torch.ops.pagoda.gemma_rms_norm.default(x, weight, eps)
+    return gemma_rms_norm_torch(x, weight, eps)
+
+
+def gemma_rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * (1.0 + weight.float())).to(x.dtype)
+
+
+def gemma_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gemma_rms_norm(x + residual), x + residual), the sum rounded to x's dtype before the
+    norm; in place where the kernel runs, as add_rms_norm."""
+    fits = x.dim() == 2 and x.is_contiguous() and residual.is_contiguous()
+    if kernels.available(x) and fits and weight.dtype == x.dtype:
+        torch.ops.pagoda.gemma_add_rms_norm.default(x, residual, weight, eps)
+        return x, residual
+    return gemma_add_rms_norm_torch(x, residual, weight, eps)
+
+
+def gemma_add_rms_norm_torch(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    residual = x + residual
+    return gemma_rms_norm_torch(residual, weight, eps), residual
