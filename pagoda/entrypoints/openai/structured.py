@@ -97,9 +97,13 @@ def structured_outputs(
 
 
 def constraint_field(request: SamplingFields) -> str | None:
-    """The request field that set its constraint (for errors the engine reports later)."""
+    """The request field that set its constraint (for errors the engine reports later):
+    a response format or structured-outputs field, else tool_choice (required or named
+    tool choice is a constraint too)."""
     constraints = _constraints(request)
-    return constraints[0].field if constraints else None
+    if constraints:
+        return constraints[0].field
+    return "tool_choice" if getattr(request, "tool_choice", None) is not None else None
 
 
 def _constraints(request: SamplingFields) -> list[Constraint]:

@@ -306,6 +306,17 @@ def test_a_request_the_engine_failed_is_400(client, engine, path) -> None:
     assert again.status_code == 200, again.text
 
 
+def test_a_tool_choice_the_engine_failed_is_400_naming_tool_choice(client, engine) -> None:
+    engine.request_error = (1, ENGINE_ERROR)
+    tool = {
+        "type": "function",
+        "function": {"name": "f", "parameters": {"type": "object", "properties": {}}},
+    }
+    r = client.post(CHAT, json=body(CHAT, tools=[tool], tool_choice="required"))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "tool_choice"
+
+
 @pytest.mark.parametrize("path", ENDPOINTS)
 def test_a_stream_the_engine_failed_ends_with_an_error_event(client, engine, path) -> None:
     engine.request_error = (2, ENGINE_ERROR)
