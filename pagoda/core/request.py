@@ -89,7 +89,6 @@ class Request:
         # Seed of the counter-based sampler: fixed per request, so the batch cannot change it.
         self.sampling_seed = 0
         self.grammar: RequestGrammar | None = None  # structured outputs: the allowed tokens
-        self.num_forced_tokens = 0  # output tokens the grammar forced (computed, not decoded)
 
     @property
     def num_prompt_tokens(self) -> int:

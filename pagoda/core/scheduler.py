@@ -226,24 +226,20 @@ class Scheduler:
         """
         grammar = request.grammar
         assert grammar is not None
-        if not grammar.accept(new_tokens[-1]):
-            request.error = grammar.error
-            return RequestStatus.FINISHED_ABORTED
-        if grammar.is_terminated:
-            return RequestStatus.FINISHED_STOPPED
-        if not self.forced_tokens or request.sampling_params.logprobs is not None:
-            return None
-        while (token := grammar.forced_token()) is not None:
-            request.append_token(token)
-            request.num_forced_tokens += 1
-            new_tokens.append(token)
-            if (status := request.check_stop(self.max_model_len)) is not None:
-                return status
+        forcing = self.forced_tokens and request.sampling_params.logprobs is None
+        token: int | None = new_tokens[-1]
+        while token is not None:
             if not grammar.accept(token):
                 request.error = grammar.error
                 return RequestStatus.FINISHED_ABORTED
             if grammar.is_terminated:
                 return RequestStatus.FINISHED_STOPPED
+            token = grammar.forced_token() if forcing else None
+            if token is not None:
+                request.append_token(token)
+                new_tokens.append(token)
+                if (status := request.check_stop(self.max_model_len)) is not None:
+                    return status
         return None
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[str]:

@@ -59,16 +59,9 @@ class EngineCore:
             ends = (() if params.ignore_eos else request.eos_token_ids) + tuple(
                 params.stop_token_ids or ()
             )
-            request.grammar = self.grammar_compiler().compile(params.structured_outputs, ends)
+            assert self.grammars is not None, "without llguidance, constraints are refused earlier"
+            request.grammar = self.grammars.compile(params.structured_outputs, ends)
         self.scheduler.add_request(request)
-
-    def grammar_compiler(self) -> GrammarCompiler:
-        """The structured-outputs backend, started on first use unless it is already."""
-        if self.grammars is None:
-            from pagoda.structured.matcher import GrammarCompiler
-
-            self.grammars = GrammarCompiler(self.config.model.path, self.runner.spec.vocab_size)
-        return self.grammars
 
     def abort_requests(self, request_ids: list[str]) -> list[str]:
         return self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
@@ -97,7 +90,7 @@ def _grammar_compiler(config: EngineConfig, vocab_size: int) -> GrammarCompiler 
 
     It takes 0.4 s (49k tokens) to 4 s (262k) in a worker thread; started at load, it is
     ready before the first constrained request. Without llguidance, None: the API server
-    refuses constrained requests itself.
+    and LLM refuse constrained requests themselves (grammar_of names the missing package).
     """
     import importlib.util
 

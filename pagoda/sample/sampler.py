@@ -154,9 +154,8 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
     raw = logits
     if meta.output_counts is not None:
         logits = apply_penalties(logits, meta)  # a new tensor
-    if meta.bias is not None or meta.banned is not None or meta.allowed is not None:
-        logits = logits.clone() if logits is raw else logits
-    if meta.grammar is not None:
+    edits = (meta.bias, meta.banned, meta.allowed, meta.grammar)
+    if any(edit is not None for edit in edits):
         logits = logits.clone() if logits is raw else logits
     if meta.bias is not None:
         rows, ids, values = meta.bias

@@ -53,9 +53,6 @@ class GrammarCompiler:
         grammar.fill_mask(matcher)
         return matcher
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
 
 def _build_tokenizer(model_path: Path, vocab_size: int) -> Any:
     import llguidance
