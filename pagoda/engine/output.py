@@ -150,7 +150,7 @@ class OutputProcessor:
             if eo.new_token_ids and state.first_token_time is None:
                 state.first_token_time = now
                 state.num_cached_tokens = eo.num_cached_tokens
-            self._append(sample, eo)
+            self._append(sample, eo, state.params)
             stopped = self._check_stop_strings(sample, state.params)
             if stopped and eo.finish_reason is None:
                 to_abort.append(eo.request_id)
@@ -167,17 +167,32 @@ class OutputProcessor:
                 self.requests.pop(state.request_id, None)
         return deliver, to_abort
 
-    def _append(self, sample: SampleState, eo: EngineOutput) -> None:
+    def _append(self, sample: SampleState, eo: EngineOutput, params: SamplingParams) -> None:
         if sample.finish_reason is not None:
             return
         sample.token_ids.extend(eo.new_token_ids)
-        sample.text += sample.detokenizer.push(eo.new_token_ids)
+        text_ids = eo.new_token_ids
+        if self._ended_by_token(eo) and not params.include_stop_str_in_output:
+            # As vLLM: the EOS or stop token that ends a request is no text of the answer
+            # (with skip_special_tokens off it would read "</s>" or the like).
+            text_ids = text_ids[:-1]
+        sample.text += sample.detokenizer.push(text_ids)
         if sample.logprobs is not None and eo.new_logprobs is not None:
             for token_id, wire in zip(eo.new_token_ids, eo.new_logprobs):
                 entry = _logprobs(wire)
                 sample.logprobs.append(entry)
                 assert sample.cumulative_logprob is not None
                 sample.cumulative_logprob += entry[token_id][0]
+
+    def _ended_by_token(self, eo: EngineOutput) -> bool:
+        """Whether the engine ended the request on its last token by EOS or a stop token id
+        (a grammar that completes also ends it with STOP, on a token of the answer)."""
+        if eo.finish_reason is not FinishReason.STOP or not eo.new_token_ids:
+            return False
+        last = eo.new_token_ids[-1]
+        return eo.stop_reason == last or (
+            eo.stop_reason is None and last in self.tokenizer.eos_token_ids
+        )
 
     def _check_stop_strings(self, sample: SampleState, params: SamplingParams) -> bool:
         """Cuts the text at the first stop string, which may span several tokens."""

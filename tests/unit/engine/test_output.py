@@ -140,3 +140,35 @@ def test_an_engine_error_reaches_the_sample_it_ended(tokenizer: Tokenizer, kind)
     assert by_index[1].error == "regex: no good" and by_index[1].finish_reason == "abort"
     if kind != RequestOutputKind.DELTA:  # a delta carries only the sample that changed
         assert by_index[0].error is None and by_index[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_the_token_that_ends_a_request_is_not_text(tokenizer: Tokenizer, include: bool) -> None:
+    """As in vLLM: EOS or a stop token id that ends a request stays in token_ids but not in
+    the text, even with skip_special_tokens off (where it would decode to "</s>" or the
+    like), unless include_stop_str_in_output asks for it."""
+    eos = tokenizer.eos_token_ids[0]
+    eos_text = tokenizer.decode([eos], skip_special_tokens=False)
+    assert eos_text  # the model's EOS has a text of its own
+    ids = tokenizer.encode(" one two", add_special_tokens=False)
+    stop_id = tokenizer.encode(" three", add_special_tokens=False)[-1]
+    for kind in (RequestOutputKind.FINAL_ONLY, RequestOutputKind.DELTA):
+        processor = OutputProcessor(tokenizer)
+        params = dict(max_tokens=9, skip_special_tokens=False, output_kind=kind)
+        params["include_stop_str_in_output"] = include
+        processor.add_request("eos", None, [1], SamplingParams(**params))
+        processor.add_request("stop", None, [1], SamplingParams(**params, stop_token_ids=[stop_id]))
+        processor.add_request("grammar", None, [1], SamplingParams(**params))
+        by_eos, _ = feed(processor, "eos", [*ids, eos], finish=FinishReason.STOP)
+        stop = EngineOutput("stop", [stop_id], finish_reason=FinishReason.STOP, stop_reason=stop_id)
+        by_stop_id = feed(processor, "stop", ids)[0] + processor.process_outputs([stop])[0]
+        # A grammar that completes ends the request with its own last token: that is text.
+        by_grammar, _ = feed(processor, "grammar", ids, finish=FinishReason.STOP)
+        for outputs, last in ((by_eos, eos), (by_stop_id, stop_id), (by_grammar, None)):
+            text = "".join(o.outputs[0].text for o in outputs)
+            if last is None:
+                assert text == " one two"
+                continue
+            kept = tokenizer.decode([last], skip_special_tokens=False) if include else ""
+            assert text == " one two" + kept
+            assert outputs[-1].outputs[0].token_ids[-1] == last  # still among the tokens

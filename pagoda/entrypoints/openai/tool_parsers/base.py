@@ -66,7 +66,7 @@ class ToolParser:
 
     name: ClassVar[str]
     # False where the format's markers are special tokens that decoding would otherwise drop
-    # (then the end-of-turn token's text reaches the parser too).
+    # (the EOS or stop token that ends the answer is left out of the text all the same).
     skip_special_tokens: ClassVar[bool] = True
 
     def scan(self, text: str) -> Scan:
