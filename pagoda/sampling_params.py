@@ -48,6 +48,12 @@ class StructuredOutputsParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False  # objects take only the properties listed
     whitespace_pattern: str | None = None
+    # Reasoning models: the constraint holds on the answer that follows the thinking, which is
+    # free text up to thinking_end (then optional whitespace). With thinking_start the
+    # output may instead answer at once, or think after that marker; without it, the
+    # output starts inside the thinking (the prompt opened it). Set by the chat server.
+    thinking_end: str | None = None
+    thinking_start: str | None = None
 
     KINDS: ClassVar[tuple[str, ...]] = ("json", "regex", "choice", "grammar", "json_object")
 

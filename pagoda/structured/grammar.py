@@ -7,6 +7,7 @@ grammar format; the engine builds its matcher from the text made here.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import msgspec
@@ -67,10 +68,51 @@ def grammar_of(params: StructuredOutputsParams, check: bool = True) -> str:
             grammar = llg.grammar_from("grammar", params.grammar or "")
     except ValueError as e:  # JSON that is not an object, GBNF that does not convert
         raise StructuredOutputsError(kind, str(e)) from None
+    if params.thinking_end is not None:
+        grammar = after_thinking(grammar, params.thinking_end, params.thinking_start)
     error = llg.LLMatcher.validate_grammar(grammar) if check else ""
     if error:
         raise StructuredOutputsError(kind, f"invalid {_NAMES[kind]}: {error.strip()}")
     return grammar
+
+
+def after_thinking(grammar: str, end: str, start: str | None = None) -> str:
+    """The grammar preceded by a reasoning model's thinking: free text up to the first end
+    marker, then optional whitespace. With start, the thinking is optional and opens with
+    start; without it, the text starts inside the thinking.
+
+    The answer's grammar becomes a subgrammar of a Lark grammar for the whole output, so any
+    kind of constraint (JSON schema, regex, choice, grammar) composes the same way. Its own
+    whitespace rules apply only inside it.
+    """
+    top = _top_level(grammar)
+    answer, *others = top["grammars"]
+    answer = {**answer, "name": answer.get("name") or "answer"}
+    # lazy: the thinking ends at the first end marker, wherever a longer match might end.
+    thinking = f"thinking[lazy]: /(?s:.*){_lark_regex(end)}/"
+    head = "thinking /[ \\t\\r\\n]*/"
+    if start is not None:
+        head = f"({json.dumps(start)} {head})?"
+    start_rule = f"start: {head} @{answer['name']}"
+    lark = f"{start_rule}\n{thinking}\n"
+    return json.dumps({**top, "grammars": [{"lark_grammar": lark}, answer, *others]})
+
+
+def _top_level(grammar: str) -> dict[str, Any]:
+    """llguidance's grammar text as its top-level form: a list of named grammars (JSON),
+    from either that JSON or a bare Lark grammar."""
+    try:
+        top = json.loads(grammar)
+    except ValueError:
+        top = None
+    if isinstance(top, dict) and "grammars" in top:
+        return top
+    return {"grammars": [{"lark_grammar": grammar}]}
+
+
+def _lark_regex(text: str) -> str:
+    """text as a regex that matches it literally, inside Lark's /.../."""
+    return re.escape(text).replace("/", "\\/")
 
 
 _NAMES = {

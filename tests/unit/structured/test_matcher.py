@@ -71,3 +71,50 @@ def test_unpack_bitmask_reads_every_bit_including_the_sign_bit() -> None:
     bits = unpack_bitmask(words, 40)
     assert torch.nonzero(bits[0]).flatten().tolist() == [0, 5, 31, 34]
     assert bits.shape == (1, 40)
+
+
+def walk(grammar, tokenizer: Tokenizer, text: str) -> None:
+    for token in ids(tokenizer, text):
+        assert token in allowed(grammar), f"{text!r}: token {token} refused"
+        assert grammar.accept(token)
+
+
+@pytest.mark.parametrize(
+    "constraint, answer",
+    [
+        (dict(json={"type": "object", "properties": {"a": {"type": "integer"}}}), '{"a": 1}'),
+        (dict(regex="[0-9]+"), "42"),
+        (dict(choice=["yes", "no"]), "yes"),
+        (dict(grammar='start: "x" NUM\nNUM: /[0-9]+/'), "x12"),
+    ],
+)
+def test_a_constraint_after_thinking_holds_on_the_answer_only(setup, constraint, answer) -> None:
+    """Reasoning models: free text up to the end marker (anything, even what looks like the
+    answer or half the marker; the grammar cannot end there, so EOS is refused), then the
+    constraint."""
+    compiler, tokenizer = setup
+    params = StructuredOutputsParams(**constraint, thinking_end="</think>")
+    grammar = compiler.compile(params, end_token_ids=(EOS,))
+    free = set(ids(tokenizer, "Zz{}<>/ \n0"))
+    assert free <= allowed(grammar)
+    walk(grammar, tokenizer, f"Say {answer}? </thin> no.\n")
+    assert free <= allowed(grammar) and not grammar.matcher.is_accepting()
+    walk(grammar, tokenizer, "</think>\n\n")
+    assert ids(tokenizer, "Z")[0] not in allowed(grammar)
+    walk(grammar, tokenizer, answer)
+    assert grammar.matcher.is_accepting() and grammar.error is None
+
+
+def test_thinking_with_a_start_marker_is_optional(setup) -> None:
+    """A model that may think (Qwen3) opens its thinking with <think>, or answers at once."""
+    compiler, tokenizer = setup
+    params = StructuredOutputsParams(
+        regex="[0-9]+", thinking_start="<think>", thinking_end="</think>"
+    )
+    thinks = compiler.compile(params, end_token_ids=(EOS,))
+    assert allowed(thinks) == set(ids(tokenizer, "<0123456789"))
+    walk(thinks, tokenizer, "<think>\nNine? 42.</think>42")
+    assert thinks.matcher.is_accepting()
+    answers = compiler.compile(params, end_token_ids=(EOS,))
+    walk(answers, tokenizer, "42")
+    assert answers.matcher.is_accepting()
