@@ -70,6 +70,7 @@ def _serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig
         chat_template=_chat_template(args.chat_template),
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=_tool_call_parser(args),
+        reasoning_parser=_reasoning_parser(args.reasoning_parser),
         max_prompts_per_request=args.max_prompts_per_request,
         max_request_body_size=args.max_request_body_size,
         disable_log_requests=args.disable_log_requests,
@@ -107,6 +108,15 @@ def _tool_call_parser(args: argparse.Namespace) -> str | None:
         )
     if args.enable_auto_tool_choice and name is None:
         raise ConfigError("--enable-auto-tool-choice requires --tool-call-parser")
+    return name
+
+
+def _reasoning_parser(name: str | None) -> str | None:
+    from pagoda.entrypoints.openai.reasoning import REASONING_PARSERS
+
+    if name is not None and name not in REASONING_PARSERS:
+        known = ", ".join(sorted(REASONING_PARSERS))
+        raise ConfigError(f"--reasoning-parser: unknown parser {name!r}; known: {known}")
     return name
 
 
@@ -430,6 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the format of the model's tool calls: hermes (Qwen2.5, Qwen3, Hermes), "
         "llama3_json, mistral or pythonic",
+    )
+    serve.add_argument(
+        "--reasoning-parser",
+        default=None,
+        help="the model's thinking format, qwen3 or deepseek_r1: chat answers carry the "
+        "thinking in message.reasoning (and reasoning_content), apart from the content, and "
+        "response formats and forced tool choices hold on the answer after it",
     )
     serve.add_argument(
         "--enable-force-include-usage",

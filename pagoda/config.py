@@ -224,6 +224,9 @@ class ServerConfig:
     # the format of the tool_parsers/ module named here (vLLM's flags).
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+    # The thinking format of the reasoning/ module named here (vLLM's --reasoning-parser):
+    # chat answers carry the thinking apart from the content, and constraints hold after it.
+    reasoning_parser: str | None = None
     # The most prompts one completion request may list (OpenAI's limit for a batch of
     # inputs); each is a request of its own in the engine.
     max_prompts_per_request: int = 2048

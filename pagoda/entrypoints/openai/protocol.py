@@ -174,6 +174,9 @@ class ChatMessage(OpenAIModel):
     name: Text | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: Text | None = None  # the call a "tool" message answers
+    # An assistant's earlier thinking, by either name (vLLM's, and the older one).
+    reasoning: Text | None = None
+    reasoning_content: Text | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -270,7 +273,9 @@ class ChatResponseMessage(BaseModel):
     audio: dict[str, Any] | None = None
     function_call: dict[str, Any] | None = None
     tool_calls: list[ToolCall] = Field(default_factory=list)
-    reasoning: str | None = None  # vLLM's
+    # The thinking, with --reasoning-parser: vLLM's name, and the older one some clients read.
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatChoice(BaseModel):
@@ -310,6 +315,8 @@ class DeltaToolCall(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    reasoning: str | None = None  # as ChatResponseMessage's, with --reasoning-parser
+    reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 

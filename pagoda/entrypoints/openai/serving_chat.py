@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import jinja2
+import msgspec
 
 from pagoda.engine.protocol import TokensPrompt
 from pagoda.entrypoints.openai.errors import OpenAIError
@@ -27,6 +28,12 @@ from pagoda.entrypoints.openai.protocol import (
     TopLogprob,
     UsageInfo,
     random_id,
+)
+from pagoda.entrypoints.openai.reasoning import (
+    Phase,
+    ReasoningParser,
+    ReasoningStream,
+    get_reasoning_parser,
 )
 from pagoda.entrypoints.openai.serving_engine import SSE_DONE, OpenAIServing, sse
 from pagoda.entrypoints.openai.tool_parsers import ToolCall as ParsedCall
@@ -74,10 +81,24 @@ class OpenAIServingChat(OpenAIServing):
             prompt_logprobs = request.top_logprobs or 0  # vLLM scores an echoed prompt too
         constraint = use.constraint(self.engine.config.structured)
         params = self.sampling_params(request, max_tokens, logprobs, prompt_logprobs, constraint)
+        reasoning = self.reasoning_parser()
+        if reasoning is not None and params.structured_outputs is not None:
+            # The constraint holds on the answer: the thinking before it is free.
+            markers = reasoning.thinking_markers(reasoning.phase(text))
+            if markers is not None:
+                start, end = markers
+                params.structured_outputs = msgspec.structs.replace(
+                    params.structured_outputs, thinking_start=start, thinking_end=end
+                )
         parser = use.parser(self.server_config)
         if parser is not None and not parser.skip_special_tokens:
             params.skip_special_tokens = False  # the parser reads markers that are special
         return TokensPrompt(prompt_token_ids=ids, prompt=text), params
+
+    def reasoning_parser(self) -> ReasoningParser | None:
+        """The --reasoning-parser's format; None without one."""
+        name = self.server_config.reasoning_parser
+        return get_reasoning_parser(name) if name is not None else None
 
     def render(self, request: ChatCompletionRequest, use: ToolUse | None = None) -> str:
         """The prompt text: the messages through the chat template; template errors are 400s.
@@ -170,6 +191,12 @@ class OpenAIServingChat(OpenAIServing):
             out["name"] = message.name
         if message.tool_call_id is not None:
             out["tool_call_id"] = message.tool_call_id
+        reasoning = message.reasoning
+        if reasoning is None:
+            reasoning = message.reasoning_content
+        if reasoning is not None and message.role == "assistant":
+            # Templates read either name (Qwen3's reasoning_content): give both, as vLLM does.
+            out["reasoning"] = out["reasoning_content"] = reasoning
         if message.tool_calls:
             # Templates (Qwen's, Llama's) write arguments with tojson: give them the object,
             # as vLLM does, where the text is one.
@@ -232,18 +259,28 @@ class OpenAIServingChat(OpenAIServing):
         parser = tool_use(request, self.server_config, check_schemas=False).parser(
             self.server_config
         )
+        reasoner = self.reasoning_parser()
+        phase = reasoner.phase(prompt.get("prompt") or "") if reasoner else Phase.ANSWERING
         choices = []
         for c in final.outputs:
-            content, calls = c.text, list[ParsedCall]()
+            reasoning, text = "", c.text
+            if reasoner is not None:
+                split = reasoner.split(c.text, phase)
+                reasoning, text = split.reasoning, split.content
+            content, calls = text, list[ParsedCall]()
             if parser is not None:
-                content, calls = parser.extract(c.text)
+                content, calls = parser.extract(text)
                 calls = calls if request.parallel_tool_calls else calls[:1]
             message = ChatResponseMessage(
-                content=self._echo(request) + content if content or not calls else None,
+                content=(
+                    self._echo(request) + content if content or not (calls or reasoning) else None
+                ),
                 tool_calls=[
                     ToolCall(id=t.id, function=FunctionCall(name=t.name, arguments=t.arguments))
                     for t in calls
                 ],
+                reasoning=reasoning or None,
+                reasoning_content=reasoning or None,
             )
             choices.append(
                 ChatChoice(
@@ -279,6 +316,11 @@ class OpenAIServingChat(OpenAIServing):
             self.server_config
         )
         tool_streams = [ToolCallStream(parser) for _ in range(params.n)] if parser else []
+        reasoner = self.reasoning_parser()
+        reasoning_streams = []
+        if reasoner is not None:
+            phase = reasoner.phase(prompt.get("prompt") or "")
+            reasoning_streams = [ReasoningStream(reasoner, phase) for _ in range(params.n)]
 
         def chunk(
             choices: list[ChatStreamChoice],
@@ -314,14 +356,21 @@ class OpenAIServingChat(OpenAIServing):
                     completion_tokens[c.index] += len(c.token_ids)
                     # Tokens that make no text yet still carry their ids and logprobs.
                     wanted = c.token_ids and (request.return_token_ids or request.logprobs)
-                    delta = DeltaMessage(content=c.text)
+                    text, reasoning = c.text, ""
+                    if reasoning_streams:
+                        split = reasoning_streams[c.index].push(c.text, c.finished)
+                        text, reasoning = split.content, split.reasoning
+                    delta = DeltaMessage(content=text)
                     finish_reason: str | None = c.finish_reason
                     if tool_streams:
                         tools = tool_streams[c.index]
-                        delta = _tool_delta(tools, c.text, c.finished, request.parallel_tool_calls)
+                        delta = _tool_delta(tools, text, c.finished, request.parallel_tool_calls)
                         if tools.called and finish_reason is not None:
                             finish_reason = "tool_calls"
-                    if not delta.content and not delta.tool_calls:
+                    if reasoning:
+                        delta.reasoning = delta.reasoning_content = reasoning
+                        delta.content = delta.content or None
+                    if not delta.content and not delta.tool_calls and not reasoning:
                         if not c.finished and not wanted:
                             continue
                     choice = ChatStreamChoice(
