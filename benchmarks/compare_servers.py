@@ -1,18 +1,21 @@
 """Pagoda, vLLM's CPU build and llama.cpp, side by side: the same load, one after another.
 
     .venv/bin/python benchmarks/compare_servers.py [--servers pagoda vllm llamacpp]
-        [--concurrency 1 8 32] [--out results/] [--gguf FILE --name NAME]
+        [--concurrency 1 8 32] [--out results/] [--gguf FILE --name NAME] [--model DIR]
+        [--prompts-per-concurrency 4 --min-prompts 16]
 
 Each server is started on 127.0.0.1 (the references with ../shared/anchors/serve-*.sh),
 timed until /v1/models answers, loaded with `pagoda bench serve` (random dataset,
 256 input / 128 output tokens, EOS ignored or banned, 4 x concurrency prompts with
-at least 16, a different seed per concurrency), measured for resident memory of
-all its processes, and stopped. One JSON file per run, a summary JSON and a plot.
+at least 16 unless the last two flags say otherwise, a different seed per concurrency),
+measured for resident memory of all its processes, and stopped. One JSON file per run,
+a summary JSON and a plot.
 
 The model is the embedded default unless --gguf names a file, which every server
-but vLLM then serves; the end tokens banned for llama-cpp-python's server (it has
-no ignore_eos) are the model's own, as its tokenizer reads them. `llamacpp-2t` is
-that server with 2 decode threads, `llamaserver` llama.cpp's C++ server.
+but vLLM then serves (vLLM: --model, a Hugging Face directory of the same model);
+the end tokens banned for llama-cpp-python's server (it has no ignore_eos) are the
+model's own, as its tokenizer reads them. `llamacpp-2t` is that server with 2 decode
+threads, `llamaserver` llama.cpp's C++ server.
 """
 
 from __future__ import annotations
@@ -35,10 +38,13 @@ ROOT = Path(__file__).resolve().parent.parent
 ANCHORS = Path(os.environ.get("ANCHOR_SCRIPTS", ROOT.parent / "shared" / "anchors"))
 
 
-def server_specs(gguf: Path | None, name: str, end_tokens: list[int]) -> dict[str, dict]:
+def server_specs(
+    gguf: Path | None, name: str, end_tokens: list[int], hf_dir: Path | None = None
+) -> dict[str, dict]:
     """How to start each server on the model, its URL, and what its requests carry to run
     to their full length."""
     model_env = {"GGUF": str(gguf), "NAME": name} if gguf else {}
+    vllm_env = {"MODEL_DIR": str(hf_dir), "NAME": name} if hf_dir else {}
     llamacpp = {
         "command": [str(ANCHORS / "serve-llamacpp.sh")],
         "env": model_env,
@@ -65,7 +71,7 @@ def server_specs(gguf: Path | None, name: str, end_tokens: list[int]) -> dict[st
         },
         "vllm": {
             "command": [str(ANCHORS / "serve-vllm.sh")],
-            "env": {},
+            "env": vllm_env,
             "url": "http://127.0.0.1:8100",
             "extra": {"ignore_eos": True},
         },
@@ -108,13 +114,19 @@ class MemorySampler:
 
 
 def bench_once(
-    url: str, name: str, tokenizer, concurrency: int, extra: dict, label: str, out: Path
+    url: str,
+    name: str,
+    tokenizer,
+    concurrency: int,
+    num_prompts: int,
+    extra: dict,
+    label: str,
+    out: Path,
 ) -> dict:
     from pagoda.bench import serve as bench
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    num_prompts = max(16, 4 * concurrency)
     argv = [
         "--base-url",
         url,
@@ -150,8 +162,9 @@ def bench_once(
 
 
 def run_server(
-    name: str, spec: dict, model: str, tokenizer, concurrencies: list[int], out: Path
+    name: str, spec: dict, model: str, tokenizer, prompts: dict[int, int], out: Path
 ) -> dict:
+    """Starts one server, loads it at each concurrency (-> number of prompts), stops it."""
     start = time.monotonic()
     log = (out / f"{name}-server.log").open("w")
     process = subprocess.Popen(
@@ -177,8 +190,8 @@ def run_server(
         idle_rss = tree_rss(process.pid)
         sampler = MemorySampler(process.pid)
         runs = {
-            str(c): bench_once(spec["url"], model, tokenizer, c, spec["extra"], name, out)
-            for c in concurrencies
+            str(c): bench_once(spec["url"], model, tokenizer, c, n, spec["extra"], name, out)
+            for c, n in prompts.items()
         }
         peak = sampler.stop()
     finally:
@@ -237,15 +250,19 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "results"))
     parser.add_argument("--gguf", type=Path, default=None, help="default: the embedded model")
     parser.add_argument("--name", default="smollm2", help="the model's name on every server")
+    parser.add_argument("--model", type=Path, default=None, help="a Hugging Face dir for vLLM")
+    parser.add_argument("--prompts-per-concurrency", type=int, default=4)
+    parser.add_argument("--min-prompts", type=int, default=16)
     args = parser.parse_args()
-    if args.gguf and "vllm" in args.servers:
-        parser.error("vLLM serves Hugging Face directories here, not --gguf files")
+    if args.gguf and "vllm" in args.servers and not args.model:
+        parser.error("vLLM serves Hugging Face directories here: name one with --model")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer.from_path(args.gguf or default_model_path())
-    specs = server_specs(args.gguf, args.name, tokenizer.eos_token_ids)
+    specs = server_specs(args.gguf, args.name, tokenizer.eos_token_ids, args.model)
+    prompts = {c: max(args.min_prompts, args.prompts_per_concurrency * c) for c in args.concurrency}
     for name in args.servers:
-        result = run_server(name, specs[name], args.name, tokenizer, args.concurrency, out)
+        result = run_server(name, specs[name], args.name, tokenizer, prompts, out)
         (out / f"{name}-server.json").write_text(json.dumps(result, indent=2))
     # The summary and the plot take every server measured into this folder so far.
     results = {
