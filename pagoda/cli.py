@@ -1,4 +1,4 @@
-"""`pagoda`: the command line (generate, serve, bench)."""
+"""`pagoda`: the command line (generate, serve, serve-ray, bench)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,16 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: {e.strerror or e}", file=sys.stderr)
         return 1
     return asyncio.run(_run_server(args, engine_config, server_config, sock))
+
+
+def _serve_ray(args: argparse.Namespace) -> int:
+    try:
+        from pagoda.deploy.ray import serve_ray
+    except ImportError as e:
+        print(f"error: serve-ray needs Ray Serve (pip install 'pagoda[ray]'): {e}", file=sys.stderr)
+        return 1
+    engine_config, server_config = _serve_configs(args)
+    return serve_ray(args, engine_config, server_config)
 
 
 def _serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
@@ -467,6 +477,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_engine_flags(serve)
     serve.set_defaults(func=_serve)
+
+    # serve-ray: the same flags as serve (parents= copies them), and the Ray ones.
+    serve_ray = sub.add_parser(
+        "serve-ray",
+        parents=[serve],
+        add_help=False,
+        help="serve replicas of a model on Ray Serve (pip install pagoda[ray])",
+    )
+    from pagoda.deploy.config import add_ray_flags
+
+    add_ray_flags(serve_ray)
+    serve_ray.set_defaults(func=_serve_ray)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     from pagoda.bench import serve as bench_serve

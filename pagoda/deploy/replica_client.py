@@ -1,0 +1,205 @@
+"""ReplicaEngineClient: the EngineClient contract over a Ray Serve deployment of engines.
+
+    ingress (build_app's routes)                     EngineReplica (one engine each)
+    generate() -> handle.options(stream=True) ====> generate(ReplicaRequest)
+                  request router picks the replica   AsyncEngineClient.generate()
+    RequestOutputs <======================== ServedBy(replica), then RequestOutputs
+
+The HTTP layer cannot tell it from an AsyncEngineClient: a replica whose engine died ends its
+requests with EngineDeadError (a 500 for that request alone; Ray replaces the replica), and
+the ingress itself stays healthy while Ray has replicas to route to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from ray.exceptions import RayActorError, RayError
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pagoda.engine.protocol import (
+    EngineClient,
+    EngineDeadError,
+    EngineShuttingDown,
+    PromptType,
+    RequestAborted,
+    ServingConfig,
+    StatLogger,
+)
+from pagoda.outputs import RequestOutput
+from pagoda.sampling_params import SamplingParams
+from pagoda.tokenizer import Tokenizer
+
+REPLICA_HEADER = "X-Pagoda-Replica"
+RETRY_INTERVAL_S = 0.25
+
+
+@dataclass
+class ReplicaRequest:
+    """One generate() call as it travels to a replica."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str | None
+    sampling_params: SamplingParams
+
+    @property
+    def prompt(self) -> str:
+        """The token ids as characters: what Ray's prefix-affinity router matches on.
+
+        Ray's PrefixCacheAffinityRouter reads a `prompt` attribute and matches character
+        prefixes; one character per token makes its match the engine's own prefix-cache
+        match (by tokens), for chat and completion prompts alike.
+        """
+        return "".join(map(chr, self.prompt_token_ids))
+
+
+@dataclass(frozen=True)
+class ServedBy:
+    """The first item of a replica's stream: which replica took the request."""
+
+    replica: str
+
+
+# The replicas that served the request being answered (a list per HTTP request, filled by
+# generate(), read by ServedByMiddleware when the response starts).
+_served_by: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "pagoda_served_by", default=None
+)
+
+
+class ReplicaEngineClient(EngineClient):
+    """An EngineClient whose engines are the replicas behind a DeploymentHandle."""
+
+    def __init__(
+        self, handle: Any, tokenizer: Tokenizer, config: ServingConfig, retry_timeout: float = 30.0
+    ) -> None:
+        self.handle = handle.options(stream=True)
+        self.retry_timeout = retry_timeout
+        self.tokenizer = tokenizer
+        self._config = config
+        self._accepting = True
+        self._streams: dict[str, Any] = {}  # request id -> DeploymentResponseGenerator
+        self.stat_loggers: list[StatLogger] = []
+
+    @property
+    def config(self) -> ServingConfig:
+        return self._config
+
+    async def generate(
+        self, prompt: PromptType, sampling_params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        if not self._accepting:
+            raise EngineShuttingDown("the server is shutting down")
+        text, token_ids = self._split_prompt(prompt)
+        request = ReplicaRequest(request_id, token_ids, text, sampling_params)
+        stream = await self._start(request)
+        self._streams[request_id] = stream
+        finished = False
+        try:
+            async for output in stream:
+                finished = output.finished
+                yield output
+        except (EngineDeadError, EngineShuttingDown, RequestAborted, ValueError):
+            raise  # the replica's own error (Ray's wrapper is an instance of it too)
+        except RayError as e:
+            # The replica's actor died mid-request: for this request the engine is gone.
+            raise EngineDeadError(f"the replica serving the request failed: {e}") from e
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                stream.cancel()  # the replica's generator is cancelled: its engine aborts
+
+    async def _start(self, request: ReplicaRequest) -> Any:
+        """The stream of a replica that took the request (its ServedBy read).
+
+        A replica whose engine is dead refuses a request before starting it, and Ray may
+        route there until the replica's next health check: such a refusal is retried (the
+        request never ran) until retry_timeout, by which time Ray has routed around it.
+        """
+        deadline = time.monotonic() + self.retry_timeout
+        while True:
+            stream = self.handle.generate.remote(request)
+            try:
+                first = await stream.__anext__()
+            except (EngineDeadError, EngineShuttingDown, RayActorError) as e:
+                stream.cancel()
+                if time.monotonic() > deadline:
+                    raise EngineDeadError(f"no replica took the request: {e}") from e
+                await asyncio.sleep(RETRY_INTERVAL_S)
+                continue
+            assert isinstance(first, ServedBy), "a replica's stream starts with ServedBy"
+            served_by = _served_by.get()
+            if served_by is not None:
+                served_by.append(first.replica)
+            return stream
+
+    async def abort(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.cancel()
+
+    @property
+    def is_running(self) -> bool:
+        return self._accepting
+
+    @property
+    def errored(self) -> bool:
+        """Never: a dead replica is Ray's to replace, and the others serve meanwhile."""
+        return False
+
+    @property
+    def dead_error(self) -> BaseException:
+        return EngineDeadError("no replica is serving")
+
+    async def check_health(self) -> None:
+        return None
+
+    def shutdown(self, timeout: float = 0.0) -> None:
+        """Takes no new requests; the replicas drain and stop as Ray Serve stops them."""
+        self._accepting = False
+
+    def kill(self) -> None:
+        self._accepting = False
+
+    def add_stat_logger(self, stat_logger: StatLogger) -> None:
+        """Kept, never told: each replica's engine feeds its own metrics."""
+        self.stat_loggers.append(stat_logger)
+
+    def _split_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        return None, list(prompt)
+
+
+class ServedByMiddleware:
+    """Adds X-Pagoda-Replica (the replica that generated the answer) to responses whose
+    generation ended before they started: every non-streamed one."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        replicas: list[str] = []
+        token = _served_by.set(replicas)
+
+        async def send_with_replica(message: Message) -> None:
+            if message["type"] == "http.response.start" and replicas:
+                MutableHeaders(scope=message)[REPLICA_HEADER] = ",".join(dict.fromkeys(replicas))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_replica)
+        finally:
+            _served_by.reset(token)
