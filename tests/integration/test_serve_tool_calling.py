@@ -115,32 +115,52 @@ def test_named_and_streamed(client: openai.OpenAI) -> None:
     assert_valid(name, arguments)
 
 
-def test_a_tool_result_fed_back_is_answered(client: openai.OpenAI) -> None:
-    first = client.chat.completions.create(
-        model=MODEL,
-        messages=ASK,  # type: ignore[arg-type]
-        tools=TOOLS,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        temperature=0,
-        max_tokens=MAX_TOKENS,
-    )
-    [call] = first.choices[0].message.tool_calls or []
+def streamed_message(stream: Any) -> dict[str, Any]:
+    """The assistant message a client assembles from a stream: content and tool calls."""
+    content, calls, finish = "", list[dict[str, Any]](), None
+    for chunk in stream:
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            for d in c.delta.tool_calls or []:
+                if d.index == len(calls):
+                    assert d.id and d.type == "function" and d.function.name
+                    calls.append(
+                        {"id": d.id, "type": "function", "function": {"name": d.function.name}}
+                    )
+                    calls[-1]["function"]["arguments"] = ""
+                calls[d.index]["function"]["arguments"] += d.function.arguments or ""
+            finish = c.finish_reason or finish
+    message: dict[str, Any] = {"role": "assistant", "content": content or None}
+    if calls:
+        message["tool_calls"] = calls
+    return {"message": message, "finish_reason": finish}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tool_result_fed_back_is_answered(client: openai.OpenAI, stream: bool) -> None:
+    """The round trip an agent makes: a call, its result fed back, a final answer."""
+
+    def ask(messages: list[Any], **fields: Any) -> dict[str, Any]:
+        common = dict(model=MODEL, messages=messages, tools=TOOLS, temperature=0)
+        if stream:
+            return streamed_message(client.chat.completions.create(**common, **fields, stream=True))
+        choice = client.chat.completions.create(**common, **fields).choices[0]
+        message = choice.message.model_dump(exclude_none=True)
+        return {"message": message, "finish_reason": choice.finish_reason}
+
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    first = ask(ASK, tool_choice=named, max_tokens=MAX_TOKENS)
+    assert first["finish_reason"] == "tool_calls"
+    [call] = first["message"]["tool_calls"]
+    assert_valid(call["function"]["name"], call["function"]["arguments"])
     messages: list[Any] = [
         *ASK,
-        first.choices[0].message.model_dump(exclude_none=True),
-        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 18}'},
+        first["message"],
+        {"role": "tool", "tool_call_id": call["id"], "content": '{"temperature": 18}'},
     ]
-    second = client.chat.completions.create(
-        model=MODEL,
-        messages=messages,
-        tools=TOOLS,
-        tool_choice="none",
-        temperature=0,
-        max_tokens=30,
-    )
-    choice = second.choices[0]
-    assert choice.message.content and not choice.message.tool_calls
-    assert choice.finish_reason in ("stop", "length")
+    second = ask(messages, tool_choice="none", max_tokens=30)
+    assert second["message"]["content"] and not second["message"].get("tool_calls")
+    assert second["finish_reason"] in ("stop", "length")
 
 
 def test_bad_tool_choice_is_a_400(client: openai.OpenAI) -> None:
