@@ -26,6 +26,7 @@ class RayDeployConfig:
     imbalanced_threshold: float = 16.0
     prefix_affinity: bool = True
     health_check_period_s: float = 5.0
+    metrics_period_s: float = 5.0  # how often each replica sends its metrics to the ingress
     shutdown_timeout: float = 0.0  # as `pagoda serve --shutdown-timeout`: drain this long
 
     @property

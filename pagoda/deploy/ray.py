@@ -36,6 +36,7 @@ from pagoda.deploy.replica_client import (
     ServedBy,
     ServedByMiddleware,
 )
+from pagoda.deploy.replica_metrics import ReplicaMetrics, ReplicaMetricsMiddleware
 from pagoda.engine.protocol import EngineDeadError, ServingConfig, TokensPrompt
 from pagoda.entrypoints.openai.api_server import PagodaApp, build_app
 from pagoda.outputs import RequestOutput
@@ -56,7 +57,7 @@ class EngineReplica:
 
     # Ray Serve awaits an async constructor: the replica is ready once its engine is.
     async def __init__(  # type: ignore[misc]
-        self, engine_config: EngineConfig, watchdog_timeout: float | None
+        self, engine_config: EngineConfig, watchdog_timeout: float | None, metrics_period_s: float
     ) -> None:
         from pagoda.engine.async_client import AsyncEngineClient
         from pagoda.entrypoints.metrics import Metrics
@@ -69,7 +70,20 @@ class EngineReplica:
         await self.engine.ready()
         self.metrics = Metrics(self.engine.config)
         self.engine.add_stat_logger(self.metrics)
-        self.replica = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self.replica = context.replica_id.unique_id
+        self._pusher = asyncio.create_task(self.push_metrics(context.app_name, metrics_period_s))
+
+    async def push_metrics(self, app_name: str, period_s: float) -> None:
+        """Sends this replica's metrics text to the ingress every period_s seconds."""
+        ingress = serve.get_deployment_handle("PagodaIngress", app_name)
+        while True:
+            await asyncio.sleep(period_s)
+            text = generate_latest(self.metrics.registry).decode()
+            try:
+                await ingress.record_metrics.remote(self.replica, text)
+            except Exception as e:  # the ingress restarting: the next push will do
+                logger.debug("metrics push failed: %s", e)
 
     def serving_config(self) -> ServingConfig:
         return self.engine.config
@@ -94,10 +108,6 @@ class EngineReplica:
         """(this replica's id, its engine process's pid): for operators and tests."""
         return self.replica, self.engine.process.pid
 
-    def metrics_text(self) -> bytes:
-        """This replica's engine metrics, under vLLM's names, as Prometheus text."""
-        return generate_latest(self.metrics.registry)
-
     def __del__(self) -> None:
         # Serve calls this after draining the replica's requests (graceful_shutdown_timeout_s).
         engine = getattr(self, "engine", None)
@@ -109,10 +119,13 @@ class EngineReplica:
 class PagodaIngress:
     """Pagoda's FastAPI app, built (late, on the replica) around the engine replicas."""
 
-    def __init__(self, engines: DeploymentHandle, server_config: ServerConfig) -> None:
+    def __init__(
+        self, engines: DeploymentHandle, server_config: ServerConfig, metrics_period_s: float
+    ) -> None:
         self.engines = engines
         self.server_config = server_config
         self.client: ReplicaEngineClient | None = None
+        self.replica_metrics = ReplicaMetrics(stale_after=3 * metrics_period_s)
 
     async def __serve_build_asgi_app__(self) -> PagodaApp:
         config: ServingConfig = await self.engines.serving_config.remote()
@@ -120,7 +133,12 @@ class PagodaIngress:
         self.client = ReplicaEngineClient(self.engines, tokenizer, config)
         app = build_app(self.client, self.server_config)
         app.add_middleware(ServedByMiddleware)
+        app.add_middleware(ReplicaMetricsMiddleware, metrics=self.replica_metrics)
         return app
+
+    def record_metrics(self, replica: str, text: str) -> None:
+        """A replica's latest metrics (called by each replica every few seconds)."""
+        self.replica_metrics.record(replica, text)
 
     def __del__(self) -> None:
         if self.client is not None:
@@ -163,7 +181,9 @@ def pagoda_app(
         graceful_shutdown_timeout_s=deploy.shutdown_timeout,
     )(PagodaIngress)
     watchdog_timeout = server_config.watchdog_timeout or None
-    return ingress.bind(engines.bind(engine_config, watchdog_timeout), server_config)
+    period = deploy.metrics_period_s
+    replicas = engines.bind(engine_config, watchdog_timeout, period)
+    return ingress.bind(replicas, server_config, period)
 
 
 # ---- `pagoda serve-ray` ------------------------------------------------------------------

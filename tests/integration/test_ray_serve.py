@@ -95,7 +95,7 @@ def cluster() -> Iterator[Cluster]:
 
 @pytest.fixture
 def two_replicas(cluster: Cluster, tiny_model_dir) -> Iterator[Cluster]:
-    deploy = RayDeployConfig(num_replicas=2, health_check_period_s=1)
+    deploy = RayDeployConfig(num_replicas=2, health_check_period_s=1, metrics_period_s=1)
     cluster.deploy(tiny_model_dir("llama"), deploy)
     yield cluster
     serve.delete("pagoda")
@@ -161,6 +161,19 @@ def test_prefix_affinity_keeps_a_system_prompt_on_one_replica(two_replicas):
         # After the first request, the system prompt's full blocks come from the cache.
         hits = [c for c in cached[s][1:] if c >= len(system) - 16]
         assert len(hits) >= 18, cached[s]
+
+    # The ingress's /metrics has each replica's vLLM-named series, labelled by replica:
+    # the replica that took a system prompt counts its hits.
+    def hits_of(replica: str) -> float:
+        text = httpx.get(f"{two_replicas.url}/metrics", timeout=10).text
+        lines = [line for line in text.splitlines() if f'replica="{replica}"' in line]
+        hits = [line for line in lines if line.startswith("vllm:prefix_cache_hits_total")]
+        return float(hits[0].rsplit(" ", 1)[1]) if hits else 0.0
+
+    for s, system in enumerate(systems):
+        (replica, _), *_ = served[s].most_common(1)
+        least = 18 * (len(system) - 16)
+        wait_for(lambda r=replica, n=least: hits_of(r) >= n, "hits in /metrics", 60)
 
 
 def test_failover_when_a_replica_engine_dies(two_replicas):

@@ -1,0 +1,48 @@
+"""The ingress's /metrics: every replica's vLLM-named series, each with its replica label."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pagoda.deploy.replica_metrics import ReplicaMetrics
+
+
+def replica_text(hits: float, running: float) -> str:
+    registry = CollectorRegistry()
+    counter = Counter("vllm:prefix_cache_hits", "Hits.", ["model_name"], registry=registry)
+    counter.labels(model_name="m").inc(hits)
+    gauge = Gauge("vllm:num_requests_running", "Running.", ["model_name"], registry=registry)
+    gauge.labels(model_name="m").set(running)
+    return generate_latest(registry).decode()
+
+
+def samples(metrics: ReplicaMetrics) -> dict[tuple[str, str], float]:
+    text = metrics.exposition().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if not s.name.endswith("_created"):
+                out[s.name, s.labels["replica"]] = s.value
+    return out
+
+
+def test_replicas_are_merged_under_one_family_each_with_a_replica_label() -> None:
+    metrics = ReplicaMetrics(stale_after=60)
+    metrics.record("a", replica_text(hits=5, running=1))
+    metrics.record("b", replica_text(hits=7, running=0))
+    text = metrics.exposition().decode()
+    assert text.count("# TYPE vllm:prefix_cache_hits_total counter") == 1
+    assert samples(metrics) == {
+        ("vllm:prefix_cache_hits_total", "a"): 5,
+        ("vllm:prefix_cache_hits_total", "b"): 7,
+        ("vllm:num_requests_running", "a"): 1,
+        ("vllm:num_requests_running", "b"): 0,
+    }
+    assert 'model_name="m"' in text
+
+
+def test_a_replica_that_stopped_sending_is_dropped() -> None:
+    metrics = ReplicaMetrics(stale_after=0.0)
+    metrics.record("gone", replica_text(hits=1, running=0))
+    assert samples(metrics) == {}
