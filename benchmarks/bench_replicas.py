@@ -1,0 +1,232 @@
+"""Pagoda replicas on Ray Serve against one `pagoda serve`, on this machine.
+
+Three measurements, each printed as one line and kept in a JSON record:
+  latency   the ingress's added latency: p50 of a one-token request, sequential, through
+            `pagoda serve-ray --num-replicas 1` (with and without prefix affinity) against
+            `pagoda serve` directly;
+  affinity  a trace of 8 system prompts x 25 questions (200 streamed requests, shuffled,
+            4 in flight) on 2 replicas with small KV caches, prefix-affinity routing
+            against Ray's default (the less loaded of two random replicas): the share of
+            prompt tokens served from the prefix cache, and TTFT;
+  throughput  `pagoda bench serve` (random 256 in / 128 out, 64 prompts, 32 in flight)
+            against `pagoda serve`, and 1 and 2 replicas.
+
+    python benchmarks/bench_replicas.py [--model PATH] [--only latency,affinity,throughput]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+SEED = 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`pagoda serve` or `pagoda serve-ray` as a subprocess in its own session."""
+
+    def __init__(self, command: str, model: str | None, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        model_args = [model] if model else []
+        argv = [sys.executable, "-m", "pagoda", command, *model_args, "--host", "127.0.0.1"]
+        argv += ["--port", str(self.port), "--served-model-name", "m", *args]
+        self.log = open(f"/tmp/bench-replicas-{self.port}.log", "w")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        started = time.monotonic()
+        while time.monotonic() - started < 300:
+            assert self.process.poll() is None, f"server exited; see {self.log.name}"
+            try:
+                body = {"model": "m", "prompt": "Hi", "max_tokens": 1}
+                if httpx.post(f"{self.url}/v1/completions", json=body, timeout=5).is_success:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"not ready; see {self.log.name}")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def one_token_latencies(url: str, n: int = 200) -> list[float]:
+    body = {"model": "m", "prompt": "Hello", "max_tokens": 1, "temperature": 0}
+    out = []
+    with httpx.Client(timeout=60) as client:
+        for i in range(n + 10):
+            start = time.perf_counter()
+            client.post(f"{url}/v1/completions", json=body).raise_for_status()
+            if i >= 10:  # warm-up
+                out.append(time.perf_counter() - start)
+    return out
+
+
+def measure_latency(model: str | None) -> dict:
+    direct = Server("serve", model)
+    try:
+        direct_s = one_token_latencies(direct.url)
+    finally:
+        direct.stop()
+    ray = Server("serve-ray", model, "--num-replicas", "1")
+    try:
+        ray_s = one_token_latencies(ray.url)
+    finally:
+        ray.stop()
+    load_only = Server("serve-ray", model, "--num-replicas", "1", "--no-prefix-affinity")
+    try:
+        load_only_s = one_token_latencies(load_only.url)
+    finally:
+        load_only.stop()
+    d50, r50 = statistics.median(direct_s) * 1e3, statistics.median(ray_s) * 1e3
+    return {
+        "ray_load_only_p50_ms": round(statistics.median(load_only_s) * 1e3, 2),
+        "direct_p50_ms": round(d50, 2),
+        "ray_p50_ms": round(r50, 2),
+        "added_p50_ms": round(r50 - d50, 2),
+        "direct_p90_ms": round(percentile(direct_s, 90) * 1e3, 2),
+        "ray_p90_ms": round(percentile(ray_s, 90) * 1e3, 2),
+    }
+
+
+WORDS = "the of and to in is that for it as was with be by on not he this are or his".split()
+
+
+def trace(num_systems: int = 8, per_system: int = 25, system_words: int = 300) -> list[str]:
+    rng = random.Random(SEED)
+    systems = [
+        f"System {i}: " + " ".join(rng.choice(WORDS) for _ in range(system_words))
+        for i in range(num_systems)
+    ]
+    prompts = [
+        f"{system}\nQuestion {j}: {' '.join(rng.choice(WORDS) for _ in range(8))}?"
+        for system in systems
+        for j in range(per_system)
+    ]
+    rng.shuffle(prompts)
+    return prompts
+
+
+def streamed(url: str, prompt: str) -> tuple[float, int, int]:
+    """(TTFT s, prompt tokens, cached prompt tokens) of one streamed request."""
+    body = {
+        "model": "m",
+        "prompt": prompt,
+        "max_tokens": 4,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    ttft = None
+    usage = None
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if ttft is None and chunk.get("choices"):
+                ttft = time.perf_counter() - start
+            usage = chunk.get("usage") or usage
+    assert ttft is not None and usage is not None
+    return ttft, usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"]
+
+
+def measure_affinity(model: str | None, kv_cache_memory: str) -> dict:
+    prompts = trace()
+    result = {}
+    for name, flags in (("affinity", []), ("load_only", ["--no-prefix-affinity"])):
+        server = Server(
+            "serve-ray", model, "--num-replicas", "2", "--kv-cache-memory", kv_cache_memory, *flags
+        )
+        try:
+            with ThreadPoolExecutor(4) as pool:
+                rows = list(pool.map(streamed, [server.url] * len(prompts), prompts))
+        finally:
+            server.stop()
+        ttfts = [r[0] for r in rows]
+        result[name] = {
+            "hit_rate": round(sum(r[2] for r in rows) / sum(r[1] for r in rows), 3),
+            "ttft_p50_ms": round(statistics.median(ttfts) * 1e3, 1),
+            "ttft_p90_ms": round(percentile(ttfts, 90) * 1e3, 1),
+        }
+    return result
+
+
+def measure_throughput(model: str | None) -> dict:
+    result = {}
+    for replicas in (0, 1, 2):  # 0: `pagoda serve` itself
+        if replicas == 0:
+            server = Server("serve", model)
+        else:
+            server = Server("serve-ray", model, "--num-replicas", str(replicas))
+        out = Path(f"/tmp/bench-replicas-{replicas}.json")
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "pagoda", "bench", "serve", "--base-url", server.url,
+                 "--model", "m", "--num-prompts", "64", "--max-concurrency", "32",
+                 "--random-input-len", "256", "--random-output-len", "128", "--ignore-eos",
+                 "--seed", "1032", "--save-result", "--result-filename", str(out),
+                 "--disable-tqdm"],
+                check=True,
+            )  # fmt: skip
+        finally:
+            server.stop()
+        record = json.loads(out.read_text())
+        result[f"{replicas}_replicas" if replicas else "pagoda_serve"] = {
+            "output_tok_s": round(record["output_throughput"], 1),
+            "ttft_p50_ms": round(record["ttft_ms"]["median"], 1),
+            "tpot_p50_ms": round(record["tpot_ms"]["median"], 1),
+        }
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
+    p.add_argument("--only", default="latency,affinity,throughput")
+    p.add_argument("--kv-cache-memory", default="64M", help="per replica in the affinity trace")
+    args = p.parse_args()
+    record: dict = {}
+    parts = args.only.split(",")
+    if "latency" in parts:
+        record["latency"] = measure_latency(args.model)
+        print("latency", json.dumps(record["latency"]), flush=True)
+    if "affinity" in parts:
+        record["affinity"] = measure_affinity(args.model, args.kv_cache_memory)
+        print("affinity", json.dumps(record["affinity"]), flush=True)
+    if "throughput" in parts:
+        record["throughput"] = measure_throughput(args.model)
+        print("throughput", json.dumps(record["throughput"]), flush=True)
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
