@@ -5,7 +5,7 @@
 Prints one summary line per dtype and a JSON record. Prefill is a 512-token
 prompt generating one token; decode is the extra time of 128 more tokens. The
 bound is the time to read, once per decoded token, the weight bytes a
-one-sequence step uses (the int4 and Q8_0 forms where the model has them) at
+one-sequence step uses (the GGUF file's blocks where the model keeps them) at
 the copy bandwidth measured here (bytes read plus bytes written by a 1 GiB copy).
 """
 
@@ -36,24 +36,20 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
 
 def decode_bytes(model) -> int:
     """Weight bytes one decode step reads: each projection in the form a single row uses
-    (int4 codes where present), the output layer likewise (Q8_0 where present), the
-    norms; the embedding table contributes one row."""
+    (the file's blocks where it has them), the output layer likewise, the norms; the
+    embedding table contributes one row."""
     from pagoda.model.layers.linear import Linear
 
     total = 0
     for module in model.modules():
         if isinstance(module, Linear):
-            form = module.int4 if module.int4 is not None else (module.weight,)
-            total += sum(t.nbytes for t in form) + (
-                module.bias.nbytes if module.bias is not None else 0
-            )
+            total += sum(w.blocks.nbytes for w in module.gguf) or module.weight.nbytes
+            total += module.bias.nbytes if module.bias is not None else 0
     for name, p in model.named_parameters():
         if "norm" in name:
             total += p.nbytes
-    if model.logits_q8 is not None:
-        total += model.logits_q8.codes.nbytes + model.logits_q8.scale.nbytes
-    else:
-        total += model.output_weight().nbytes
+    output = model.output_gguf
+    total += output.blocks.nbytes if output is not None else model.output_weight().nbytes
     return total
 
 

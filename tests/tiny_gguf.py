@@ -1,4 +1,5 @@
-"""Tiny random-weight llamas written as GGUF files, the way llama.cpp's converter lays them out."""
+"""Tiny random-weight llamas written as GGUF files, the way llama.cpp's converter lays them out,
+and random GGUF blocks of every type."""
 
 from __future__ import annotations
 
@@ -11,6 +12,32 @@ import torch
 from tiny_models import COMMON
 
 from pagoda.model.loader.gguf import NAME_TABLE
+from pagoda.model.quants import FORMATS
+
+# Where each block keeps its float16 scales (d, and dmin or m where there is one).
+SCALE_BYTES = {
+    "Q8_0": [0],
+    "Q4_0": [0],
+    "Q4_1": [0, 2],
+    "Q5_0": [0],
+    "Q5_1": [0, 2],
+    "Q2_K": [80, 82],
+    "Q3_K": [108],
+    "Q4_K": [0, 2],
+    "Q5_K": [0, 2],
+    "Q6_K": [208],
+}
+
+
+def random_blocks(qtype: str, blocks: int, seed: int = 0) -> np.ndarray:
+    """[blocks, bytes a block] random uint8 that reach every code and packed scale of qtype,
+    its float16 scales kept small and sane."""
+    rng = np.random.default_rng(seed)
+    out = rng.integers(0, 256, size=(blocks, FORMATS[qtype][1]), dtype=np.uint8)
+    for offset in SCALE_BYTES[qtype]:
+        scale = (rng.standard_normal(blocks) * 0.01).astype(np.float16)
+        out[:, offset : offset + 2] = scale.view(np.uint8).reshape(blocks, 2)
+    return out
 
 
 def permute(w: np.ndarray, num_heads: int) -> np.ndarray:

@@ -35,7 +35,8 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             double scale, std::optional<int64_t> window);
 at::Tensor causal_softmax(const at::Tensor& scores, const at::Tensor& query_pos,
                           std::optional<int64_t> window);
-at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales);
+at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, const std::string& format);
+std::vector<std::string> gguf_linear_formats();
 at::Tensor argmax_rows(const at::Tensor& x);
 
 }  // namespace pagoda
@@ -56,7 +57,7 @@ TORCH_LIBRARY(pagoda, m) {
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor token_seq, Tensor positions, float scale, int? window=None) -> Tensor");
   m.def("causal_softmax(Tensor scores, Tensor query_pos, int? window=None) -> Tensor");
-  m.def("q8_0_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
+  m.def("gguf_linear(Tensor x, Tensor w, str format) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def(
       "prompt_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
@@ -64,6 +65,7 @@ TORCH_LIBRARY(pagoda, m) {
   // No tensor to dispatch on: one implementation for every device.
   m.def("prompt_attention_supports(ScalarType dtype, int head_dim, int heads_per_kv) -> bool",
         &prompt_attention_supports);
+  m.def("gguf_linear_formats() -> str[]", &gguf_linear_formats);
 }
 
 TORCH_LIBRARY_IMPL(pagoda, CPU, m) {
@@ -76,7 +78,7 @@ TORCH_LIBRARY_IMPL(pagoda, CPU, m) {
   m.impl("rope_and_cache", &rope_and_cache);
   m.impl("paged_attention", &paged_attention);
   m.impl("causal_softmax", &causal_softmax);
-  m.impl("q8_0_linear", &q8_0_linear);
+  m.impl("gguf_linear", &gguf_linear);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("prompt_attention", &prompt_attention);
 }

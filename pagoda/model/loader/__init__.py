@@ -12,12 +12,13 @@ import torch
 from tqdm import tqdm
 
 from pagoda.model.gguf_metadata import open_gguf
-from pagoda.model.layers.linear import Int4Weight, Linear, Q8Weight
+from pagoda.model.layers.linear import Linear
 from pagoda.model.layers.rope import RotaryEmbedding
 from pagoda.model.loader import gguf as gguf_loader
 from pagoda.model.loader import safetensors as st_loader
 from pagoda.model.loader.weights import load_weights
 from pagoda.model.models import MODELS, CausalLM, build_model
+from pagoda.model.ops.quantized_linear import GGUFWeight
 from pagoda.model.spec import ModelLoadError, ModelSpec
 from pagoda.model_files import is_gguf
 
@@ -39,12 +40,11 @@ def load_model(
 ) -> CausalLM:
     """Builds the model on the meta device, then streams the weights in; logs time and memory.
 
-    quantized keeps a GGUF's Q4_1/Q4_K (int4) and Q8_0/Q5_0 (int8) projections and its
-    Q8_0 output layer in their file form too, for batches of a few tokens (CPU,
-    bfloat16); see layers.linear.Linear.
+    quantized keeps a GGUF's projections and output layer in their file form too, for
+    batches of a few tokens (CPU, bfloat16); see layers.linear.Linear.
     """
     start = time.perf_counter()
-    weights: Iterator[tuple[str, torch.Tensor | Int4Weight | Q8Weight]]
+    weights: Iterator[tuple[str, torch.Tensor | GGUFWeight]]
     if is_gguf(path):
         gguf_file = open_gguf(path)
         spec = gguf_loader.read_spec(gguf_file)
@@ -78,11 +78,9 @@ def load_model(
     for rope in ropes:
         rope.init_table()
     model.eval().requires_grad_(False)
-    codes_bytes = sum(  # int4 and int8 copies of projections, beside their dense weights
-        sum(t.nbytes for t in m.int4 or ()) + (m.q8.codes.nbytes + m.q8.scale.nbytes if m.q8 else 0)
-        for m in model.modules()
-        if isinstance(m, Linear)
-    )
+    codes_bytes = sum(  # the file forms of projections, beside their dense weights
+        w.blocks.nbytes for m in model.modules() if isinstance(m, Linear) for w in m.gguf
+    ) + (model.output_gguf.blocks.nbytes if model.output_gguf is not None else 0)
     logger.info(
         "Loaded %s (%s, %d layers) in %.2f s: %.1f MiB of weights in %s%s",
         path.name,
@@ -91,7 +89,7 @@ def load_model(
         time.perf_counter() - start,
         nbytes / 2**20,
         dtype,
-        f", plus {codes_bytes / 2**20:.1f} MiB of int4/int8 projections" if codes_bytes else "",
+        f", plus {codes_bytes / 2**20:.1f} MiB in the file's quantized form" if codes_bytes else "",
     )
     return model
 

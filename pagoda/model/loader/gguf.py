@@ -10,14 +10,9 @@ from typing import Any
 import torch
 
 from pagoda.model.gguf_metadata import GGUFFile, TensorInfo
-from pagoda.model.layers.linear import Int4Weight, Q8Weight
-from pagoda.model.loader.quants import (
-    FORMATS,
-    INT4_FORMATS,
-    INT8_FORMATS,
-    dequantize,
-    q8_0_to_q8,
-)
+from pagoda.model.ops import quantized_linear
+from pagoda.model.ops.quantized_linear import GGUFWeight
+from pagoda.model.quants import FORMATS, dequantize
 from pagoda.model.spec import ModelLoadError, ModelSpec
 
 # GGUF architecture -> our family. Mistral files declare "llama".
@@ -215,12 +210,11 @@ def check_tensors(gguf_file: GGUFFile, spec: ModelSpec) -> None:
 
 def iter_weights(
     gguf_file: GGUFFile, spec: ModelSpec, dtype: torch.dtype, quantized: bool = False
-) -> Iterator[tuple[str, torch.Tensor | Int4Weight | Q8Weight]]:
+) -> Iterator[tuple[str, torch.Tensor | GGUFWeight]]:
     """Yields (Hugging Face name, tensor in dtype) for every tensor the model uses.
 
-    With quantized, each Q4_1 or Q4_K projection is also yielded under the same
-    name as an Int4Weight, each Q8_0 or Q5_0 projection and a Q8_0 output layer as
-    a Q8Weight, with their exact codes and scales.
+    With quantized, each projection and the output layer whose type the GGUF kernel
+    takes is also yielded under the same name as a GGUFWeight: the file's blocks.
     """
     check_tensors(gguf_file, spec)
     permuted = field(gguf_file, "general.architecture") in ("llama", "mistral")
@@ -240,9 +234,8 @@ def iter_weights(
         elif permuted and name.endswith("k_proj.weight"):
             rows = unpermute(torch.arange(w.shape[0]), spec.num_kv_heads)
         yield name, (w if rows is None else w[rows]).to(dtype)
-        qtype = t.type
-        if quantized and ".layers." in name and qtype in INT4_FORMATS | INT8_FORMATS:
-            q = (INT4_FORMATS | INT8_FORMATS)[qtype](_raw_bytes(gguf_file, t), w.shape[0])
+        projection = ".layers." in name and not name.endswith("norm.weight")
+        output = name.endswith(("embed_tokens.weight", "lm_head.weight"))
+        if quantized and (projection or output) and t.type in quantized_linear.kernel_formats():
+            q = GGUFWeight(_raw_bytes(gguf_file, t).reshape(w.shape[0], -1), t.type)
             yield name, q if rows is None else q.rows(rows)
-        elif quantized and qtype == "Q8_0" and ".layers." not in name:
-            yield name, q8_0_to_q8(_raw_bytes(gguf_file, t), w.shape[0])

@@ -8,12 +8,12 @@ loader fuses projections: q/k/v into qkv_proj and gate/up into gate_up_proj.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TypeVar
 
 import torch
 
-from pagoda.model.layers.linear import Int4Weight, Linear, Q8Weight
+from pagoda.model.layers.linear import Linear
 from pagoda.model.models.base import CausalLM
+from pagoda.model.ops.quantized_linear import GGUFWeight, stack
 from pagoda.model.spec import ModelLoadError, ModelSpec
 
 # Hugging Face weight name part -> (our fused parameter, shard); shards are stacked in this order.
@@ -50,13 +50,10 @@ def _shard_sizes(name: str, spec: ModelSpec) -> list[int] | None:
     return None
 
 
-W = TypeVar("W", Int4Weight, Q8Weight)
-
-
 def _add_shard(
-    pending: dict[str, dict[int, W]], name: str, shard: int, w: W, count: int
-) -> list[W]:
-    """Collects a projection's shards in one coded form: all of them, in order, once complete."""
+    pending: dict[str, dict[int, GGUFWeight]], name: str, shard: int, w: GGUFWeight, count: int
+) -> list[GGUFWeight]:
+    """Collects a projection's shards in their file form: all of them, in order, once complete."""
     shards = pending.setdefault(name, {})
     shards[shard] = w
     if len(shards) < count:
@@ -72,21 +69,18 @@ def _projection(model: CausalLM, name: str) -> Linear:
 
 
 @torch.no_grad()
-def load_weights(
-    model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | Int4Weight | Q8Weight]]
-) -> None:
+def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | GGUFWeight]]) -> None:
     """Copies Hugging Face-named tensors in, fusing q/k/v and gate/up; checks completeness.
 
-    An Int4Weight (Q8Weight) arriving beside a projection's dense weight gives that
-    projection its 4-bit (8-bit) form too, once all of its shards have come in that
-    form; a Q8Weight of the output layer gives compute_logits its Q8_0 form.
+    A GGUFWeight arriving beside a projection's dense weight gives that projection its
+    file form too, once all of its shards have come in it; one of the output layer
+    gives compute_logits its file form.
     """
     spec = model.spec
     params = dict(model.named_parameters())
     expected = {name: len(_shard_sizes(name, spec) or [0]) for name in params}
     seen: dict[str, set[int]] = {name: set() for name in params}
-    int4_shards: dict[str, dict[int, Int4Weight]] = {}
-    q8_shards: dict[str, dict[int, Q8Weight]] = {}
+    gguf_shards: dict[str, dict[int, GGUFWeight]] = {}
 
     for hf_name, tensor in weights:
         name, shard = param_name(hf_name, spec)
@@ -94,16 +88,12 @@ def load_weights(
             continue
         if name not in params:
             raise ModelLoadError(f"unexpected tensor {hf_name!r} for a {spec.family} model")
-        if isinstance(tensor, Q8Weight) and name == model.output_weight_name():
-            model.logits_q8 = tensor
+        if isinstance(tensor, GGUFWeight) and name == model.output_weight_name():
+            model.output_gguf = tensor
             continue
-        if isinstance(tensor, Int4Weight):
-            if parts := _add_shard(int4_shards, name, shard, tensor, expected[name]):
-                _projection(model, name).set_int4(Int4Weight.cat(parts))
-            continue
-        if isinstance(tensor, Q8Weight):
-            if q8_parts := _add_shard(q8_shards, name, shard, tensor, expected[name]):
-                _projection(model, name).q8 = Q8Weight.cat(q8_parts)
+        if isinstance(tensor, GGUFWeight):
+            if parts := _add_shard(gguf_shards, name, shard, tensor, expected[name]):
+                _projection(model, name).gguf = stack(parts)
             continue
         target: torch.Tensor = params[name]
         sizes = _shard_sizes(name, spec)

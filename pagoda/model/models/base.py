@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagoda.model import ops
 from pagoda.model.attention_metadata import AttentionMetadata
 from pagoda.model.layers.attention import Attention
-from pagoda.model.layers.linear import Linear, Q8Weight
+from pagoda.model.layers.linear import Linear
+from pagoda.model.ops import quantized_linear
+from pagoda.model.ops.quantized_linear import GGUFWeight
 from pagoda.model.spec import ModelSpec
 
 
@@ -26,9 +27,9 @@ class CausalLM(nn.Module):
     layers: nn.ModuleList
     norm: nn.Module
 
-    # Up to this many rows, logits come from the Q8_0 output layer when there is one.
-    Q8_LOGITS_MAX_ROWS = 4
-    logits_q8: Q8Weight | None = None
+    # Up to this many rows, logits come from the output layer's GGUF form when it has one.
+    GGUF_LOGITS_MAX_ROWS = 4
+    output_gguf: GGUFWeight | None = None
     output_prepacked: torch.Tensor | None = None  # the output layer in oneDNN's layout
 
     def forward(
@@ -58,10 +59,15 @@ class CausalLM(nn.Module):
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def _output_layer(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.logits_q8 is not None and hidden.shape[0] <= self.Q8_LOGITS_MAX_ROWS:
-            # A decode step of a few sequences reads the whole output layer (a fifth of
-            # this model's bytes) for a few rows: 1 byte per weight beats bfloat16's 2.
-            return ops.q8_0_linear(hidden, self.logits_q8, self.output_weight())
+        w = self.output_gguf
+        if (
+            w is not None
+            and hidden.shape[0] <= self.GGUF_LOGITS_MAX_ROWS
+            and quantized_linear.kernel_takes(hidden, w)
+        ):
+            # A decode step of a few sequences reads the whole output layer (for a large
+            # vocabulary, a good part of the model's bytes) for a few rows.
+            return quantized_linear.gguf_linear(hidden, w)
         if self.output_prepacked is not None:
             return torch.ops.mkldnn._linear_pointwise(
                 hidden, self.output_prepacked, None, "none", [], ""

@@ -10,7 +10,7 @@ family's tests (tests/unit/model/ops/test_<family>.py) hold the two together.
     activation         silu_mul, gelu_tanh_mul
     rope_and_cache     rope_and_cache
     attention          paged_attention (decode and prompt kernels)
-    quantized_linear   q8_0_linear
+    quantized_linear   gguf_linear
     argmax             argmax_rows
 """
 
@@ -18,7 +18,7 @@ from pagoda.model.ops.activation import gelu_tanh_mul, silu_mul
 from pagoda.model.ops.argmax import argmax_rows
 from pagoda.model.ops.attention import paged_attention
 from pagoda.model.ops.norm import add_rms_norm, gemma_add_rms_norm, gemma_rms_norm, rms_norm
-from pagoda.model.ops.quantized_linear import q8_0_linear
+from pagoda.model.ops.quantized_linear import gguf_linear
 from pagoda.model.ops.rope_and_cache import rope_and_cache
 
 __all__ = [
@@ -27,8 +27,8 @@ __all__ = [
     "gelu_tanh_mul",
     "gemma_add_rms_norm",
     "gemma_rms_norm",
+    "gguf_linear",
     "paged_attention",
-    "q8_0_linear",
     "rms_norm",
     "rope_and_cache",
     "silu_mul",

@@ -9,26 +9,15 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from tiny_gguf import SCALE_BYTES, random_blocks
 
 from pagoda.model.gguf_metadata import TensorInfo, open_gguf
-from pagoda.model.layers.linear import Int4Weight, Linear
 from pagoda.model.loader import gguf as gguf_loader
-from pagoda.model.loader.quants import FORMATS, dequantize, q4_k_to_int4, q5_0_to_q8
+from pagoda.model.ops import quantized_linear
+from pagoda.model.ops.quantized_linear import GGUFWeight
+from pagoda.model.quants import FORMATS, dequantize
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
-# Where each block keeps its float16 scales (d, and dmin or m where there is one).
-SCALE_BYTES = {
-    "Q8_0": [0],
-    "Q4_0": [0],
-    "Q4_1": [0, 2],
-    "Q5_0": [0],
-    "Q5_1": [0, 2],
-    "Q2_K": [80, 82],
-    "Q3_K": [108],
-    "Q4_K": [0, 2],
-    "Q5_K": [0, 2],
-    "Q6_K": [208],
-}
 QUANTIZABLE = ["BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]  # gguf.quants.quantize makes these
 
 
@@ -47,13 +36,7 @@ def test_every_type_is_covered() -> None:
 @pytest.mark.parametrize("qtype", list(SCALE_BYTES))
 def test_random_blocks(qtype: str, device: str) -> None:
     """Random bytes reach every code and packed scale; the float16 scales are kept sane."""
-    rng = np.random.default_rng(0)
-    _, nbytes, _ = FORMATS[qtype]
-    blocks = rng.integers(0, 256, size=(64, nbytes), dtype=np.uint8)
-    for offset in SCALE_BYTES[qtype]:
-        scale = (rng.standard_normal(64) * 0.01).astype(np.float16)
-        blocks[:, offset : offset + 2] = scale.view(np.uint8).reshape(64, 2)
-    assert_same_bits(blocks, qtype, device)
+    assert_same_bits(random_blocks(qtype, 64), qtype, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -77,53 +60,21 @@ def test_real_blocks_of_the_gemma3_file(gemma3_gguf_path: Path, device: str) -> 
         assert_same_bits(gguf_file.raw_bytes(t).copy(), kind, device)
 
 
-def random_q4_k(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
-    """Random Q4_K bytes of a [rows, cols] matrix, its float16 d and dmin kept sane."""
-    rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, size=(rows * cols // 256, 144), dtype=np.uint8)
-    for offset in SCALE_BYTES["Q4_K"]:
-        scale = (np.abs(rng.standard_normal(len(blocks))) * 0.001).astype(np.float16)
-        blocks[:, offset : offset + 2] = scale.view(np.uint8).reshape(-1, 2)
-    return torch.from_numpy(blocks.reshape(-1))
-
-
-def int4_values(w: Int4Weight) -> torch.Tensor:
-    """What the int4 kernel multiplies by: (code - 8) * scale + zero per 32 columns."""
-    expand = lambda t: t.repeat_interleave(32, dim=1)  # noqa: E731
-    return (w.codes.float() - 8) * expand(w.scale) + expand(w.zero)
-
-
-def test_q4_k_as_int4_codes() -> None:
-    """Each 32-weight sub-block of Q4_K is a scale and a minimum, as Q4_1's blocks are."""
-    raw = random_q4_k(64, 512)
-    dense = dequantize(raw, "Q4_K").reshape(64, 512)
-    w = q4_k_to_int4(raw, 64)
-    assert w.codes.shape == (64, 512) and w.scale.shape == w.zero.shape == (64, 16)
-    torch.testing.assert_close(int4_values(w), dense, rtol=1e-6, atol=1e-6)
-
-    linear = Linear(512, 64, bias=False)
-    linear.weight.data = dense
-    linear.set_int4(w)
-    x = torch.randn(Linear.INT4_MAX_ROWS, 512)
-    torch.testing.assert_close(linear(x), x @ dense.T, rtol=1e-4, atol=1e-4)  # the int4 kernel
-
-
-def test_q4_k_projections_of_the_gemma3_file_load_as_int4(gemma3_gguf_path: Path) -> None:
+def test_projections_of_the_gemma3_file_load_in_their_file_form(gemma3_gguf_path: Path) -> None:
+    """Beside each dense projection comes its GGUFWeight: the same values, in the file's bytes."""
+    if not quantized_linear.kernel_formats():
+        pytest.skip("the C++ kernels are not built")
     gguf_file = open_gguf(gemma3_gguf_path)
     spec = gguf_loader.read_spec(gguf_file)
     weights = gguf_loader.iter_weights(gguf_file, spec, torch.float32, quantized=True)
-    (name, dense), (int4_name, w) = next(
-        pair for pair in itertools.pairwise(weights) if isinstance(pair[1][1], Int4Weight)
+    pairs = itertools.islice(
+        (p for p in itertools.pairwise(weights) if isinstance(p[1][1], GGUFWeight)), 20
     )
-    assert name == int4_name == "model.layers.0.self_attn.o_proj.weight"  # Q4_K in this file
-    assert isinstance(dense, torch.Tensor) and isinstance(w, Int4Weight)
-    torch.testing.assert_close(int4_values(w), dense, rtol=1e-6, atol=1e-6)
-
-
-def test_q5_0_as_int8_codes_exactly() -> None:
-    x = np.random.default_rng(2).standard_normal((16, 128)).astype(np.float32)
-    raw = torch.from_numpy(gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q5_0).reshape(-1))
-    w = q5_0_to_q8(raw, 16)
-    assert w.codes.dtype == torch.int8 and int(w.codes.min()) >= -16 and int(w.codes.max()) <= 15
-    values = w.codes.float() * w.scale.repeat_interleave(32, dim=1)
-    assert torch.equal(values, dequantize(raw, "Q5_0").reshape(16, 128))
+    formats = set()
+    for (name, dense), (gguf_name, w) in pairs:
+        assert name == gguf_name and isinstance(dense, torch.Tensor) and isinstance(w, GGUFWeight)
+        assert w.blocks.shape[0] == dense.shape[0]
+        values = dequantize(w.blocks, w.format).reshape(dense.shape)
+        assert torch.equal(values, dense), name  # q/k rows un-permuted as the dense ones
+        formats.add(w.format)
+    assert {"Q8_0", "Q5_0", "Q4_K"} <= formats  # the embedding, q/k/v, o_proj

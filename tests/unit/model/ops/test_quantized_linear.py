@@ -1,24 +1,80 @@
-"""q8_0_linear's C++ kernel against its PyTorch twin on the dequantized weight."""
+"""gguf_linear's C++ kernel against its PyTorch twin, and the twin against a float32 product."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import DTYPES
+from tiny_gguf import random_blocks
 
-from pagoda.model.layers.linear import Q8Weight
-from pagoda.model.ops.quantized_linear import q8_0_linear_torch
+from pagoda.model.ops.quantized_linear import (
+    GGUFWeight,
+    gguf_linear_torch,
+    kernel_formats,
+    quantize_rows_torch,
+    stack,
+)
+from pagoda.model.quants import FORMATS, dequantize
 
-pytestmark = pytest.mark.usefixtures("kernels_built")
+FORMATS_WITH_KERNEL = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3])
-def test_q8_0_linear(dtype: torch.dtype, rows: int) -> None:
-    torch.manual_seed(0)
-    n, k = 70, 96  # 3 blocks of 32 a row
-    w = Q8Weight(torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, k // 32) / 64)
-    dense = (w.codes.float().view(n, -1, 32) * w.scale.unsqueeze(-1)).view(n, k)
-    x = torch.randn(rows, k).to(dtype)
-    got = torch.ops.pagoda.q8_0_linear(x, w.codes, w.scale)
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got, q8_0_linear_torch(x.float(), w, dense), rtol=1e-4, atol=1e-4)
+def random_weight(qtype: str, rows: int, cols: int, seed: int = 0) -> GGUFWeight:
+    per_block, nbytes, _ = FORMATS[qtype]
+    blocks = random_blocks(qtype, rows * cols // per_block, seed)
+    return GGUFWeight(torch.from_numpy(blocks).reshape(rows, -1), qtype)
+
+
+def dense(w: GGUFWeight) -> torch.Tensor:
+    return dequantize(w.blocks, w.format).reshape(w.blocks.shape[0], -1)
+
+
+def test_the_build_has_a_kernel_for_every_format(kernels_built: None) -> None:
+    assert kernel_formats() == set(FORMATS_WITH_KERNEL)
+
+
+@pytest.mark.parametrize("qtype", FORMATS_WITH_KERNEL)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 17, 300])
+def test_kernel_equals_twin(kernels_built: None, qtype: str, dtype: torch.dtype, rows: int) -> None:
+    """Every row count (passes of 8 rows and their remainders) and odd weight-row counts;
+    3 legacy blocks a row (not a multiple of 64 weights) or 2 super-blocks."""
+    cols = 96 if FORMATS[qtype][0] == 32 else 512
+    w = random_weight(qtype, 70, cols, seed=rows)
+    x = (torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows)) * 2).to(dtype)
+    x[0, :32] = 0  # an all-zero block: scale 0, no division by it
+    got = torch.ops.pagoda.gguf_linear(x, w.blocks, qtype)
+    want = gguf_linear_torch(x, w)
+    assert got.dtype == torch.float32 and got.shape == (rows, 70)
+    # float32 rounding of the sums, relative to the size of their terms
+    scale = (quantize_rows_torch(x).abs() @ dense(w).abs().T).max()
+    torch.testing.assert_close(got / scale, want / scale, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", FORMATS_WITH_KERNEL)
+def test_twin_is_the_float32_product_up_to_int8_inputs(qtype: str) -> None:
+    """Quantizing the inputs to int8 per 32 values costs well under 1 % of the product."""
+    cols = 256
+    w = random_weight(qtype, 64, cols)
+    x = torch.randn(5, cols)
+    exact = x @ dense(w).T
+    error = (gguf_linear_torch(x, w) - exact).norm() / exact.norm()
+    assert error < 0.01
+    assert error > 0  # the inputs were quantized: the product is not the float32 one
+
+
+def test_quantized_rows_hold_at_most_255_levels_a_block() -> None:
+    x = torch.randn(4, 64)
+    q = quantize_rows_torch(x).reshape(4, 2, 32)
+    d = x.reshape(4, 2, 32).abs().amax(-1, keepdim=True) / 127
+    codes = q / d
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 127 + 1e-4
+
+
+def test_stack_keeps_a_run_per_format() -> None:
+    a, b, c = (random_weight(t, 4, 256) for t in ("Q5_0", "Q5_0", "Q8_0"))
+    runs = stack([a, b, c])
+    assert [r.format for r in runs] == ["Q5_0", "Q8_0"] and runs[0].blocks.shape[0] == 8
+    assert torch.equal(
+        torch.cat([dense(r) for r in runs]), torch.cat([dense(a), dense(b), dense(c)])
+    )

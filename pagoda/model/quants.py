@@ -30,8 +30,6 @@ from collections.abc import Callable
 
 import torch
 
-from pagoda.model.layers.linear import Int4Weight, Q8Weight
-
 BLOCK = 32  # weights per block of the legacy formats
 SUPER_BLOCK = 256  # weights per super-block of the k-quants
 
@@ -201,49 +199,3 @@ def dequantize(raw: torch.Tensor, qtype: str) -> torch.Tensor:
         raise ValueError(f"unsupported GGUF tensor type {qtype}; supported: {', '.join(FORMATS)}")
     _, nbytes, blocks_to_values = FORMATS[qtype]
     return blocks_to_values(raw.reshape(-1, nbytes)).reshape(-1)
-
-
-def q4_1_to_int4(raw: torch.Tensor, rows: int) -> Int4Weight:
-    """Raw Q4_1 bytes of a [rows, cols] tensor as an Int4Weight, exactly: zero = m + 8 d."""
-    blocks = raw.reshape(-1, BLOCK_BYTES["Q4_1"])
-    d = _f16(blocks[:, 0:2]).reshape(rows, -1)
-    m = _f16(blocks[:, 2:4]).reshape(rows, -1)
-    codes = _nibbles(blocks[:, 4:]).reshape(rows, -1)
-    return Int4Weight(codes, d, m + 8 * d)
-
-
-def q4_k_to_int4(raw: torch.Tensor, rows: int) -> Int4Weight:
-    """Raw Q4_K bytes of a [rows, cols] tensor as an Int4Weight.
-
-    Each 32-weight sub-block is a Q4_1 block in all but its header: w = scale * q -
-    minimum, so zero = 8 * scale - minimum (equal to the dequantized weights up to
-    float32 rounding of that sum).
-    """
-    blocks = raw.reshape(-1, BLOCK_BYTES["Q4_K"])
-    scale, minimum = _k_scales(blocks)
-    codes = _q4_k_codes(blocks).reshape(rows, -1)
-    scale, minimum = scale.reshape(rows, -1), minimum.reshape(rows, -1)
-    return Int4Weight(codes, scale, 8 * scale - minimum)
-
-
-# GGUF types whose projections can run as int4 codes: type -> (raw bytes, rows) -> codes
-INT4_FORMATS = {"Q4_1": q4_1_to_int4, "Q4_K": q4_k_to_int4}
-
-
-def q8_0_to_q8(raw: torch.Tensor, rows: int) -> Q8Weight:
-    """Raw Q8_0 bytes of a [rows, cols] tensor as a Q8Weight, exactly."""
-    blocks = raw.reshape(-1, BLOCK_BYTES["Q8_0"])
-    codes = _int8(blocks[:, 2:]).reshape(rows, -1)
-    return Q8Weight(codes, _f16(blocks[:, 0:2]).reshape(rows, -1))
-
-
-def q5_0_to_q8(raw: torch.Tensor, rows: int) -> Q8Weight:
-    """Raw Q5_0 bytes of a [rows, cols] tensor as a Q8Weight, exactly: code = q - 16."""
-    b = raw.reshape(-1, BLOCK_BYTES["Q5_0"])
-    q = _nibbles(b[:, 6:]) | (_high_bits(b[:, 2:6]) << 4)
-    codes = (q.to(torch.int16) - 16).to(torch.int8).reshape(rows, -1)
-    return Q8Weight(codes, _f16(b[:, :2]).reshape(rows, -1))
-
-
-# GGUF types whose projections can run as int8 codes: type -> (raw bytes, rows) -> codes
-INT8_FORMATS = {"Q8_0": q8_0_to_q8, "Q5_0": q5_0_to_q8}
