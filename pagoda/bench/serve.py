@@ -28,6 +28,7 @@ class BenchRequest:
     prompt_len: int
     output_len: int
     response_format: dict | None = None  # a JSON schema to follow (the structured dataset)
+    tools: list[dict] | None = None  # function tools, one call required (the tools dataset)
 
 
 @dataclass
@@ -61,14 +62,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dataset-name",
         default="random",
-        choices=["random", "prompts", "structured"],
+        choices=["random", "prompts", "structured", "tools"],
         help="structured: chat requests that each ask for JSON following a schema "
-        "(response_format json_schema)",
+        "(response_format json_schema); tools: chat requests with three to five function "
+        'tools and tool_choice "required", one call each (parallel_tool_calls false)',
     )
     p.add_argument(
         "--unconstrained",
         action="store_true",
-        help="send the structured dataset's requests without their schemas (the baseline)",
+        help="send the structured or tools dataset's requests without their schemas or "
+        "tools (the baseline)",
     )
     p.add_argument("--random-input-len", type=at_least(1), default=256)
     p.add_argument("--random-output-len", type=at_least(1), default=128)
@@ -154,6 +157,15 @@ def structured_dataset(
     return out
 
 
+def tools_dataset(tokenizer, num: int, seed: int, with_tools: bool = True) -> list[BenchRequest]:
+    """Agent-style chat requests that ship with Pagoda, each with the tools it may call."""
+    out = []
+    for item, prompt_len in _sample_shipped("tools.jsonl", tokenizer, num, seed):
+        tools = item["tools"] if with_tools else None
+        out.append(BenchRequest(item["prompt"], prompt_len, item["max_tokens"], tools=tools))
+    return out
+
+
 def _sample_shipped(name: str, tokenizer, num: int, seed: int) -> list[tuple[dict, int]]:
     """num items of a dataset file that ships with Pagoda, sampled with replacement, each
     with its prompt's length in tokens."""
@@ -190,6 +202,8 @@ async def send(
         body["prompt"] = request.prompt
     if request.response_format is not None:
         body["response_format"] = request.response_format
+    if request.tools is not None:
+        body.update(tools=request.tools, tool_choice="required", parallel_tool_calls=False)
     if args.ignore_eos:
         body["ignore_eos"] = True
     if args.ban_token_ids:
@@ -213,11 +227,13 @@ async def send(
                 if chunk.get("usage"):
                     usage_tokens = chunk["usage"].get("completion_tokens")
                 for choice in chunk.get("choices") or []:
-                    piece = choice.get("delta", {}).get("content") if chat else choice.get("text")
-                    if not piece:
+                    delta = choice.get("delta") or {}
+                    piece = _delta_text(delta) if chat else choice.get("text") or ""
+                    # A tool call's first delta (its name) begins the answer, arguments or not.
+                    if not piece and not delta.get("tool_calls"):
                         continue
                     now = time.perf_counter()
-                    if not result.text:
+                    if result.ttft == 0.0:
                         result.ttft = now - start
                     else:
                         result.itl.append(now - last)
@@ -233,6 +249,14 @@ async def send(
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         result.error = f"{type(e).__name__}: {e}"
     return result
+
+
+def _delta_text(delta: dict) -> str:
+    """What a chat delta adds to the answer's text: its content, or its tool calls'
+    argument pieces (one call's arguments alone are its JSON object)."""
+    calls = delta.get("tool_calls") or []
+    arguments = "".join((c.get("function") or {}).get("arguments") or "" for c in calls)
+    return (delta.get("content") or "") + arguments
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -303,6 +327,7 @@ async def run(
                 warmup.prompt_len,
                 min(warmup.output_len, 8),
                 warmup.response_format,
+                warmup.tools,
             )
             await send(client, args, model, short, tokenizer)
 
@@ -375,6 +400,8 @@ def main(args: argparse.Namespace) -> int:
         )
     elif args.dataset_name == "structured":
         requests = structured_dataset(tokenizer, total, args.seed, not args.unconstrained)
+    elif args.dataset_name == "tools":
+        requests = tools_dataset(tokenizer, total, args.seed, not args.unconstrained)
     else:
         requests = prompts_dataset(tokenizer, total, args.seed)
     warmups, timed = requests[: args.num_warmups], requests[args.num_warmups :]

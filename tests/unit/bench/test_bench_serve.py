@@ -169,3 +169,64 @@ def test_structured_dataset_carries_valid_schemas(default_model_path) -> None:
     baseline = bench.structured_dataset(tokenizer, 40, seed=1, constrained=False)
     assert [r.prompt for r in baseline] == [r.prompt for r in requests]
     assert all(r.response_format is None for r in baseline)
+
+
+def test_tools_dataset_carries_valid_tools(default_model_path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    tokenizer = Tokenizer.from_path(default_model_path)
+    requests = bench.tools_dataset(tokenizer, 40, seed=1)
+    for r in requests:
+        assert r.tools is not None and 3 <= len(r.tools) <= 5
+        for tool in r.tools:
+            assert tool["type"] == "function"
+            jsonschema.Draft202012Validator.check_schema(tool["function"]["parameters"])
+    assert len({r.prompt for r in requests}) > 5
+    baseline = bench.tools_dataset(tokenizer, 40, seed=1, with_tools=False)
+    assert [r.prompt for r in baseline] == [r.prompt for r in requests]
+    assert all(r.tools is None for r in baseline)
+
+
+ARGUMENTS = ['{"city": ', '"Paris"', ', "unit": "celsius"', "}"]
+
+
+def tool_call_app() -> FastAPI:
+    """Streams one tool call: its name first, then its arguments in pieces."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        assert body["tool_choice"] == "required" and body["tools"]
+        assert body["parallel_tool_calls"] is False
+
+        async def stream():
+            await asyncio.sleep(FIRST_DELAY)
+            header = {"index": 0, "id": "c", "type": "function", "function": {"name": "f"}}
+            yield f"data: {json.dumps({'choices': [{'delta': {'tool_calls': [header]}}]})}\n\n"
+            for piece in ARGUMENTS:
+                await asyncio.sleep(GAP)
+                call = {"index": 0, "function": {"arguments": piece}}
+                yield f"data: {json.dumps({'choices': [{'delta': {'tool_calls': [call]}}]})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return app
+
+
+def test_a_streamed_tool_call_is_the_answer(tiny_model_dir, tmp_path) -> None:
+    """The first token is the call's name; its argument pieces are the text that follows."""
+    server, url = run_server(tool_call_app())
+    try:
+        tokenizer = Tokenizer.from_path(tiny_model_dir("llama"))
+        args = bench_args(url, tmp_path, endpoint="/v1/chat/completions", model="fake")
+        tools = [{"type": "function", "function": {"name": "f"}}]
+        requests = [bench.BenchRequest("x", 1, 10, tools=tools) for _ in range(4)]
+        summary = asyncio.run(bench.run(args, [], requests, tokenizer))
+    finally:
+        server.should_exit = True
+    assert summary["completed"] == 4 and summary["json_valid"] == 4
+    assert summary["ttft_ms"]["median"] == pytest.approx(FIRST_DELAY * 1000, abs=60)
+    assert summary["itl_ms"]["median"] == pytest.approx(GAP * 1000, abs=25)
+    tokens = len(tokenizer.encode("".join(ARGUMENTS), add_special_tokens=False))
+    assert summary["total_output_tokens"] == 4 * tokens  # no usage sent: counted from the text
