@@ -19,6 +19,7 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,7 @@ class PagodaIngress:
         self.server_config = server_config
         self.client: ReplicaEngineClient | None = None
         self.replica_metrics = ReplicaMetrics(stale_after=3 * metrics_period_s)
+        self.pagoda_app: PagodaApp | None = None
 
     async def __serve_build_asgi_app__(self) -> PagodaApp:
         config: ServingConfig = await self.engines.serving_config.remote()
@@ -134,7 +136,20 @@ class PagodaIngress:
         app = build_app(self.client, self.server_config)
         app.add_middleware(ServedByMiddleware)
         app.add_middleware(ReplicaMetricsMiddleware, metrics=self.replica_metrics)
+        self.pagoda_app = app
         return app
+
+    async def drain(self, timeout: float) -> None:
+        """Refuses new requests (503, as a draining `pagoda serve` does) and waits up to
+        timeout seconds for those in flight to finish. Serve's own shutdown does not wait
+        for the HTTP proxy's open streams, so serve_ray calls this first."""
+        if self.pagoda_app is None:
+            return
+        state = self.pagoda_app.server_state
+        state.draining = True
+        deadline = time.monotonic() + timeout
+        while state.server_load > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
 
     def record_metrics(self, replica: str, text: str) -> None:
         """A replica's latest metrics (called by each replica every few seconds)."""
@@ -195,10 +210,11 @@ def serve_ray(
     """Runs the application until SIGINT/SIGTERM, then drains and stops it and Ray."""
     import ray
 
+    ray.init(address=args.ray_address, include_dashboard=False)
+    # After ray.init, whose own SIGTERM handler would end the process without draining.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    ray.init(address=args.ray_address, include_dashboard=False)
     try:
         serve.start(http_options={"host": args.host or "0.0.0.0", "port": args.port})
         serve.run(pagoda_app(engine_config, server_config, deploy_config_of(args)), name="pagoda")
@@ -206,6 +222,8 @@ def serve_ray(
         while not stop.wait(1.0):
             pass
         logger.info("draining for up to %.0f s", args.shutdown_timeout)
+        ingress = serve.get_app_handle("pagoda")
+        ingress.drain.remote(args.shutdown_timeout).result(timeout_s=args.shutdown_timeout + 30)
         serve.shutdown()
     finally:
         ray.shutdown()
