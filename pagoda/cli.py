@@ -19,6 +19,7 @@ from pagoda.config import (
     ModelConfig,
     SchedulerConfig,
     ServerConfig,
+    SpeculativeConfig,
     StructuredOutputsConfig,
 )
 
@@ -147,6 +148,7 @@ def engine_config_from_args(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         structured_outputs_config=structured_outputs_config_of(args),
+        speculative_config=speculative_config_of(args),
         device=args.device,
     )
 
@@ -155,6 +157,12 @@ def structured_outputs_config_of(args: argparse.Namespace) -> StructuredOutputsC
     """--structured-outputs-config's JSON; None when absent. ConfigError names the flag."""
     text = args.structured_outputs_config
     return None if text is None else StructuredOutputsConfig.from_json(text)
+
+
+def speculative_config_of(args: argparse.Namespace) -> SpeculativeConfig | None:
+    """--speculative-config's JSON; None when absent. ConfigError names the flag and field."""
+    text = args.speculative_config
+    return None if text is None else SpeculativeConfig.from_json(text)
 
 
 async def _run_server(
@@ -298,6 +306,15 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "'{\"disable_any_whitespace\": true}': backend (auto, guidance, llguidance: the one "
         "backend), disable_any_whitespace (JSON without spaces), disable_additional_properties "
         "(objects take only the properties their schema lists), forced_tokens (default true)",
+    )
+    p.add_argument(
+        "--speculative-config",
+        default=None,
+        metavar="JSON",
+        help='speculative decoding by n-gram prompt lookup, e.g. \'{"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\'; '
+        "also disable_by_batch_size (no drafts in a step of that many requests or more) and "
+        "min_acceptance_rate (a request whose drafts are accepted less often stops drafting)",
     )
 
 

@@ -147,6 +147,110 @@ class StructuredOutputsConfig:
         return cls(**values)
 
 
+SPECULATIVE_METHODS = ("ngram",)
+MAX_SPECULATIVE_TOKENS = 16
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpeculativeConfig:
+    """Speculative decoding (--speculative-config, vLLM's names): n-gram prompt lookup.
+
+    Each step a decoding request may carry up to num_speculative_tokens draft tokens: what
+    followed the last earlier occurrence of its last n tokens (n from prompt_lookup_max
+    down to prompt_lookup_min). The model checks them all in one step (spec_decode/).
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int
+    prompt_lookup_min: int = 5  # vLLM's: 5 when neither bound is given, else the other one
+    prompt_lookup_max: int = 5
+    # No drafts in a step whose batch has this many requests or more: a large batch makes
+    # a step compute-bound, and the draft tokens then cost about what they may save.
+    disable_by_batch_size: int | None = None
+    # A request whose drafts keep failing stops drafting: after min_draft_tokens draft
+    # tokens, when fewer than this fraction of them were accepted.
+    min_acceptance_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        flag = "--speculative-config"
+        _require(
+            self.method in SPECULATIVE_METHODS,
+            f"{flag} method",
+            self.method,
+            f"one of {', '.join(SPECULATIVE_METHODS)}",
+        )
+        _require(
+            1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS,
+            f"{flag} num_speculative_tokens",
+            self.num_speculative_tokens,
+            f"from 1 to {MAX_SPECULATIVE_TOKENS}",
+        )
+        _require(
+            self.prompt_lookup_min >= 1,
+            f"{flag} prompt_lookup_min",
+            self.prompt_lookup_min,
+            "at least 1",
+        )
+        _require(
+            self.prompt_lookup_max >= self.prompt_lookup_min,
+            f"{flag} prompt_lookup_max",
+            self.prompt_lookup_max,
+            f"at least prompt_lookup_min ({self.prompt_lookup_min})",
+        )
+        if self.disable_by_batch_size is not None:
+            _require(
+                self.disable_by_batch_size >= 1,
+                f"{flag} disable_by_batch_size",
+                self.disable_by_batch_size,
+                "at least 1",
+            )
+        _require(
+            0.0 <= self.min_acceptance_rate <= 1.0,
+            f"{flag} min_acceptance_rate",
+            self.min_acceptance_rate,
+            "from 0 to 1",
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> SpeculativeConfig:
+        """The config from a JSON object such as '{"method": "ngram", "num_speculative_tokens": 4}'.
+
+        As vLLM's: one lookup bound given stands for both, neither means 5 and 5.
+        """
+        flag = "--speculative-config"
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{flag} is not valid JSON: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{flag} must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"{flag}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        if "num_speculative_tokens" not in values:
+            raise ConfigError(f"{flag} num_speculative_tokens is required")
+        for name, value in values.items():
+            if name == "method":
+                expected: tuple[type, ...] = (str,)
+            elif name == "min_acceptance_rate":
+                expected = (int, float)
+            else:
+                expected = (int,)
+            _require(
+                isinstance(value, expected) and not isinstance(value, bool),
+                f"{flag} {name}",
+                value,
+                "a string" if expected == (str,) else "a number",
+            )
+        lo, hi = values.get("prompt_lookup_min"), values.get("prompt_lookup_max")
+        values["prompt_lookup_min"] = lo if lo is not None else (hi if hi is not None else 5)
+        values["prompt_lookup_max"] = hi if hi is not None else values["prompt_lookup_min"]
+        return cls(**values)
+
+
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 DEFAULT_DEVICE = "cpu"
 
@@ -157,6 +261,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     structured: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
+    speculative: SpeculativeConfig | None = None  # None: no speculative decoding
     device: str = DEFAULT_DEVICE
 
     def __post_init__(self) -> None:
@@ -180,6 +285,7 @@ class EngineConfig:
         max_num_seqs: int = SchedulerConfig.max_num_seqs,
         max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens,
         structured_outputs_config: StructuredOutputsConfig | None = None,
+        speculative_config: SpeculativeConfig | None = None,
         device: str = DEFAULT_DEVICE,
     ) -> EngineConfig:
         """The configuration from the engine's flags (`pagoda serve`, `pagoda bench`, `LLM`).
@@ -204,6 +310,7 @@ class EngineConfig:
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
             ),
             structured=structured_outputs_config or StructuredOutputsConfig(),
+            speculative=speculative_config,
             device=device,
         )
 

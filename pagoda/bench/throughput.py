@@ -31,7 +31,7 @@ def random_prompts(vocab_size: int, num: int, length: int, seed: int) -> list[li
 
 
 def main(args: argparse.Namespace) -> int:
-    from pagoda.cli import structured_outputs_config_of
+    from pagoda.cli import speculative_config_of, structured_outputs_config_of
     from pagoda.engine.llm import LLM
     from pagoda.sampling_params import SamplingParams
 
@@ -48,6 +48,7 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         structured_outputs_config=structured_outputs_config_of(args),
+        speculative_config=speculative_config_of(args),
     )
     params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True)
     vocab = llm.tokenizer.vocab_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Sequence
 from typing import cast
 
@@ -14,6 +15,7 @@ from pagoda.config import (
     EngineConfig,
     ModelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
     StructuredOutputsConfig,
 )
 from pagoda.engine.core import EngineCore
@@ -45,6 +47,7 @@ class LLM:
         seed: int = ModelConfig.seed,
         device: str = EngineConfig.device,
         structured_outputs_config: StructuredOutputsConfig | None = None,
+        speculative_config: SpeculativeConfig | dict | None = None,
     ) -> None:
         """Loads the model; a flag that cannot work raises ConfigError before anything loads."""
         path = resolve_model_path(model)
@@ -60,6 +63,11 @@ class LLM:
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             structured_outputs_config=structured_outputs_config,
+            speculative_config=(
+                SpeculativeConfig.from_json(json.dumps(speculative_config))
+                if isinstance(speculative_config, dict)
+                else speculative_config
+            ),
             device=device,
         )
         self.tokenizer = Tokenizer.from_path(path)

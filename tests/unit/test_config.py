@@ -155,3 +155,58 @@ def test_bench_serve_refuses_what_cannot_work(
 def test_server_config_refuses_max_prompts_per_request_below_one() -> None:
     with pytest.raises(ConfigError, match="--max-prompts-per-request"):
         ServerConfig(max_prompts_per_request=0)
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('{"method": "eagle", "num_speculative_tokens": 3}', "method"),
+        ('{"method": "ngram"}', "num_speculative_tokens"),
+        ('{"method": "ngram", "num_speculative_tokens": 0}', "num_speculative_tokens"),
+        ('{"method": "ngram", "num_speculative_tokens": 17}', "num_speculative_tokens"),
+        ('{"method": "ngram", "num_speculative_tokens": "3"}', "num_speculative_tokens"),
+        (
+            '{"num_speculative_tokens": 3, "prompt_lookup_min": 4, "prompt_lookup_max": 2}',
+            "prompt_lookup_max",
+        ),
+        ('{"num_speculative_tokens": 3, "prompt_lookup_min": 0}', "prompt_lookup_min"),
+        ('{"num_speculative_tokens": 3, "disable_by_batch_size": 0}', "disable_by_batch_size"),
+        ('{"num_speculative_tokens": 3, "min_acceptance_rate": 2}', "min_acceptance_rate"),
+        ('{"num_speculative_tokens": 3, "draft_model": "x"}', "draft_model"),
+        ("{nope", "not valid JSON"),
+        ("[3]", "JSON object"),
+    ],
+)
+def test_serve_refuses_a_bad_speculative_config(
+    text: str, field: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--port", "0", "--speculative-config", text])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--speculative-config" in err and field in err
+
+
+@pytest.mark.parametrize(
+    ("values", "lookup"),
+    [
+        ({}, (5, 5)),  # vLLM's defaults
+        ({"prompt_lookup_max": 3}, (3, 3)),  # one bound stands for both
+        ({"prompt_lookup_min": 2}, (2, 2)),
+        ({"prompt_lookup_min": 2, "prompt_lookup_max": 4}, (2, 4)),
+    ],
+)
+@pytest.mark.parametrize("command", [["serve"], ["bench", "throughput"]])
+def test_speculative_config_reaches_the_engine_config(
+    command: list[str], values: dict, lookup: tuple[int, int]
+) -> None:
+    import json
+
+    from pagoda.cli import build_parser, engine_config_from_args
+
+    flag = json.dumps({"method": "ngram", "num_speculative_tokens": 4, **values})
+    args = build_parser().parse_args([*command, "--speculative-config", flag])
+    spec = engine_config_from_args(args, MODEL).speculative
+    assert spec is not None and spec.num_speculative_tokens == 4
+    assert (spec.prompt_lookup_min, spec.prompt_lookup_max) == lookup
+    assert engine_config_from_args(build_parser().parse_args(command), MODEL).speculative is None
