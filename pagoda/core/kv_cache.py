@@ -20,6 +20,7 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_blocks: dict[str, list[KVCacheBlock]] = {}
+        self.num_cached_blocks: dict[str, int] = {}  # a request's blocks hashed so far
         self.prefix_stats = PrefixCacheStats()
 
     @property
@@ -85,16 +86,29 @@ class KVCacheManager:
         self.req_blocks[request.request_id] = blocks
 
         if self.enable_caching:
+            # Only blocks full of the request's own tokens: draft tokens scheduled past
+            # num_tokens may be rejected, and a block must never be found by a hash of
+            # tokens it does not hold.
             self._update_block_hashes(request)
-            first = num_computed // self.block_size
-            num_full = (num_computed + num_new_tokens) // self.block_size
+            first = self.num_cached_blocks.get(request.request_id, len(computed_blocks))
+            num_full = min(num_computed + num_new_tokens, request.num_tokens) // self.block_size
             for i in range(first, num_full):
                 self.pool.cache_block(blocks[i], request.block_hashes[i])
+            self.num_cached_blocks[request.request_id] = max(first, num_full)
         return [b.block_id for b in new_blocks]
+
+    def free_tail(self, request: Request, num_tokens: int) -> None:
+        """Gives back the blocks past the first num_tokens tokens (rejected drafts' slots)."""
+        blocks = self.req_blocks.get(request.request_id, [])
+        keep = -(-num_tokens // self.block_size)
+        if keep < len(blocks):
+            self.pool.free_blocks(reversed(blocks[keep:]))
+            del blocks[keep:]
 
     def free(self, request: Request) -> None:
         """Gives the request's blocks back, tail first."""
         blocks = self.req_blocks.pop(request.request_id, [])
+        self.num_cached_blocks.pop(request.request_id, None)
         self.pool.free_blocks(reversed(blocks))
 
     def check_invariants(self) -> None:

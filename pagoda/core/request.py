@@ -89,6 +89,8 @@ class Request:
         # Seed of the counter-based sampler: fixed per request, so the batch cannot change it.
         self.sampling_seed = 0
         self.grammar: RequestGrammar | None = None  # structured outputs: the allowed tokens
+        self.num_draft_tokens = 0  # speculative decoding: draft tokens verified so far
+        self.num_accepted_tokens = 0  # of which the model agreed with
 
     @property
     def num_prompt_tokens(self) -> int:

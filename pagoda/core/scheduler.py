@@ -5,6 +5,15 @@ requests first (in the order they started), then waiting ones (first come,
 first served). A request is given up to num_tokens - num_computed_tokens
 tokens, which covers a whole prompt, a chunk of a long prompt (chunked
 prefill), the rest of a prompt after a prefix-cache hit, and one decode token.
+
+With speculative decoding, a request whose remaining tokens all fit the step
+also carries draft tokens (spec_decode/ngram.py): they are computed after its
+own, the model's choice after each of them is sampled, and update_from_output
+keeps the drafts the model agrees with plus its own next token:
+
+    | computed ........ | new | d0 d1 d2 |     scheduled: 1 + 3 tokens
+    sampled:                  t0 t1 t2 t3      t0 == d0, t1 == d1, t2 != d2
+    appended:                 t0 t1 t2         d2's slot is given back
 """
 
 from __future__ import annotations
@@ -14,17 +23,22 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pagoda.config import CacheConfig, SchedulerConfig
+import msgspec
+
+from pagoda.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from pagoda.core.kv_cache import KVCacheManager
 from pagoda.core.request import Request, RequestStatus
-from pagoda.engine.messages import EngineOutput, EngineOutputs, SchedulerStats
+from pagoda.engine.messages import EngineOutput, EngineOutputs, SchedulerStats, SpecDecodeStats
+from pagoda.spec_decode.ngram import propose_ngram
 
 
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int
+    num_new_tokens: int  # the request's own tokens, then its drafts
     block_ids: list[int]  # the request's whole block table after this step's allocation
+    # Guesses at the tokens after the request's last one, computed after it this step.
+    draft_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -39,13 +53,19 @@ class SchedulerOutput:
 
 @dataclass
 class RunnerOutput:
-    """What the model runner returns: a sampled token for each request that finished its prompt."""
+    """What the model runner returns for each request that finished its prompt: the token
+    sampled after its last token, then one after each of its drafts (1 + len(drafts)),
+    and their logprobs where asked for."""
 
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, dict[int, tuple[float, int]]] = field(default_factory=dict)
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[dict[int, tuple[float, int]]]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[dict[int, tuple[float, int]] | None]] = field(
         default_factory=dict
     )
+
+
+# A request's drafts are judged by min_acceptance_rate once it has had this many draft tokens.
+MIN_DRAFT_TOKENS_JUDGED = 32
 
 
 class Scheduler:
@@ -56,6 +76,7 @@ class Scheduler:
         num_blocks: int,
         max_model_len: int,
         forced_tokens: bool = True,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         # Any request fits the cache alone: one of max_model_len tokens needs
         # max_model_len - 1 slots (its last token is sampled, never computed). So a
@@ -67,6 +88,9 @@ class Scheduler:
         self.config = scheduler_config
         self.max_model_len = max_model_len
         self.forced_tokens = forced_tokens  # append the tokens a grammar forces (structured)
+        self.speculative = speculative
+        k = speculative.num_speculative_tokens if speculative else 0
+        self.spec_stats = SpecDecodeStats(num_accepted_tokens_per_pos=[0] * k)
         self.kv = KVCacheManager(
             num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
         )
@@ -94,6 +118,11 @@ class Scheduler:
         """Chooses this step's requests and token counts, allocating their KV slots."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        spec = self.speculative
+        drafting = spec is not None and (
+            spec.disable_by_batch_size is None
+            or len(self.running) + len(self.waiting) < spec.disable_by_batch_size
+        )
 
         # Running requests first. When one cannot get blocks, the most recently
         # started request is preempted (possibly itself) until it can.
@@ -101,7 +130,15 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            while (new_ids := self.kv.allocate_slots(request, num_new)) is None:
+            drafts = (
+                self._drafts(request, request.num_computed_tokens, num_new, budget)
+                if drafting
+                else []
+            )
+            while (new_ids := self.kv.allocate_slots(request, num_new + len(drafts))) is None:
+                if drafts:
+                    drafts = []  # drafts never preempt anyone
+                    continue
                 assert i > 0 or len(self.running) > 1, (
                     f"request {request.request_id} does not fit the cache alone "
                     f"({request.num_computed_tokens} + {num_new} tokens)"
@@ -114,9 +151,11 @@ class Scheduler:
             if new_ids is None:
                 break
             out.scheduled.append(
-                ScheduledRequest(request, num_new, self.kv.block_ids(request.request_id))
+                ScheduledRequest(
+                    request, num_new + len(drafts), self.kv.block_ids(request.request_id), drafts
+                )
             )
-            budget -= num_new
+            budget -= num_new + len(drafts)
             i += 1
 
         # Then waiting ones, in arrival order, unless this step had to preempt.
@@ -129,7 +168,12 @@ class Scheduler:
             request = self.waiting[0]
             hits, num_hit = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit, budget)
-            if self.kv.allocate_slots(request, num_new, hits) is None:
+            drafts = self._drafts(request, num_hit, num_new, budget) if drafting else []
+            allocated = self.kv.allocate_slots(request, num_new + len(drafts), hits) is not None
+            if not allocated and drafts:
+                drafts = []  # drafts never keep a request waiting
+                allocated = self.kv.allocate_slots(request, num_new, hits) is not None
+            if not allocated:
                 assert self.running, (
                     f"request {request.request_id} does not fit the empty cache alone "
                     f"({num_hit} + {num_new} tokens)"
@@ -143,15 +187,48 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.scheduled.append(
-                ScheduledRequest(request, num_new, self.kv.block_ids(request.request_id))
+                ScheduledRequest(
+                    request, num_new + len(drafts), self.kv.block_ids(request.request_id), drafts
+                )
             )
-            budget -= num_new
+            budget -= num_new + len(drafts)
         # The engine steps while there is work: a step that scheduled nothing would repeat.
         assert out.scheduled or not self.has_work, "a step with work scheduled nothing"
         self.num_steps += 1
         self.last_step_tokens = out.num_tokens
         self.last_step_seqs = len(out.scheduled)
         return out
+
+    def _drafts(self, request: Request, num_computed: int, num_new: int, budget: int) -> list[int]:
+        """Draft tokens for a request whose remaining num_new tokens all fit the step.
+
+        As many as the budget leaves room for, and no more than could be kept: a step
+        appends at most one token past its accepted drafts, within max_tokens and the
+        context. None for requests that follow a grammar (their masks are made one
+        token at a time) or whose drafts were accepted too rarely.
+        """
+        spec = self.speculative
+        assert spec is not None
+        if num_computed + num_new < request.num_tokens or request.grammar is not None:
+            return []
+        if (
+            request.num_draft_tokens >= MIN_DRAFT_TOKENS_JUDGED
+            and request.num_accepted_tokens < spec.min_acceptance_rate * request.num_draft_tokens
+        ):
+            return []
+        max_tokens = request.sampling_params.max_tokens
+        assert max_tokens is not None
+        k = min(
+            spec.num_speculative_tokens,
+            budget - num_new,
+            max_tokens - request.num_output_tokens - 1,
+            self.max_model_len - request.num_tokens - 1,
+        )
+        if k <= 0:
+            return []
+        return propose_ngram(
+            request.all_token_ids, k, spec.prompt_lookup_min, spec.prompt_lookup_max
+        )
 
     def _preempt(self, request: Request) -> None:
         """Frees the request's blocks; it returns to the front of the queue and recomputes."""
@@ -171,7 +248,7 @@ class Scheduler:
             request = s.request
             start = request.num_computed_tokens
             request.num_computed_tokens += s.num_new_tokens
-            token = runner_output.sampled.get(request.request_id)
+            tokens = runner_output.sampled.get(request.request_id)
             prompt_logprobs = runner_output.prompt_logprobs.get(request.request_id)
             if prompt_logprobs is not None:
                 prompt_logprobs = prompt_logprobs[
@@ -179,14 +256,16 @@ class Scheduler:
                 ]
                 request.num_prompt_logprobs_sent += len(prompt_logprobs)
                 prompt_logprobs = prompt_logprobs or None
-            if token is None and prompt_logprobs is None:
+            if tokens is None and prompt_logprobs is None:
                 continue  # a prompt chunk: nothing to report yet
             new_tokens: list[int] = []
             status = None
-            if token is not None:
-                request.append_token(token)
-                new_tokens = [token]
-                status = request.check_stop(self.max_model_len)
+            if tokens is not None:
+                for token in self._verify(s, tokens):
+                    request.append_token(token)
+                    new_tokens.append(token)
+                    if (status := request.check_stop(self.max_model_len)) is not None:
+                        break
                 if status is None and request.grammar is not None:
                     status = self._follow_grammar(request, new_tokens)
             if status is not None:
@@ -198,7 +277,11 @@ class Scheduler:
                     new_token_ids=new_tokens,
                     finish_reason=status.finish_reason if status else None,
                     stop_reason=request.stop_reason,
-                    new_logprobs=[_wire_logprobs(logprobs)] if logprobs is not None else None,
+                    new_logprobs=(
+                        [_wire_logprobs(lp) for lp in logprobs[: len(new_tokens)]]
+                        if logprobs is not None
+                        else None
+                    ),
                     prompt_logprobs=(
                         [_wire_logprobs(p) for p in prompt_logprobs]
                         if prompt_logprobs is not None
@@ -215,6 +298,36 @@ class Scheduler:
                 )
             )
         return EngineOutputs(outputs=outputs, timestamp=time.time())
+
+    def _verify(self, s: ScheduledRequest, sampled: list[int]) -> list[int]:
+        """The tokens to append: the drafts the model sampled too, then its own next one.
+
+        sampled[j] is what the model chose after the request's tokens and drafts[:j]. A
+        draft it agrees with is kept and the next one stands; at the first disagreement
+        the model's token replaces the draft and the rest are dropped, their slots given
+        back. For a sampled (temperature > 0) request this is rejection sampling with the
+        draft as a one-hot proposal: the draft d is kept with probability p(d), and after
+        a rejection the token comes from p without d, renormalised; together, each token
+        comes from the model's own p, drawn with the same random number as without drafts.
+        """
+        drafts = s.draft_token_ids
+        assert len(sampled) == len(drafts) + 1, "one sampled token per draft, and one more"
+        num_accepted = 0
+        while num_accepted < len(drafts) and sampled[num_accepted] == drafts[num_accepted]:
+            num_accepted += 1
+        if drafts:
+            request = s.request
+            request.num_computed_tokens -= len(drafts) - num_accepted  # the rejected ones
+            self.kv.free_tail(request, request.num_computed_tokens + 1)
+            request.num_draft_tokens += len(drafts)
+            request.num_accepted_tokens += num_accepted
+            stats = self.spec_stats
+            stats.num_drafts += 1
+            stats.num_draft_tokens += len(drafts)
+            stats.num_accepted_tokens += num_accepted
+            for pos in range(num_accepted):
+                stats.num_accepted_tokens_per_pos[pos] += 1
+        return sampled[: num_accepted + 1]
 
     def _follow_grammar(self, request: Request, new_tokens: list[int]) -> RequestStatus | None:
         """Advances the request's grammar past its new token, then appends forced tokens.
@@ -274,6 +387,14 @@ class Scheduler:
             num_preemptions=self.num_preemptions,
             step_num_tokens=self.last_step_tokens,
             step_num_seqs=self.last_step_seqs,
+            spec_decode=(
+                msgspec.structs.replace(
+                    self.spec_stats,
+                    num_accepted_tokens_per_pos=list(self.spec_stats.num_accepted_tokens_per_pos),
+                )
+                if self.speculative is not None
+                else None
+            ),
         )
 
 

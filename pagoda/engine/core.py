@@ -36,6 +36,7 @@ class EngineCore:
             self.runner.num_blocks,
             self.max_model_len,
             forced_tokens=config.structured.forced_tokens,
+            speculative=config.speculative,
         )
         self._rng = random.Random(config.model.seed)
         self.grammars = _grammar_compiler(config, self.runner.spec.vocab_size)

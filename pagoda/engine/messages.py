@@ -52,6 +52,15 @@ class EngineOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     error: str | None = None  # on a request that failed alone (a grammar that did not compile)
 
 
+class SpecDecodeStats(msgspec.Struct, array_like=True):
+    """Speculative decoding's running totals (vLLM's spec_decode counters)."""
+
+    num_drafts: int = 0  # verification steps of requests that carried drafts
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list[int] = []  # accepted drafts at each draft position
+
+
 class SchedulerStats(msgspec.Struct, array_like=True):
     num_running: int = 0
     num_waiting: int = 0
@@ -61,6 +70,7 @@ class SchedulerStats(msgspec.Struct, array_like=True):
     num_preemptions: int = 0  # cumulative
     step_num_tokens: int = 0  # tokens computed in the last step
     step_num_seqs: int = 0  # requests in the last step's batch
+    spec_decode: SpecDecodeStats | None = None  # with speculative decoding only
 
 
 class EngineOutputs(msgspec.Struct, array_like=True, omit_defaults=True, tag="outputs"):

@@ -7,13 +7,13 @@ import logging
 import torch
 
 from pagoda.config import EngineConfig
-from pagoda.core.scheduler import RunnerOutput, SchedulerOutput
+from pagoda.core.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
 from pagoda.model.attention_metadata import AttentionMetadata
 from pagoda.model.kv_memory import allocate_kv_cache
 from pagoda.model.loader import load_model, release_freed_memory
 from pagoda.model.spec import ModelSpec
 from pagoda.outputs import Logprobs
-from pagoda.sample.sampler import SamplingMetadata, sample
+from pagoda.sample.sampler import SamplerOutput, SamplingMetadata, sample
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +84,17 @@ class ModelRunner:
         scheduled = scheduler_output.scheduled
         token_ids: list[int] = []
         sample_rows: list[int] = []
+        sampling: list[ScheduledRequest] = []  # those that sample: their prompt is complete
         for s in scheduled:
-            r = s.request
+            r, drafts = s.request, s.draft_token_ids
             start = r.num_computed_tokens
-            token_ids.extend(r.all_token_ids[start : start + s.num_new_tokens])
-            if start + s.num_new_tokens == r.num_tokens:
-                sample_rows.append(len(token_ids) - 1)
+            num_own = s.num_new_tokens - len(drafts)
+            token_ids.extend(r.all_token_ids[start : start + num_own])
+            token_ids.extend(drafts)
+            if start + num_own == r.num_tokens:
+                # The last token's row, then each draft's: 1 + len(drafts) sampled rows.
+                sampling.append(s)
+                sample_rows.extend(range(len(token_ids) - len(drafts) - 1, len(token_ids)))
         attn, positions = AttentionMetadata.build(
             [s.request.num_computed_tokens for s in scheduled],
             [s.num_new_tokens for s in scheduled],
@@ -111,19 +116,20 @@ class ModelRunner:
         if keep is None:
             self._collect_prompt_logprobs(scheduled, hidden, out)
             hidden = hidden[sample_rows]
-        sampling = [
-            s.request
-            for s in scheduled
-            if s.request.num_computed_tokens + s.num_new_tokens == s.request.num_tokens
-        ]
         if not sampling:
             return out
         logits = self.model.compute_logits(hidden)
-        meta = SamplingMetadata.from_requests(sampling, logits.shape[1], self.device)
+        requests = [s.request for s in sampling]
+        meta = SamplingMetadata.from_requests(
+            requests, logits.shape[1], self.device, [s.draft_token_ids for s in sampling]
+        )
         result = sample(logits, meta)
         tokens = result.token_ids.tolist()
-        for i, request in enumerate(sampling):
-            out.sampled[request.request_id] = tokens[i]
+        row = 0
+        for s in sampling:
+            num_rows = 1 + len(s.draft_token_ids)
+            out.sampled[s.request.request_id] = tokens[row : row + num_rows]
+            row += num_rows
         if result.sampled_logprobs is not None:
             self._collect_logprobs(sampling, result, out)
         return out
@@ -153,22 +159,34 @@ class ModelRunner:
                 out.prompt_logprobs[r.request_id] = entries
             offset += s.num_new_tokens
 
-    def _collect_logprobs(self, requests, result, out: RunnerOutput) -> None:
+    def _collect_logprobs(
+        self, sampling: list[ScheduledRequest], result: SamplerOutput, out: RunnerOutput
+    ) -> None:
+        """Each sampled row's logprobs: the sampled token's, the top-k, the asked-for ones."""
+        assert result.sampled_logprobs is not None and result.sampled_ranks is not None
         sampled_lp = result.sampled_logprobs.tolist()
         ranks = result.sampled_ranks.tolist()
         top_lp = result.top_logprobs.tolist() if result.top_logprobs is not None else None
         top_ids = result.top_ids.tolist() if result.top_ids is not None else None
-        for i, request in enumerate(requests):
+        row = 0
+        for s in sampling:
+            request = s.request
             k = request.sampling_params.logprobs
+            tokens = out.sampled[request.request_id]
+            rows = range(row, row + len(tokens))
+            row += len(tokens)
             if k is None:
                 continue
-            entry = {out.sampled[request.request_id]: (sampled_lp[i], ranks[i])}
-            for j in range(k):
-                assert top_ids is not None and top_lp is not None
-                entry.setdefault(top_ids[i][j], (top_lp[i][j], j + 1))
-            if i in result.asked:
-                asked_lp, asked_ranks = result.asked[i]
-                ids = request.sampling_params.logprob_token_ids
-                for t, logprob, rank in zip(ids, asked_lp, asked_ranks):
-                    entry.setdefault(t, (logprob, rank))
-            out.logprobs[request.request_id] = entry
+            entries: list[Logprobs] = []
+            for i, token in zip(rows, tokens):
+                entry = {token: (sampled_lp[i], ranks[i])}
+                for j in range(k):
+                    assert top_ids is not None and top_lp is not None
+                    entry.setdefault(top_ids[i][j], (top_lp[i][j], j + 1))
+                if i in result.asked:
+                    asked_lp, asked_ranks = result.asked[i]
+                    ids = request.sampling_params.logprob_token_ids or []
+                    for t, logprob, rank in zip(ids, asked_lp, asked_ranks):
+                        entry.setdefault(t, (logprob, rank))
+                entries.append(entry)
+            out.logprobs[request.request_id] = entries

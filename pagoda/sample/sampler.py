@@ -51,9 +51,25 @@ class SamplingMetadata:
 
     @classmethod
     def from_requests(
-        cls, requests: list[Request], vocab_size: int, device: torch.device | str
+        cls,
+        requests: list[Request],
+        vocab_size: int,
+        device: torch.device | str,
+        drafts: list[list[int]] | None = None,
     ) -> SamplingMetadata:
-        params = [r.sampling_params for r in requests]
+        """One row per request; with drafts, 1 + len(drafts[i]) rows for request i.
+
+        Row j of a request samples the token after its own tokens and its first j
+        drafts: its position, output counts (penalties) and min_tokens bans are those
+        the request would have if those drafts were accepted.
+        """
+        # (request, the drafts taken as its output so far) for each row
+        rows: list[tuple[Request, list[int]]] = []
+        for i, r in enumerate(requests):
+            d = drafts[i] if drafts is not None else []
+            assert not d or r.grammar is None, "requests that follow a grammar do not draft"
+            rows.extend((r, d[:j]) for j in range(len(d) + 1))
+        params = [r.sampling_params for r, _ in rows]
 
         def column(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
@@ -65,21 +81,21 @@ class SamplingMetadata:
         ]
         counts = prompt_mask = None
         if any(penalised):
-            counts = torch.zeros(len(requests), vocab_size, device=device)
-            prompt_mask = torch.zeros(len(requests), vocab_size, dtype=torch.bool, device=device)
-            for i, r in enumerate(requests):
+            counts = torch.zeros(len(rows), vocab_size, device=device)
+            prompt_mask = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=device)
+            for i, (r, extra) in enumerate(rows):
                 if penalised[i]:
-                    out = torch.tensor(r.output_token_ids, dtype=torch.long, device=device)
+                    out = torch.tensor(r.output_token_ids + extra, dtype=torch.long, device=device)
                     counts[i].index_add_(0, out, torch.ones(len(out), device=device))
                     prompt_mask[i, torch.tensor(r.prompt_token_ids, device=device)] = True
 
         bias_rows, bias_ids, bias_vals, ban_rows, ban_ids = [], [], [], [], []
-        for i, (r, p) in enumerate(zip(requests, params)):
+        for i, ((r, extra), p) in enumerate(zip(rows, params)):
             for token_id, value in (p.logit_bias or {}).items():
                 bias_rows.append(i)
                 bias_ids.append(token_id)
                 bias_vals.append(value)
-            if r.num_output_tokens < p.min_tokens:
+            if r.num_output_tokens + len(extra) < p.min_tokens:
                 stops = [*(() if p.ignore_eos else r.eos_token_ids), *(p.stop_token_ids or ())]
                 ban_rows.extend([i] * len(stops))
                 ban_ids.extend(stops)
@@ -92,9 +108,9 @@ class SamplingMetadata:
                 mask[j, column(params[i].allowed_token_ids or [], torch.long)] = True
             allowed = (column(allowed_rows, torch.long), mask)
         grammar = None
-        grammar_rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+        grammar_rows = [i for i, (r, _) in enumerate(rows) if r.grammar is not None]
         if grammar_rows:
-            masks = [requests[i].grammar.allowed_mask() for i in grammar_rows]  # type: ignore[union-attr]
+            masks = [rows[i][0].grammar.allowed_mask() for i in grammar_rows]  # type: ignore[union-attr]
             bitmask = torch.from_numpy(np.stack(masks)).to(device)
             grammar = (column(grammar_rows, torch.long), bitmask)
 
@@ -103,8 +119,8 @@ class SamplingMetadata:
             top_p=column([p.top_p for p in params], torch.float32),
             top_k=column(top_k, torch.long),
             min_p=column([p.min_p for p in params], torch.float32),
-            seeds=column([r.sampling_seed & _MASK32 for r in requests], torch.long),
-            positions=column([r.num_tokens for r in requests], torch.long),
+            seeds=column([r.sampling_seed & _MASK32 for r, _ in rows], torch.long),
+            positions=column([r.num_tokens + len(extra) for r, extra in rows], torch.long),
             all_greedy=all(p.temperature == 0 for p in params),
             needs_top_k_top_p=any(k > 0 for k in top_k) or any(p.top_p < 1 for p in params),
             needs_min_p=any(p.min_p > 0 for p in params),

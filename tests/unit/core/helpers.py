@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from pagoda.config import CacheConfig, SchedulerConfig
+from pagoda.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from pagoda.core.request import Request
 from pagoda.core.scheduler import RunnerOutput, Scheduler, SchedulerOutput
 from pagoda.sampling_params import SamplingParams
@@ -19,6 +19,7 @@ def make_scheduler(
     max_num_seqs: int = 16,
     caching: bool = True,
     max_model_len: int | None = None,
+    speculative: SpeculativeConfig | None = None,
 ) -> Scheduler:
     """max_model_len defaults to what the blocks hold, as the engine's startup check ensures."""
     return Scheduler(
@@ -26,15 +27,18 @@ def make_scheduler(
         CacheConfig(block_size=block_size, enable_prefix_caching=caching),
         num_blocks,
         max_model_len=max_model_len or num_blocks * block_size,
+        speculative=speculative,
     )
 
 
 def fake_run(out: SchedulerOutput, token: int = 7) -> RunnerOutput:
-    """What a runner would return: one token for each request whose prompt is complete."""
+    """What a runner would return: one token for each request whose prompt is complete
+    (and one for each of its drafts)."""
     ro = RunnerOutput()
     for s in out.scheduled:
-        if s.request.num_computed_tokens + s.num_new_tokens == s.request.num_tokens:
-            ro.sampled[s.request.request_id] = token
+        num_own = s.num_new_tokens - len(s.draft_token_ids)
+        if s.request.num_computed_tokens + num_own == s.request.num_tokens:
+            ro.sampled[s.request.request_id] = [token] * (1 + len(s.draft_token_ids))
     return ro
 
 
