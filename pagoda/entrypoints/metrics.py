@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from pagoda.engine.messages import EngineOutputs, EngineRequest, SchedulerStats
+from pagoda.engine.messages import EngineOutputs, EngineRequest, SchedulerStats, SpecDecodeStats
 from pagoda.engine.protocol import ServingConfig
 from pagoda.outputs import RequestOutput
 
@@ -21,6 +22,11 @@ _TOKEN_BUCKETS = (
     1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000,
 )  # fmt: skip
 
+
+logger = logging.getLogger(__name__)
+
+# Seconds between the engine's summary lines in the log (vLLM's LoggingStatLogger: 10 s).
+LOG_INTERVAL = 10.0
 
 _N_BUCKETS = (1, 2, 5, 10, 20)
 _PREEMPTION_BUCKETS = (0, 1, 2, 3, 4, 5, 10, 20)
@@ -113,6 +119,20 @@ class Metrics:
         self.iteration_tokens = histogram(
             "vllm:iteration_tokens_total", "Tokens computed in an engine step.", _TOKEN_BUCKETS
         )
+        # Speculative decoding, as vLLM's: drafts verified, their tokens, how many were
+        # accepted, and how many at each draft position (acceptance falls along a draft).
+        self.spec_drafts = counter("vllm:spec_decode_num_drafts", "Drafts verified.")
+        self.spec_draft_tokens = counter(
+            "vllm:spec_decode_num_draft_tokens", "Draft tokens verified."
+        )
+        self.spec_accepted_tokens = counter(
+            "vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted."
+        )
+        self.spec_accepted_per_pos = counter(
+            "vllm:spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted, by position in the draft.",
+            extra=("position",),
+        )
         # An info gauge, as vLLM's: the value is 1, the configuration is in the labels.
         cache_info = {
             "block_size": str(config.block_size),
@@ -131,6 +151,7 @@ class Metrics:
         self._num_samples: dict[str, int] = {}  # by client request id, until it finishes
         self._aborted_parents: set[str] = set()  # forgotten after the next step
         self._last = SchedulerStats()
+        self._log = _LogWindow(time.monotonic())
 
     @property
     def latest_stats(self) -> SchedulerStats:
@@ -162,6 +183,7 @@ class Metrics:
         if step.stats is not None:
             self._record_stats(step.stats)
         for eo in step.outputs:
+            self._log.generated += len(eo.new_token_ids)
             live = self._live.get(eo.request_id)
             if live is None:
                 continue
@@ -195,6 +217,34 @@ class Metrics:
             for parent in self._aborted_parents - live_parents:
                 self._num_samples.pop(parent, None)
             self._aborted_parents.clear()
+        self._maybe_log(time.monotonic())
+
+    def _maybe_log(self, now: float) -> None:
+        """Every LOG_INTERVAL seconds with output: a summary line, as vLLM's engine logs."""
+        window = self._log
+        elapsed = now - window.start
+        if elapsed < LOG_INTERVAL:
+            return
+        stats = self._last
+        if window.generated:
+            line = (
+                f"Avg generation throughput: {window.generated / elapsed:.1f} tokens/s, "
+                f"Running: {stats.num_running} reqs, Waiting: {stats.num_waiting} reqs, "
+                f"KV cache usage: {100 * stats.kv_cache_usage:.1f}%"
+            )
+            spec, before = stats.spec_decode, window.spec
+            if spec is not None and before is not None:
+                drafts = spec.num_drafts - before.num_drafts
+                drafted = spec.num_draft_tokens - before.num_draft_tokens
+                accepted = spec.num_accepted_tokens - before.num_accepted_tokens
+                if drafts:
+                    line += (
+                        f", Spec decode: draft acceptance rate {100 * accepted / drafted:.1f}%, "
+                        f"mean acceptance length {1 + accepted / drafts:.2f}, "
+                        f"drafted {drafted} tokens, accepted {accepted}"
+                    )
+            logger.info("%s", line)
+        self._log = _LogWindow(now, spec=stats.spec_decode)
 
     def _request_finished(self, live: _Live, now: float) -> None:
         m = self.model_name
@@ -223,4 +273,29 @@ class Metrics:
         self.prefix_queries.labels(m).inc(stats.prefix_cache_queries - last.prefix_cache_queries)
         self.prefix_hits.labels(m).inc(stats.prefix_cache_hits - last.prefix_cache_hits)
         self.preemptions.labels(m).inc(stats.num_preemptions - last.num_preemptions)
+        spec = stats.spec_decode
+        if spec is not None:
+            before = last.spec_decode or SpecDecodeStats(
+                num_accepted_tokens_per_pos=[0] * len(spec.num_accepted_tokens_per_pos)
+            )
+            self.spec_drafts.labels(m).inc(spec.num_drafts - before.num_drafts)
+            self.spec_draft_tokens.labels(m).inc(spec.num_draft_tokens - before.num_draft_tokens)
+            self.spec_accepted_tokens.labels(m).inc(
+                spec.num_accepted_tokens - before.num_accepted_tokens
+            )
+            for pos, (now_, then) in enumerate(
+                zip(spec.num_accepted_tokens_per_pos, before.num_accepted_tokens_per_pos)
+            ):
+                self.spec_accepted_per_pos.labels(m, str(pos)).inc(now_ - then)
+            if self._log.spec is None:
+                self._log.spec = before
         self._last = stats
+
+
+@dataclass
+class _LogWindow:
+    """What happened since the last summary line."""
+
+    start: float
+    generated: int = 0
+    spec: SpecDecodeStats | None = None  # the running totals at its start
