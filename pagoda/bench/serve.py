@@ -62,10 +62,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dataset-name",
         default="random",
-        choices=["random", "prompts", "structured", "tools"],
+        choices=["random", "prompts", "structured", "tools", "copy"],
         help="structured: chat requests that each ask for JSON following a schema "
         "(response_format json_schema); tools: chat requests with three to five function "
-        'tools and tool_choice "required", one call each (parallel_tool_calls false)',
+        'tools and tool_choice "required", one call each (parallel_tool_calls false); copy: '
+        "requests whose answers repeat much of their prompt (code, JSON, CSV or HTML to "
+        "repeat with one change, a passage to quote), the work n-gram speculation speeds up",
     )
     p.add_argument(
         "--unconstrained",
@@ -134,6 +136,16 @@ def prompts_dataset(tokenizer, num: int, seed: int) -> list[BenchRequest]:
     for item, prompt_len in _sample_shipped("prompts.jsonl", tokenizer, num, seed):
         out.append(BenchRequest(item["prompt"], prompt_len, item["max_tokens"]))
     return out
+
+
+def copy_dataset(tokenizer, num: int, seed: int) -> list[BenchRequest]:
+    """Requests that ship with Pagoda whose answers copy their prompts, sampled with
+    replacement: code, JSON, CSV or HTML of a few hundred tokens to repeat with one change,
+    and passages to answer from by quoting."""
+    return [
+        BenchRequest(item["prompt"], prompt_len, item["max_tokens"])
+        for item, prompt_len in _sample_shipped("copy.jsonl", tokenizer, num, seed)
+    ]
 
 
 def structured_dataset(
@@ -402,6 +414,8 @@ def main(args: argparse.Namespace) -> int:
         requests = structured_dataset(tokenizer, total, args.seed, not args.unconstrained)
     elif args.dataset_name == "tools":
         requests = tools_dataset(tokenizer, total, args.seed, not args.unconstrained)
+    elif args.dataset_name == "copy":
+        requests = copy_dataset(tokenizer, total, args.seed)
     else:
         requests = prompts_dataset(tokenizer, total, args.seed)
     warmups, timed = requests[: args.num_warmups], requests[args.num_warmups :]

@@ -230,3 +230,13 @@ def test_a_streamed_tool_call_is_the_answer(tiny_model_dir, tmp_path) -> None:
     assert summary["itl_ms"]["median"] == pytest.approx(GAP * 1000, abs=25)
     tokens = len(tokenizer.encode("".join(ARGUMENTS), add_special_tokens=False))
     assert summary["total_output_tokens"] == 4 * tokens  # no usage sent: counted from the text
+
+
+def test_copy_dataset_asks_for_copies_of_long_prompts(default_model_path) -> None:
+    tokenizer = Tokenizer.from_path(default_model_path)
+    requests = bench.copy_dataset(tokenizer, 40, seed=1)
+    assert len({r.prompt for r in requests}) > 5
+    for r in requests:
+        assert isinstance(r.prompt, str) and r.response_format is None
+        assert r.prompt_len == len(tokenizer.encode(r.prompt, add_special_tokens=False))
+        assert 150 <= r.prompt_len <= 600 and r.output_len >= 150
