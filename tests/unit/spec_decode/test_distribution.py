@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 PROMPT = [10, 11, 12, 13, 10, 11]  # "10 11" again: the drafts are 12 13 10
 BIAS = {12: 4.0, 13: 4.0, 10: 4.0}
-NUM_SEEDS = 3000
+NUM_SEEDS = 6000
 
 
 def chi_square_ok(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, float]:
@@ -64,7 +64,7 @@ def test_tokens_after_drafts_follow_the_model_distribution(tiny_model_dir) -> No
     outputs = llm.generate([PROMPT] * NUM_SEEDS, params, use_tqdm=False)
     samples = [o.outputs[0].token_ids for o in outputs]
     stats = llm.engine.scheduler.spec_stats
-    assert stats.num_drafts >= NUM_SEEDS and stats.num_accepted_tokens > NUM_SEEDS // 4
+    assert stats.num_drafts >= NUM_SEEDS and stats.num_accepted_tokens > NUM_SEEDS // 10
 
     first = torch.bincount(torch.tensor([s[0] for s in samples]), minlength=256)
     stat, critical = chi_square_ok(first, reference_probs(PROMPT))
