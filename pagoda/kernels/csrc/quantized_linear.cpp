@@ -57,17 +57,6 @@ inline __m256i fifth_bits(const uint8_t* p) {
   return _mm256_maskz_set1_epi8(_cvtu32_mask32(bits), 16);
 }
 
-// Q4_K and Q5_K: the 6-bit scale and minimum of sub-block j from the 12 packed bytes.
-inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& mn) {
-  if (j < 4) {
-    sc = q[j] & 63;
-    mn = q[j + 4] & 63;
-  } else {
-    sc = (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4);
-    mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-  }
-}
-
 // Each format: bytes and 32-weight blocks per (super-)block, whether its codes are signed,
 // and decode(bytes, blocks) filling those blocks.
 struct Q8_0 {
@@ -120,12 +109,24 @@ struct Q5_1 {
 
 // Q4_K and Q5_K: d, dmin and the 6-bit scales and minimums of the 8 sub-blocks.
 inline void k4_scales(const uint8_t* p, Block* b) {
-  const float d = f16(p), dmin = f16(p + 2);
+  // The 12 bytes as three words: bytes 0-3 hold scales 0-3 in their low 6 bits, 4-7
+  // minimums 0-3; scales and minimums 4-7 take their low 4 bits from bytes 8-11 and their
+  // top 2 bits from the top of bytes 0-3 and 4-7. Rearranged (as llama.cpp does) into 8
+  // scale bytes and 8 minimum bytes.
+  uint32_t w[3];
+  std::memcpy(w, p + 4, 12);
+  constexpr uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
+  const uint32_t sc[2] = {w[0] & low6, (w[2] & low4) | (((w[0] >> 6) & low2) << 4)};
+  const uint32_t mn[2] = {w[1] & low6, ((w[2] >> 4) & low4) | (((w[1] >> 6) & low2) << 4)};
+  const __m256 d = _mm256_set1_ps(f16(p)), dmin = _mm256_set1_ps(-f16(p + 2));
+  alignas(32) float scale[8], minimum[8];
+  _mm256_store_ps(scale, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc))))));
+  _mm256_store_ps(minimum, _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                                   _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn))))));
   for (int j = 0; j < 8; ++j) {
-    int sc, mn;
-    scale_min_k4(j, p + 4, sc, mn);
-    b[j].scale = _mm256_set1_ps(d * sc);
-    b[j].min = -dmin * mn;
+    b[j].scale = _mm256_set1_ps(scale[j]);
+    b[j].min = minimum[j];
   }
 }
 
