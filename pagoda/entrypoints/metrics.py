@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from pagoda.core.request import FinishReason
 from pagoda.engine.messages import EngineOutputs, EngineRequest, SchedulerStats, SpecDecodeStats
 from pagoda.engine.protocol import ServingConfig
 from pagoda.outputs import RequestOutput
@@ -84,6 +85,8 @@ class Metrics:
         self.success = counter(
             "vllm:request_success", "Requests finished.", extra=("finished_reason",)
         )
+        for reason in FinishReason:  # every reason's series from the start, at 0, as vLLM's
+            self.success.labels(model_name, reason.value)
         self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token.")
         self.itl = histogram("vllm:inter_token_latency_seconds", "Time between tokens.")
         self.e2e = histogram("vllm:e2e_request_latency_seconds", "Request latency.")

@@ -458,3 +458,16 @@ def test_per_request_metrics(client) -> None:
     assert metric_value(text, "vllm:request_num_preemptions_sum") == 0
     # Observed from the engine's step stats, which the fake engine does not send.
     assert "# TYPE vllm:iteration_tokens_total histogram" in text
+
+
+def test_request_success_has_every_reason_from_the_start(client) -> None:
+    """As vLLM's: a router or dashboard reading the counter before any request finished."""
+    text = client.get("/metrics").text
+    for reason in ("stop", "length", "abort"):
+        line = next(
+            line
+            for line in text.splitlines()
+            if line.startswith("vllm:request_success_total{")
+            and f'finished_reason="{reason}"' in line
+        )
+        assert float(line.rsplit(" ", 1)[1]) == 0.0
