@@ -225,7 +225,8 @@ def iter_weights(
             if t.name == "rope_freqs.weight":
                 continue  # read into the spec's rope scaling
             raise ModelLoadError(f"unknown GGUF tensor {t.name!r}")
-        w = tensor_values(gguf_file, t)
+        raw = _raw_bytes(gguf_file, t)  # read once: for the values and for the file form
+        w = dequantize(raw, t.type).reshape(t.shape)
         if norm_offset and name.endswith("norm.weight"):
             w -= norm_offset
         rows = None
@@ -237,5 +238,5 @@ def iter_weights(
         projection = ".layers." in name and not name.endswith("norm.weight")
         output = name.endswith(("embed_tokens.weight", "lm_head.weight"))
         if quantized and (projection or output) and t.type in quantized_linear.kernel_formats():
-            q = GGUFWeight(_raw_bytes(gguf_file, t).reshape(w.shape[0], -1), t.type)
+            q = GGUFWeight(raw.reshape(w.shape[0], -1), t.type)
             yield name, q if rows is None else q.rows(rows)
