@@ -38,13 +38,12 @@ def run(llm: LLM, items: list[dict]) -> tuple[list[list[int]], int, float]:
 
 
 def generate_one(llm: LLM, item: dict) -> list[int]:
-    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": item["prompt"]}])
     params = SamplingParams(
         temperature=0,
         max_tokens=item["max_tokens"],
         structured_outputs=StructuredOutputsParams(json=item["schema"]),
     )
-    (out,) = llm.generate([prompt], params, use_tqdm=False)
+    (out,) = llm.chat([{"role": "user", "content": item["prompt"]}], params, use_tqdm=False)
     return out.outputs[0].token_ids
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 from tqdm import tqdm
 
@@ -27,10 +27,12 @@ from pagoda.structured.grammar import grammar_of, with_defaults
 from pagoda.tokenizer import Tokenizer
 
 Prompt = str | list[int]
+Conversation = list[dict[str, Any]]
 
 
 class LLM:
-    """`LLM(model=None).generate(prompts, params)`: one RequestOutput per prompt, in order."""
+    """`LLM(model=None).generate(prompts, params)` or `.chat(messages, params)`: one
+    RequestOutput per prompt or conversation, in order."""
 
     def __init__(
         self,
@@ -84,7 +86,9 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        add_special_tokens: bool = True,
     ) -> list[RequestOutput]:
+        """Text prompts are tokenized with the tokenizer's special tokens (BOS) unless told not."""
         prompts = _prompt_list(prompts)
         params_list = (
             list(sampling_params)
@@ -94,14 +98,47 @@ class LLM:
         assert len(params_list) == len(prompts), "one SamplingParams per prompt, or one for all"
         order = []
         for prompt, params in zip(prompts, params_list):
-            order.append(self.add_request(prompt, params))
+            order.append(self.add_request(prompt, params, add_special_tokens))
         done = self.run_until_done(use_tqdm and len(order) >= 8)
         return [done[request_id] for request_id in order]
 
-    def add_request(self, prompt: Prompt, params: SamplingParams) -> str:
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of messages) or several, rendered with the chat template.
+
+        The rendered text already holds what the template writes (<bos> included), so it is
+        tokenized without the tokenizer's special tokens, as the chat server does.
+        """
+        conversations = (
+            [cast(Conversation, messages)]
+            if messages and isinstance(messages[0], dict)
+            else list(cast(Sequence[Conversation], messages))
+        )
+        texts = [
+            self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt, chat_template, **(chat_template_kwargs or {})
+            )
+            for conversation in conversations
+        ]
+        return self.generate(texts, sampling_params, use_tqdm, add_special_tokens=False)
+
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams, add_special_tokens: bool = True
+    ) -> str:
         """Validates and queues one prompt; returns its request id."""
         text = prompt if isinstance(prompt, str) else None
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        token_ids = (
+            self.tokenizer.encode(prompt, add_special_tokens)
+            if isinstance(prompt, str)
+            else list(prompt)
+        )
         if not token_ids:
             raise ValueError("the prompt is empty")
         if len(token_ids) >= self.max_model_len:

@@ -214,3 +214,38 @@ def test_logprob_token_ids_are_the_logprobs_of_those_tokens(llm: LLM) -> None:
         assert first[t][1] == top.outputs[0].logprobs[0][t][1]
     for entry in out.outputs[0].logprobs[1:]:
         assert set(wanted) <= set(entry) and len(entry) <= 3
+
+
+CONVERSATION = [{"role": "user", "content": "Name three primary colours."}]
+
+
+def test_chat_renders_the_template_and_generates_from_its_tokens(llm: LLM) -> None:
+    rendered = llm.tokenizer.apply_chat_template(CONVERSATION)
+    (chat,) = llm.chat(CONVERSATION, GREEDY, use_tqdm=False)
+    (plain,) = llm.generate(
+        [llm.tokenizer.encode(rendered, add_special_tokens=False)], GREEDY, use_tqdm=False
+    )
+    assert chat.prompt == rendered
+    assert chat.prompt_token_ids == plain.prompt_token_ids
+    assert chat.outputs[0].token_ids == plain.outputs[0].token_ids
+    other = [{"role": "user", "content": "Hello"}]
+    both = llm.chat([CONVERSATION, other], GREEDY, use_tqdm=False)
+    assert [o.prompt for o in both] == [rendered, llm.tokenizer.apply_chat_template(other)]
+    assert both[0].outputs[0].token_ids == chat.outputs[0].token_ids
+
+
+def test_chat_keeps_one_bos_where_the_template_writes_it(gemma3_gguf_path) -> None:
+    """Gemma's template starts with {{ bos_token }} and its tokenizer adds <bos> too: chat
+    tokenizes the rendered text without the tokenizer's own, so the prompt holds one."""
+    template = (
+        "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n"
+        "{{ m['content'] }}<end_of_turn>\n{% endfor %}<start_of_turn>model\n"
+    )
+    gemma = LLM(str(gemma3_gguf_path), kv_cache_memory=16 << 20, max_model_len=256)
+    one_token = SamplingParams(temperature=0, max_tokens=1)
+    (chat,) = gemma.chat(CONVERSATION, one_token, use_tqdm=False, chat_template=template)
+    bos = gemma.tokenizer.bos_token_id
+    assert chat.prompt_token_ids[0] == bos and chat.prompt_token_ids.count(bos) == 1
+    # generate() adds the tokenizer's special tokens to text, as vLLM's does: a second <bos>.
+    (plain,) = gemma.generate(chat.prompt, one_token, use_tqdm=False)
+    assert plain.prompt_token_ids[:2] == [bos, bos]
