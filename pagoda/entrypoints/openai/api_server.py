@@ -70,11 +70,18 @@ class PagodaApp(FastAPI):
 
     server_state: ServerState
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # --root-path: the prefix a proxy strips (or not) before the request reaches us, set
+        # where FastAPI's deprecated root_path argument set it; routes match with or without it.
+        if root_path := self.server_state.config.root_path:
+            scope["root_path"] = root_path
+        await super().__call__(scope, receive, send)
+
 
 def build_app(engine: EngineClient, server_config: ServerConfig | None = None) -> PagodaApp:
     """The OpenAI-compatible routes, operational routes, auth, CORS and error handling."""
     server_config = server_config or ServerConfig()
-    app = PagodaApp(title="Pagoda", version=pagoda.__version__, root_path=server_config.root_path)
+    app = PagodaApp(title="Pagoda", version=pagoda.__version__)
     metrics = Metrics(engine.config)
     engine.add_stat_logger(metrics)
     state = ServerState(engine, server_config, metrics)
