@@ -24,7 +24,7 @@ COMMON: dict[str, Any] = dict(
     eos_token_id=2,
 )
 
-SLIDING_WINDOW = 6  # the gemma3 variant's
+SLIDING_WINDOW = 6  # the windowed variants'
 
 # name -> (transformers config class, extra config fields)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -44,7 +44,22 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         ),
     ),
     "mistral": ("MistralConfig", dict(tie_word_embeddings=False, sliding_window=None)),
+    # Mistral 7B v0.1's form: every layer sees the last sliding_window positions.
+    "mistral-window": (
+        "MistralConfig",
+        dict(tie_word_embeddings=False, sliding_window=SLIDING_WINDOW),
+    ),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
+    # Qwen2's: layers from max_window_layers on are windowed, the ones before global.
+    "qwen2-window": (
+        "Qwen2Config",
+        dict(
+            tie_word_embeddings=True,
+            use_sliding_window=True,
+            sliding_window=SLIDING_WINDOW,
+            max_window_layers=1,
+        ),
+    ),
     "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=32)),
     # Local layers see the last 6 positions (a window that is no multiple of the block
     # size); the global layer's RoPE is linearly scaled, the local ones' not.

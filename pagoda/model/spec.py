@@ -109,7 +109,29 @@ class ModelSpec:
         )
         if family == "gemma3":
             fields.update(_gemma3_fields(config, fields["num_layers"]))
+        else:
+            fields.update(_window_fields(config, family, fields["num_layers"]))
         return cls(**fields)
+
+
+def _window_fields(config: dict[str, Any], family: str, num_layers: int) -> dict[str, Any]:
+    """Sliding-window attention as transformers applies it: a config's own layer_types, else
+    Mistral's window on every layer and Qwen's (with use_sliding_window) from layer
+    max_window_layers on; none where no layer is windowed."""
+    window = config.get("sliding_window")
+    layer_types = config.get("layer_types")
+    if layer_types is None and family == "mistral":
+        layer_types = ["sliding_attention"] * num_layers
+    elif layer_types is None and config.get("use_sliding_window"):
+        first = config.get("max_window_layers", num_layers)
+        layer_types = [
+            "sliding_attention" if i >= first else "full_attention" for i in range(num_layers)
+        ]
+    if window is None or layer_types is None or "sliding_attention" not in layer_types:
+        return {}
+    if len(layer_types) != num_layers:
+        raise ModelLoadError(f"layer_types names {len(layer_types)} layers, not {num_layers}")
+    return dict(sliding_window=window, layer_types=tuple(layer_types))
 
 
 def _gemma3_fields(config: dict[str, Any], num_layers: int) -> dict[str, Any]:

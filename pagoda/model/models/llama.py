@@ -16,10 +16,10 @@ from pagoda.model.spec import ModelSpec
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, rope: RotaryEmbedding) -> None:
+    def __init__(self, spec: ModelSpec, rope: RotaryEmbedding, window: int | None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec, rope, RMSNorm if spec.qk_norm else None)
+        self.self_attn = Attention(spec, rope, RMSNorm if spec.qk_norm else None, window)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.hidden_activation)
 
@@ -56,7 +56,7 @@ class LlamaForCausalLM(CausalLM):
             spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(spec, self.rope) for _ in range(spec.num_layers)
+            LlamaDecoderLayer(spec, self.rope, spec.layer_window(i)) for i in range(spec.num_layers)
         )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         if not spec.tie_word_embeddings:
