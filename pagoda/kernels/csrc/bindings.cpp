@@ -37,6 +37,9 @@ at::Tensor causal_softmax(const at::Tensor& scores, const at::Tensor& query_pos,
                           std::optional<int64_t> window);
 at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, const std::string& format);
 std::vector<std::string> gguf_linear_formats();
+at::Tensor gguf_dequantize(const at::Tensor& w, const std::string& format, at::ScalarType dtype);
+at::Tensor gguf_matmul(const at::Tensor& x, const at::Tensor& w, const std::string& format,
+                       int64_t tile_rows);
 at::Tensor argmax_rows(const at::Tensor& x);
 
 }  // namespace pagoda
@@ -58,6 +61,8 @@ TORCH_LIBRARY(pagoda, m) {
       "Tensor token_seq, Tensor positions, float scale, int? window=None) -> Tensor");
   m.def("causal_softmax(Tensor scores, Tensor query_pos, int? window=None) -> Tensor");
   m.def("gguf_linear(Tensor x, Tensor w, str format) -> Tensor");
+  m.def("gguf_dequantize(Tensor w, str format, ScalarType dtype) -> Tensor");
+  m.def("gguf_matmul(Tensor x, Tensor w, str format, int tile_rows) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def(
       "prompt_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
@@ -79,6 +84,8 @@ TORCH_LIBRARY_IMPL(pagoda, CPU, m) {
   m.impl("paged_attention", &paged_attention);
   m.impl("causal_softmax", &causal_softmax);
   m.impl("gguf_linear", &gguf_linear);
+  m.impl("gguf_dequantize", &gguf_dequantize);
+  m.impl("gguf_matmul", &gguf_matmul);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("prompt_attention", &prompt_attention);
 }

@@ -344,3 +344,157 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, const std::stri
 }
 
 }  // namespace pagoda
+
+// ---------------------------------------------------------------------------------------
+// Dequantization: torch.ops.pagoda.gguf_dequantize and gguf_matmul, for steps too big for
+// gguf_linear. The PyTorch twin is pagoda/model/quants.py's dequantize (then a product).
+//
+// A step of many rows is compute-bound, where a bfloat16 GEMM beats the integer kernel; so
+// the weight is decoded a tile of rows at a time into a small buffer that stays in cache
+// and multiplied from there, and no full-precision copy of it is kept.
+
+namespace pagoda {
+
+#ifdef PAGODA_GGUF_KERNELS
+namespace {
+
+// Keeps the compiler from fusing a product and the sum after it into one FMA
+// (-ffast-math allows it): the twin rounds the product first.
+inline __m512 unfused(__m512 v) {
+  __asm__("" : "+v"(v));
+  return v;
+}
+
+// One block's 32 weights scale * q (+ min), in float32 (the twin's order), stored as T.
+template <typename F, typename T>
+inline void store_block(const Block& b, T* out) {
+  const __m512 scale = _mm512_castps256_ps512(b.scale);
+  const __m512i lo_lanes = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i hi_lanes = _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
+  const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b.codes)));
+  const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b.codes, 1)));
+  __m512 w0 = _mm512_mul_ps(_mm512_permutexvar_ps(lo_lanes, scale), q0);
+  __m512 w1 = _mm512_mul_ps(_mm512_permutexvar_ps(hi_lanes, scale), q1);
+  if (!F::kSigned) {  // signed formats have no minimum (adding 0 would turn -0 into +0)
+    w0 = _mm512_add_ps(unfused(w0), _mm512_set1_ps(b.min));
+    w1 = _mm512_add_ps(unfused(w1), _mm512_set1_ps(b.min));
+  }
+  store16(out, w0);
+  store16(out + 16, w1);
+}
+
+// Weight rows [begin, end) of w decoded into out's rows 0 .. end - begin - 1 ([*, k] of T).
+template <typename F, typename T>
+void dequantize_rows(const uint8_t* w, int64_t row_bytes, int64_t k, int64_t begin, int64_t end,
+                     T* out) {
+  at::parallel_for(begin, end, 16, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      const uint8_t* wj = w + j * row_bytes;
+      T* oj = out + (j - begin) * k;
+      for (int64_t s = 0; s < k / (F::kBlocks * kBlock); ++s) {
+        Block blk[F::kBlocks];
+        F::decode(wj + s * F::kBytes, blk);
+        for (int i = 0; i < F::kBlocks; ++i) {
+          store_block<F>(blk[i], oj + (s * F::kBlocks + i) * kBlock);
+        }
+      }
+    }
+  });
+}
+
+// Format name -> (bytes per block, weights per block, decoders into float32 and bfloat16).
+struct Dequantizer {
+  const char* name;
+  int64_t bytes, weights;
+  void (*to_float)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, float*);
+  void (*to_bf16)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, at::BFloat16*);
+};
+
+template <typename F>
+constexpr Dequantizer dequantizer(const char* name) {
+  return {name, F::kBytes, F::kBlocks * kBlock, &dequantize_rows<F, float>,
+          &dequantize_rows<F, at::BFloat16>};
+}
+
+const Dequantizer kDequantizers[] = {
+    dequantizer<Q8_0>("Q8_0"), dequantizer<Q4_0>("Q4_0"), dequantizer<Q4_1>("Q4_1"),
+    dequantizer<Q5_0>("Q5_0"), dequantizer<Q5_1>("Q5_1"), dequantizer<Q4_K>("Q4_K"),
+    dequantizer<Q5_K>("Q5_K"), dequantizer<Q6_K>("Q6_K"),
+};
+
+// The format's entry, having checked that w is [n, k / weights * bytes] uint8 of its blocks.
+const Dequantizer& checked_format(const at::Tensor& w, const std::string& format) {
+  check_cpu(w, "w");
+  const Dequantizer* f = nullptr;
+  for (const Dequantizer& e : kDequantizers) {
+    if (format == e.name) f = &e;
+  }
+  TORCH_CHECK(f != nullptr, "gguf_dequantize has no decoder for format ", format);
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() &&
+                  w.size(1) % f->bytes == 0,
+              "w must be contiguous uint8 [n, a multiple of ", f->bytes, "] of ", format,
+              " blocks");
+  return *f;
+}
+
+// Weight rows [begin, end) into out ([end - begin, k] contiguous, float32 or bfloat16).
+void decode_into(const Dequantizer& f, const at::Tensor& w, int64_t begin, int64_t end,
+                 at::Tensor& out) {
+  const int64_t k = w.size(1) / f.bytes * f.weights;
+  if (out.scalar_type() == at::kFloat) {
+    f.to_float(w.data_ptr<uint8_t>(), w.size(1), k, begin, end, out.data_ptr<float>());
+  } else {
+    f.to_bf16(w.data_ptr<uint8_t>(), w.size(1), k, begin, end, out.data_ptr<at::BFloat16>());
+  }
+}
+
+}  // namespace
+#endif
+
+at::Tensor gguf_dequantize(const at::Tensor& w, const std::string& format,
+                           at::ScalarType dtype) {
+#ifdef PAGODA_GGUF_KERNELS
+  const Dequantizer& f = checked_format(w, format);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
+              "gguf_dequantize writes float32 or bfloat16");
+  at::Tensor out = at::empty({w.size(0), w.size(1) / f.bytes * f.weights},
+                             w.options().dtype(dtype));
+  decode_into(f, w, 0, w.size(0), out);
+  return out;
+#else
+  TORCH_CHECK(false, "gguf_dequantize needs a build with AVX-512 VNNI");
+#endif
+}
+
+at::Tensor gguf_matmul(const at::Tensor& x, const at::Tensor& w, const std::string& format,
+                       int64_t tile_rows) {
+#ifdef PAGODA_GGUF_KERNELS
+  check_cpu(x, "x");
+  const Dequantizer& f = checked_format(w, format);
+  const int64_t n = w.size(0), k = w.size(1) / f.bytes * f.weights;
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x must be [rows, ", k, "]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "gguf_matmul takes float32 or bfloat16");
+  TORCH_CHECK(tile_rows > 0, "tile_rows must be positive");
+  const int64_t tile = std::min(tile_rows, n);
+  // One buffer a thread, reused by every call: a tile of tile_rows weight rows.
+  static thread_local at::Tensor scratch;
+  if (!scratch.defined() || scratch.scalar_type() != x.scalar_type() ||
+      scratch.numel() < tile * k) {
+    scratch = at::empty({tile * k}, x.options());
+  }
+  at::Tensor out = at::empty({x.size(0), n}, x.options());
+  for (int64_t j0 = 0; j0 < n; j0 += tile) {
+    const int64_t t = std::min(tile, n - j0);
+    at::Tensor weights = scratch.narrow(0, 0, t * k).view({t, k});
+    decode_into(f, w, j0, j0 + t, weights);
+    at::Tensor cols = out.narrow(1, j0, t);  // [rows, t], row stride n
+    at::mm_out(cols, x, weights.t());
+  }
+  return out;
+#else
+  TORCH_CHECK(false, "gguf_matmul needs a build with AVX-512 VNNI");
+#endif
+}
+
+}  // namespace pagoda

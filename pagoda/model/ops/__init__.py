@@ -10,7 +10,7 @@ family's tests (tests/unit/model/ops/test_<family>.py) hold the two together.
     activation         silu_mul, gelu_tanh_mul
     rope_and_cache     rope_and_cache
     attention          paged_attention (decode and prompt kernels)
-    quantized_linear   gguf_linear
+    quantized_linear   gguf_linear, gguf_matmul (tile by tile), dequantize_rows
     argmax             argmax_rows
 """
 

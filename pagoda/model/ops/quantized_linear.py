@@ -70,3 +70,40 @@ def quantize_rows_torch(x: torch.Tensor) -> torch.Tensor:
     # a division (127 / amax would be amax.reciprocal() * 127, a different rounding)
     codes = torch.round(blocks * torch.where(amax > 0, amax.new_tensor(127.0) / amax, 0))
     return (codes * (amax / 127)).reshape(x.shape)
+
+
+# Steps of many rows are compute-bound, where a bfloat16 GEMM beats gguf_linear; gguf_matmul
+# decodes the weight a tile of rows at a time into one reused buffer of about this many bytes
+# and multiplies from there, so no full-precision copy of the weight is kept (BENCHMARKS.md,
+# section 9: tiles of 512-2048 rows of 2048 weights measured best, whole matrices no better).
+TILE_BYTES = 8 << 20
+
+
+def dequantize_rows(w: GGUFWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The matrix's values [rows, cols] in dtype (float32 arithmetic, rounded once)."""
+    if kernels.available(w.blocks) and w.format in kernel_formats() and dtype in _DTYPES:
+        return torch.ops.pagoda.gguf_dequantize(w.blocks, w.format, dtype)
+    return dequantize_rows_torch(w, dtype)
+
+
+def dequantize_rows_torch(w: GGUFWeight, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize(w.blocks, w.format).reshape(w.blocks.shape[0], -1).to(dtype)
+
+
+def gguf_matmul(x: torch.Tensor, w: GGUFWeight) -> torch.Tensor:
+    """x @ W.T in x's dtype, W dequantized to that dtype tile by tile (x is not quantized)."""
+    if kernel_takes(x, w) and x.dtype in _DTYPES:
+        return torch.ops.pagoda.gguf_matmul(x.contiguous(), w.blocks, w.format, tile_rows(w, x))
+    return gguf_matmul_torch(x, w)
+
+
+def gguf_matmul_torch(x: torch.Tensor, w: GGUFWeight) -> torch.Tensor:
+    return F.linear(x, dequantize_rows_torch(w, x.dtype))
+
+
+def tile_rows(w: GGUFWeight, x: torch.Tensor) -> int:
+    """Weight rows a tile: TILE_BYTES of x's dtype, at least 256 (a GEMM of a useful width)."""
+    return max(256, TILE_BYTES // (x.shape[1] * x.element_size()))
+
+
+_DTYPES = (torch.float32, torch.bfloat16)  # what the dequantizing kernels write

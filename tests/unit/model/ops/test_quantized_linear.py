@@ -9,7 +9,11 @@ from tiny_gguf import random_blocks
 
 from pagoda.model.ops.quantized_linear import (
     GGUFWeight,
+    dequantize_rows,
+    dequantize_rows_torch,
     gguf_linear_torch,
+    gguf_matmul,
+    gguf_matmul_torch,
     kernel_formats,
     quantize_rows_torch,
     stack,
@@ -78,3 +82,47 @@ def test_stack_keeps_a_run_per_format() -> None:
     assert torch.equal(
         torch.cat([dense(r) for r in runs]), torch.cat([dense(a), dense(b), dense(c)])
     )
+
+
+@pytest.mark.parametrize("qtype", FORMATS_WITH_KERNEL)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 7, 16, 17, 300])
+def test_dequantize_kernel_equals_twin_bit_for_bit(
+    kernels_built: None, qtype: str, dtype: torch.dtype, rows: int
+) -> None:
+    """scale * q (+ min) in float32 in the twin's order, rounded once to the dtype: equal to the
+    bit, over row counts that split unevenly between threads; 3 legacy blocks or 2 super-blocks."""
+    cols = 96 if FORMATS[qtype][0] == 32 else 512
+    w = random_weight(qtype, rows, cols, seed=rows)
+    got = torch.ops.pagoda.gguf_dequantize(w.blocks, qtype, dtype)
+    assert got.dtype == dtype and got.shape == (rows, cols)
+    assert torch.equal(got, dequantize_rows_torch(w, dtype))
+    assert torch.equal(dequantize_rows(w.rows(torch.tensor([rows - 1, 0])), dtype), got[[-1, 0]])
+
+
+@pytest.mark.parametrize("qtype", FORMATS_WITH_KERNEL)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "tile"), [(1, 256), (9, 5), (40, 64), (300, 33)])
+def test_tiled_product_equals_twin(
+    kernels_built: None, qtype: str, dtype: torch.dtype, rows: int, tile: int
+) -> None:
+    """gguf_matmul over tiles that divide the weight's 70 rows unevenly, or hold all of them."""
+    cols = 96 if FORMATS[qtype][0] == 32 else 512
+    w = random_weight(qtype, 70, cols, seed=rows)
+    x = (torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows)) * 2).to(dtype)
+    got = torch.ops.pagoda.gguf_matmul(x, w.blocks, qtype, tile)
+    assert got.dtype == dtype and got.shape == (rows, 70)
+    want = gguf_matmul_torch(x, w).float()
+    # the rounding of float32 sums (or of the bfloat16 result), relative to their terms' size
+    scale = (x.float().abs() @ dense(w).abs().T).max()
+    atol = 1e-6 if dtype == torch.float32 else 2**-8
+    torch.testing.assert_close(got.float() / scale, want / scale, rtol=0, atol=atol)
+    torch.testing.assert_close(gguf_matmul(x, w).float() / scale, want / scale, rtol=0, atol=atol)
+
+
+def test_dequantize_rejects_blocks_of_the_wrong_size(kernels_built: None) -> None:
+    w = random_weight("Q4_K", 2, 256)
+    with pytest.raises(RuntimeError, match="multiple of 144"):
+        torch.ops.pagoda.gguf_dequantize(w.blocks[:, :100].contiguous(), "Q4_K", torch.float32)
+    with pytest.raises(RuntimeError, match="x must be"):
+        torch.ops.pagoda.gguf_matmul(torch.randn(3, 128), w.blocks, "Q4_K", 64)
