@@ -1,6 +1,11 @@
 """bfloat16, with each --quantization, against float32: the same tokens?
 
-    .venv/bin/python benchmarks/bench_accuracy.py
+    .venv/bin/python benchmarks/bench_accuracy.py [--model FILE] [--llama-cpp-python PYTHON]
+
+--model: a GGUF file or model directory (default: the default model). float32 with
+--quantization none computes with the file's weights dequantized exactly, so it is the
+reference. --llama-cpp-python: also llama.cpp on the same GGUF file (that interpreter must
+have llama-cpp-python, e.g. ../shared/anchors' llamacpp-venv), measured the same way.
 
 Two measurements, one for each path a step can take:
 
@@ -17,8 +22,12 @@ Two measurements, one for each path a step can take:
 
 from __future__ import annotations
 
+import argparse
 import json
+import subprocess
+import tempfile
 from importlib import resources
+from pathlib import Path
 
 import torch
 
@@ -71,17 +80,41 @@ def whole_sequence_agreement(reference: list[torch.Tensor], other: list[torch.Te
     }
 
 
+def llama_cpp_run(
+    python: str, model: str, sequences: list[list[int]], prompts: list[list[int]], new_tokens: int
+) -> tuple[list[list[int]], torch.Tensor, list[torch.Tensor]]:
+    """llama.cpp's greedy continuations, next-token logits and whole-sequence logits."""
+    import numpy as np
+
+    script = Path(__file__).with_name("llamacpp_logits.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = {"sequences": sequences, "prompts": prompts, "new_tokens": new_tokens}
+        (Path(tmp) / "in.json").write_text(json.dumps(spec))
+        out = Path(tmp) / "out.npz"
+        subprocess.run([python, str(script), model, f"{tmp}/in.json", str(out)], check=True)
+        arrays = np.load(out)
+        continuations = [arrays[f"continuation_{i}"].tolist() for i in range(len(prompts))]
+        whole = [torch.from_numpy(arrays[f"sequence_{i}"]) for i in range(len(sequences))]
+        return continuations, torch.from_numpy(arrays["next"]), whole
+
+
 def main() -> None:
     from pagoda.engine.llm import LLM
     from pagoda.model.attention_metadata import AttentionMetadata
     from pagoda.sampling_params import SamplingParams
 
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="a GGUF file or model directory")
+    parser.add_argument("--llama-cpp-python", default=None, help="measure llama.cpp too")
+    args = parser.parse_args()
+
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     runs, logits, sequence_runs = {}, {}, {}
     sequences: list[list[int]] = []
+    prompt_ids: list[list[int]] = []
     for config in CONFIGS:
         dtype, quantization = config
-        llm = LLM(dtype=dtype, quantization=quantization, kv_cache_memory=128 << 20)
+        llm = LLM(args.model, dtype=dtype, quantization=quantization, kv_cache_memory=128 << 20)
         if not sequences:  # float32 writes the texts that every configuration reads
             lines = resources.files("pagoda.bench").joinpath("prompts.jsonl").read_text()
             texts = [json.loads(line)["prompt"] for line in lines.splitlines()[:12]]
@@ -105,11 +138,22 @@ def main() -> None:
                     )
                     out = model.compute_logits(model(torch.tensor(new), positions, attn)[-1:])
             rows.append(out)
+            if config == CONFIGS[0]:
+                prompt_ids.append(ids)
         logits[config] = torch.cat(rows)
 
+    configs: list[tuple[str, str]] = CONFIGS[1:]
+    if args.llama_cpp_python:
+        if args.model is None or not args.model.endswith(".gguf"):
+            parser.error("--llama-cpp-python needs --model FILE.gguf")
+        llama = ("llama.cpp", "file types")
+        runs[llama], logits[llama], sequence_runs[llama] = llama_cpp_run(
+            args.llama_cpp_python, args.model, sequences, prompt_ids, params.max_tokens
+        )
+        configs.append(llama)
     reference = CONFIGS[0]
     results = []
-    for config in CONFIGS[1:]:
+    for config in configs:
         same = sum(a == b for a, b in zip(runs[reference], runs[config]))
         agreeing = total = 0
         for a, b in zip(runs[reference], runs[config]):
