@@ -62,6 +62,16 @@ class StructuredOutputsParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         """The constraint kinds set (valid params have exactly one)."""
         return [k for k in self.KINDS if getattr(self, k) not in (None, False)]
 
+    def kinds_problem(self) -> str | None:
+        """What is wrong with the kinds set, unless exactly one is."""
+        kinds = self.kinds
+        if len(kinds) == 1:
+            return None
+        return (
+            "exactly one of json, regex, choice, grammar and json_object must be set, "
+            f"got {', '.join(kinds) if kinds else 'none'}"
+        )
+
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     """vLLM's sampling fields; validate() names the first bad one and never clamps."""
@@ -195,10 +205,5 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             ok = token_id >= 0 and (vocab_size is None or token_id < vocab_size)
             check(ok, "stop_token_ids", f"token id {token_id} is out of vocabulary")
         if self.structured_outputs is not None:
-            kinds = self.structured_outputs.kinds
-            check(
-                len(kinds) == 1,
-                "structured_outputs",
-                "exactly one of json, regex, choice, grammar and json_object must be set, "
-                f"got {', '.join(kinds) if kinds else 'none'}",
-            )
+            problem = self.structured_outputs.kinds_problem()
+            check(problem is None, "structured_outputs", problem or "")

@@ -44,14 +44,9 @@ def grammar_of(params: StructuredOutputsParams, check: bool = True) -> str:
     compiles it into its matcher anyway and reads the matcher's error, skips that.
     """
     llg = _llguidance()
-    kinds = params.kinds
-    if len(kinds) != 1:
-        raise StructuredOutputsError(
-            "structured_outputs",
-            "exactly one of json, regex, choice, grammar and json_object must be set, "
-            f"got {', '.join(kinds) if kinds else 'none'}",
-        )
-    kind = kinds[0]
+    if (problem := params.kinds_problem()) is not None:
+        raise StructuredOutputsError("structured_outputs", problem)
+    kind = params.kinds[0]
     try:
         if kind in ("json", "json_object"):
             schema = _schema(params) if kind == "json" else {"type": "object"}
