@@ -81,12 +81,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def make_hf_model(variant: str, seed: int = 0) -> torch.nn.Module:
-    """A transformers model of the variant with random weights in float32."""
+def make_hf_model(variant: str, seed: int = 0, **sizes: Any) -> torch.nn.Module:
+    """A transformers model of the variant with random weights in float32; sizes override
+    COMMON's."""
     import transformers
 
     cls_name, extra = VARIANTS[variant]
-    config = getattr(transformers, cls_name)(**{**COMMON, **extra})
+    config = getattr(transformers, cls_name)(**{**COMMON, **sizes, **extra})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init leaves norms at 1 and biases at 0; perturb them so that they are tested too.

@@ -5,14 +5,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pagoda.model.ops import quantized_linear
+from pagoda.model.ops.quantized_linear import GGUFWeight
+
 
 class Embedding(nn.Embedding):
+    """nn.Embedding whose table can be the GGUF file's blocks: rows gathered, then decoded."""
+
+    gguf: GGUFWeight | None = None  # the table's rows in their file form
+    gguf_dtype = torch.float32  # what they are decoded to
+
     def __init__(self, vocab_size: int, hidden_size: int, scale: float | None = None) -> None:
         super().__init__(vocab_size, hidden_size)
         self.scale = scale
 
+    def hold_in_blocks(self, dtype: torch.dtype) -> None:
+        """Drops the dense table: the loader gives the layer its file form (gguf) instead,
+        whose rows are decoded to dtype."""
+        self.weight = None  # type: ignore[assignment]
+        self.gguf_dtype = dtype
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = super().forward(input_ids)
+        if self.gguf is not None:
+            x = quantized_linear.dequantize_rows(self.gguf.rows(input_ids), self.gguf_dtype)
+        else:
+            x = super().forward(input_ids)
         if self.scale is None:
             return x
         # The scale is rounded to the run dtype first, as transformers does.

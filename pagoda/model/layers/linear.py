@@ -1,4 +1,4 @@
-"""Linear layers whose weight may also be held in its GGUF file form, for small batches."""
+"""Linear layers whose weight may be held in its GGUF file form instead of a dense copy."""
 
 from __future__ import annotations
 
@@ -11,38 +11,57 @@ from pagoda.model.ops.quantized_linear import GGUFWeight
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can also hold its weight as the GGUF file's blocks, used for small batches.
+    """nn.Linear whose weight can be the GGUF file's blocks (`gguf`), with no dense copy.
 
     A few rows of input make a matrix-vector product whose time is reading the
-    weight, so the file's 4-8 bits a weight are faster there than bfloat16's 16;
-    many rows make it compute-bound, where the dense bfloat16 GEMM wins.
+    weight, so the gguf_linear kernel reads the file's 4-8 bits a weight; many rows
+    make it compute-bound, where a bfloat16 GEMM wins: the weight is then decoded a
+    tile at a time (gguf_matmul), or read from the dense weight where there is one.
     """
 
-    # Up to this many input rows the GGUF kernel beats the dense one (BENCHMARKS.md, section 2).
+    # Up to this many input rows the GGUF kernel beats the dense one (BENCHMARKS.md, section
+    # 2); the loader measures the limit for the model's formats (loader/quantization.py).
     GGUF_MAX_ROWS = 8
 
     gguf: tuple[GGUFWeight, ...] = ()  # the weight's rows in their file form, a run per format
+    gguf_max_rows = GGUF_MAX_ROWS
     prepacked = False  # weight is in oneDNN's blocked layout (pack_for_onednn)
+
+    def hold_in_blocks(self) -> None:
+        """Drops the dense weight: the loader gives the layer its file form (gguf) instead."""
+        self.weight = None  # type: ignore[assignment]
 
     def pack_for_onednn(self) -> None:
         """Lays the weight out in advance as oneDNN's GEMM reads it (same values).
 
         F.linear would otherwise reorder the weight on every call; prepacked, a
-        bfloat16 projection runs 1.1-2x faster (BENCHMARKS.md). CPU only.
+        bfloat16 projection runs 1.1-2x faster (BENCHMARKS.md). CPU only; a layer
+        held in blocks has no dense weight to pack.
         """
+        if self.weight is None:
+            return
         packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 32)
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.prepacked = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            self.gguf
-            and x.shape[0] <= self.GGUF_MAX_ROWS
-            and all(quantized_linear.kernel_takes(x, w) for w in self.gguf)
+        if self.gguf and (
+            self.weight is None
+            or (
+                x.shape[0] <= self.gguf_max_rows
+                and all(quantized_linear.kernel_takes(x, w) for w in self.gguf)
+            )
         ):
-            parts = [quantized_linear.gguf_linear(x, w) for w in self.gguf]
-            out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-            return (out if self.bias is None else out + self.bias).to(x.dtype)
+            return self._from_blocks(x)
         if self.prepacked:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def _from_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        few = x.shape[0] <= self.gguf_max_rows
+        parts = [
+            quantized_linear.gguf_linear(x, w) if few else quantized_linear.gguf_matmul(x, w)
+            for w in self.gguf
+        ]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return (out if self.bias is None else out + self.bias).to(x.dtype)

@@ -12,9 +12,9 @@ import torch
 from tqdm import tqdm
 
 from pagoda.model.gguf_metadata import open_gguf
-from pagoda.model.layers.linear import Linear
 from pagoda.model.layers.rope import RotaryEmbedding
 from pagoda.model.loader import gguf as gguf_loader
+from pagoda.model.loader import quantization
 from pagoda.model.loader import safetensors as st_loader
 from pagoda.model.loader.weights import load_weights
 from pagoda.model.models import MODELS, CausalLM, build_model
@@ -40,15 +40,19 @@ def load_model(
 ) -> CausalLM:
     """Builds the model on the meta device, then streams the weights in; logs time and memory.
 
-    quantized keeps a GGUF's projections and output layer in their file form too, for
-    batches of a few tokens (CPU, bfloat16); see layers.linear.Linear.
+    quantized holds a GGUF's projections, embedding and output layer in their file form
+    only, with no dense copy (CPU; see loader/quantization.py).
     """
     start = time.perf_counter()
     weights: Iterator[tuple[str, torch.Tensor | GGUFWeight]]
+    in_blocks: set[str] = set()
+    held: set[str] = set()
     if is_gguf(path):
         gguf_file = open_gguf(path)
         spec = gguf_loader.read_spec(gguf_file)
-        weights = gguf_loader.iter_weights(gguf_file, spec, dtype, quantized)
+        if quantized:
+            in_blocks, held = quantization.held_in_blocks(gguf_file, spec)
+        weights = gguf_loader.iter_weights(gguf_file, spec, dtype, frozenset(in_blocks))
         num_tensors = len(gguf_file.tensors)
     else:
         spec = st_loader.read_spec(path)
@@ -62,35 +66,35 @@ def load_model(
         )
     with torch.device("meta"):
         model = build_model(spec)
+    quantization.drop_dense_weights(model, held, dtype)
     model = model.to_empty(device=device).to(dtype)
     ropes = [m for m in model.modules() if isinstance(m, RotaryEmbedding)]
     for rope in ropes:
         rope.cos_sin = rope.cos_sin.float()  # the rotation tables stay float32
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    file_bytes = path.stat().st_size if is_gguf(path) else 0
     progress = tqdm(
         weights,
         total=num_tensors or None,
         desc="Loading weights",
         unit="tensor",
-        disable=nbytes < (1 << 30),  # small models load in a blink
+        disable=max(nbytes, file_bytes) < (1 << 30),  # small models load in a blink
     )
     load_weights(model, progress)
     for rope in ropes:
         rope.init_table()
     model.eval().requires_grad_(False)
-    codes_bytes = sum(  # the file forms of projections, beside their dense weights
-        w.blocks.nbytes for m in model.modules() if isinstance(m, Linear) for w in m.gguf
-    ) + (model.output_gguf.blocks.nbytes if model.output_gguf is not None else 0)
     logger.info(
-        "Loaded %s (%s, %d layers) in %.2f s: %.1f MiB of weights in %s%s",
+        "Loaded %s (%s, %d layers) in %.2f s: %.1f MiB of dense weights in %s",
         path.name,
         spec.family,
         spec.num_layers,
         time.perf_counter() - start,
         nbytes / 2**20,
         dtype,
-        f", plus {codes_bytes / 2**20:.1f} MiB in the file's quantized form" if codes_bytes else "",
     )
+    if quantized and is_gguf(path):
+        quantization.choose_row_limits(model, dtype)
     return model
 
 

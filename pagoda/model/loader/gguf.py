@@ -10,7 +10,6 @@ from typing import Any
 import torch
 
 from pagoda.model.gguf_metadata import GGUFFile, TensorInfo
-from pagoda.model.ops import quantized_linear
 from pagoda.model.ops.quantized_linear import GGUFWeight
 from pagoda.model.quants import FORMATS, dequantize
 from pagoda.model.spec import ModelLoadError, ModelSpec
@@ -209,13 +208,13 @@ def check_tensors(gguf_file: GGUFFile, spec: ModelSpec) -> None:
 
 
 def iter_weights(
-    gguf_file: GGUFFile, spec: ModelSpec, dtype: torch.dtype, quantized: bool = False
+    gguf_file: GGUFFile,
+    spec: ModelSpec,
+    dtype: torch.dtype,
+    in_blocks: frozenset[str] = frozenset(),
 ) -> Iterator[tuple[str, torch.Tensor | GGUFWeight]]:
-    """Yields (Hugging Face name, tensor in dtype) for every tensor the model uses.
-
-    With quantized, each projection and the output layer whose type the GGUF kernel
-    takes is also yielded under the same name as a GGUFWeight: the file's blocks.
-    """
+    """Yields (Hugging Face name, tensor in dtype) for every tensor the model uses; those named
+    in in_blocks as a GGUFWeight instead, the file's blocks (never dequantized)."""
     check_tensors(gguf_file, spec)
     permuted = field(gguf_file, "general.architecture") in ("llama", "mistral")
     norm_offset = NORM_OFFSETS.get(spec.family, 0.0)
@@ -225,18 +224,17 @@ def iter_weights(
             if t.name == "rope_freqs.weight":
                 continue  # read into the spec's rope scaling
             raise ModelLoadError(f"unknown GGUF tensor {t.name!r}")
-        raw = _raw_bytes(gguf_file, t)  # read once: for the values and for the file form
+        rows = None
+        if permuted and name.endswith("q_proj.weight"):
+            rows = unpermute(torch.arange(t.shape[0]), spec.num_heads)
+        elif permuted and name.endswith("k_proj.weight"):
+            rows = unpermute(torch.arange(t.shape[0]), spec.num_kv_heads)
+        raw = _raw_bytes(gguf_file, t)
+        if name in in_blocks:
+            q = GGUFWeight(raw.reshape(t.shape[0], -1), t.type)
+            yield name, q if rows is None else q.rows(rows)
+            continue
         w = dequantize(raw, t.type).reshape(t.shape)
         if norm_offset and name.endswith("norm.weight"):
             w -= norm_offset
-        rows = None
-        if permuted and name.endswith("q_proj.weight"):
-            rows = unpermute(torch.arange(w.shape[0]), spec.num_heads)
-        elif permuted and name.endswith("k_proj.weight"):
-            rows = unpermute(torch.arange(w.shape[0]), spec.num_kv_heads)
         yield name, (w if rows is None else w[rows]).to(dtype)
-        projection = ".layers." in name and not name.endswith("norm.weight")
-        output = name.endswith(("embed_tokens.weight", "lm_head.weight"))
-        if quantized and (projection or output) and t.type in quantized_linear.kernel_formats():
-            q = GGUFWeight(raw.reshape(w.shape[0], -1), t.type)
-            yield name, q if rows is None else q.rows(rows)

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch import nn
 
+from pagoda.model.layers.embedding import Embedding
 from pagoda.model.layers.linear import Linear
 from pagoda.model.models.base import CausalLM
 from pagoda.model.ops.quantized_linear import GGUFWeight, stack
@@ -72,28 +74,32 @@ def _projection(model: CausalLM, name: str) -> Linear:
 def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | GGUFWeight]]) -> None:
     """Copies Hugging Face-named tensors in, fusing q/k/v and gate/up; checks completeness.
 
-    A GGUFWeight arriving beside a projection's dense weight gives that projection its
-    file form too, once all of its shards have come in it; one of the output layer
-    gives compute_logits its file form.
+    A weight the model holds in blocks (its module's weight dropped, see
+    loader/quantization.py) arrives as a GGUFWeight: a projection gets its file form once
+    all of its shards have come in, the embedding its table, and the output layer (the
+    embedding's when tied) compute_logits's.
     """
     spec = model.spec
     params = dict(model.named_parameters())
-    expected = {name: len(_shard_sizes(name, spec) or [0]) for name in params}
-    seen: dict[str, set[int]] = {name: set() for name in params}
+    held = {
+        f"{name}.weight"
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight is None
+    }
+    expected = {name: len(_shard_sizes(name, spec) or [0]) for name in [*params, *held]}
+    seen: dict[str, set[int]] = {name: set() for name in expected}
     gguf_shards: dict[str, dict[int, GGUFWeight]] = {}
 
     for hf_name, tensor in weights:
         name, shard = param_name(hf_name, spec)
         if name is None:
             continue
-        if name not in params:
+        if name not in expected:
             raise ModelLoadError(f"unexpected tensor {hf_name!r} for a {spec.family} model")
-        if isinstance(tensor, GGUFWeight) and name == model.output_weight_name():
-            model.output_gguf = tensor
-            continue
+        assert isinstance(tensor, GGUFWeight) == (name in held), name
         if isinstance(tensor, GGUFWeight):
-            if parts := _add_shard(gguf_shards, name, shard, tensor, expected[name]):
-                _projection(model, name).gguf = stack(parts)
+            _hold(model, name, shard, tensor, gguf_shards, expected[name])
+            seen[name].add(shard)
             continue
         target: torch.Tensor = params[name]
         sizes = _shard_sizes(name, spec)
@@ -110,3 +116,22 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | GG
     missing = [n for n, count in expected.items() if len(seen[n]) != count]
     if missing:
         raise ModelLoadError(f"missing weights: {', '.join(sorted(missing)[:8])}")
+
+
+def _hold(
+    model: CausalLM,
+    name: str,
+    shard: int,
+    w: GGUFWeight,
+    pending: dict[str, dict[int, GGUFWeight]],
+    count: int,
+) -> None:
+    """Gives the module of a weight held in blocks its file form."""
+    if name == "embed_tokens.weight":
+        embedding = model.embed_tokens
+        assert isinstance(embedding, Embedding)
+        embedding.gguf = w
+    if name == model.output_weight_name():
+        model.output_gguf = w
+    elif name != "embed_tokens.weight" and (parts := _add_shard(pending, name, shard, w, count)):
+        _projection(model, name).gguf = stack(parts)

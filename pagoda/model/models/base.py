@@ -27,9 +27,11 @@ class CausalLM(nn.Module):
     layers: nn.ModuleList
     norm: nn.Module
 
-    # Up to this many rows, logits come from the output layer's GGUF form when it has one.
+    # Up to this many rows, logits come from the GGUF kernel when the output layer is held
+    # in the file's blocks (the loader measures the limit); above it, from decoded tiles.
     GGUF_LOGITS_MAX_ROWS = 4
-    output_gguf: GGUFWeight | None = None
+    gguf_logits_max_rows = GGUF_LOGITS_MAX_ROWS
+    output_gguf: GGUFWeight | None = None  # the output layer in its file form, if held so
     output_prepacked: torch.Tensor | None = None  # the output layer in oneDNN's layout
 
     def forward(
@@ -62,12 +64,15 @@ class CausalLM(nn.Module):
         w = self.output_gguf
         if (
             w is not None
-            and hidden.shape[0] <= self.GGUF_LOGITS_MAX_ROWS
+            and hidden.shape[0] <= self.gguf_logits_max_rows
             and quantized_linear.kernel_takes(hidden, w)
         ):
             # A decode step of a few sequences reads the whole output layer (for a large
             # vocabulary, a good part of the model's bytes) for a few rows.
             return quantized_linear.gguf_linear(hidden, w)
+        if self.output_held_in_blocks():
+            assert w is not None
+            return quantized_linear.gguf_matmul(hidden, w).float()
         if self.output_prepacked is not None:
             return torch.ops.mkldnn._linear_pointwise(
                 hidden, self.output_prepacked, None, "none", [], ""
@@ -83,11 +88,18 @@ class CausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack_for_onednn()
-        weight = self.output_weight().detach()
-        self.output_prepacked = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
+        if not self.output_held_in_blocks():
+            weight = self.output_weight().detach()
+            self.output_prepacked = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
+
+    def output_held_in_blocks(self) -> bool:
+        """Whether the output layer exists only as its file form (no dense weight)."""
+        name = self.output_weight_name().removesuffix(".weight")
+        return self.output_gguf is not None and self.get_submodule(name).weight is None
 
     def output_weight(self) -> torch.Tensor:
-        """The output layer's weight: lm_head's, or the embedding table when they are tied."""
+        """The output layer's dense weight: lm_head's, or the embedding table when they are
+        tied (not there when output_held_in_blocks)."""
         return self.get_parameter(self.output_weight_name())
 
     def output_weight_name(self) -> str:

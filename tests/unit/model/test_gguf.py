@@ -48,16 +48,18 @@ def test_projections_keep_their_file_form(tmp_path: Path, qtype: str) -> None:
     state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     write_gguf(tmp_path / "tiny.gguf", state, qtype, embedding_qtype=qtype)
     model = load_model(tmp_path / "tiny.gguf", quantized=True)
+    dense = load_model(tmp_path / "tiny.gguf", quantized=False)
     projections = [m for m in model.modules() if isinstance(m, Linear)]
+    dense_projections = [m for m in dense.modules() if isinstance(m, Linear)]
     assert len(projections) == 4 * COMMON["num_hidden_layers"]
-    for m in projections:
+    for m, d in zip(projections, dense_projections):
         assert [w.format for w in m.gguf] == [qtype]
         x = torch.randn(3, m.in_features)
-        want = F.linear(quantize_rows_torch(x), m.weight)  # q/k rows un-permuted as the dense ones
+        want = F.linear(quantize_rows_torch(x), d.weight)  # q/k rows un-permuted as the dense ones
         torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-5)
     assert model.output_gguf is not None and model.output_gguf.format == qtype
-    hidden = torch.randn(model.GGUF_LOGITS_MAX_ROWS, COMMON["hidden_size"])
-    want = quantize_rows_torch(hidden) @ model.embed_tokens.weight.T
+    hidden = torch.randn(1, COMMON["hidden_size"])
+    want = quantize_rows_torch(hidden) @ dense.embed_tokens.weight.T
     torch.testing.assert_close(model.compute_logits(hidden), want, rtol=1e-4, atol=1e-5)
 
     # Each row's product is its own: a sequence's logits alone equal its logits in a batch.
@@ -65,6 +67,5 @@ def test_projections_keep_their_file_form(tmp_path: Path, qtype: str) -> None:
     alone = forward(model, [([5], 0, [0])])[0]
     batch = forward(model, [([5], 0, [0]), ([7], 0, [1]), ([9, 3], 0, [2])])[0]
     assert torch.equal(alone, batch)
-    dense = load_model(tmp_path / "tiny.gguf", quantized=False)
     assert all(not m.gguf for m in dense.modules() if isinstance(m, Linear))
     assert dense.output_gguf is None

@@ -13,6 +13,7 @@ from tiny_gguf import SCALE_BYTES, random_blocks
 
 from pagoda.model.gguf_metadata import TensorInfo, open_gguf
 from pagoda.model.loader import gguf as gguf_loader
+from pagoda.model.loader import quantization
 from pagoda.model.ops import quantized_linear
 from pagoda.model.ops.quantized_linear import GGUFWeight
 from pagoda.model.quants import FORMATS, dequantize
@@ -61,20 +62,23 @@ def test_real_blocks_of_the_gemma3_file(gemma3_gguf_path: Path, device: str) -> 
 
 
 def test_projections_of_the_gemma3_file_load_in_their_file_form(gemma3_gguf_path: Path) -> None:
-    """Beside each dense projection comes its GGUFWeight: the same values, in the file's bytes."""
+    """Held in blocks, a projection is a GGUFWeight: the dense tensor's values in the file's
+    bytes; the rest comes dense as before."""
     if not quantized_linear.kernel_formats():
         pytest.skip("the C++ kernels are not built")
     gguf_file = open_gguf(gemma3_gguf_path)
     spec = gguf_loader.read_spec(gguf_file)
-    weights = gguf_loader.iter_weights(gguf_file, spec, torch.float32, quantized=True)
-    pairs = itertools.islice(
-        (p for p in itertools.pairwise(weights) if isinstance(p[1][1], GGUFWeight)), 20
-    )
+    in_blocks, _ = quantization.held_in_blocks(gguf_file, spec)
+    dense = gguf_loader.iter_weights(gguf_file, spec, torch.float32)
+    blocks = gguf_loader.iter_weights(gguf_file, spec, torch.float32, frozenset(in_blocks))
     formats = set()
-    for (name, dense), (gguf_name, w) in pairs:
-        assert name == gguf_name and isinstance(dense, torch.Tensor) and isinstance(w, GGUFWeight)
-        assert w.blocks.shape[0] == dense.shape[0]
-        values = dequantize(w.blocks, w.format).reshape(dense.shape)
-        assert torch.equal(values, dense), name  # q/k rows un-permuted as the dense ones
+    for (name, want), (blocks_name, w) in itertools.islice(zip(dense, blocks), 40):
+        assert name == blocks_name and isinstance(want, torch.Tensor)
+        if not isinstance(w, GGUFWeight):
+            assert name not in in_blocks and torch.equal(w, want), name
+            continue
+        assert name in in_blocks and w.blocks.shape[0] == want.shape[0]
+        values = dequantize(w.blocks, w.format).reshape(want.shape)
+        assert torch.equal(values, want), name  # q/k rows un-permuted as the dense ones
         formats.add(w.format)
     assert {"Q8_0", "Q5_0", "Q4_K"} <= formats  # the embedding, q/k/v, o_proj

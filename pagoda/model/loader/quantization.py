@@ -1,0 +1,152 @@
+"""What `--quantization auto` keeps in a GGUF file's blocks, and where its kernel gives way.
+
+Every projection, the embedding table and the output layer whose GGUF type the C++
+kernels take is held only as the file's blocks, with no dense copy: a step of a few
+rows computes from them with gguf_linear (int8 inputs, reading 4-8 bits a weight),
+a bigger step decodes them a tile at a time into a small buffer for a bfloat16 GEMM
+(gguf_matmul), and the embedding decodes the rows it gathers. The row count at which
+the kernel gives way to the tiles is measured at load, per format, on a slice of one
+of the model's own tensors (BENCHMARKS.md, section 9).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from pagoda.model.gguf_metadata import GGUFFile
+from pagoda.model.layers.embedding import Embedding
+from pagoda.model.layers.linear import Linear
+from pagoda.model.loader.gguf import hf_name
+from pagoda.model.loader.weights import param_name
+from pagoda.model.models.base import CausalLM
+from pagoda.model.ops import quantized_linear
+from pagoda.model.ops.quantized_linear import GGUFWeight
+from pagoda.model.quants import FORMATS
+from pagoda.model.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+# Row counts tried, in order, until the tiles win: the limit is the last the kernel won.
+CANDIDATE_ROWS = (2, 4, 8, 16, 32, 64)
+SAMPLE_ROWS = 512  # weight rows of the tensor timed: enough for a GEMM, quick to run
+
+
+def held_in_blocks(gguf_file: GGUFFile, spec: ModelSpec) -> tuple[set[str], set[str]]:
+    """(the Hugging Face names of the tensors to load as blocks only, our parameters they
+    make): projections, embedding and output layer whose type the kernels take, a fused
+    projection only when all of its parts are."""
+    parts: dict[str, list[tuple[str, bool]]] = defaultdict(list)
+    for t in gguf_file.tensors:
+        name = hf_name(t.name, spec.family)
+        if name is None:
+            continue
+        projection = ".layers." in name and name.endswith("proj.weight")
+        output = name.endswith(("embed_tokens.weight", "lm_head.weight"))
+        param, _ = param_name(name, spec)
+        if param is not None and (projection or output):
+            parts[param].append((name, t.type in quantized_linear.kernel_formats()))
+    params = {p for p, members in parts.items() if all(ok for _, ok in members)}
+    return {name for p in params for name, _ in parts[p]}, params
+
+
+def drop_dense_weights(model: CausalLM, params: set[str], dtype: torch.dtype) -> None:
+    """Removes these weights from a model not yet materialised, so no memory is given them."""
+    for name in params:
+        module = model.get_submodule(name.removesuffix(".weight"))
+        if isinstance(module, (Linear, Embedding)):
+            module.hold_in_blocks(*([dtype] if isinstance(module, Embedding) else []))
+        else:
+            assert isinstance(module, nn.Linear), name  # an untied output layer
+            module.weight = None  # type: ignore[assignment]
+
+
+def choose_row_limits(model: CausalLM, dtype: torch.dtype) -> None:
+    """Times the kernel against decoded tiles per format and sets each layer's row limit
+    (a fused projection takes the lowest of its formats'); logs what was chosen."""
+    start = time.perf_counter()
+    linears = [m for m in model.modules() if isinstance(m, Linear) and m.gguf]
+    samples: dict[str, GGUFWeight] = {}
+    for m in linears:
+        for w in m.gguf:
+            samples.setdefault(w.format, w)
+    limits = {f: _row_limit(w, dtype, CANDIDATE_ROWS) for f, w in samples.items()}
+    for m in linears:
+        m.gguf_max_rows = min(limits[w.format] for w in m.gguf)
+    output = model.output_gguf
+    if output is not None:
+        model.gguf_logits_max_rows = _row_limit(output, dtype, CANDIDATE_ROWS)
+    seconds = time.perf_counter() - start
+    _log_choice(model, linears, limits, seconds)
+
+
+def _row_limit(w: GGUFWeight, dtype: torch.dtype, candidates: tuple[int, ...]) -> int:
+    """The largest candidate row count up to which gguf_linear beat gguf_matmul on the first
+    SAMPLE_ROWS rows of w (1 at least: one row is where the kernel is made to win)."""
+    sample = GGUFWeight(w.blocks[:SAMPLE_ROWS].contiguous(), w.format)
+    per_block, block_bytes, _ = FORMATS[w.format]
+    cols = w.blocks.shape[1] // block_bytes * per_block
+    limit = 1
+    with torch.no_grad():
+        for rows in candidates:
+            x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows)).to(dtype)
+            kernel = _best_of(3, quantized_linear.gguf_linear, x, sample)
+            tiles = _best_of(3, quantized_linear.gguf_matmul, x, sample)
+            if kernel > tiles:
+                break
+            limit = rows
+    return limit
+
+
+def _best_of(
+    repeats: int,
+    product: Callable[[torch.Tensor, GGUFWeight], torch.Tensor],
+    x: torch.Tensor,
+    w: GGUFWeight,
+) -> float:
+    product(x, w)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product(x, w)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _log_choice(
+    model: CausalLM, linears: list[Linear], limits: dict[str, int], seconds: float
+) -> None:
+    formats = Counter(w.format for m in linears for w in m.gguf)
+    dense = sum(1 for m in model.modules() if isinstance(m, Linear) and m.weight is not None)
+    embedding = model.embed_tokens
+    held = []
+    if linears:
+        held.append(
+            f"{len(linears)} projections ({', '.join(f'{f} x{n}' for f, n in formats.items())})"
+        )
+    if isinstance(embedding, Embedding) and embedding.gguf is not None:
+        held.append(f"the embedding ({embedding.gguf.format})")
+    if model.output_gguf is not None:
+        tied = ", tied," if model.spec.tie_word_embeddings else ""
+        held.append(f"the output layer{tied} ({model.output_gguf.format})")
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    blocks = {id(w.blocks): w.blocks.nbytes for m in linears for w in m.gguf}
+    for w in (getattr(embedding, "gguf", None), model.output_gguf):
+        if w is not None:
+            blocks[id(w.blocks)] = w.blocks.nbytes
+    logger.info(
+        "--quantization auto: in the file's blocks, no dense copy: %s; dense: %d projections; "
+        "the kernel for up to %s rows (logits %d), decoded tiles above (measured in %.2f s); "
+        "weights resident: %.1f MiB",
+        ", ".join(held) or "nothing",
+        dense,
+        ", ".join(f"{f}: {n}" for f, n in limits.items()) or "-",
+        model.gguf_logits_max_rows,
+        seconds,
+        (nbytes + sum(blocks.values())) / 2**20,
+    )

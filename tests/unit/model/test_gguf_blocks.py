@@ -1,0 +1,155 @@
+"""--quantization auto without a dense copy: projections, embedding and output layer held only
+in the GGUF file's blocks compute what the model with a bfloat16/float32 copy computes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tiny_gguf import random_blocks, write_gguf
+from tiny_models import bind_cache, forward, make_hf_model
+
+from pagoda.model.layers.embedding import Embedding
+from pagoda.model.layers.linear import Linear
+from pagoda.model.loader import load_model
+from pagoda.model.models import CausalLM
+from pagoda.model.ops import quantized_linear
+from pagoda.model.ops.quantized_linear import GGUFWeight
+
+KERNEL_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+# The k-quants' super-blocks hold 256 weights: every projection needs that many columns.
+K_SIZES = dict(hidden_size=256, intermediate_size=512)
+
+pytestmark = pytest.mark.skipif(
+    not quantized_linear.kernel_formats(), reason="the C++ kernels are not built"
+)
+
+
+def write_tiny(path: Path, qtype: str, tied: bool = True) -> Path:
+    """A tiny llama whose projections and embedding (and output layer) are all in qtype."""
+    sizes: dict[str, Any] = K_SIZES if qtype.endswith("_K") else {}
+    hf = make_hf_model("llama", **sizes)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    if tied:
+        del state["lm_head.weight"]
+    else:  # stored apart: the file has an output layer of its own
+        state["lm_head.weight"] = state["lm_head.weight"].clone()
+    write_gguf(path, state, qtype, embedding_qtype=qtype, **sizes)
+    return path
+
+
+def with_dense_copy(path: Path, blocks: CausalLM, dtype: torch.dtype) -> CausalLM:
+    """The model as it was with a dense copy: the file's blocks for a few rows (the same
+    limits as blocks'), the dense weights above them."""
+    model = load_model(path, dtype, quantized=False)
+    dense = {n: m for n, m in model.named_modules() if isinstance(m, Linear)}
+    for name, m in blocks.named_modules():
+        if isinstance(m, Linear):
+            dense[name].gguf, dense[name].gguf_max_rows = m.gguf, m.gguf_max_rows
+    model.output_gguf, model.gguf_logits_max_rows = blocks.output_gguf, blocks.gguf_logits_max_rows
+    return model
+
+
+def greedy(
+    model: CausalLM, prompts: list[list[int]], steps: int, together: bool
+) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy continuations of the prompts, all in one batch a step or each alone; and the
+    logits of every step."""
+    tables, start = [], 0
+    for p in prompts:
+        blocks = (len(p) + steps + 3) // 4
+        tables.append(list(range(start, start + blocks)))
+        start += blocks
+    bind_cache(model, num_blocks=start)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    seen: list[torch.Tensor] = []
+    groups = [list(range(len(prompts)))] if together else [[i] for i in range(len(prompts))]
+    for step in range(steps):
+        for group in groups:
+            chunks = [
+                (prompts[i], 0, tables[i])
+                if step == 0
+                else ([tokens[i][-1]], len(prompts[i]) + step - 1, tables[i])
+                for i in group
+            ]
+            for i, logits in zip(group, forward(model, chunks)):
+                tokens[i].append(int(logits[-1].argmax()))
+                seen.append(logits[-1])
+    return tokens, seen
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES)
+def test_the_model_holds_no_dense_copy(tmp_path: Path, qtype: str) -> None:
+    model = load_model(write_tiny(tmp_path / "m.gguf", qtype), torch.bfloat16, quantized=True)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.weight is None and m.gguf for m in linears)
+    assert model.embed_tokens.weight is None and model.embed_tokens.gguf is not None
+    assert model.output_gguf is model.embed_tokens.gguf  # tied: one table
+    # Only the norms' weights are left as parameters, and no buffer is a weight.
+    assert all(name.endswith("norm.weight") for name, _ in model.named_parameters())
+    assert all(name.endswith("cos_sin") for name, _ in model.named_buffers())
+    dense = load_model(tmp_path / "m.gguf", torch.bfloat16, quantized=False)
+    assert all(
+        m.weight is not None and not m.gguf for m in dense.modules() if isinstance(m, Linear)
+    )
+    assert dense.output_gguf is None and dense.embed_tokens.gguf is None
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES)
+@pytest.mark.parametrize("tied", [True, False])
+def test_blocks_alone_give_what_the_dense_copy_gave(tmp_path: Path, qtype: str, tied: bool) -> None:
+    """Greedy tokens and logits, each sequence alone (the kernel) and 12 in a batch (decoded
+    tiles where the dense copy was), after prompts of up to 300 tokens (more rows than a tile
+    of the embedding table's 256)."""
+    if not tied and qtype not in ("Q8_0", "Q6_K"):
+        pytest.skip("an untied output layer: one legacy format and one k-quant")
+    path = write_tiny(tmp_path / "m.gguf", qtype, tied)
+    blocks = load_model(path, torch.float32, quantized=True)
+    assert blocks.embed_tokens.weight is None and blocks.output_gguf is not None
+    reference = with_dense_copy(path, blocks, torch.float32)
+    prompts = [[(7 * i + j) % 250 + 3 for j in range(n)] for i, n in enumerate([300, 1, 9] * 4)]
+    for together in (False, True):
+        want, want_logits = greedy(reference, prompts, 6, together)
+        got, got_logits = greedy(blocks, prompts, 6, together)
+        assert got == want
+        for a, b in zip(got_logits, want_logits):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_blocks_give_the_dense_models_outputs_above_the_row_limit(tmp_path: Path) -> None:
+    """Above the kernel's row limit nothing is quantized: the dense model's logits."""
+    path = write_tiny(tmp_path / "m.gguf", "Q4_K")
+    blocks = load_model(path, torch.float32, quantized=True)
+    dense = load_model(path, torch.float32, quantized=False)
+    for model in (blocks, dense):
+        bind_cache(model)
+    chunk = [(list(range(3, 103)), 0, list(range(25)))]  # 100 rows: above every limit tried
+    torch.testing.assert_close(forward(blocks, chunk), forward(dense, chunk))
+
+
+@pytest.mark.parametrize("scale", [None, 16.0])
+def test_embedding_rows_from_blocks_equal_the_dense_tables(scale: float | None) -> None:
+    """Rows gathered from the blocks and dequantized are the dense table's, scaled as before
+    (Gemma multiplies by sqrt(hidden_size), rounded to the dtype first)."""
+    w = GGUFWeight(torch.from_numpy(random_blocks("Q6_K", 40)), "Q6_K")  # 40 rows of 256
+    dense = Embedding(40, 256, scale).to(torch.bfloat16)
+    dense.weight.data = quantized_linear.dequantize_rows_torch(w, torch.bfloat16)
+    blocks = Embedding(40, 256, scale)
+    blocks.hold_in_blocks(torch.bfloat16)
+    blocks.gguf = w
+    assert blocks.weight is None
+    ids = torch.tensor([3, 0, 39, 3, 17])
+    assert torch.equal(blocks(ids), dense(ids))
+
+
+def test_auto_says_what_it_chose(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_tiny(tmp_path / "m.gguf", "Q6_K")
+    with caplog.at_level(logging.INFO, logger="pagoda.model.loader"):
+        model = load_model(path, torch.bfloat16, quantized=True)
+    line = next(r.getMessage() for r in caplog.records if "file's blocks" in r.getMessage())
+    assert "Q6_K" in line and "rows" in line and "MiB" in line
+    limits = {m.gguf_max_rows for m in model.modules() if isinstance(m, Linear)}
+    assert all(limit >= 1 for limit in limits) and model.gguf_logits_max_rows >= 1
