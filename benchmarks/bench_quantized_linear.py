@@ -1,15 +1,19 @@
-"""Decode-time projections in each form: bfloat16 (prepacked for oneDNN) or the file's blocks.
+"""Projections in each form: bfloat16 (prepacked for oneDNN) or the file's blocks.
 
-    .venv/bin/python benchmarks/bench_quantized_linear.py [GGUF] [--steps 20] [--rows 1 2 4 8 16 32]
+    .venv/bin/python benchmarks/bench_quantized_linear.py [--model GGUF] [--steps 20] \
+        [--rows 1 2 4 8 16 32] [--forms bfloat16 gguf tiles whole]
 
 Runs every projection of every layer of a GGUF file (default: the Gemma 3 270M
-Q4_K_M file), each as the file stores it, once per step, for a batch of a few
-rows (one token each of that many sequences):
+Q4_K_M file), each as the file stores it, once per step, for a batch of that
+many rows (one token each of that many sequences, or a prompt's tokens):
 
-- bfloat16: the tensor dequantized and prepacked for oneDNN (what steps of many
-  rows run);
+- bfloat16: the tensor dequantized and prepacked for oneDNN (the dense copy that
+  `--quantization none` keeps);
 - gguf: the file's own blocks through the gguf_linear C++ kernel (inputs
-  quantized to int8 per 32 values).
+  quantized to int8 per 32 values; run up to 64 rows only);
+- tiles: the file's blocks decoded a tile of rows at a time into one reused
+  buffer, each tile multiplied by oneDNN's bfloat16 GEMM (gguf_matmul);
+- whole: the same with the whole matrix decoded into one reused buffer.
 
 Prints the median time of a step per form and row count over --steps steps, the
 forms alternating within each step, the bytes each form reads a step, and one
@@ -30,7 +34,12 @@ import torch
 from pagoda import kernels
 from pagoda.model.gguf_metadata import open_gguf
 from pagoda.model.layers.linear import Linear
-from pagoda.model.ops.quantized_linear import GGUFWeight, gguf_linear, kernel_formats
+from pagoda.model.ops.quantized_linear import (
+    GGUFWeight,
+    gguf_linear,
+    gguf_matmul,
+    kernel_formats,
+)
 from pagoda.model.quants import dequantize
 
 
@@ -43,7 +52,7 @@ def default_model() -> Path:
 def projections(path: Path) -> tuple[list[tuple[int, dict[str, Callable]]], dict[str, int]]:
     """(columns, {form: product}) for each layer tensor of the file, and each form's bytes."""
     gguf_file = open_gguf(path)
-    out, nbytes = [], {"bfloat16": 0, "gguf": 0}
+    out, nbytes = [], {"bfloat16": 0, "gguf": 0, "tiles": 0, "whole": 0}
     for t in gguf_file.tensors:
         if not t.name.startswith("blk.") or t.type not in kernel_formats():
             continue
@@ -53,21 +62,34 @@ def projections(path: Path) -> tuple[list[tuple[int, dict[str, Callable]]], dict
         dense = Linear(cols, rows, bias=False, dtype=torch.bfloat16)
         dense.weight.data = dequantize(raw, t.type).reshape(rows, cols).bfloat16()
         dense.pack_for_onednn()
-        out.append((cols, {"bfloat16": dense, "gguf": lambda x, w=w: gguf_linear(x, w)}))
+        forms = {
+            "bfloat16": dense,
+            "gguf": lambda x, w=w: gguf_linear(x, w),
+            "tiles": lambda x, w=w: gguf_matmul(x, w),
+            "whole": lambda x, w=w, n=rows: torch.ops.pagoda.gguf_matmul(x, w.blocks, w.format, n),
+        }
+        out.append((cols, forms))
         nbytes["bfloat16"] += 2 * rows * cols
-        nbytes["gguf"] += raw.numel()
+        for form in ("gguf", "tiles", "whole"):
+            nbytes[form] += raw.numel()
     return out, nbytes
+
+
+FORMS = ["bfloat16", "gguf", "tiles", "whole"]
+GGUF_ROWS = 64  # the kernel's time grows with the rows: beyond this it is no contender
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", type=Path, default=None)
+    parser.add_argument("--model", dest="model_flag", type=Path, default=None)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--forms", nargs="+", default=["bfloat16", "gguf"], choices=FORMS)
     args = parser.parse_args()
     if not kernels.load():
         raise SystemExit("the C++ kernels are not built: python -m pagoda.kernels")
-    path = args.model or default_model()
+    path = args.model_flag or args.model or default_model()
     layers, nbytes = projections(path)
     print(
         f"{path.name}: {len(layers)} projections, MiB a step: {nbytes['bfloat16'] / 2**20:.0f} "
@@ -78,13 +100,14 @@ def main() -> None:
     with torch.no_grad():
         for rows in args.rows:
             inputs = {cols: torch.randn(rows, cols, dtype=torch.bfloat16) for cols, _ in layers}
-            times: dict[str, list[float]] = {"bfloat16": [], "gguf": []}
-            for step in range(args.steps + 3):
+            forms = [f for f in args.forms if f != "gguf" or rows <= GGUF_ROWS]
+            times: dict[str, list[float]] = {form: [] for form in forms}
+            for step in range(args.steps + 1):
                 for form in times:
                     start = time.perf_counter()
                     for cols, forms in layers:
                         forms[form](inputs[cols])
-                    if step >= 3:  # warm-up
+                    if step >= 1:  # warm-up
                         times[form].append(time.perf_counter() - start)
             record[str(rows)] = {f: statistics.median(t) * 1e3 for f, t in times.items()}
             cells = ", ".join(f"{f} {ms:.2f} ms" for f, ms in record[str(rows)].items())

@@ -264,10 +264,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--quantization",
         choices=QUANTIZATIONS,
         default=ModelConfig.quantization,
-        help="auto: in bfloat16, also run a GGUF's Q4_1 and Q4_K projections (batches of up to "
-        "8 tokens), Q8_0 and Q5_0 projections (1 token) and Q8_0 output layer (up to 4) in "
-        "their file form; none: dequantize "
-        "every weight",
+        help="auto: in bfloat16, hold a GGUF's projections, embedding and output layer in "
+        "their file form only (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K): the int8 kernel "
+        "for a few rows, decoded tiles for more; none: dequantize every weight",
     )
     p.add_argument(
         "--max-model-len",
