@@ -54,16 +54,25 @@ class Metrics:
         labels = ["model_name"]
         r = self.registry
 
+        # A metric labelled by the model only has its series from the start, at 0, as vLLM's:
+        # a router or dashboard reading a server that has not served yet finds every name.
         def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, labels, registry=r)
+            metric = Gauge(name, doc, labels, registry=r)
+            metric.labels(model_name)
+            return metric
 
         def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
-            return Counter(name, doc, labels + list(extra), registry=r)
+            metric = Counter(name, doc, labels + list(extra), registry=r)
+            if not extra:
+                metric.labels(model_name)
+            return metric
 
         def histogram(
             name: str, doc: str, buckets: tuple[float, ...] = _LATENCY_BUCKETS
         ) -> Histogram:
-            return Histogram(name, doc, labels, buckets=buckets, registry=r)
+            metric = Histogram(name, doc, labels, buckets=buckets, registry=r)
+            metric.labels(model_name)
+            return metric
 
         self.running = gauge("vllm:num_requests_running", "Requests in the running batch.")
         self.waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.")

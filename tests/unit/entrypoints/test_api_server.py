@@ -471,3 +471,18 @@ def test_request_success_has_every_reason_from_the_start(client) -> None:
             and f'finished_reason="{reason}"' in line
         )
         assert float(line.rsplit(" ", 1)[1]) == 0.0
+
+
+def test_every_model_labelled_series_is_there_from_the_start(client) -> None:
+    """The prefix-cache counters a router reads, the gauges and the histograms: at 0 before the
+    server has served anything (a server the router has not chosen yet is read too)."""
+    text = client.get("/metrics").text
+    for name in (
+        "vllm:prefix_cache_hits_total",
+        "vllm:prefix_cache_queries_total",
+        "vllm:num_requests_running",
+        "vllm:kv_cache_usage_perc",
+        "vllm:time_to_first_token_seconds_count",
+        "vllm:iteration_tokens_total_count",
+    ):
+        assert metric_value(text, name) == 0, name
