@@ -24,6 +24,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_ready(process: subprocess.Popen, url: str, log: Path, what: str) -> None:
+    """Polls url until it answers 200; raises with the log if the process exits or time runs out."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited early:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=1, verify=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} not ready in {STARTUP_TIMEOUT_S} s:\n{log.read_text()}")
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL to the whole group if it has not exited within 20 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+
+
 class Server:
     """A `pagoda serve` subprocess in its own process group."""
 
@@ -56,21 +82,10 @@ class Server:
         self.family: list[psutil.Process] = []
 
     def wait_ready(self) -> Server:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1, verify=False).status_code == 200:
-                    self.family = [
-                        psutil.Process(self.process.pid),
-                        *psutil.Process(self.process.pid).children(recursive=True),
-                    ]
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready in {STARTUP_TIMEOUT_S} s:\n{self.log.read_text()}")
+        wait_until_ready(self.process, f"{self.url}/health", self.log, "server")
+        root = psutil.Process(self.process.pid)
+        self.family = [root, *root.children(recursive=True)]
+        return self
 
     @property
     def engine_process(self) -> psutil.Process:
@@ -81,13 +96,7 @@ class Server:
         self.process.send_signal(sig)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
+        stop_process_group(self.process)
 
     def assert_no_process_left(self, within: float = 60.0) -> None:
         deadline = time.monotonic() + within

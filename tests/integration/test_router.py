@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
-from conftest import STARTUP_TIMEOUT_S, Server, free_port
+from conftest import Server, free_port, stop_process_group, wait_until_ready
 
 pytestmark = pytest.mark.slow
 
@@ -44,26 +41,11 @@ class Router:
         )
 
     def wait_ready(self) -> Router:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"router exited early:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/v1/models", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"router not ready in {STARTUP_TIMEOUT_S} s:\n{self.log.read_text()}")
+        wait_until_ready(self.process, f"{self.url}/v1/models", self.log, "router")
+        return self
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
+        stop_process_group(self.process)
 
 
 @pytest.fixture
