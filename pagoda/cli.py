@@ -52,6 +52,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_ray(args: argparse.Namespace) -> int:
+    from pagoda.deploy.config import launcher_flags_given
+
+    given = launcher_flags_given(args, build_parser().parse_args(["serve-ray"]))
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)}: not supported by serve-ray, where Ray Serve's HTTP proxy "
+            "listens instead of pagoda serve's launcher (SCALING.md: what is not done)"
+        )
     try:
         from pagoda.deploy.ray import serve_ray
     except ImportError as e:
