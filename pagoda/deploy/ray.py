@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import signal
 import threading
@@ -25,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import generate_latest
+from ray import __version__ as ray_version
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
+from ray.serve.request_router import RequestRouter
 
-from pagoda.config import EngineConfig, ServerConfig
+from pagoda.config import ConfigError, EngineConfig, ServerConfig
 from pagoda.deploy.config import RayDeployConfig, deploy_config_of
 from pagoda.deploy.replica_client import (
     ReplicaEngineClient,
@@ -45,12 +48,39 @@ from pagoda.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-# Ray ships its prefix-affinity router under ray.llm, whose public module
-# (ray.serve.llm.request_router) imports vLLM or SGLang; the class itself needs neither.
-PREFIX_AFFINITY_ROUTER = (
+# Where Ray keeps its prefix-affinity router, most stable first. Its public home (a stable
+# API since Ray 2.49) is ray.serve.llm.request_router, but that package imports all of
+# ray.serve.llm first, which needs Ray's LLM extra (pyarrow and more) that `ray[serve]`
+# lacks; the class itself needs none of it and is defined in Ray's internal module, the
+# same class the public name subclasses.
+PREFIX_AFFINITY_ROUTERS = (
+    "ray.serve.llm.request_router.PrefixCacheAffinityRouter",
     "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router."
-    "PrefixCacheAffinityRouter"
+    "PrefixCacheAffinityRouter",
 )
+
+
+def prefix_affinity_router() -> type[RequestRouter]:
+    """Ray's PrefixCacheAffinityRouter from the first of PREFIX_AFFINITY_ROUTERS that imports.
+
+    Raises ConfigError, naming --no-prefix-affinity, when this Ray has it at neither path.
+    """
+    failures = []
+    for path in PREFIX_AFFINITY_ROUTERS:
+        module, _, name = path.rpartition(".")
+        try:
+            router = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            failures.append(f"{path}: {type(e).__name__}: {e}")
+            continue
+        if isinstance(router, type) and issubclass(router, RequestRouter):
+            return router
+        failures.append(f"{path}: not a Ray Serve RequestRouter")
+    raise ConfigError(
+        f"prefix-affinity routing needs Ray Serve's PrefixCacheAffinityRouter, which Ray "
+        f"{ray_version} does not have where Pagoda looks ({'; '.join(failures)}); install "
+        "ray[serve]==2.60.0, or pass --no-prefix-affinity to route by load alone"
+    )
 
 
 class EngineReplica:
@@ -186,7 +216,7 @@ def pagoda_app(
         options["num_replicas"] = deploy.num_replicas
     if deploy.prefix_affinity:
         options["request_router_config"] = RequestRouterConfig(
-            request_router_class=PREFIX_AFFINITY_ROUTER,  # type: ignore[arg-type]
+            request_router_class=prefix_affinity_router(),  # type: ignore[arg-type]
             request_router_kwargs={"imbalanced_threshold": deploy.imbalanced_threshold},
         )
     engines = serve.deployment(**options)(EngineReplica)
@@ -210,6 +240,7 @@ def serve_ray(
     """Runs the application until SIGINT/SIGTERM, then drains and stops it and Ray."""
     import ray
 
+    app = pagoda_app(engine_config, server_config, deploy_config_of(args))  # before Ray starts
     ray.init(address=args.ray_address, include_dashboard=False)
     # After ray.init, whose own SIGTERM handler would end the process without draining.
     stop = threading.Event()
@@ -217,7 +248,7 @@ def serve_ray(
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host or "0.0.0.0", "port": args.port})
-        serve.run(pagoda_app(engine_config, server_config, deploy_config_of(args)), name="pagoda")
+        serve.run(app, name="pagoda")
         logger.info("serving on http://%s:%d", args.host or "0.0.0.0", args.port)
         while not stop.wait(1.0):
             pass
