@@ -2,16 +2,17 @@
 
 Three measurements, each printed as one line and kept in a JSON record:
   latency   the ingress's added latency: p50 of a one-token request, sequential, through
-            `pagoda serve-ray --num-replicas 1` (with and without prefix affinity) against
-            `pagoda serve` directly;
-  affinity  a trace of 8 system prompts x 25 questions (200 streamed requests, shuffled,
-            4 in flight) on 2 replicas with small KV caches, prefix-affinity routing
-            against Ray's default (the less loaded of two random replicas): the share of
+            `pagoda serve-ray --num-replicas 1` against `pagoda serve` directly (and
+            with --no-prefix-affinity too when latency_load_only is also given);
+  affinity  a trace of 8 system prompts x --per-system questions (200: 1,600 streamed
+            requests, shuffled, 4 in flight) on 2 replicas with small KV caches, prefix-affinity
+            routing against Ray's default (the less loaded of two random replicas): the share of
             prompt tokens served from the prefix cache, and TTFT;
   throughput  `pagoda bench serve` (random 256 in / 128 out, 64 prompts, 32 in flight)
             against `pagoda serve`, and 1 and 2 replicas.
 
-    python benchmarks/bench_replicas.py [--model PATH] [--only latency,affinity,throughput]
+    python benchmarks/bench_replicas.py [--model PATH]
+        [--only latency,latency_load_only,affinity,throughput]
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def one_token_latencies(url: str, n: int = 200) -> list[float]:
     return out
 
 
-def measure_latency(model: str | None) -> dict:
+def measure_latency(model: str | None, load_only: bool) -> dict:
     direct = Server("serve", model)
     try:
         direct_s = one_token_latencies(direct.url)
@@ -101,20 +102,23 @@ def measure_latency(model: str | None) -> dict:
         ray_s = one_token_latencies(ray.url)
     finally:
         ray.stop()
-    load_only = Server("serve-ray", model, "--num-replicas", "1", "--no-prefix-affinity")
-    try:
-        load_only_s = one_token_latencies(load_only.url)
-    finally:
-        load_only.stop()
     d50, r50 = statistics.median(direct_s) * 1e3, statistics.median(ray_s) * 1e3
-    return {
-        "ray_load_only_p50_ms": round(statistics.median(load_only_s) * 1e3, 2),
+    result = {
         "direct_p50_ms": round(d50, 2),
         "ray_p50_ms": round(r50, 2),
         "added_p50_ms": round(r50 - d50, 2),
         "direct_p90_ms": round(percentile(direct_s, 90) * 1e3, 2),
         "ray_p90_ms": round(percentile(ray_s, 90) * 1e3, 2),
     }
+    if load_only:
+        server = Server("serve-ray", model, "--num-replicas", "1", "--no-prefix-affinity")
+        try:
+            result["ray_load_only_p50_ms"] = round(
+                statistics.median(one_token_latencies(server.url)) * 1e3, 2
+            )
+        finally:
+            server.stop()
+    return result
 
 
 WORDS = "the of and to in is that for it as was with be by on not he this are or his".split()
@@ -159,8 +163,8 @@ def streamed(url: str, prompt: str) -> tuple[float, int, int]:
     return ttft, usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"]
 
 
-def measure_affinity(model: str | None, kv_cache_memory: str) -> dict:
-    prompts = trace()
+def measure_affinity(model: str | None, kv_cache_memory: str, per_system: int) -> dict:
+    prompts = trace(per_system=per_system)
     result = {}
     for name, flags in (("affinity", []), ("load_only", ["--no-prefix-affinity"])):
         server = Server(
@@ -211,16 +215,17 @@ def measure_throughput(model: str | None) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
-    p.add_argument("--only", default="latency,affinity,throughput")
+    p.add_argument("--only", default="latency,latency_load_only,affinity,throughput")
     p.add_argument("--kv-cache-memory", default="64M", help="per replica in the affinity trace")
+    p.add_argument("--per-system", type=int, default=200, help="requests per system prompt")
     args = p.parse_args()
     record: dict = {}
     parts = args.only.split(",")
     if "latency" in parts:
-        record["latency"] = measure_latency(args.model)
+        record["latency"] = measure_latency(args.model, "latency_load_only" in parts)
         print("latency", json.dumps(record["latency"]), flush=True)
     if "affinity" in parts:
-        record["affinity"] = measure_affinity(args.model, args.kv_cache_memory)
+        record["affinity"] = measure_affinity(args.model, args.kv_cache_memory, args.per_system)
         print("affinity", json.dumps(record["affinity"]), flush=True)
     if "throughput" in parts:
         record["throughput"] = measure_throughput(args.model)

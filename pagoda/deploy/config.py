@@ -6,6 +6,7 @@ Importable without Ray, so that `pagoda --help` works without the extra.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
 
@@ -20,7 +21,10 @@ class RayDeployConfig:
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
     max_ongoing_requests: int = 256  # per replica; Ray's default (5) would cap batching
-    replica_num_cpus: float = 1.0
+    # Ray's CPUs per replica, which are also its engine's threads (Ray sets OMP_NUM_THREADS
+    # to them in every worker, and the engine process inherits it). None: this machine's
+    # cores shared among the replicas (at most max_replicas), at least one each.
+    replica_num_cpus: float | None = None
     # Prefix affinity holds while replicas' queue lengths differ by at most this many
     # requests; past it, the less loaded of two random replicas takes the request.
     imbalanced_threshold: float = 16.0
@@ -33,6 +37,18 @@ class RayDeployConfig:
     def autoscaling(self) -> bool:
         return self.min_replicas is not None or self.max_replicas is not None
 
+    @property
+    def most_replicas(self) -> int:
+        if not self.autoscaling:
+            return self.num_replicas
+        return self.max_replicas or max(self.min_replicas or 1, 1)
+
+    def cpus_per_replica(self) -> float:
+        """replica_num_cpus, or this machine's cores shared among the most replicas."""
+        if self.replica_num_cpus is not None:
+            return self.replica_num_cpus
+        return float(max(1, (os.cpu_count() or 1) // self.most_replicas))
+
 
 def add_ray_flags(p: argparse.ArgumentParser) -> None:
     """The flags serve-ray adds to those of `pagoda serve`."""
@@ -44,7 +60,13 @@ def add_ray_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upscale-delay", type=float, default=d.upscale_delay_s, metavar="S")
     p.add_argument("--downscale-delay", type=float, default=d.downscale_delay_s, metavar="S")
     p.add_argument("--max-ongoing-requests", type=int, default=d.max_ongoing_requests)
-    p.add_argument("--replica-num-cpus", type=float, default=d.replica_num_cpus)
+    p.add_argument(
+        "--replica-num-cpus",
+        type=float,
+        default=d.replica_num_cpus,
+        help="Ray CPUs per replica, also its engine's threads "
+        "(default: this machine's cores / the replicas)",
+    )
     p.add_argument("--imbalanced-threshold", type=float, default=d.imbalanced_threshold)
     p.add_argument(
         "--no-prefix-affinity",

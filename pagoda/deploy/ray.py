@@ -121,15 +121,30 @@ class EngineReplica:
 
     async def generate(self, request: ReplicaRequest) -> AsyncIterator[ServedBy | RequestOutput]:
         """ServedBy, then the request's outputs; a cancel from the ingress aborts it here."""
+        self._refuse_if_dead()
+        yield ServedBy(self.replica)
+        async for output in self._generate(request):
+            yield output
+
+    async def generate_final(self, request: ReplicaRequest) -> tuple[ServedBy, RequestOutput]:
+        """A non-streamed request (FINAL_ONLY: one output) as one Ray call, not a stream:
+        each stream item is a message of its own between the processes."""
+        self._refuse_if_dead()
+        final = None
+        async for output in self._generate(request):
+            final = output
+        assert final is not None, "a request ends with an output"
+        return ServedBy(self.replica), final
+
+    def _refuse_if_dead(self) -> None:
         if self.engine.errored:
             raise EngineDeadError(f"replica {self.replica}: {self.engine.dead_error}")
-        yield ServedBy(self.replica)
+
+    def _generate(self, request: ReplicaRequest) -> AsyncIterator[RequestOutput]:
         prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
         if request.text is not None:
             prompt["prompt"] = request.text
-        params = request.sampling_params
-        async for output in self.engine.generate(prompt, params, request.request_id):
-            yield output
+        return self.engine.generate(prompt, request.sampling_params, request.request_id)
 
     async def check_health(self) -> None:
         """Ray's periodic check: a dead engine makes the replica unhealthy, and replaced."""
@@ -200,14 +215,14 @@ def pagoda_app(
     deploy = deploy or RayDeployConfig()
     options: dict[str, Any] = {
         "max_ongoing_requests": deploy.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": deploy.replica_num_cpus},
+        "ray_actor_options": {"num_cpus": deploy.cpus_per_replica()},
         "health_check_period_s": deploy.health_check_period_s,
         "graceful_shutdown_timeout_s": deploy.shutdown_timeout,
     }
     if deploy.autoscaling:
         options["autoscaling_config"] = {
             "min_replicas": deploy.min_replicas or 1,
-            "max_replicas": deploy.max_replicas or max(deploy.min_replicas or 1, 1),
+            "max_replicas": deploy.most_replicas,
             "target_ongoing_requests": deploy.target_ongoing_requests,
             "upscale_delay_s": deploy.upscale_delay_s,
             "downscale_delay_s": deploy.downscale_delay_s,

@@ -1,7 +1,8 @@
 """ReplicaEngineClient: the EngineClient contract over a Ray Serve deployment of engines.
 
     ingress (build_app's routes)                     EngineReplica (one engine each)
-    generate() -> handle.options(stream=True) ====> generate(ReplicaRequest)
+    generate() -> generate_final (non-streamed) ==> generate_final(ReplicaRequest)
+               or generate (streamed) =========> generate(ReplicaRequest)
                   request router picks the replica   AsyncEngineClient.generate()
     RequestOutputs <======================== ServedBy(replica), then RequestOutputs
 
@@ -33,7 +34,7 @@ from pagoda.engine.protocol import (
     StatLogger,
 )
 from pagoda.outputs import RequestOutput
-from pagoda.sampling_params import SamplingParams
+from pagoda.sampling_params import RequestOutputKind, SamplingParams
 from pagoda.tokenizer import Tokenizer
 
 REPLICA_HEADER = "X-Pagoda-Replica"
@@ -80,12 +81,15 @@ class ReplicaEngineClient(EngineClient):
     def __init__(
         self, handle: Any, tokenizer: Tokenizer, config: ServingConfig, retry_timeout: float = 30.0
     ) -> None:
-        self.handle = handle.options(stream=True)
+        # One handle per method, made once: each attribute access on a handle makes a new one.
+        self.generate_stream = handle.options(method_name="generate", stream=True)
+        self.generate_final = handle.options(method_name="generate_final")
         self.retry_timeout = retry_timeout
         self.tokenizer = tokenizer
         self._config = config
         self._accepting = True
-        self._streams: dict[str, Any] = {}  # request id -> DeploymentResponseGenerator
+        # request id -> its DeploymentResponse or DeploymentResponseGenerator
+        self._calls: dict[str, Any] = {}
         self.stat_loggers: list[StatLogger] = []
 
     @property
@@ -99,8 +103,11 @@ class ReplicaEngineClient(EngineClient):
             raise EngineShuttingDown("the server is shutting down")
         text, token_ids = self._split_prompt(prompt)
         request = ReplicaRequest(request_id, token_ids, text, sampling_params)
+        if sampling_params.output_kind == RequestOutputKind.FINAL_ONLY:
+            yield await self._final(request)
+            return
         stream = await self._start(request)
-        self._streams[request_id] = stream
+        self._calls[request_id] = stream
         finished = False
         try:
             async for output in stream:
@@ -112,9 +119,37 @@ class ReplicaEngineClient(EngineClient):
             # The replica's actor died mid-request: for this request the engine is gone.
             raise EngineDeadError(f"the replica serving the request failed: {e}") from e
         finally:
-            self._streams.pop(request_id, None)
+            self._calls.pop(request_id, None)
             if not finished:
                 stream.cancel()  # the replica's generator is cancelled: its engine aborts
+
+    async def _final(self, request: ReplicaRequest) -> RequestOutput:
+        """The one output of a non-streamed request, from one unary call to a replica.
+
+        Nothing reaches the client before the output, so a replica that refused the request
+        or died under it is no different from one that never got it: retried until
+        retry_timeout, by which time Ray has routed around it.
+        """
+        deadline = time.monotonic() + self.retry_timeout
+        while True:
+            response = self.generate_final.remote(request)
+            self._calls[request.request_id] = response
+            try:
+                served_by, output = await response
+            except (EngineDeadError, EngineShuttingDown, RayActorError) as e:
+                if time.monotonic() > deadline:
+                    raise EngineDeadError(f"no replica took the request: {e}") from e
+                await asyncio.sleep(RETRY_INTERVAL_S)
+                continue
+            except RayError as e:
+                raise EngineDeadError(f"the replica serving the request failed: {e}") from e
+            except asyncio.CancelledError:
+                response.cancel()  # the client went away: the replica's engine aborts
+                raise
+            finally:
+                self._calls.pop(request.request_id, None)
+            self._record(served_by)
+            return output
 
     async def _start(self, request: ReplicaRequest) -> Any:
         """The stream of a replica that took the request (its ServedBy read).
@@ -125,7 +160,7 @@ class ReplicaEngineClient(EngineClient):
         """
         deadline = time.monotonic() + self.retry_timeout
         while True:
-            stream = self.handle.generate.remote(request)
+            stream = self.generate_stream.remote(request)
             try:
                 first = await stream.__anext__()
             except (EngineDeadError, EngineShuttingDown, RayActorError) as e:
@@ -134,16 +169,20 @@ class ReplicaEngineClient(EngineClient):
                     raise EngineDeadError(f"no replica took the request: {e}") from e
                 await asyncio.sleep(RETRY_INTERVAL_S)
                 continue
-            assert isinstance(first, ServedBy), "a replica's stream starts with ServedBy"
-            served_by = _served_by.get()
-            if served_by is not None:
-                served_by.append(first.replica)
+            self._record(first)
             return stream
 
+    @staticmethod
+    def _record(served_by: ServedBy) -> None:
+        assert isinstance(served_by, ServedBy), "a replica answers with ServedBy first"
+        replicas = _served_by.get()
+        if replicas is not None:
+            replicas.append(served_by.replica)
+
     async def abort(self, request_id: str) -> None:
-        stream = self._streams.pop(request_id, None)
-        if stream is not None:
-            stream.cancel()
+        call = self._calls.pop(request_id, None)
+        if call is not None:
+            call.cancel()
 
     @property
     def is_running(self) -> bool:
