@@ -106,15 +106,16 @@ class EngineReplica:
         self._pusher = asyncio.create_task(self.push_metrics(context.app_name, metrics_period_s))
 
     async def push_metrics(self, app_name: str, period_s: float) -> None:
-        """Sends this replica's metrics text to the ingress every period_s seconds."""
-        ingress = serve.get_deployment_handle("PagodaIngress", app_name)
+        """Sends this replica's metrics text and engine health to the ingress every period_s
+        seconds, the first time at once."""
+        record = serve.get_deployment_handle("PagodaIngress", app_name).record_metrics
         while True:
-            await asyncio.sleep(period_s)
             text = generate_latest(self.metrics.registry).decode()
             try:
-                await ingress.record_metrics.remote(self.replica, text)
+                await record.remote(self.replica, text, not self.engine.errored)
             except Exception as e:  # the ingress restarting: the next push will do
                 logger.debug("metrics push failed: %s", e)
+            await asyncio.sleep(period_s)
 
     def serving_config(self) -> ServingConfig:
         return self.engine.config
@@ -177,7 +178,8 @@ class PagodaIngress:
     async def __serve_build_asgi_app__(self) -> PagodaApp:
         config: ServingConfig = await self.engines.serving_config.remote()
         tokenizer = await asyncio.to_thread(Tokenizer.from_path, Path(config.model_path))
-        self.client = ReplicaEngineClient(self.engines, tokenizer, config)
+        health = self.replica_metrics.any_healthy
+        self.client = ReplicaEngineClient(self.engines, tokenizer, config, health=health)
         app = build_app(self.client, self.server_config)
         app.add_middleware(ServedByMiddleware)
         app.add_middleware(ReplicaMetricsMiddleware, metrics=self.replica_metrics)
@@ -196,9 +198,9 @@ class PagodaIngress:
         while state.server_load > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
 
-    def record_metrics(self, replica: str, text: str) -> None:
-        """A replica's latest metrics (called by each replica every few seconds)."""
-        self.replica_metrics.record(replica, text)
+    def record_metrics(self, replica: str, text: str, healthy: bool) -> None:
+        """A replica's latest metrics and health (sent by each replica every few seconds)."""
+        self.replica_metrics.record(replica, text, healthy)
 
     def __del__(self) -> None:
         if self.client is not None:

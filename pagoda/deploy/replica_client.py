@@ -8,7 +8,7 @@
 
 The HTTP layer cannot tell it from an AsyncEngineClient: a replica whose engine died ends its
 requests with EngineDeadError (a 500 for that request alone; Ray replaces the replica), and
-the ingress itself stays healthy while Ray has replicas to route to.
+the ingress is healthy (errored False, /health 200) while some replica's engine is alive.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,12 +79,19 @@ class ReplicaEngineClient(EngineClient):
     """An EngineClient whose engines are the replicas behind a DeploymentHandle."""
 
     def __init__(
-        self, handle: Any, tokenizer: Tokenizer, config: ServingConfig, retry_timeout: float = 30.0
+        self,
+        handle: Any,
+        tokenizer: Tokenizer,
+        config: ServingConfig,
+        retry_timeout: float = 30.0,
+        health: Callable[[], bool] = lambda: True,
     ) -> None:
+        """health: whether some replica's engine is alive (the replicas' latest reports)."""
         # One handle per method, made once: each attribute access on a handle makes a new one.
         self.generate_stream = handle.options(method_name="generate", stream=True)
         self.generate_final = handle.options(method_name="generate_final")
         self.retry_timeout = retry_timeout
+        self.health = health
         self.tokenizer = tokenizer
         self._config = config
         self._accepting = True
@@ -190,15 +197,17 @@ class ReplicaEngineClient(EngineClient):
 
     @property
     def errored(self) -> bool:
-        """Never: a dead replica is Ray's to replace, and the others serve meanwhile."""
-        return False
+        """When no replica's engine is alive. One dead replica is not: Ray replaces it, and
+        the others serve meanwhile."""
+        return not self.health()
 
     @property
     def dead_error(self) -> BaseException:
-        return EngineDeadError("no replica is serving")
+        return EngineDeadError("no replica has a live engine")
 
     async def check_health(self) -> None:
-        return None
+        if self.errored:
+            raise self.dead_error
 
     def shutdown(self, timeout: float = 0.0) -> None:
         """Takes no new requests; the replicas drain and stop as Ray Serve stops them."""

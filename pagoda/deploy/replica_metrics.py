@@ -3,7 +3,8 @@
 Serve gives the ingress no way to reach every replica, so each replica sends its own
 Prometheus text to the ingress every few seconds (EngineReplica.push_metrics), and the
 ingress answers /metrics with all of them merged: one family per name, each sample with
-the replica's id added, so a vLLM dashboard works and can also split by replica.
+the replica's id added, so a vLLM dashboard works and can also split by replica. The same
+report says whether the replica's engine is alive: the ingress's /health is 200 while one is.
 """
 
 from __future__ import annotations
@@ -21,23 +22,33 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 
 class ReplicaMetrics:
-    """The latest metrics text of each replica; a replica silent for `stale_after` seconds
-    (stopped, or replaced) is dropped."""
+    """The latest report of each replica (its metrics text, and whether its engine is
+    healthy); a replica silent for `stale_after` seconds (stopped, or replaced) is dropped."""
 
     def __init__(self, stale_after: float) -> None:
         self.stale_after = stale_after
-        self.latest: dict[str, tuple[float, str]] = {}  # replica id -> (when, text)
+        self.latest: dict[str, tuple[float, str, bool]] = {}  # replica id -> (when, text, healthy)
 
-    def record(self, replica: str, text: str) -> None:
-        self.latest[replica] = (time.monotonic(), text)
+    def record(self, replica: str, text: str, healthy: bool = True) -> None:
+        self.latest[replica] = (time.monotonic(), text, healthy)
+
+    def any_healthy(self) -> bool:
+        """Whether a replica heard from lately has a live engine. True before any replica
+        has reported: Serve starts the ingress once its replicas are ready."""
+        if not self.latest:
+            return True
+        return any(healthy for _, _, healthy in self._fresh().values())
+
+    def _fresh(self) -> dict[str, tuple[float, str, bool]]:
+        now = time.monotonic()
+        return {
+            r: report for r, report in self.latest.items() if now - report[0] <= self.stale_after
+        }
 
     def collect(self) -> Iterable[Metric]:
         """The replicas' families merged, each sample labelled with its replica."""
-        now = time.monotonic()
         families: dict[str, Metric] = {}
-        for replica, (when, text) in sorted(self.latest.items()):
-            if now - when > self.stale_after:
-                continue
+        for replica, (_, text, _) in sorted(self._fresh().items()):
             for family in text_string_to_metric_families(text):
                 merged = families.setdefault(
                     family.name, Metric(family.name, family.documentation, family.type)

@@ -176,19 +176,24 @@ def test_prefix_affinity_keeps_a_system_prompt_on_one_replica(two_replicas):
         wait_for(lambda r=replica, n=least: hits_of(r) >= n, "hits in /metrics", 60)
 
 
-def test_failover_when_a_replica_engine_dies(two_replicas):
+def engine_processes() -> dict[str, int | None]:
+    """replica id -> its engine's pid, asked of replicas picked at random until both
+    answered (a call without a prompt is routed to the less loaded of two)."""
     engines = serve.get_deployment_handle("EngineReplica", app_name="pagoda")
+    found: dict[str, int | None] = {}
+    for _ in range(50):
+        replica, pid = engines.engine_info.remote().result(timeout_s=30)
+        found[replica] = pid
+        if len(found) == 2:
+            break
+    return found
 
-    def engine_processes() -> dict[str, int | None]:
-        """replica id -> its engine's pid, asked of replicas picked at random until both
-        answered (a call without a prompt is routed to the less loaded of two)."""
-        found: dict[str, int | None] = {}
-        for _ in range(50):
-            replica, pid = engines.engine_info.remote().result(timeout_s=30)
-            found[replica] = pid
-            if len(found) == 2:
-                break
-        return found
+
+def health(cluster: Cluster) -> int:
+    return httpx.get(f"{cluster.url}/health", timeout=10).status_code
+
+
+def test_failover_when_a_replica_engine_dies(two_replicas):
 
     prompt = "The doomed replica's prompt"
     victim_replica = two_replicas.complete(prompt).headers[REPLICA_HEADER]
@@ -224,12 +229,29 @@ def test_failover_when_a_replica_engine_dies(two_replicas):
         response = two_replicas.complete(f"{prompt} {i}")
         assert response.status_code == 200, response.text
         assert response.headers[REPLICA_HEADER] != victim_replica
-    assert httpx.get(f"{two_replicas.url}/health", timeout=10).status_code == 200
+    # /health stays 200 while the other replica's engine lives, before and after the dead
+    # replica has reported its engine dead (reports come every second here).
+    for _ in range(3):
+        assert health(two_replicas) == 200
+        time.sleep(1.0)
     # Ray replaces the replica: two running again, the victim's id gone.
     wait_for(lambda: two_replicas.running_replicas() == 2, "the dead replica replaced")
     wait_for(lambda: victim_replica not in engine_processes(), "the dead replica gone")
     assert not victim.is_running() or victim.status() == psutil.STATUS_ZOMBIE
     assert two_replicas.complete(prompt).status_code == 200
+
+
+def test_health_is_503_while_no_replica_has_a_live_engine(two_replicas):
+    before = engine_processes()
+    assert len(before) == 2
+    assert health(two_replicas) == 200
+    victims = [psutil.Process(pid) for pid in before.values()]
+    for victim in victims:
+        victim.kill()
+    wait_for(lambda: health(two_replicas) == 503, "/health 503 with both engines dead", 60)
+    # Ray replaces both replicas; their new engines make the ingress healthy again.
+    wait_for(lambda: health(two_replicas) == 200, "/health 200 after the replacements")
+    assert two_replicas.complete("Back again").status_code == 200
 
 
 def test_autoscaling_up_under_a_burst_and_down_when_idle(cluster, tiny_model_dir):

@@ -161,3 +161,14 @@ def test_a_cancelled_caller_cancels_its_non_streamed_call() -> None:
     asyncio.run(run())
     ((_, call),) = replicas.calls
     assert call.cancelled
+
+
+def test_errored_only_when_no_replica_has_a_live_engine() -> None:
+    alive = [True]
+    client = ReplicaEngineClient(FakeReplicas(), None, CONFIG, health=lambda: alive[0])  # type: ignore[arg-type]
+    assert not client.errored
+    asyncio.run(client.check_health())
+    alive[0] = False
+    assert client.errored
+    with pytest.raises(EngineDeadError, match="no replica has a live engine"):
+        asyncio.run(client.check_health())

@@ -46,3 +46,21 @@ def test_a_replica_that_stopped_sending_is_dropped() -> None:
     metrics = ReplicaMetrics(stale_after=0.0)
     metrics.record("gone", replica_text(hits=1, running=0))
     assert samples(metrics) == {}
+
+
+def test_healthy_while_any_replica_heard_from_lately_has_a_live_engine() -> None:
+    metrics = ReplicaMetrics(stale_after=60)
+    assert metrics.any_healthy()  # nothing heard yet: Serve started the replicas ready
+    metrics.record("a", replica_text(hits=0, running=0), healthy=True)
+    metrics.record("b", replica_text(hits=0, running=0), healthy=False)
+    assert metrics.any_healthy()
+    metrics.record("a", replica_text(hits=0, running=0), healthy=False)
+    assert not metrics.any_healthy()
+    metrics.record("c", replica_text(hits=0, running=0), healthy=True)  # a replacement
+    assert metrics.any_healthy()
+
+
+def test_no_replica_heard_from_lately_is_not_healthy() -> None:
+    metrics = ReplicaMetrics(stale_after=0.0)
+    metrics.record("gone", replica_text(hits=0, running=0), healthy=True)
+    assert not metrics.any_healthy()
