@@ -9,7 +9,7 @@ no Ray), then a local Ray cluster with one replica of the model (the embedded de
   handle_stream   the replica's generate() for a one-token request, called from this driver
   handle_final    the replica's generate_final() (one unary call with the final output)
 
-    python benchmarks/profile_ray_ingress.py [--model PATH] [-n 200]
+    python benchmarks/profile_ray_ingress.py [--model PATH] [-n 200] [--replica-num-cpus N]
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument("--model", default=None)
     p.add_argument("-n", type=int, default=200)
     p.add_argument("--port", type=int, default=8123)
+    p.add_argument("--replica-num-cpus", type=float, default=None, help="default: serve-ray's")
     args = p.parse_args()
     engine = EngineConfig.from_flags(
         resolve_model_path(args.model), served_model_names=("m",), kv_cache_memory=64 << 20
@@ -87,7 +88,8 @@ def main() -> None:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        app = pagoda_app(engine, ServerConfig(), RayDeployConfig(num_replicas=1))
+        deploy = RayDeployConfig(num_replicas=1, replica_num_cpus=args.replica_num_cpus)
+        app = pagoda_app(engine, ServerConfig(), deploy)
         serve.run(app, name="pagoda", route_prefix="/")
         with httpx.Client(timeout=60) as client:
             result["http_models"] = p50_ms(lambda: client.get(f"{url}/v1/models"), args.n)
