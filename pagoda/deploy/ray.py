@@ -36,12 +36,13 @@ from pagoda.config import ConfigError, EngineConfig, ServerConfig
 from pagoda.deploy.config import RayDeployConfig, deploy_config_of
 from pagoda.deploy.replica_client import (
     ReplicaEngineClient,
+    ReplicaRefused,
     ReplicaRequest,
     ServedBy,
     ServedByMiddleware,
 )
 from pagoda.deploy.replica_metrics import ReplicaMetrics, ReplicaMetricsMiddleware
-from pagoda.engine.protocol import EngineDeadError, ServingConfig, TokensPrompt
+from pagoda.engine.protocol import ServingConfig, TokensPrompt
 from pagoda.entrypoints.openai.api_server import PagodaApp, build_app
 from pagoda.outputs import RequestOutput
 from pagoda.tokenizer import Tokenizer
@@ -139,7 +140,7 @@ class EngineReplica:
 
     def _refuse_if_dead(self) -> None:
         if self.engine.errored:
-            raise EngineDeadError(f"replica {self.replica}: {self.engine.dead_error}")
+            raise ReplicaRefused(f"replica {self.replica}: {self.engine.dead_error}")
 
     def _generate(self, request: ReplicaRequest) -> AsyncIterator[RequestOutput]:
         prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)

@@ -61,6 +61,11 @@ class ReplicaRequest:
         return "".join(map(chr, self.prompt_token_ids))
 
 
+class ReplicaRefused(EngineDeadError):
+    """A replica whose engine is dead refused a request before starting it: the request
+    never ran, so another replica may take it."""
+
+
 @dataclass(frozen=True)
 class ServedBy:
     """The first item of a replica's stream: which replica took the request."""
@@ -133,9 +138,9 @@ class ReplicaEngineClient(EngineClient):
     async def _final(self, request: ReplicaRequest) -> RequestOutput:
         """The one output of a non-streamed request, from one unary call to a replica.
 
-        Nothing reaches the client before the output, so a replica that refused the request
-        or died under it is no different from one that never got it: retried until
-        retry_timeout, by which time Ray has routed around it.
+        A replica that refused it (its engine dead, or draining) is retried until
+        retry_timeout, by which time Ray has routed around it. An engine that died while
+        running it is not: the request may be what killed it.
         """
         deadline = time.monotonic() + self.retry_timeout
         while True:
@@ -143,11 +148,13 @@ class ReplicaEngineClient(EngineClient):
             self._calls[request.request_id] = response
             try:
                 served_by, output = await response
-            except (EngineDeadError, EngineShuttingDown, RayActorError) as e:
+            except (ReplicaRefused, EngineShuttingDown, RayActorError) as e:
                 if time.monotonic() > deadline:
                     raise EngineDeadError(f"no replica took the request: {e}") from e
                 await asyncio.sleep(RETRY_INTERVAL_S)
                 continue
+            except (EngineDeadError, RequestAborted, ValueError):
+                raise  # the replica's own error (Ray's wrapper is an instance of it too)
             except RayError as e:
                 raise EngineDeadError(f"the replica serving the request failed: {e}") from e
             except asyncio.CancelledError:
@@ -170,7 +177,7 @@ class ReplicaEngineClient(EngineClient):
             stream = self.generate_stream.remote(request)
             try:
                 first = await stream.__anext__()
-            except (EngineDeadError, EngineShuttingDown, RayActorError) as e:
+            except (ReplicaRefused, EngineShuttingDown, RayActorError) as e:
                 stream.cancel()
                 if time.monotonic() > deadline:
                     raise EngineDeadError(f"no replica took the request: {e}") from e

@@ -8,7 +8,12 @@ from typing import Any
 
 import pytest
 
-from pagoda.deploy.replica_client import ReplicaEngineClient, ReplicaRequest, ServedBy
+from pagoda.deploy.replica_client import (
+    ReplicaEngineClient,
+    ReplicaRefused,
+    ReplicaRequest,
+    ServedBy,
+)
 from pagoda.engine.protocol import EngineDeadError, ServingConfig, TokensPrompt
 from pagoda.outputs import CompletionOutput, RequestOutput
 from pagoda.sampling_params import RequestOutputKind, SamplingParams
@@ -58,9 +63,10 @@ class FakeReplicas:
     """A handle to replicas: `generate_final` answers after `delay` seconds, refusing the
     first `refusals` calls as a replica whose engine died does."""
 
-    def __init__(self, refusals: int = 0, delay: float = 0.0) -> None:
+    def __init__(self, refusals: int = 0, delay: float = 0.0, dies: bool = False) -> None:
         self.refusals = refusals
         self.delay = delay
+        self.dies = dies  # the engine dies while running the request
         self.calls: list[tuple[str, FakeCall]] = []
 
     def options(self, *, method_name: str, stream: bool = False) -> Any:
@@ -83,7 +89,9 @@ class FakeReplicas:
         await asyncio.sleep(self.delay)
         if self.refusals > 0:
             self.refusals -= 1
-            raise EngineDeadError("replica r0: the engine is dead")
+            raise ReplicaRefused("replica r0: the engine is dead")
+        if self.dies:
+            raise EngineDeadError("the engine process exited")
         return ServedBy("r1"), output(request, 7, finished=True)
 
     async def stream(self, request: ReplicaRequest) -> AsyncIterator[Any]:
@@ -128,6 +136,13 @@ def test_a_non_streamed_request_fails_once_no_replica_takes_it() -> None:
     client = ReplicaEngineClient(replicas, None, CONFIG, retry_timeout=0.3)  # type: ignore[arg-type]
     with pytest.raises(EngineDeadError, match="no replica took the request"):
         asyncio.run(collect(client, RequestOutputKind.FINAL_ONLY))
+
+
+def test_a_non_streamed_request_whose_engine_died_under_it_is_not_tried_again() -> None:
+    replicas = FakeReplicas(dies=True)  # the request may be what killed the engine
+    with pytest.raises(EngineDeadError, match="exited"):
+        asyncio.run(collect(client_of(replicas), RequestOutputKind.FINAL_ONLY))
+    assert [method for method, _ in replicas.calls] == ["generate_final"]
 
 
 def test_abort_cancels_a_non_streamed_call_in_flight() -> None:
