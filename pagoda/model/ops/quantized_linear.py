@@ -77,6 +77,7 @@ def quantize_rows_torch(x: torch.Tensor) -> torch.Tensor:
 # and multiplies from there, so no full-precision copy of the weight is kept (BENCHMARKS.md,
 # section 9: tiles of 512-2048 rows of 2048 weights measured best, whole matrices no better).
 TILE_BYTES = 8 << 20
+MIN_TILE_ROWS = 256  # a GEMM of a useful width
 
 
 def dequantize_rows(w: GGUFWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -102,8 +103,8 @@ def gguf_matmul_torch(x: torch.Tensor, w: GGUFWeight) -> torch.Tensor:
 
 
 def tile_rows(w: GGUFWeight, x: torch.Tensor) -> int:
-    """Weight rows a tile: TILE_BYTES of x's dtype, at least 256 (a GEMM of a useful width)."""
-    return max(256, TILE_BYTES // (x.shape[1] * x.element_size()))
+    """Weight rows a tile: TILE_BYTES of x's dtype, at least MIN_TILE_ROWS."""
+    return max(MIN_TILE_ROWS, TILE_BYTES // (x.shape[1] * x.element_size()))
 
 
 _DTYPES = (torch.float32, torch.bfloat16)  # what the dequantizing kernels write

@@ -100,12 +100,16 @@ def test_the_model_holds_no_dense_copy(tmp_path: Path, qtype: str) -> None:
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES)
 @pytest.mark.parametrize("tied", [True, False])
-def test_blocks_alone_give_what_the_dense_copy_gave(tmp_path: Path, qtype: str, tied: bool) -> None:
+def test_blocks_alone_give_what_the_dense_copy_gave(
+    tmp_path: Path, qtype: str, tied: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Greedy tokens and logits, each sequence alone (the kernel) and 12 in a batch (decoded
-    tiles where the dense copy was), after prompts of up to 300 tokens (more rows than a tile
-    of the embedding table's 256)."""
+    tiles where the dense copy was), after prompts of up to 300 tokens; tiles of 48 weight
+    rows, so that every matrix takes several and a last short one."""
     if not tied and qtype not in ("Q8_0", "Q6_K"):
         pytest.skip("an untied output layer: one legacy format and one k-quant")
+    monkeypatch.setattr(quantized_linear, "TILE_BYTES", 0)
+    monkeypatch.setattr(quantized_linear, "MIN_TILE_ROWS", 48)
     path = write_tiny(tmp_path / "m.gguf", qtype, tied)
     blocks = load_model(path, torch.float32, quantized=True)
     assert blocks.embed_tokens.weight is None and blocks.output_gguf is not None
