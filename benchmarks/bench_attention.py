@@ -1,6 +1,7 @@
 """Decode attention over the paged KV cache: the C++ kernel on the default model's shapes.
 
     .venv/bin/python benchmarks/bench_attention.py [--seqs 32] [--context 330] [--window W]
+        [--tokens T]
 
 Times one decode step's attention (one query token per sequence, 30 layers, the
 default model's 9 query and 3 KV heads of 64) with each sequence's blocks laid out
@@ -9,6 +10,9 @@ over the cache, as they are after the free queue has cycled for a while. Prints
 the median over 20 steps and the rate at which the keys and values were read.
 With --window, each query sees only its last W positions (a local attention
 layer), and the same steps are also timed without the window, in turn.
+With --tokens T > 1, each sequence brings T consecutive query tokens ending at the
+context's last position, as a step that verifies T - 1 draft tokens does; paged_attention
+gives such runs to the prompt kernel, and so does this benchmark.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, default=32)
     parser.add_argument("--context", type=int, default=330)
     parser.add_argument("--window", type=int, default=None, help="a sliding window (positions)")
+    parser.add_argument("--tokens", type=int, default=1, help="query tokens per sequence")
     args = parser.parse_args()
     if not kernels.load():
         raise SystemExit("the C++ kernels are not built: python -m pagoda.kernels")
@@ -42,9 +47,13 @@ def main() -> None:
     for k, v in caches:
         k.normal_()
         v.normal_()
-    q = torch.randn(args.seqs, HEADS, HEAD_DIM, dtype=torch.bfloat16)
-    token_seq = torch.arange(args.seqs)
-    positions = torch.full((args.seqs,), args.context - 1)
+    tokens = args.tokens
+    q = torch.randn(args.seqs * tokens, HEADS, HEAD_DIM, dtype=torch.bfloat16)
+    token_seq = torch.arange(args.seqs).repeat_interleave(tokens)
+    positions = (args.context - tokens + torch.arange(tokens)).repeat(args.seqs)
+    attention = (
+        torch.ops.pagoda.paged_attention if tokens == 1 else torch.ops.pagoda.prompt_attention
+    )
     layouts = {
         "contiguous": torch.arange(args.seqs * per_seq),
         "scattered": torch.randperm(num_blocks)[: args.seqs * per_seq],
@@ -57,9 +66,7 @@ def main() -> None:
             for window in windows:  # in turn, so that both see the same machine
                 start = time.perf_counter()
                 for k, v in caches:
-                    torch.ops.pagoda.paged_attention(
-                        q, k, v, tables, token_seq, positions, 0.125, window
-                    )
+                    attention(q, k, v, tables, token_seq, positions, 0.125, window)
                 if i >= 3:  # warm-up
                     times[window].append(time.perf_counter() - start)
         for window in windows:

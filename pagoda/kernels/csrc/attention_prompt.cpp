@@ -45,30 +45,43 @@ inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
 }
 
 // One tile: the n tokens whose rows start at q, q_stride apart, at positions
-// pos0..pos0+n-1 of the sequence with block table `blocks`; query heads g*G..g*G+G-1,
-// each of DP bfloat16 pairs (head_dim 2 DP); output rows out_stride apart. Token t
-// sees keys pos0+t-window < p <= pos0+t (a window of kNoWindow: keys 0..pos0+t), and
-// the tile reads only from its first token's first key on.
+// pos0..pos0+n-1 of the sequence with block table `blocks`; the G * LH query heads
+// that share KV head g, each of DP bfloat16 pairs (head_dim 2 DP); output rows
+// out_stride apart. Token t sees keys pos0+t-window < p <= pos0+t (a window of
+// kNoWindow: keys 0..pos0+t), and the tile reads only from its first token's first
+// key on.
+//
+// A lane is a (token, head) pair: lane l of register group h holds token l / LH and
+// head h * LH + l % LH. A prompt tile has LH = 1 (16 tokens, each head a group); a
+// short run (the token and drafts of a speculating request: n * heads <= 16) has all
+// its heads in the lanes of one group (G = 1), so that each key's products, scores
+// and softmax run once for all its rows instead of once a head with most lanes idle:
+//
+//     LH = 1, G = 3, n = 5:  group h: | t0 t1 t2 t3 t4 -- -- ... -- |  x 3
+//     LH = 3, G = 1, n = 5:  group 0: | t0h0 t0h1 t0h2 t1h0 ... t4h2 -- |
 template <int G, int DP>
-void prompt_tile(const at::BFloat16* q, int64_t q_stride, int64_t n, int64_t pos0,
-                 const int64_t* blocks, const at::BFloat16* kc, const at::BFloat16* vc,
-                 int64_t block_size, int64_t kv_heads, int64_t g, float scale, int64_t window,
-                 at::BFloat16* out, int64_t out_stride) {
+void prompt_tile(const at::BFloat16* q, int64_t q_stride, int64_t n, int64_t lane_heads,
+                 int64_t pos0, const int64_t* blocks, const at::BFloat16* kc,
+                 const at::BFloat16* vc, int64_t block_size, int64_t kv_heads, int64_t g,
+                 float scale, int64_t window, at::BFloat16* out, int64_t out_stride) {
   // Scores of KC keys at a time: G x KC accumulators, held in registers.
   constexpr int D = 2 * DP, KC = G <= 3 ? 8 : 4;
-  // Queries as bfloat16 pairs, token t in lane t; lanes past n repeat the last token
-  // (a valid query whose result is not stored).
+  const int64_t heads = G * lane_heads, lanes = n * lane_heads;  // heads per KV head, lanes used
+  // Queries as bfloat16 pairs; lanes past the last repeat it (a valid query whose
+  // result is not stored).
   alignas(64) int32_t qp[G][DP][kTile];
-  for (int t = 0; t < kTile; ++t) {
-    const auto* row = reinterpret_cast<const int32_t*>(q + std::min<int64_t>(t, n - 1) * q_stride);
-    for (int h = 0; h < G; ++h)
-      for (int i = 0; i < DP; ++i) qp[h][i][t] = row[(g * G + h) * DP + i];
+  alignas(64) int32_t lane_pos[kTile];
+  for (int l = 0; l < kTile; ++l) {
+    const int64_t u = std::min<int64_t>(l, lanes - 1), t = u / lane_heads;
+    const auto* row = reinterpret_cast<const int32_t*>(q + t * q_stride);
+    for (int h = 0; h < G; ++h) {
+      const int64_t head = g * heads + h * lane_heads + u % lane_heads;
+      for (int i = 0; i < DP; ++i) qp[h][i][l] = row[head * DP + i];
+    }
+    lane_pos[l] = int32_t(pos0 + t);
   }
-  const __m512i pos = _mm512_min_epi32(
-      _mm512_add_epi32(_mm512_set1_epi32(int32_t(pos0)),
-                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)),
-      _mm512_set1_epi32(int32_t(pos0 + n - 1)));
-  // Lane t sees key p when lo[t] < p <= pos[t].
+  const __m512i pos = _mm512_load_si512(lane_pos);
+  // Lane l sees key p when lo[l] < p <= pos[l].
   const __m512i lo = _mm512_sub_epi32(pos, _mm512_set1_epi32(int32_t(window)));
   const int64_t first = std::max<int64_t>(0, pos0 - window + 1), len = pos0 + n;  // keys read
   __m512 top[G], sum[G];
@@ -76,7 +89,7 @@ void prompt_tile(const at::BFloat16* q, int64_t q_stride, int64_t n, int64_t pos
     top[h] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     sum[h] = _mm512_setzero_ps();
   }
-  alignas(64) float acc[G][kTile][D];        // token t's output of head h, unnormalised
+  alignas(64) float acc[G][kTile][D];        // lane l's output in group h, unnormalised
   alignas(64) float s[G][kKeys][kTile];      // scores, then probabilities, of 16 keys
   alignas(64) int32_t p2[G][kKeys / 2][kTile];  // probabilities as pairs of keys
   alignas(64) int32_t v2[kKeys / 2][D];      // values as pairs of keys
@@ -91,6 +104,19 @@ void prompt_tile(const at::BFloat16* q, int64_t q_stride, int64_t n, int64_t pos
       const int64_t block = blocks[p / block_size], offset = p % block_size;
       krow[j] = cache_row(kc, block, g, offset, kv_heads, block_size, D);
       vrow[j] = cache_row(vc, block, g, offset, kv_heads, block_size, D);
+    }
+    // The next 16 keys' rows, asked for now: a sequence's blocks lie scattered over the
+    // cache, where the hardware prefetcher cannot follow (as in attention_decode.cpp).
+    for (int64_t p = k0 + kKeys; p < std::min<int64_t>(k0 + 2 * kKeys, len); ++p) {
+      const int64_t block = blocks[p / block_size], offset = p % block_size;
+      const auto* k = reinterpret_cast<const char*>(
+          cache_row(kc, block, g, offset, kv_heads, block_size, D));
+      const auto* v = reinterpret_cast<const char*>(
+          cache_row(vc, block, g, offset, kv_heads, block_size, D));
+      for (int b = 0; b < D * 2; b += 64) {
+        _mm_prefetch(k + b, _MM_HINT_T0);
+        _mm_prefetch(v + b, _MM_HINT_T0);
+      }
     }
     for (int c = 0; c < kKeys; c += KC) {
       __m512 sc[G][KC];
@@ -127,10 +153,10 @@ void prompt_tile(const at::BFloat16* q, int64_t q_stride, int64_t n, int64_t pos
         sum[h] = _mm512_mul_ps(sum[h], c);
         _mm512_store_ps(corr, c);
         if (k0 > first) {
-          for (int t = 0; t < n; ++t) {
-            const __m512 ct = _mm512_set1_ps(corr[t]);
+          for (int64_t l = 0; l < lanes; ++l) {
+            const __m512 cl = _mm512_set1_ps(corr[l]);
             for (int d = 0; d < D; d += 16) {
-              _mm512_store_ps(acc[h][t] + d, _mm512_mul_ps(_mm512_load_ps(acc[h][t] + d), ct));
+              _mm512_store_ps(acc[h][l] + d, _mm512_mul_ps(_mm512_load_ps(acc[h][l] + d), cl));
             }
           }
         }
@@ -152,13 +178,13 @@ void prompt_tile(const at::BFloat16* q, int64_t q_stride, int64_t n, int64_t pos
       }
     }
     for (int h = 0; h < G; ++h) {
-      for (int t = 0; t < n; ++t) {
+      for (int64_t l = 0; l < lanes; ++l) {
         for (int d = 0; d < D; d += 16) {
-          __m512 a = _mm512_load_ps(acc[h][t] + d);
+          __m512 a = _mm512_load_ps(acc[h][l] + d);
           for (int j = 0; j < kKeys / 2; ++j) {
-            a = dot_pairs(a, _mm512_load_si512(v2[j] + d), _mm512_set1_epi32(p2[h][j][t]));
+            a = dot_pairs(a, _mm512_load_si512(v2[j] + d), _mm512_set1_epi32(p2[h][j][l]));
           }
-          _mm512_store_ps(acc[h][t] + d, a);
+          _mm512_store_ps(acc[h][l] + d, a);
         }
       }
     }
@@ -166,17 +192,20 @@ void prompt_tile(const at::BFloat16* q, int64_t q_stride, int64_t n, int64_t pos
   for (int h = 0; h < G; ++h) {
     alignas(64) float total[kTile];
     _mm512_store_ps(total, sum[h]);
-    for (int t = 0; t < n; ++t) {
-      const __m512 inv = _mm512_set1_ps(1.f / total[t]);
-      at::BFloat16* o = out + t * out_stride + (g * G + h) * D;
-      for (int d = 0; d < D; d += 16) store16(o + d, _mm512_mul_ps(_mm512_load_ps(acc[h][t] + d), inv));
+    for (int64_t l = 0; l < lanes; ++l) {
+      const __m512 inv = _mm512_set1_ps(1.f / total[l]);
+      const int64_t head = g * heads + h * lane_heads + l % lane_heads;
+      at::BFloat16* o = out + (l / lane_heads) * out_stride + head * D;
+      for (int d = 0; d < D; d += 16) {
+        store16(o + d, _mm512_mul_ps(_mm512_load_ps(acc[h][l] + d), inv));
+      }
     }
   }
 }
 
-using PromptTile = void (*)(const at::BFloat16*, int64_t, int64_t, int64_t, const int64_t*,
-                            const at::BFloat16*, const at::BFloat16*, int64_t, int64_t, int64_t,
-                            float, int64_t, at::BFloat16*, int64_t);
+using PromptTile = void (*)(const at::BFloat16*, int64_t, int64_t, int64_t, int64_t,
+                            const int64_t*, const at::BFloat16*, const at::BFloat16*, int64_t,
+                            int64_t, int64_t, float, int64_t, at::BFloat16*, int64_t);
 
 template <int DP>
 PromptTile prompt_tile_for_group(int64_t group) {
@@ -268,7 +297,10 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k_cache,
               heads / kv_heads, " query heads per KV head in this build");
 #ifdef __AVX512BF16__
   const int64_t num_blocks = k_cache.size(0), table_stride = block_tables.stride(0);
-  const PromptTile tile = prompt_tile_for(dim, heads / kv_heads);
+  const int64_t group = heads / kv_heads;
+  // A tile of 16 tokens takes each head as a group of lanes; a tile whose tokens times
+  // heads fit the lanes takes them all in one (prompt_tile).
+  const PromptTile tile = prompt_tile_for(dim, group), packed = prompt_tile_for(dim, 1);
   const int64_t* seq = token_seq.data_ptr<int64_t>();
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
@@ -302,9 +334,11 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k_cache,
 #pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
   for (int64_t item = num_tiles * kv_heads - 1; item >= 0; --item) {
     const int64_t i = item / kv_heads, g = item % kv_heads, first = starts[i];
-    tile(qp + first * q.stride(0), q.stride(0), starts[i + 1] - first, pos[first],
-         tables + seq[first] * table_stride, kc, vc, block_size, kv_heads, g, s, w,
-         op + first * heads * dim, heads * dim);
+    const int64_t n = starts[i + 1] - first;
+    const bool pack = n * group <= kTile;
+    (pack ? packed : tile)(qp + first * q.stride(0), q.stride(0), n, pack ? group : 1, pos[first],
+                           tables + seq[first] * table_stride, kc, vc, block_size, kv_heads, g,
+                           s, w, op + first * heads * dim, heads * dim);
   }
   return out;
 #else

@@ -118,6 +118,42 @@ def test_prompt_attention_equals_float32(
     )
 
 
+# (query heads, KV heads, head_dim): 1 to 6 query heads per KV head, both head_dims.
+VERIFY_SHAPES = [(9, 3, 64), (4, 4, 64), (4, 2, 128), (16, 4, 64), (10, 2, 64), (12, 2, 128)]
+
+
+@needs_prompt_kernel
+@pytest.mark.parametrize("window", [None, 3, 40])
+@pytest.mark.parametrize("heads, kv_heads, dim", VERIFY_SHAPES)
+def test_prompt_attention_of_short_runs_equals_float32(
+    heads: int, kv_heads: int, dim: int, window: int | None
+) -> None:
+    """A step that verifies drafts: runs of 2 to 17 tokens (a token and 1 to 16 drafts) after
+    contexts of 1 to 300 positions, each run's token times heads filling a tile's lanes or not;
+    the kernel against the PyTorch path in float32 on the same values."""
+    torch.manual_seed(0)
+    block_size = 16
+    num_computed = [1, 40, 300, 15, 63, 7, 129]
+    num_new = [2, 5, 5, 3, 6, 17, 9]
+    num_blocks = sum(-(-(c + n) // block_size) for c, n in zip(num_computed, num_new))
+    order = torch.randperm(num_blocks).tolist()
+    tables = []
+    for c, n in zip(num_computed, num_new):
+        used = -(-(c + n) // block_size)
+        tables.append(order[:used])
+        order = order[used:]
+    attn, _ = AttentionMetadata.build(num_computed, num_new, tables, block_size)
+    (runs,) = attn.groups
+    q = torch.randn(sum(num_new), heads, dim).bfloat16()
+    shape = (num_blocks, kv_heads, block_size, dim)
+    kc, vc = torch.randn(shape).bfloat16(), torch.randn(shape).bfloat16()
+    reference = attend_group(q.float(), kc.float(), vc.float(), runs, dim**-0.5, window)
+    out = torch.ops.pagoda.prompt_attention(
+        q, kc, vc, runs.block_tables, runs.token_seq, runs.positions, dim**-0.5, window
+    )
+    torch.testing.assert_close(out.float(), reference, **TOLERANCE[torch.bfloat16])
+
+
 @needs_prompt_kernel
 def test_prompt_kernel_states_its_shapes_and_refuses_others() -> None:
     takes = [
