@@ -99,6 +99,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="requests per second, Poisson arrivals; inf sends all at once",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--temperature",
+        type=at_least(0, float),
+        default=0.0,
+        help="sampling temperature of every request (default 0, greedy); above 0 request i "
+        "also carries seed SEED + i, so that the sampled outputs repeat from run to run",
+    )
     p.add_argument("--num-warmups", type=at_least(0), default=1)
     p.add_argument("--save-result", action="store_true")
     p.add_argument("--result-filename", default=None)
@@ -199,15 +206,18 @@ async def send(
     model: str,
     request: BenchRequest,
     tokenizer,
+    seed: int | None = None,
 ) -> RequestResult:
     chat = args.endpoint.endswith("chat/completions")
     body: dict = {
         "model": model,
         "max_tokens": request.output_len,
-        "temperature": 0.0,
+        "temperature": args.temperature,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if args.temperature > 0 and seed is not None:
+        body["seed"] = seed
     if chat:
         body["messages"] = [{"role": "user", "content": request.prompt}]
     else:
@@ -351,17 +361,17 @@ async def run(
 
             progress = tqdm(total=len(requests), desc="Requests")
 
-        async def one(request: BenchRequest) -> RequestResult:
+        async def one(request: BenchRequest, seed: int) -> RequestResult:
             async with semaphore:
-                result = await send(client, args, model, request, tokenizer)
+                result = await send(client, args, model, request, tokenizer, seed)
             if progress is not None:
                 progress.update(1)
             return result
 
         start = time.perf_counter()
         tasks = []
-        for request in requests:
-            tasks.append(asyncio.create_task(one(request)))
+        for i, request in enumerate(requests):
+            tasks.append(asyncio.create_task(one(request, args.seed + i)))
             if args.request_rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(args.request_rate))
         results = await asyncio.gather(*tasks)
@@ -392,6 +402,7 @@ def report(summary: dict, args: argparse.Namespace) -> None:
         "max_concurrency": args.max_concurrency,
         "request_rate": str(args.request_rate),
         "seed": args.seed,
+        "temperature": args.temperature,
         **summary,
     }
     print(json.dumps(record))

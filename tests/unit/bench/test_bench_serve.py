@@ -24,6 +24,7 @@ CHUNKS = 5
 def fake_app(send_usage: bool) -> FastAPI:
     app = FastAPI()
     app.state.client_ports = []  # the client's port for each completion request
+    app.state.bodies = []  # each completion request's JSON body
     counter = {"n": 0}
 
     @app.get("/v1/models")
@@ -34,6 +35,7 @@ def fake_app(send_usage: bool) -> FastAPI:
     async def completions(request: Request):
         body = await request.json()
         app.state.client_ports.append(request.client.port)
+        app.state.bodies.append(body)
         counter["n"] += 1
         if counter["n"] % 4 == 0:  # every fourth request fails
             return JSONResponse({"error": {"message": "boom", "code": 500}}, status_code=500)
@@ -138,6 +140,27 @@ def test_no_keep_alive_opens_a_connection_per_request(
     assert len(ports) == 8
     # One at a time: a kept-alive connection carries every request; otherwise each has its own.
     assert len(set(ports)) == (1 if keep_alive else 8)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_sampled_requests_carry_a_seed_each(temperature: float, tiny_model_dir, tmp_path) -> None:
+    """--temperature T sends T; above 0 each request also carries seed + its index, so that a
+    sampled workload is the same on every run (and the same with speculation on and off)."""
+    app = fake_app(send_usage=True)
+    server, url = run_server(app)
+    try:
+        tokenizer = Tokenizer.from_path(tiny_model_dir("llama"))
+        args = bench_args(url, tmp_path, max_concurrency=1, temperature=temperature, seed=40)
+        requests = [bench.BenchRequest("x" * 4, 4, 10) for _ in range(8)]
+        asyncio.run(bench.run(args, [], requests, tokenizer))
+    finally:
+        server.should_exit = True
+    bodies = app.state.bodies
+    assert [b["temperature"] for b in bodies] == [temperature] * 8
+    if temperature:
+        assert [b["seed"] for b in bodies] == list(range(40, 48))
+    else:
+        assert all("seed" not in b for b in bodies)
 
 
 def test_random_dataset_has_exact_lengths(default_model_path) -> None:
