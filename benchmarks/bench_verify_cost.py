@@ -27,7 +27,14 @@ from pagoda.sampling_params import SamplingParams
 def mean_step_ms(llm: LLM, batch: int, k: int, seed: int) -> float:
     """Mean time of the decode steps of `batch` requests (prefill steps excluded)."""
     engine = llm.engine
-    spec = SpeculativeConfig(num_speculative_tokens=k) if k else None
+    # Drafts at every step: neither the batch size nor the failing drafts switch them off.
+    spec = (
+        SpeculativeConfig(
+            num_speculative_tokens=k, disable_by_batch_size=None, min_acceptance_rate=0.0
+        )
+        if k
+        else None
+    )
     engine.scheduler = Scheduler(
         SchedulerConfig(max_num_batched_tokens=8192),
         CacheConfig(enable_prefix_caching=False),

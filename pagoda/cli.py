@@ -320,8 +320,10 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         metavar="JSON",
         help='speculative decoding by n-gram prompt lookup, e.g. \'{"method": "ngram", '
         '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\'; '
-        "also disable_by_batch_size (no drafts in a step of that many requests or more) and "
-        "min_acceptance_rate (a request whose drafts are accepted less often stops drafting)",
+        "also disable_by_batch_size (no drafts in a step of that many requests or more; "
+        "default 32, null for none) and min_acceptance_rate, min_draft_tokens (a request "
+        "whose first min_draft_tokens drafts, default 16, were accepted less often than "
+        "that, default 0.4, stops drafting)",
     )
 
 

@@ -164,12 +164,16 @@ class SpeculativeConfig:
     num_speculative_tokens: int
     prompt_lookup_min: int = 5  # vLLM's: 5 when neither bound is given, else the other one
     prompt_lookup_max: int = 5
-    # No drafts in a step whose batch has this many requests or more: a large batch makes
-    # a step compute-bound, and the draft tokens then cost about what they may save.
-    disable_by_batch_size: int | None = None
-    # A request whose drafts keep failing stops drafting: after min_draft_tokens draft
-    # tokens, when fewer than this fraction of them were accepted.
-    min_acceptance_rate: float = 0.0
+    # No drafts in a step whose batch has this many requests or more (vLLM's name; its
+    # default is None, never). A large batch makes a step compute-bound on a CPU, and the
+    # draft tokens then cost about what they save (BENCHMARKS.md section 11, measured).
+    disable_by_batch_size: int | None = 32
+    # Pagoda's own: a request whose drafts keep failing stops drafting. Once it has had
+    # min_draft_tokens draft tokens, it drafts no more if fewer than min_acceptance_rate of
+    # them were accepted: a step's drafts must keep about that fraction to pay for the
+    # rows they add (BENCHMARKS.md section 11). 0 never stops a request.
+    min_acceptance_rate: float = 0.4
+    min_draft_tokens: int = 16
 
     def __post_init__(self) -> None:
         flag = "--speculative-config"
@@ -205,6 +209,12 @@ class SpeculativeConfig:
                 "at least 1",
             )
         _require(
+            self.min_draft_tokens >= 1,
+            f"{flag} min_draft_tokens",
+            self.min_draft_tokens,
+            "at least 1",
+        )
+        _require(
             0.0 <= self.min_acceptance_rate <= 1.0,
             f"{flag} min_acceptance_rate",
             self.min_acceptance_rate,
@@ -237,6 +247,8 @@ class SpeculativeConfig:
                 expected: tuple[type, ...] = (str,)
             elif name == "min_acceptance_rate":
                 expected = (int, float)
+            elif name == "disable_by_batch_size":
+                expected = (int, type(None))  # null: drafts at any batch size
             else:
                 expected = (int,)
             _require(

@@ -64,10 +64,6 @@ class RunnerOutput:
     )
 
 
-# A request's drafts are judged by min_acceptance_rate once it has had this many draft tokens.
-MIN_DRAFT_TOKENS_JUDGED = 32
-
-
 class Scheduler:
     def __init__(
         self,
@@ -212,7 +208,7 @@ class Scheduler:
         if num_computed + num_new < request.num_tokens or request.grammar is not None:
             return []
         if (
-            request.num_draft_tokens >= MIN_DRAFT_TOKENS_JUDGED
+            request.num_draft_tokens >= spec.min_draft_tokens
             and request.num_accepted_tokens < spec.min_acceptance_rate * request.num_draft_tokens
         ):
             return []

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pagoda.cli import main
-from pagoda.config import ConfigError, EngineConfig, ServerConfig
+from pagoda.config import ConfigError, EngineConfig, ServerConfig, SpeculativeConfig
 
 MODEL = Path("/nonexistent/model.gguf")  # from_flags only builds; nothing is loaded
 
@@ -172,6 +172,8 @@ def test_server_config_refuses_max_prompts_per_request_below_one() -> None:
         ('{"num_speculative_tokens": 3, "prompt_lookup_min": 0}', "prompt_lookup_min"),
         ('{"num_speculative_tokens": 3, "disable_by_batch_size": 0}', "disable_by_batch_size"),
         ('{"num_speculative_tokens": 3, "min_acceptance_rate": 2}', "min_acceptance_rate"),
+        ('{"num_speculative_tokens": 3, "min_draft_tokens": 0}', "min_draft_tokens"),
+        ('{"num_speculative_tokens": 3, "min_acceptance_rate": null}', "min_acceptance_rate"),
         ('{"num_speculative_tokens": 3, "draft_model": "x"}', "draft_model"),
         ("{nope", "not valid JSON"),
         ("[3]", "JSON object"),
@@ -210,3 +212,16 @@ def test_speculative_config_reaches_the_engine_config(
     assert spec is not None and spec.num_speculative_tokens == 4
     assert (spec.prompt_lookup_min, spec.prompt_lookup_max) == lookup
     assert engine_config_from_args(build_parser().parse_args(command), MODEL).speculative is None
+
+
+def test_speculation_switches_itself_off_where_it_does_not_pay_unless_told() -> None:
+    """By default drafts stop at 32 requests and for a request that kept fewer than 40 % of
+    its first 16 draft tokens (the break-evens measured in BENCHMARKS.md section 11); null
+    and 0 switch the two cuts off, as vLLM's default of no batch limit."""
+    spec = SpeculativeConfig.from_json('{"method": "ngram", "num_speculative_tokens": 4}')
+    assert spec.disable_by_batch_size == 32
+    assert (spec.min_acceptance_rate, spec.min_draft_tokens) == (0.4, 16)
+    spec = SpeculativeConfig.from_json(
+        '{"num_speculative_tokens": 4, "disable_by_batch_size": null, "min_acceptance_rate": 0}'
+    )
+    assert spec.disable_by_batch_size is None and spec.min_acceptance_rate == 0

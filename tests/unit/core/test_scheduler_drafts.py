@@ -16,7 +16,12 @@ LOOP = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
 
 def spec_scheduler(k: int = 4, **kwargs) -> Scheduler:
     config = {"num_speculative_tokens": k, "prompt_lookup_min": 2, "prompt_lookup_max": 3}
-    for key in ("prompt_lookup_min", "disable_by_batch_size", "min_acceptance_rate"):
+    for key in (
+        "prompt_lookup_min",
+        "disable_by_batch_size",
+        "min_acceptance_rate",
+        "min_draft_tokens",
+    ):
         if key in kwargs:
             config[key] = kwargs.pop(key)
     return make_scheduler(speculative=SpeculativeConfig(**config), **kwargs)
@@ -189,7 +194,9 @@ def test_no_drafts_in_a_step_with_disable_by_batch_size_requests() -> None:
 
 
 def test_a_request_whose_drafts_keep_failing_stops_drafting() -> None:
-    s = spec_scheduler(k=4, block_size=4, prompt_lookup_min=1, min_acceptance_rate=0.2)
+    s = spec_scheduler(
+        k=4, block_size=4, prompt_lookup_min=1, min_acceptance_rate=0.2, min_draft_tokens=32
+    )
     # Every other token is 1, and what follows a 1 is new each time: every draft is rejected.
     s.add_request(request("a", [1, 2, 3] * 4, max_tokens=200))
     model = {"a": [t for i in range(100) for t in (40 + i, 1)]}
@@ -200,3 +207,13 @@ def test_a_request_whose_drafts_keep_failing_stops_drafting() -> None:
     a = s.requests["a"]
     assert a.num_draft_tokens >= 32 and a.num_accepted_tokens < 0.2 * a.num_draft_tokens
     assert not any(drafted[-5:])
+
+
+def test_by_default_a_request_stops_drafting_after_16_failing_draft_tokens() -> None:
+    s = make_scheduler(speculative=SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_min=1))
+    s.add_request(request("a", [1, 2, 3] * 4, max_tokens=200))
+    model = {"a": [t for i in range(100) for t in (40 + i, 1)]}  # every draft rejected
+    drafted = [bool(step(s, model).scheduled[0].draft_token_ids) for _ in range(40)]
+    a = s.requests["a"]
+    assert 16 <= a.num_draft_tokens < 16 + 4 and a.num_accepted_tokens == 0
+    assert not any(drafted[-20:])
