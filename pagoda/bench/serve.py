@@ -15,6 +15,7 @@ import json
 import random
 import statistics
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -200,6 +201,18 @@ def _sample_shipped(name: str, tokenizer, num: int, seed: int) -> list[tuple[dic
 # ---- one request ------------------------------------------------------------------------------
 
 
+async def _sse_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The stream's lines, split at newlines only: httpx's aiter_lines also splits at U+2028
+    and the other Unicode line breaks, which a sampled token may hold inside a JSON string."""
+    pending = ""
+    async for text in response.aiter_text():
+        *lines, pending = (pending + text).split("\n")
+        for line in lines:
+            yield line.rstrip("\r")
+    if pending:
+        yield pending.rstrip("\r")
+
+
 async def send(
     client: httpx.AsyncClient,
     args: argparse.Namespace,
@@ -239,7 +252,7 @@ async def send(
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return result
-            async for line in response.aiter_lines():
+            async for line in _sse_lines(response):
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])

@@ -163,6 +163,31 @@ def test_sampled_requests_carry_a_seed_each(temperature: float, tiny_model_dir, 
         assert all("seed" not in b for b in bodies)
 
 
+def test_a_token_holding_a_unicode_line_break_is_text(tiny_model_dir, tmp_path) -> None:
+    """A sampled token may be U+2028 (or another character Python counts as a line break):
+    inside a JSON string it is text, not the end of an SSE line."""
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions() -> StreamingResponse:
+        async def stream():
+            for text in ["a\u2028b", "c\x1cd", "e"]:
+                chunk = {"choices": [{"index": 0, "text": text}]}
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    server, url = run_server(app)
+    try:
+        tokenizer = Tokenizer.from_path(tiny_model_dir("llama"))
+        args = bench_args(url, tmp_path, model="fake", num_prompts=1)
+        summary = asyncio.run(bench.run(args, [], [bench.BenchRequest("x", 1, 3)], tokenizer))
+    finally:
+        server.should_exit = True
+    assert summary["completed"] == 1 and not summary["errors"]
+
+
 def test_random_dataset_has_exact_lengths(default_model_path) -> None:
     tokenizer = Tokenizer.from_path(default_model_path)
     requests = bench.random_dataset(tokenizer, 5, 256, 128, seed=3)
