@@ -272,9 +272,11 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--quantization",
         choices=QUANTIZATIONS,
         default=ModelConfig.quantization,
-        help="auto: in bfloat16, hold a GGUF's projections, embedding and output layer in "
+        help="gguf: in bfloat16, hold a GGUF's projections, embedding and output layer in "
         "their file form only (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K): the int8 kernel "
-        "for a few rows, decoded tiles for more; none: dequantize every weight",
+        "for a few rows, decoded tiles for more; auto: as gguf, but a model whose bfloat16 "
+        "copy takes at most 1 GiB keeps it too, for steps of more than a few rows (faster); "
+        "none: dequantize every weight",
     )
     p.add_argument(
         "--max-model-len",

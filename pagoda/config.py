@@ -16,7 +16,7 @@ from pathlib import Path
 DTYPES = ("auto", "float32", "bfloat16")
 # auto: in bfloat16 on the CPU, a GGUF's Q4_1/Q4_K/Q8_0/Q5_0 projections and Q8_0 output layer run
 # in their file form for small batches too (model/layers/linear.py, CausalLM.compute_logits).
-QUANTIZATIONS = ("auto", "none")
+QUANTIZATIONS = ("auto", "gguf", "none")
 
 # Tokens per step. Serving takes fewer, so that a step of prompts stays short (about
 # 0.3 s here), decodes are not stalled and first tokens come early: a step finishes one
@@ -46,7 +46,7 @@ class ModelConfig:
     max_model_len: int | None = None
     served_model_names: tuple[str, ...] = ()
     seed: int = 0
-    quantization: str = "auto"  # auto | none
+    quantization: str = "auto"  # auto | gguf | none
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, "--dtype", self.dtype, f"one of {', '.join(DTYPES)}")

@@ -11,6 +11,7 @@ from pagoda.core.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutpu
 from pagoda.model.attention_metadata import AttentionMetadata
 from pagoda.model.kv_memory import allocate_kv_cache
 from pagoda.model.loader import load_model, release_freed_memory
+from pagoda.model.loader.quantization import DENSE_COPY_MAX_BYTES
 from pagoda.model.spec import ModelSpec
 from pagoda.outputs import Logprobs
 from pagoda.sample.sampler import SamplerOutput, SamplingMetadata, sample
@@ -46,8 +47,14 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.model.dtype, config.device)
         cpu_bf16 = self.device.type == "cpu" and self.dtype == torch.bfloat16
-        quantized = cpu_bf16 and config.model.quantization == "auto"
-        self.model = load_model(config.model.path, self.dtype, self.device, quantized)
+        quantization = config.model.quantization
+        self.model = load_model(
+            config.model.path,
+            self.dtype,
+            self.device,
+            quantized=cpu_bf16 and quantization != "none",
+            dense_copy_max_bytes=DENSE_COPY_MAX_BYTES if quantization == "auto" else 0,
+        )
         if cpu_bf16:
             self.model.pack_for_onednn()
         release_freed_memory()  # loading's temporaries, and the weights packing replaced

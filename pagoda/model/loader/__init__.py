@@ -37,26 +37,26 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     quantized: bool = False,
+    dense_copy_max_bytes: int = 0,
 ) -> CausalLM:
     """Builds the model on the meta device, then streams the weights in; logs time and memory.
 
-    quantized holds a GGUF's projections, embedding and output layer in their file form
-    only, with no dense copy (CPU; see loader/quantization.py).
+    quantized holds a GGUF's projections, embedding and output layer in their file form,
+    with no dense copy unless that copy would take at most dense_copy_max_bytes (CPU; see
+    loader/quantization.py).
     """
     start = time.perf_counter()
     weights: Iterator[tuple[str, torch.Tensor | GGUFWeight]]
     in_blocks: set[str] = set()
     held: set[str] = set()
-    if is_gguf(path):
-        gguf_file = open_gguf(path)
+    gguf_file = open_gguf(path) if is_gguf(path) else None
+    if gguf_file is not None:
         spec = gguf_loader.read_spec(gguf_file)
         if quantized:
             in_blocks, held = quantization.held_in_blocks(gguf_file, spec)
-        weights = gguf_loader.iter_weights(gguf_file, spec, dtype, frozenset(in_blocks))
         num_tensors = len(gguf_file.tensors)
     else:
         spec = st_loader.read_spec(path)
-        weights = st_loader.iter_weights(path, dtype)
         num_tensors = 0
 
     if spec.family not in MODELS:
@@ -66,7 +66,14 @@ def load_model(
         )
     with torch.device("meta"):
         model = build_model(spec)
-    quantization.drop_dense_weights(model, held, dtype)
+    copy_bytes = quantization.dense_bytes(model, held, dtype)
+    dense_copy = bool(held) and copy_bytes <= dense_copy_max_bytes
+    if gguf_file is not None:
+        weights = gguf_loader.iter_weights(gguf_file, spec, dtype, frozenset(in_blocks), dense_copy)
+    else:
+        weights = st_loader.iter_weights(path, dtype)
+    if not dense_copy:
+        quantization.drop_dense_weights(model, held, dtype)
     model = model.to_empty(device=device).to(dtype)
     ropes = [m for m in model.modules() if isinstance(m, RotaryEmbedding)]
     for rope in ropes:
@@ -93,7 +100,9 @@ def load_model(
         nbytes / 2**20,
         dtype,
     )
-    if quantized and is_gguf(path):
+    if dense_copy:
+        quantization.log_dense_copy(model, copy_bytes)
+    elif quantized and gguf_file is not None:
         quantization.choose_row_limits(model, dtype)
     return model
 

@@ -212,9 +212,11 @@ def iter_weights(
     spec: ModelSpec,
     dtype: torch.dtype,
     in_blocks: frozenset[str] = frozenset(),
+    dense_copy: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor | GGUFWeight]]:
     """Yields (Hugging Face name, tensor in dtype) for every tensor the model uses; those named
-    in in_blocks as a GGUFWeight instead, the file's blocks (never dequantized)."""
+    in in_blocks as a GGUFWeight instead, the file's blocks, and with dense_copy also
+    dequantized, first."""
     check_tensors(gguf_file, spec)
     permuted = field(gguf_file, "general.architecture") in ("llama", "mistral")
     norm_offset = NORM_OFFSETS.get(spec.family, 0.0)
@@ -230,11 +232,11 @@ def iter_weights(
         elif permuted and name.endswith("k_proj.weight"):
             rows = unpermute(torch.arange(t.shape[0]), spec.num_kv_heads)
         raw = _raw_bytes(gguf_file, t)
+        if name not in in_blocks or dense_copy:
+            w = dequantize(raw, t.type).reshape(t.shape)
+            if norm_offset and name.endswith("norm.weight"):
+                w -= norm_offset
+            yield name, (w if rows is None else w[rows]).to(dtype)
         if name in in_blocks:
             q = GGUFWeight(raw.reshape(t.shape[0], -1), t.type)
             yield name, q if rows is None else q.rows(rows)
-            continue
-        w = dequantize(raw, t.type).reshape(t.shape)
-        if norm_offset and name.endswith("norm.weight"):
-            w -= norm_offset
-        yield name, (w if rows is None else w[rows]).to(dtype)

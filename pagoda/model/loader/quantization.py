@@ -1,12 +1,15 @@
-"""What `--quantization auto` keeps in a GGUF file's blocks, and where its kernel gives way.
+"""What `--quantization auto|gguf` keeps in a GGUF file's blocks, and where its kernel gives way.
 
 Every projection, the embedding table and the output layer whose GGUF type the C++
-kernels take is held only as the file's blocks, with no dense copy: a step of a few
-rows computes from them with gguf_linear (int8 inputs, reading 4-8 bits a weight),
-a bigger step decodes them a tile at a time into a small buffer for a bfloat16 GEMM
-(gguf_matmul), and the embedding decodes the rows it gathers. The row count at which
-the kernel gives way to the tiles is measured at load, per format, on a slice of one
-of the model's own tensors (BENCHMARKS.md, section 9).
+kernels take is held as the file's blocks: a step of a few rows computes from them with
+gguf_linear (int8 inputs, reading 4-8 bits a weight). Bigger steps are compute-bound:
+`gguf` (and `auto` for a model whose dense copy would exceed DENSE_COPY_MAX_BYTES) keeps
+no dense copy, decodes the blocks a tile at a time into a small buffer for a bfloat16
+GEMM (gguf_matmul), and the embedding decodes the rows it gathers; the row count at
+which the kernel gives way to the tiles is measured at load, per format, on a slice of
+one of the model's own tensors. `auto` with a small model keeps the dense bfloat16 copy
+too, for the bigger steps, where it is 1.1-1.7x faster than decoding (BENCHMARKS.md,
+section 9): memory for speed where the memory is small.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ from pagoda.model.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
+# auto keeps a dense copy beside the blocks up to this size: the default model's and Gemma 3
+# 270M's, not a 1B model's (1.9 GiB beside its 0.6 GiB of blocks).
+DENSE_COPY_MAX_BYTES = 1 << 30
+
 # Row counts tried, in order, until the tiles win: the limit is the last the kernel won.
 CANDIDATE_ROWS = (2, 4, 8, 16, 32, 64)
 SAMPLE_ROWS = 512  # weight rows of the tensor timed: enough for a GEMM, quick to run
@@ -53,6 +60,12 @@ def held_in_blocks(gguf_file: GGUFFile, spec: ModelSpec) -> tuple[set[str], set[
             parts[param].append((name, t.type in quantized_linear.kernel_formats()))
     params = {p for p, members in parts.items() if all(ok for _, ok in members)}
     return {name for p in params for name, _ in parts[p]}, params
+
+
+def dense_bytes(model: CausalLM, params: set[str], dtype: torch.dtype) -> int:
+    """What a dense copy of these weights would take, in dtype (model on the meta device)."""
+    element = torch.tensor([], dtype=dtype).element_size()
+    return sum(model.get_parameter(name).numel() * element for name in params)
 
 
 def drop_dense_weights(model: CausalLM, params: set[str], dtype: torch.dtype) -> None:
@@ -83,6 +96,19 @@ def choose_row_limits(model: CausalLM, dtype: torch.dtype) -> None:
         model.gguf_logits_max_rows = _row_limit(output, dtype, CANDIDATE_ROWS)
     seconds = time.perf_counter() - start
     _log_choice(model, linears, limits, seconds)
+
+
+def log_dense_copy(model: CausalLM, copy_bytes: int) -> None:
+    logger.info(
+        "--quantization auto: the file's blocks for steps of up to %d rows (logits %d), and a "
+        "dense %s copy of them (%.1f MiB, at most %.0f MiB is kept) for bigger steps; "
+        "--quantization gguf keeps the blocks only",
+        Linear.GGUF_MAX_ROWS,
+        model.gguf_logits_max_rows,
+        next(model.parameters()).dtype,
+        copy_bytes / 2**20,
+        DENSE_COPY_MAX_BYTES / 2**20,
+    )
 
 
 def _row_limit(w: GGUFWeight, dtype: torch.dtype, candidates: tuple[int, ...]) -> int:
@@ -140,7 +166,7 @@ def _log_choice(
         if w is not None:
             blocks[id(w.blocks)] = w.blocks.nbytes
     logger.info(
-        "--quantization auto: in the file's blocks, no dense copy: %s; dense: %d projections; "
+        "--quantization: in the file's blocks, no dense copy: %s; dense: %d projections; "
         "the kernel for up to %s rows (logits %d), decoded tiles above (measured in %.2f s); "
         "weights resident: %.1f MiB",
         ", ".join(held) or "nothing",

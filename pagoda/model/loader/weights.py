@@ -75,9 +75,10 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | GG
     """Copies Hugging Face-named tensors in, fusing q/k/v and gate/up; checks completeness.
 
     A weight the model holds in blocks (its module's weight dropped, see
-    loader/quantization.py) arrives as a GGUFWeight: a projection gets its file form once
-    all of its shards have come in, the embedding its table, and the output layer (the
-    embedding's when tied) compute_logits's.
+    loader/quantization.py), or in blocks besides its dense copy, arrives as a GGUFWeight:
+    a projection gets its file form once all of its shards have come in, the embedding its
+    table (when it has no dense one), and the output layer (the embedding's when tied)
+    compute_logits's.
     """
     spec = model.spec
     params = dict(model.named_parameters())
@@ -96,11 +97,13 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | GG
             continue
         if name not in expected:
             raise ModelLoadError(f"unexpected tensor {hf_name!r} for a {spec.family} model")
-        assert isinstance(tensor, GGUFWeight) == (name in held), name
         if isinstance(tensor, GGUFWeight):
+            # Held in blocks only, or (a dense copy kept) in blocks too, for a few rows.
             _hold(model, name, shard, tensor, gguf_shards, expected[name])
-            seen[name].add(shard)
+            if name in held:
+                seen[name].add(shard)
             continue
+        assert name not in held, name
         target: torch.Tensor = params[name]
         sizes = _shard_sizes(name, spec)
         if sizes is not None:
@@ -126,8 +129,9 @@ def _hold(
     pending: dict[str, dict[int, GGUFWeight]],
     count: int,
 ) -> None:
-    """Gives the module of a weight held in blocks its file form."""
-    if name == "embed_tokens.weight":
+    """Gives the module of a weight held in blocks its file form (an embedding with a dense
+    table gathers from that instead)."""
+    if name == "embed_tokens.weight" and model.embed_tokens.weight is None:
         embedding = model.embed_tokens
         assert isinstance(embedding, Embedding)
         embedding.gguf = w

@@ -157,3 +157,36 @@ def test_auto_says_what_it_chose(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     assert "Q6_K" in line and "rows" in line and "MiB" in line
     limits = {m.gguf_max_rows for m in model.modules() if isinstance(m, Linear)}
     assert all(limit >= 1 for limit in limits) and model.gguf_logits_max_rows >= 1
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_auto_keeps_a_small_dense_copy_beside_the_blocks(
+    tmp_path: Path, tied: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Up to dense_copy_max_bytes (auto: 1 GiB) the dense weights stay too, for big steps,
+    and the embedding gathers from its dense table; one byte less, and none is kept."""
+    path = write_tiny(tmp_path / "m.gguf", "Q4_K", tied)
+    with caplog.at_level(logging.INFO, logger="pagoda.model.loader"):
+        kept = load_model(path, torch.float32, quantized=True, dense_copy_max_bytes=1 << 30)
+    assert any("copy" in r.getMessage() and "MiB" in r.getMessage() for r in caplog.records)
+    linears = [m for m in kept.modules() if isinstance(m, Linear)]
+    assert linears and all(m.weight is not None and m.gguf for m in linears)
+    assert kept.embed_tokens.weight is not None and kept.embed_tokens.gguf is None
+    assert kept.output_gguf is not None and not kept.output_held_in_blocks()
+    copy = sum(m.weight.nbytes for m in linears) + kept.embed_tokens.weight.nbytes
+    if not tied:
+        copy += kept.output_weight().nbytes
+    smaller = load_model(path, torch.float32, quantized=True, dense_copy_max_bytes=copy - 1)
+    assert all(m.weight is None for m in smaller.modules() if isinstance(m, Linear))
+    exact = load_model(path, torch.float32, quantized=True, dense_copy_max_bytes=copy)
+    assert all(m.weight is not None for m in exact.modules() if isinstance(m, Linear))
+    # What it computes: the kernel for a few rows, the dense weights above (the model that
+    # held both before the copy became optional).
+    reference = with_dense_copy(path, kept, torch.float32)
+    prompts = [[(5 * i + j) % 250 + 3 for j in range(n)] for i, n in enumerate([40, 1, 9] * 4)]
+    for together in (False, True):
+        want, want_logits = greedy(reference, prompts, 4, together)
+        got, got_logits = greedy(kept, prompts, 4, together)
+        assert got == want
+        for a, b in zip(got_logits, want_logits):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
