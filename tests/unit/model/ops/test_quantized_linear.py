@@ -39,17 +39,21 @@ def test_the_build_has_a_kernel_for_every_format(kernels_built: None) -> None:
 
 @pytest.mark.parametrize("qtype", FORMATS_WITH_KERNEL)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 17, 300])
-def test_kernel_equals_twin(kernels_built: None, qtype: str, dtype: torch.dtype, rows: int) -> None:
-    """Every row count (passes of 8 rows and their remainders) and odd weight-row counts;
-    3 legacy blocks a row (not a multiple of 64 weights) or 2 super-blocks."""
-    cols = 96 if FORMATS[qtype][0] == 32 else 512
-    w = random_weight(qtype, 70, cols, seed=rows)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 8, 9, 10, 11, 17, 64, 300])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_kernel_equals_twin(
+    kernels_built: None, qtype: str, dtype: torch.dtype, rows: int, groups: int
+) -> None:
+    """Every row count (one pass of up to 8 rows; passes of 4 and their remainders above)
+    and an odd number of weight rows (pairs and a single one); 1 or 3 groups of 256 weights
+    a row, a legacy format's last group part-filled (3 or 19 blocks of 32)."""
+    cols = 256 * groups if FORMATS[qtype][0] == 256 else 32 * (8 * groups - 5)
+    w = random_weight(qtype, 71, cols, seed=rows)
     x = (torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows)) * 2).to(dtype)
     x[0, :32] = 0  # an all-zero block: scale 0, no division by it
     got = torch.ops.pagoda.gguf_linear(x, w.blocks, qtype)
     want = gguf_linear_torch(x, w)
-    assert got.dtype == torch.float32 and got.shape == (rows, 70)
+    assert got.dtype == torch.float32 and got.shape == (rows, 71)
     # float32 rounding of the sums, relative to the size of their terms
     scale = (quantize_rows_torch(x).abs() @ dense(w).abs().T).max()
     torch.testing.assert_close(got / scale, want / scale, rtol=0, atol=1e-6)
