@@ -81,6 +81,19 @@ def greedy(
     return tokens, seen
 
 
+def assert_same_greedy(
+    model: CausalLM, reference: CausalLM, prompts: list[list[int]], steps: int, tolerance: float
+) -> None:
+    """The same greedy tokens and (within tolerance) logits, each sequence alone and all in
+    one batch."""
+    for together in (False, True):
+        want, want_logits = greedy(reference, prompts, steps, together)
+        got, got_logits = greedy(model, prompts, steps, together)
+        assert got == want
+        for a, b in zip(got_logits, want_logits):
+            torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+
+
 @pytest.mark.parametrize("qtype", KERNEL_TYPES)
 def test_the_model_holds_no_dense_copy(tmp_path: Path, qtype: str) -> None:
     model = load_model(write_tiny(tmp_path / "m.gguf", qtype), torch.bfloat16, quantized=True)
@@ -115,12 +128,7 @@ def test_blocks_alone_give_what_the_dense_copy_gave(
     assert blocks.embed_tokens.weight is None and blocks.output_gguf is not None
     reference = with_dense_copy(path, blocks, torch.float32)
     prompts = [[(7 * i + j) % 250 + 3 for j in range(n)] for i, n in enumerate([300, 1, 9] * 4)]
-    for together in (False, True):
-        want, want_logits = greedy(reference, prompts, 6, together)
-        got, got_logits = greedy(blocks, prompts, 6, together)
-        assert got == want
-        for a, b in zip(got_logits, want_logits):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert_same_greedy(blocks, reference, prompts, 6, tolerance=1e-4)
 
 
 def test_blocks_give_the_dense_models_outputs_above_the_row_limit(tmp_path: Path) -> None:
@@ -184,9 +192,4 @@ def test_auto_keeps_a_small_dense_copy_beside_the_blocks(
     # held both before the copy became optional).
     reference = with_dense_copy(path, kept, torch.float32)
     prompts = [[(5 * i + j) % 250 + 3 for j in range(n)] for i, n in enumerate([40, 1, 9] * 4)]
-    for together in (False, True):
-        want, want_logits = greedy(reference, prompts, 4, together)
-        got, got_logits = greedy(kept, prompts, 4, together)
-        assert got == want
-        for a, b in zip(got_logits, want_logits):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_same_greedy(kept, reference, prompts, 4, tolerance=0)

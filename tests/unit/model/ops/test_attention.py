@@ -64,6 +64,20 @@ needs_prompt_kernel = pytest.mark.skipif(
 )
 
 
+def scattered_tables(
+    num_computed: list[int], num_new: list[int], block_size: int
+) -> tuple[list[list[int]], int]:
+    """Block tables for sequences of these lengths over a shuffled pool; and the pool's size."""
+    num_blocks = sum(-(-(c + n) // block_size) for c, n in zip(num_computed, num_new))
+    order = torch.randperm(num_blocks).tolist()
+    tables = []
+    for c, n in zip(num_computed, num_new):
+        used = -(-(c + n) // block_size)
+        tables.append(order[:used])
+        order = order[used:]
+    return tables, num_blocks
+
+
 # (query heads, KV heads, head_dim, block size): every register-blocked group size, both
 # head_dims, and blocks smaller and larger than the kernel's tiles of 16 tokens and keys.
 @needs_prompt_kernel
@@ -85,13 +99,7 @@ def test_prompt_attention_equals_float32(
     with a decode; the kernel against the PyTorch path in float32 on the same values."""
     torch.manual_seed(0)
     num_computed, num_new = [0, 21, 40, 0, 5], [37, 16, 1, 2, 70]
-    num_blocks = sum(-(-(c + n) // block_size) for c, n in zip(num_computed, num_new))
-    order = torch.randperm(num_blocks).tolist()
-    tables = []
-    for c, n in zip(num_computed, num_new):
-        used = -(-(c + n) // block_size)
-        tables.append(order[:used])
-        order = order[used:]
+    tables, num_blocks = scattered_tables(num_computed, num_new, block_size)
     attn, _ = AttentionMetadata.build(num_computed, num_new, tables, block_size)
     q = torch.randn(sum(num_new), heads, dim).bfloat16()
     shape = (num_blocks, kv_heads, block_size, dim)
@@ -135,13 +143,7 @@ def test_prompt_attention_of_short_runs_equals_float32(
     block_size = 16
     num_computed = [1, 40, 300, 15, 63, 7, 129]
     num_new = [2, 5, 5, 3, 6, 17, 9]
-    num_blocks = sum(-(-(c + n) // block_size) for c, n in zip(num_computed, num_new))
-    order = torch.randperm(num_blocks).tolist()
-    tables = []
-    for c, n in zip(num_computed, num_new):
-        used = -(-(c + n) // block_size)
-        tables.append(order[:used])
-        order = order[used:]
+    tables, num_blocks = scattered_tables(num_computed, num_new, block_size)
     attn, _ = AttentionMetadata.build(num_computed, num_new, tables, block_size)
     (runs,) = attn.groups
     q = torch.randn(sum(num_new), heads, dim).bfloat16()
@@ -217,13 +219,7 @@ def window_batch(dtype: torch.dtype, heads: int, kv_heads: int, dim: int, block_
     """A whole prompt, chunks (one from after a context of 21), decodes early and at 300,
     over a shuffled cache: q, (k_cache, v_cache), attn, the block tables."""
     num_computed, num_new = [0, 21, 40, 0, 5, 300], [37, 16, 1, 2, 70, 1]
-    num_blocks = sum(-(-(c + n) // block_size) for c, n in zip(num_computed, num_new))
-    order = torch.randperm(num_blocks).tolist()
-    tables = []
-    for c, n in zip(num_computed, num_new):
-        used = -(-(c + n) // block_size)
-        tables.append(order[:used])
-        order = order[used:]
+    tables, num_blocks = scattered_tables(num_computed, num_new, block_size)
     attn, _ = AttentionMetadata.build(num_computed, num_new, tables, block_size)
     q = torch.randn(sum(num_new), heads, dim).to(dtype)
     shape = (num_blocks, kv_heads, block_size, dim)
