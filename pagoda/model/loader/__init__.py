@@ -79,7 +79,7 @@ def load_model(
     for rope in ropes:
         rope.cos_sin = rope.cos_sin.float()  # the rotation tables stay float32
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    file_bytes = path.stat().st_size if is_gguf(path) else 0
+    file_bytes = path.stat().st_size if gguf_file is not None else 0
     progress = tqdm(
         weights,
         total=num_tensors or None,
