@@ -21,47 +21,15 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import msgspec
 
 from pagoda.config import CacheConfig, SchedulerConfig, SpeculativeConfig
+from pagoda.core.batch import RunnerOutput, ScheduledRequest, SchedulerOutput
 from pagoda.core.kv_cache import KVCacheManager
 from pagoda.core.request import Request, RequestStatus
 from pagoda.engine.messages import EngineOutput, EngineOutputs, SchedulerStats, SpecDecodeStats
 from pagoda.spec_decode.ngram import propose_ngram
-
-
-@dataclass
-class ScheduledRequest:
-    request: Request
-    num_new_tokens: int  # the request's own tokens, then its drafts
-    block_ids: list[int]  # the request's whole block table after this step's allocation
-    # Guesses at the tokens after the request's last one, computed after it this step.
-    draft_token_ids: list[int] = field(default_factory=list)
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted_ids: list[str] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-
-@dataclass
-class RunnerOutput:
-    """What the model runner returns for each request that finished its prompt: the token
-    sampled after its last token, then one after each of its drafts (1 + len(drafts)),
-    and their logprobs where asked for."""
-
-    sampled: dict[str, list[int]] = field(default_factory=dict)
-    logprobs: dict[str, list[dict[int, tuple[float, int]]]] = field(default_factory=dict)
-    prompt_logprobs: dict[str, list[dict[int, tuple[float, int]] | None]] = field(
-        default_factory=dict
-    )
 
 
 class Scheduler:
@@ -147,8 +115,12 @@ class Scheduler:
             if new_ids is None:
                 break
             out.scheduled.append(
-                ScheduledRequest(
-                    request, num_new + len(drafts), self.kv.block_ids(request.request_id), drafts
+                ScheduledRequest.of(
+                    request,
+                    request.num_computed_tokens,
+                    num_new,
+                    self.kv.block_ids(request.request_id),
+                    drafts,
                 )
             )
             budget -= num_new + len(drafts)
@@ -183,8 +155,8 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.scheduled.append(
-                ScheduledRequest(
-                    request, num_new + len(drafts), self.kv.block_ids(request.request_id), drafts
+                ScheduledRequest.of(
+                    request, num_hit, num_new, self.kv.block_ids(request.request_id), drafts
                 )
             )
             budget -= num_new + len(drafts)
@@ -240,10 +212,10 @@ class Scheduler:
     ) -> EngineOutputs:
         """Advances counts, appends sampled tokens, finishes requests; returns what is new."""
         outputs = []
+        finished = False
         for s in scheduler_output.scheduled:
-            request = s.request
-            start = request.num_computed_tokens
-            request.num_computed_tokens += s.num_new_tokens
+            request, start = s.request, s.num_computed_tokens
+            request.num_computed_tokens = start + s.num_new_tokens
             tokens = runner_output.sampled.get(request.request_id)
             prompt_logprobs = runner_output.prompt_logprobs.get(request.request_id)
             if prompt_logprobs is not None:
@@ -266,6 +238,7 @@ class Scheduler:
                     status = self._follow_grammar(request, new_tokens)
             if status is not None:
                 self._finish(request, status)
+                finished = True
             logprobs = runner_output.logprobs.get(request.request_id)
             outputs.append(
                 EngineOutput(
@@ -293,6 +266,8 @@ class Scheduler:
                     error=request.error if status else None,
                 )
             )
+        if finished:
+            self._drop_finished()
         return EngineOutputs(outputs=outputs, timestamp=time.time())
 
     def _verify(self, s: ScheduledRequest, sampled: list[int]) -> list[int]:
@@ -353,25 +328,24 @@ class Scheduler:
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[str]:
         """Finishes (aborts) the named requests wherever they are; returns those that existed."""
-        done = []
-        for request_id in request_ids:
-            request = self.requests.get(request_id)
-            if request is None:
-                continue
-            if request in self.running:
-                self.running.remove(request)
-            elif request in self.waiting:
-                self.waiting.remove(request)
-            self._finish(request, status)
-            done.append(request_id)
+        done = [i for i in dict.fromkeys(request_ids) if i in self.requests]
+        for request_id in done:
+            self._finish(self.requests[request_id], status)
+        if done:
+            self.waiting = deque(r for r in self.waiting if not r.is_finished)
+            self._drop_finished()
         return done
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
+        """Frees a finished request; _drop_finished then takes it out of the running list."""
         request.status = status
-        if request in self.running:
-            self.running.remove(request)
         self.kv.free(request)
         del self.requests[request.request_id]
+
+    def _drop_finished(self) -> None:
+        # One pass for all of a step's finished requests: removing each from the list
+        # would cost the list's length per request.
+        self.running = [r for r in self.running if not r.is_finished]
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(

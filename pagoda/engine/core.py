@@ -7,8 +7,9 @@ import random
 from typing import TYPE_CHECKING
 
 from pagoda.config import ConfigError, EngineConfig
+from pagoda.core.batch import RunnerOutput
 from pagoda.core.request import Request, RequestStatus
-from pagoda.core.scheduler import RunnerOutput, Scheduler
+from pagoda.core.scheduler import Scheduler
 from pagoda.engine.messages import EngineOutputs, EngineRequest
 
 if TYPE_CHECKING:

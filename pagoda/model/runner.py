@@ -7,7 +7,7 @@ import logging
 import torch
 
 from pagoda.config import EngineConfig
-from pagoda.core.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
+from pagoda.core.batch import RunnerOutput, ScheduledRequest, SchedulerOutput
 from pagoda.model.attention_metadata import AttentionMetadata
 from pagoda.model.kv_memory import allocate_kv_cache
 from pagoda.model.loader import load_model, release_freed_memory
@@ -93,17 +93,15 @@ class ModelRunner:
         sample_rows: list[int] = []
         sampling: list[ScheduledRequest] = []  # those that sample: their prompt is complete
         for s in scheduled:
-            r, drafts = s.request, s.draft_token_ids
-            start = r.num_computed_tokens
-            num_own = s.num_new_tokens - len(drafts)
-            token_ids.extend(r.all_token_ids[start : start + num_own])
+            start, drafts = s.num_computed_tokens, s.draft_token_ids
+            token_ids.extend(s.request.all_token_ids[start : start + s.num_own_tokens])
             token_ids.extend(drafts)
-            if start + num_own == r.num_tokens:
+            if s.samples:
                 # The last token's row, then each draft's: 1 + len(drafts) sampled rows.
                 sampling.append(s)
                 sample_rows.extend(range(len(token_ids) - len(drafts) - 1, len(token_ids)))
         attn, positions = AttentionMetadata.build(
-            [s.request.num_computed_tokens for s in scheduled],
+            [s.num_computed_tokens for s in scheduled],
             [s.num_new_tokens for s in scheduled],
             [s.block_ids for s in scheduled],
             self.block_size,
@@ -145,7 +143,7 @@ class ModelRunner:
         """Logprobs of each scheduled prompt token given the ones before it, where asked for."""
         offset = 0
         for s in scheduled:
-            r, start = s.request, s.request.num_computed_tokens
+            r, start = s.request, s.num_computed_tokens
             k = r.sampling_params.prompt_logprobs
             # Positions start .. stop-1 predict prompt tokens start+1 .. stop.
             stop = min(start + s.num_new_tokens, r.num_prompt_tokens - 1)

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 from pagoda.config import CacheConfig, SchedulerConfig, SpeculativeConfig
+from pagoda.core.batch import RunnerOutput, SchedulerOutput
 from pagoda.core.request import Request
-from pagoda.core.scheduler import RunnerOutput, Scheduler, SchedulerOutput
+from pagoda.core.scheduler import Scheduler
 from pagoda.sampling_params import SamplingParams
 
 
@@ -36,8 +37,7 @@ def fake_run(out: SchedulerOutput, token: int = 7) -> RunnerOutput:
     (and one for each of its drafts)."""
     ro = RunnerOutput()
     for s in out.scheduled:
-        num_own = s.num_new_tokens - len(s.draft_token_ids)
-        if s.request.num_computed_tokens + num_own == s.request.num_tokens:
+        if s.samples:
             ro.sampled[s.request.request_id] = [token] * (1 + len(s.draft_token_ids))
     return ro
 

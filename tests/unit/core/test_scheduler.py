@@ -111,6 +111,33 @@ def test_abort_in_every_state_returns_every_block() -> None:
     assert not s.has_work
 
 
+def test_abort_many_at_once_in_any_order_with_repeats() -> None:
+    s = make_scheduler(num_blocks=64, budget=8, block_size=4)
+    for i in range(6):
+        s.add_request(make_request(f"r{i}", 3, max_tokens=50, start=10 * i))
+    step(s)  # r0, r1 and the start of r2 run; the others wait
+    ids = ["r4", "r0", "missing", "r4", "r1", "r5"]
+    assert s.finish_requests(ids, RequestStatus.FINISHED_ABORTED) == ["r4", "r0", "r1", "r5"]
+    assert [r.request_id for r in s.running] + [r.request_id for r in s.waiting] == ["r2", "r3"]
+    s.kv.check_invariants()
+    while s.has_work:
+        step(s)
+    assert s.kv.pool.num_free_blocks == s.kv.pool.num_blocks
+
+
+def test_the_step_records_where_each_request_starts_and_whether_it_samples() -> None:
+    """The runner reads the step as scheduled: a prompt chunk that leaves tokens to
+    compute samples nothing; the chunk that ends the prompt samples."""
+    s = make_scheduler(budget=6, block_size=4)
+    s.add_request(make_request("a", 10))
+    chunks = [step(s).scheduled[0] for _ in range(3)]
+    assert [(c.num_computed_tokens, c.num_new_tokens, c.samples) for c in chunks] == [
+        (0, 6, False),
+        (6, 4, True),
+        (10, 1, True),
+    ]
+
+
 def test_identical_prompts_in_one_step_share_full_blocks() -> None:
     """Blocks are hashed when scheduled, so a second copy in the same step reuses them:
     each layer writes the step's K/V before any query reads it."""

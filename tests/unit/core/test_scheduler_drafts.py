@@ -5,9 +5,10 @@ from __future__ import annotations
 from helpers import make_scheduler
 
 from pagoda.config import SpeculativeConfig
+from pagoda.core.batch import RunnerOutput, SchedulerOutput
 from pagoda.core.block_pool import hash_block_tokens
 from pagoda.core.request import Request, RequestStatus
-from pagoda.core.scheduler import RunnerOutput, Scheduler, SchedulerOutput
+from pagoda.core.scheduler import Scheduler
 from pagoda.sampling_params import SamplingParams
 
 # A prompt that repeats itself: after "1 2 3" the lookup drafts "4 5 6 7 ...".
