@@ -8,6 +8,7 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pagoda.config import (
     DTYPES,
@@ -52,21 +53,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_ray(args: argparse.Namespace) -> int:
-    from pagoda.deploy.config import launcher_flags_given
-
-    given = launcher_flags_given(args, build_parser().parse_args(["serve-ray"]))
-    if given:
-        raise ConfigError(
-            f"{', '.join(given)}: not supported by serve-ray, where Ray Serve's HTTP proxy "
-            "listens instead of pagoda serve's launcher (SCALING.md: what is not done)"
-        )
     try:
         from pagoda.deploy.ray import serve_ray
     except ImportError as e:
         print(f"error: serve-ray needs Ray Serve (pip install 'pagoda[ray]'): {e}", file=sys.stderr)
         return 1
     engine_config, server_config = _serve_configs(args)
-    return serve_ray(args, engine_config, server_config)
+    try:
+        return serve_ray(args, engine_config, server_config, _launcher_options(args))
+    except OSError as e:  # the port is taken
+        print(f"error: {e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 def _serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
@@ -197,9 +194,12 @@ async def _run_server(
         engine.shutdown(0)
         return 1
     app = build_app(engine, server_config)
-    return await serve_http(
-        app,
-        sock,
+    return await serve_http(app, sock, **_launcher_options(args))
+
+
+def _launcher_options(args: argparse.Namespace) -> dict[str, Any]:
+    """serve_http's keyword arguments from the flags (serve and serve-ray alike)."""
+    return dict(
         enable_ssl_refresh=args.enable_ssl_refresh,
         shutdown_timeout=args.shutdown_timeout,
         host=args.host,

@@ -95,31 +95,3 @@ def deploy_config_of(args: argparse.Namespace) -> RayDeployConfig:
         prefix_affinity=args.prefix_affinity,
         shutdown_timeout=args.shutdown_timeout,
     )
-
-
-# `pagoda serve` flags that its launcher applies (uvicorn with Pagoda's listening socket,
-# TLS and connection limits). Under serve-ray, Ray Serve's HTTP proxy listens instead and
-# applies none of them, so serve-ray refuses them rather than ignore them.
-LAUNCHER_FLAGS = {  # the args attribute -> the flag
-    "uds": "--uds",
-    "ssl_keyfile": "--ssl-keyfile",
-    "ssl_certfile": "--ssl-certfile",
-    "ssl_ca_certs": "--ssl-ca-certs",
-    "ssl_cert_reqs": "--ssl-cert-reqs",
-    "enable_ssl_refresh": "--enable-ssl-refresh",
-    "h11_max_incomplete_event_size": "--h11-max-incomplete-event-size",
-    "h11_max_header_count": "--h11-max-header-count",
-    "header_read_timeout": "--header-read-timeout",
-    "max_connections": "--max-connections",
-    "uvicorn_log_level": "--uvicorn-log-level",
-    "disable_uvicorn_access_log": "--disable-uvicorn-access-log",
-}
-
-
-def launcher_flags_given(args: argparse.Namespace, defaults: argparse.Namespace) -> list[str]:
-    """The launcher-only flags (LAUNCHER_FLAGS) whose value in args is not their default."""
-    return [
-        flag
-        for dest, flag in LAUNCHER_FLAGS.items()
-        if getattr(args, dest) != getattr(defaults, dest)
-    ]

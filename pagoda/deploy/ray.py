@@ -1,15 +1,18 @@
 """Pagoda on Ray Serve: replicas that each own an engine, behind Pagoda's own OpenAI app.
 
-    client -> Serve HTTP proxy -> PagodaIngress: build_app() around a ReplicaEngineClient
-                                  (the routes, auth, CORS, errors and SSE of `pagoda serve`;
-                                  tokenizing and validation happen here)
-           -> DeploymentHandle, streaming, routed by Ray's PrefixCacheAffinityRouter
+    `pagoda serve-ray`:
+    client -> uvicorn in the serve-ray process (Pagoda's launcher: TLS, limits, drain)
+              build_app() around a ReplicaEngineClient (tokenizing and validation here)
+           -> DeploymentHandle, routed by Ray's PrefixCacheAffinityRouter
            -> EngineReplica x N: one AsyncEngineClient and its engine process each
+
+    pagoda_app(), for users who compose Serve applications:
+    client -> Serve HTTP proxy -> PagodaIngress (the same app, in a Serve replica) -> ...
 
 Ray does the cluster work: placing replicas, health checks (a replica whose engine died
 fails its check and is replaced), autoscaling on ongoing requests, and draining on shutdown.
-`pagoda_app()` returns the Serve application for users who compose their own; `pagoda
-serve-ray` (serve_ray below) runs it on a local cluster or the one at --ray-address.
+`pagoda serve-ray` runs no Serve proxy: a request takes one Ray call (ingress -> replica)
+instead of two (proxy -> ingress actor -> replica).
 """
 
 from __future__ import annotations
@@ -18,8 +21,7 @@ import argparse
 import asyncio
 import importlib
 import logging
-import signal
-import threading
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -43,6 +45,7 @@ from pagoda.deploy.replica_client import (
 )
 from pagoda.deploy.replica_metrics import ReplicaMetrics, ReplicaMetricsMiddleware
 from pagoda.engine.protocol import ServingConfig, TokensPrompt
+from pagoda.entrypoints.launcher import bind_socket, bind_unix_socket, serve_http
 from pagoda.entrypoints.openai.api_server import PagodaApp, build_app
 from pagoda.outputs import RequestOutput
 from pagoda.tokenizer import Tokenizer
@@ -89,8 +92,13 @@ class EngineReplica:
 
     # Ray Serve awaits an async constructor: the replica is ready once its engine is.
     async def __init__(  # type: ignore[misc]
-        self, engine_config: EngineConfig, watchdog_timeout: float | None, metrics_period_s: float
+        self,
+        engine_config: EngineConfig,
+        watchdog_timeout: float | None,
+        metrics_period_s: float,
+        reports_to: str = "PagodaIngress",
     ) -> None:
+        """reports_to: the deployment of this application that keeps the metrics reports."""
         from pagoda.engine.async_client import AsyncEngineClient
         from pagoda.entrypoints.metrics import Metrics
 
@@ -104,12 +112,13 @@ class EngineReplica:
         self.engine.add_stat_logger(self.metrics)
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
-        self._pusher = asyncio.create_task(self.push_metrics(context.app_name, metrics_period_s))
+        reports = serve.get_deployment_handle(reports_to, context.app_name)
+        self._pusher = asyncio.create_task(self.push_metrics(reports, metrics_period_s))
 
-    async def push_metrics(self, app_name: str, period_s: float) -> None:
-        """Sends this replica's metrics text and engine health to the ingress every period_s
+    async def push_metrics(self, reports: DeploymentHandle, period_s: float) -> None:
+        """Sends this replica's metrics text and engine health to reports every period_s
         seconds, the first time at once."""
-        record = serve.get_deployment_handle("PagodaIngress", app_name).record_metrics
+        record = reports.record_metrics
         while True:
             text = generate_latest(self.metrics.registry).decode()
             try:
@@ -177,15 +186,10 @@ class PagodaIngress:
         self.pagoda_app: PagodaApp | None = None
 
     async def __serve_build_asgi_app__(self) -> PagodaApp:
-        config: ServingConfig = await self.engines.serving_config.remote()
-        tokenizer = await asyncio.to_thread(Tokenizer.from_path, Path(config.model_path))
-        health = self.replica_metrics.any_healthy
-        self.client = ReplicaEngineClient(self.engines, tokenizer, config, health=health)
-        app = build_app(self.client, self.server_config)
-        app.add_middleware(ServedByMiddleware)
-        app.add_middleware(ReplicaMetricsMiddleware, metrics=self.replica_metrics)
-        self.pagoda_app = app
-        return app
+        self.client, self.pagoda_app = await ingress_app(
+            self.engines, self.server_config, self.replica_metrics
+        )
+        return self.pagoda_app
 
     async def drain(self, timeout: float) -> None:
         """Refuses new requests (503, as a draining `pagoda serve` does) and waits up to
@@ -208,14 +212,37 @@ class PagodaIngress:
             self.client.shutdown()
 
 
-def pagoda_app(
-    engine_config: EngineConfig,
-    server_config: ServerConfig | None = None,
-    deploy: RayDeployConfig | None = None,
-) -> Any:
-    """The Serve application (a bound ingress over the engine replicas), for serve.run()."""
-    server_config = server_config or ServerConfig()
-    deploy = deploy or RayDeployConfig()
+async def ingress_app(
+    engines: DeploymentHandle, server_config: ServerConfig, metrics: ReplicaMetrics
+) -> tuple[ReplicaEngineClient, PagodaApp]:
+    """Pagoda's FastAPI app over the engine replicas; /metrics and /health answer from the
+    replicas' reports, kept in metrics."""
+    config: ServingConfig = await engines.serving_config.remote()
+    tokenizer = await asyncio.to_thread(Tokenizer.from_path, Path(config.model_path))
+    client = ReplicaEngineClient(engines, tokenizer, config, health=metrics.any_healthy)
+    app = build_app(client, server_config)
+    app.add_middleware(ServedByMiddleware)
+    app.add_middleware(ReplicaMetricsMiddleware, metrics=metrics)
+    return client, app
+
+
+class ReplicaReports:
+    """The replicas' metrics reports, where `pagoda serve-ray`'s own HTTP server reads them
+    (a replica can call a deployment, not a process outside Serve)."""
+
+    def __init__(self, engines: DeploymentHandle, metrics_period_s: float) -> None:
+        self.engines = engines  # bound here so that the application deploys the replicas
+        self.metrics = ReplicaMetrics(stale_after=3 * metrics_period_s)
+
+    def record_metrics(self, replica: str, text: str, healthy: bool) -> None:
+        self.metrics.record(replica, text, healthy)
+
+    def reports(self) -> list[tuple[str, str, bool, float]]:
+        return self.metrics.reports()
+
+
+def engine_deployment(deploy: RayDeployConfig) -> Any:
+    """EngineReplica as a Serve deployment: how many, how they scale, routing, health, drain."""
     options: dict[str, Any] = {
         "max_ongoing_requests": deploy.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": deploy.cpus_per_replica()},
@@ -237,7 +264,18 @@ def pagoda_app(
             request_router_class=prefix_affinity_router(),  # type: ignore[arg-type]
             request_router_kwargs={"imbalanced_threshold": deploy.imbalanced_threshold},
         )
-    engines = serve.deployment(**options)(EngineReplica)
+    return serve.deployment(**options)(EngineReplica)
+
+
+def pagoda_app(
+    engine_config: EngineConfig,
+    server_config: ServerConfig | None = None,
+    deploy: RayDeployConfig | None = None,
+) -> Any:
+    """The Serve application for serve.run(), for users who compose Serve applications:
+    PagodaIngress (behind Serve's HTTP proxy) over the engine replicas."""
+    server_config = server_config or ServerConfig()
+    deploy = deploy or RayDeployConfig()
     ingress = serve.deployment(
         max_ongoing_requests=100_000,  # the replicas' limits are the ones that count
         ray_actor_options={"num_cpus": 0},
@@ -245,35 +283,88 @@ def pagoda_app(
     )(PagodaIngress)
     watchdog_timeout = server_config.watchdog_timeout or None
     period = deploy.metrics_period_s
-    replicas = engines.bind(engine_config, watchdog_timeout, period)
+    replicas = engine_deployment(deploy).bind(engine_config, watchdog_timeout, period)
     return ingress.bind(replicas, server_config, period)
+
+
+def replicas_app(
+    engine_config: EngineConfig, server_config: ServerConfig, deploy: RayDeployConfig
+) -> Any:
+    """`pagoda serve-ray`'s Serve application: the engine replicas, and ReplicaReports to keep
+    their metrics reports. No HTTP ingress: serve_ray's own server calls the replicas."""
+    watchdog_timeout = server_config.watchdog_timeout or None
+    period = deploy.metrics_period_s
+    replicas = engine_deployment(deploy).bind(
+        engine_config, watchdog_timeout, period, "ReplicaReports"
+    )
+    reports = serve.deployment(ray_actor_options={"num_cpus": 0})(ReplicaReports)
+    return reports.bind(replicas, period)
 
 
 # ---- `pagoda serve-ray` ------------------------------------------------------------------
 
+APP_NAME = "pagoda"
+QUIET_REPLICAS = {"enable_access_log": False}
+
 
 def serve_ray(
-    args: argparse.Namespace, engine_config: EngineConfig, server_config: ServerConfig
+    args: argparse.Namespace,
+    engine_config: EngineConfig,
+    server_config: ServerConfig,
+    launcher_options: dict[str, Any],
 ) -> int:
-    """Runs the application until SIGINT/SIGTERM, then drains and stops it and Ray."""
+    """Deploys the replicas on Ray (Serve's proxy off), then serves Pagoda's app from this
+    process with `pagoda serve`'s launcher until SIGINT/SIGTERM; drains, stops Serve and Ray.
+
+    launcher_options: serve_http's keyword arguments, as `pagoda serve` gives them (TLS and
+    its reload, the drain's timeout, uvicorn's log flags).
+    """
     import ray
 
-    app = pagoda_app(engine_config, server_config, deploy_config_of(args))  # before Ray starts
+    deploy = deploy_config_of(args)
+    app = replicas_app(engine_config, server_config, deploy)  # before Ray starts
+    # Bound before Ray and the engines start: a taken port fails fast.
+    sock = bind_unix_socket(args.uds) if args.uds else bind_socket(args.host, args.port)
     ray.init(address=args.ray_address, include_dashboard=False)
-    # After ray.init, whose own SIGTERM handler would end the process without draining.
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": args.host or "0.0.0.0", "port": args.port})
-        serve.run(app, name="pagoda")
-        logger.info("serving on http://%s:%d", args.host or "0.0.0.0", args.port)
-        while not stop.wait(1.0):
-            pass
-        logger.info("draining for up to %.0f s", args.shutdown_timeout)
-        ingress = serve.get_app_handle("pagoda")
-        ingress.drain.remote(args.shutdown_timeout).result(timeout_s=args.shutdown_timeout + 30)
-        serve.shutdown()
+        serve.start(proxy_location="Disabled")
+        # Serve's access log would write a line per request in each replica, and Ray would
+        # ship each to this process's log: this server's uvicorn access log covers requests.
+        serve.run(app, name=APP_NAME, route_prefix=None, logging_config=QUIET_REPLICAS)
+        return asyncio.run(
+            _serve_http(server_config, deploy.metrics_period_s, sock, launcher_options)
+        )
     finally:
+        serve.shutdown()
         ray.shutdown()
-    return 0
+
+
+async def _serve_http(
+    server_config: ServerConfig,
+    metrics_period_s: float,
+    sock: socket.socket,
+    launcher_options: dict[str, Any],
+) -> int:
+    engines = serve.get_deployment_handle("EngineReplica", APP_NAME)
+    metrics = ReplicaMetrics(stale_after=3 * metrics_period_s)
+    _, app = await ingress_app(engines, server_config, metrics)
+    relay = asyncio.create_task(
+        relay_reports(serve.get_app_handle(APP_NAME), metrics, metrics_period_s)
+    )
+    try:
+        return await serve_http(app, sock, **launcher_options)
+    finally:
+        relay.cancel()
+
+
+async def relay_reports(
+    reports: DeploymentHandle, metrics: ReplicaMetrics, period_s: float
+) -> None:
+    """Copies ReplicaReports' reports into metrics every period_s seconds."""
+    while True:
+        try:
+            for replica, text, healthy, age in await reports.reports.remote():
+                metrics.record(replica, text, healthy, age)
+        except Exception as e:  # Serve replacing ReplicaReports: the next relay will do
+            logger.debug("reading the replicas' reports failed: %s", e)
+        await asyncio.sleep(period_s)

@@ -217,8 +217,12 @@ class ReplicaEngineClient(EngineClient):
             raise self.dead_error
 
     def shutdown(self, timeout: float = 0.0) -> None:
-        """Takes no new requests; the replicas drain and stop as Ray Serve stops them."""
+        """Takes no new requests and waits up to timeout seconds for those in flight (as
+        AsyncEngineClient.shutdown does); the replicas stop as Ray Serve stops them."""
         self._accepting = False
+        deadline = time.monotonic() + timeout
+        while self._calls and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def kill(self) -> None:
         self._accepting = False

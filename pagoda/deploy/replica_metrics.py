@@ -29,8 +29,15 @@ class ReplicaMetrics:
         self.stale_after = stale_after
         self.latest: dict[str, tuple[float, str, bool]] = {}  # replica id -> (when, text, healthy)
 
-    def record(self, replica: str, text: str, healthy: bool = True) -> None:
-        self.latest[replica] = (time.monotonic(), text, healthy)
+    def record(self, replica: str, text: str, healthy: bool = True, age: float = 0.0) -> None:
+        """A report made age seconds ago (one relayed by ReplicaReports: see reports())."""
+        self.latest[replica] = (time.monotonic() - age, text, healthy)
+
+    def reports(self) -> list[tuple[str, str, bool, float]]:
+        """The fresh reports as (replica, text, healthy, age in seconds), for another
+        ReplicaMetrics to record: ages, not times, cross machines whose clocks differ."""
+        now = time.monotonic()
+        return [(r, text, ok, now - when) for r, (when, text, ok) in self._fresh().items()]
 
     def any_healthy(self) -> bool:
         """Whether a replica heard from lately has a live engine. True before any replica

@@ -1,4 +1,5 @@
-"""`pagoda serve-ray` as users run it: a local Ray cluster of its own, drained on SIGTERM."""
+"""`pagoda serve-ray` as users run it: a local Ray cluster of its own, Pagoda's own server in
+front (TLS as `pagoda serve` does it), drained on SIGTERM."""
 
 from __future__ import annotations
 
@@ -15,30 +16,53 @@ import httpx
 import psutil
 import pytest
 from conftest import STARTUP_TIMEOUT_S, free_port
+from test_lifecycle import served_common_name, write_certificate
 
 pytestmark = pytest.mark.slow
+
+
+def start_serve_ray(port: int, *flags: str, scheme: str = "http") -> subprocess.Popen:
+    """`pagoda serve-ray` of the default model on port, once its /health answers 200."""
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"pagoda-serve-ray-{port}.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pagoda", "serve-ray", "--host", "127.0.0.1", "--port", str(port),
+         "--served-model-name", "m", "--kv-cache-memory", "256M", *flags],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S * 2  # Ray, then the engine
+    while True:
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop(process)
+            raise AssertionError(log.read_text()[-3000:])
+        try:
+            url = f"{scheme}://127.0.0.1:{port}/health"
+            if httpx.get(url, timeout=1, verify=False).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def assert_gone(family: list[psutil.Process]) -> None:
+    deadline = time.monotonic() + 60
+    alive = family
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.2)
+    assert not alive, alive
 
 
 def test_sigterm_drains_streams_in_flight_and_leaves_nothing() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"pagoda-serve-ray-{port}.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pagoda", "serve-ray", "--host", "127.0.0.1", "--port", str(port),
-         "--served-model-name", "m", "--kv-cache-memory", "256M", "--shutdown-timeout", "60"],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    process = start_serve_ray(port, "--shutdown-timeout", "60")
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S * 2  # Ray, then the engine
-        while True:
-            assert process.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
         family = psutil.Process(process.pid).children(recursive=True)
 
         chunks: list[dict] = []
@@ -65,16 +89,47 @@ def test_sigterm_drains_streams_in_flight_and_leaves_nothing() -> None:
         reader.join(120)
         assert process.wait(120) == 0
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop(process)
     # The stream in flight finished whole; nothing of Ray or the engine is left.
     assert not any("error" in c for c in chunks)
     assert chunks[-1]["usage"]["completion_tokens"] == 200
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
-    deadline = time.monotonic() + 60
-    alive = family
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        time.sleep(0.2)
-    assert not alive, alive
+    assert_gone(family)
+
+
+def test_tls_with_certificate_reload(tmp_path: Path) -> None:
+    key, cert = write_certificate(tmp_path, "first")
+    live_key, live_cert = tmp_path / "live.key", tmp_path / "live.crt"
+    os.symlink(key, live_key)
+    os.symlink(cert, live_cert)
+    port = free_port()
+    url = f"https://127.0.0.1:{port}"
+    process = start_serve_ray(
+        port, "--ssl-keyfile", str(live_key), "--ssl-certfile", str(live_cert),
+        "--enable-ssl-refresh", scheme="https",
+    )  # fmt: skip
+    try:
+        family = psutil.Process(process.pid).children(recursive=True)
+        assert served_common_name(port) == "first"
+        body = {"model": "m", "prompt": "Hello", "max_tokens": 3, "temperature": 0}
+        answer = httpx.post(f"{url}/v1/completions", json=body, verify=False, timeout=60)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
+        with pytest.raises(httpx.HTTPError):  # plain HTTP is not served
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+
+        # A certificate manager swaps the symlinks atomically; new connections get it.
+        new_key, new_cert = write_certificate(tmp_path, "second")
+        for link, target in ((live_key, new_key), (live_cert, new_cert)):
+            tmp_link = link.with_suffix(".tmp")
+            os.symlink(target, tmp_link)
+            os.replace(tmp_link, link)
+        deadline = time.monotonic() + 10
+        while served_common_name(port) != "second":
+            assert time.monotonic() < deadline, "the new certificate was not served"
+            time.sleep(0.2)
+        assert httpx.get(f"{url}/health", verify=False, timeout=10).status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(120) == 0
+    finally:
+        stop(process)
+    assert_gone(family)

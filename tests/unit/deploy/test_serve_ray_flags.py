@@ -1,62 +1,48 @@
-"""`pagoda serve-ray` refuses the flags of `pagoda serve` that only its launcher applies."""
+"""`pagoda serve-ray` takes the flags of `pagoda serve`'s launcher: its own server listens."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import pytest
 
 import pagoda.deploy.ray
 from pagoda import cli
-from pagoda.deploy.config import LAUNCHER_FLAGS
 
 
 @pytest.fixture
-def started(monkeypatch: pytest.MonkeyPatch) -> list[argparse.Namespace]:
-    """serve_ray replaced: the arguments it would have started Ray with."""
-    calls: list[argparse.Namespace] = []
+def started(monkeypatch: pytest.MonkeyPatch) -> list[tuple[argparse.Namespace, dict[str, Any]]]:
+    """serve_ray replaced: the arguments and launcher options it would have started with."""
+    calls: list[tuple[argparse.Namespace, dict[str, Any]]] = []
 
-    def fake_serve_ray(args: argparse.Namespace, *_: object) -> int:
-        calls.append(args)
+    def fake_serve_ray(args: argparse.Namespace, _e: object, _s: object, options: Any) -> int:
+        calls.append((args, options))
         return 0
 
     monkeypatch.setattr(pagoda.deploy.ray, "serve_ray", fake_serve_ray)
     return calls
 
 
-@pytest.mark.parametrize(
-    "flags",
-    [
-        ["--uds", "/tmp/pagoda.sock"],
-        ["--ssl-keyfile", "key.pem", "--ssl-certfile", "cert.pem"],
-        ["--enable-ssl-refresh"],
-        ["--h11-max-header-count", "50"],
-        ["--max-connections", "10"],
-        ["--uvicorn-log-level", "debug"],
-    ],
-)
-def test_a_launcher_flag_is_a_startup_error_naming_it(
-    flags: list[str], started: list[argparse.Namespace], capsys: pytest.CaptureFixture[str]
-) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["serve-ray", *flags])
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err
-    for flag in flags:
-        if flag.startswith("--"):
-            assert flag in error
-    assert "not supported by serve-ray" in error
-    assert started == []
-
-
-def test_every_launcher_flag_is_one_of_serve_ray(started: list[argparse.Namespace]) -> None:
-    defaults = cli.build_parser().parse_args(["serve-ray"])
-    for dest in LAUNCHER_FLAGS:
-        assert hasattr(defaults, dest), dest
-
-
-def test_the_flags_serve_ray_applies_start_it(started: list[argparse.Namespace]) -> None:
-    argv = ["serve-ray", "--root-path", "/llm", "--num-replicas", "2", "--api-key", "k"]
+def test_the_launcher_flags_reach_serve_ray_as_for_pagoda_serve(started) -> None:
+    argv = ["serve-ray", "--ssl-keyfile", "key.pem", "--ssl-certfile", "cert.pem",
+            "--enable-ssl-refresh", "--shutdown-timeout", "7", "--uvicorn-log-level", "debug",
+            "--disable-uvicorn-access-log", "--port", "8123"]  # fmt: skip
     assert cli.main(argv) == 0
-    (args,) = started
+    ((args, options),) = started
+    assert options["ssl_keyfile"] == "key.pem" and options["ssl_certfile"] == "cert.pem"
+    assert options["enable_ssl_refresh"] is True
+    assert options["shutdown_timeout"] == 7
+    assert options["log_level"] == "debug" and options["access_log"] is False
+    assert options["port"] == 8123
+    # The same options `pagoda serve` would give its launcher.
+    assert options == cli._launcher_options(cli.build_parser().parse_args(argv[:1] + argv[1:]))
+
+
+def test_the_flags_serve_ray_applies_start_it(started) -> None:
+    argv = ["serve-ray", "--root-path", "/llm", "--num-replicas", "2", "--api-key", "k",
+            "--uds", "/tmp/pagoda.sock", "--max-connections", "10"]  # fmt: skip
+    assert cli.main(argv) == 0
+    ((args, _),) = started
     assert args.root_path == "/llm" and args.num_replicas == 2
+    assert args.uds == "/tmp/pagoda.sock" and args.max_connections == 10
