@@ -172,12 +172,17 @@ class Scheduler:
 
         As many as the budget leaves room for, and no more than could be kept: a step
         appends at most one token past its accepted drafts, within max_tokens and the
-        context. None for requests that follow a grammar (their masks are made one
-        token at a time) or whose drafts were accepted too rarely.
+        context. For a request that follows a grammar, cut at the first token the grammar
+        refuses (as vLLM does): the sampler then masks each draft position with the state
+        the grammar would have there. None for requests whose drafts were accepted too
+        rarely, or whose grammar is still being built (the step must not wait for it).
         """
         spec = self.speculative
         assert spec is not None
-        if num_computed + num_new < request.num_tokens or request.grammar is not None:
+        grammar = request.grammar
+        if num_computed + num_new < request.num_tokens or (
+            grammar is not None and not grammar.is_ready
+        ):
             return []
         if (
             request.num_draft_tokens >= spec.min_draft_tokens
@@ -194,9 +199,10 @@ class Scheduler:
         )
         if k <= 0:
             return []
-        return propose_ngram(
+        drafts = propose_ngram(
             request.all_token_ids, k, spec.prompt_lookup_min, spec.prompt_lookup_max
         )
+        return grammar.valid_draft(drafts) if grammar is not None and drafts else drafts
 
     def _preempt(self, request: Request) -> None:
         """Frees the request's blocks; it returns to the front of the queue and recomputes."""
@@ -234,8 +240,14 @@ class Scheduler:
                     new_tokens.append(token)
                     if (status := request.check_stop(self.max_model_len)) is not None:
                         break
+                    # A grammar may end on an accepted draft: what was sampled after it
+                    # is dropped, as it would never have been sampled without drafts.
+                    if request.grammar is not None and (
+                        (status := self._follow_grammar(request, token)) is not None
+                    ):
+                        break
                 if status is None and request.grammar is not None:
-                    status = self._follow_grammar(request, new_tokens)
+                    status = self._append_forced_tokens(request, new_tokens)
             if status is not None:
                 self._finish(request, status)
                 finished = True
@@ -300,30 +312,39 @@ class Scheduler:
                 stats.num_accepted_tokens_per_pos[pos] += 1
         return sampled[: num_accepted + 1]
 
-    def _follow_grammar(self, request: Request, new_tokens: list[int]) -> RequestStatus | None:
-        """Advances the request's grammar past its new token, then appends forced tokens.
+    def _follow_grammar(self, request: Request, token: int) -> RequestStatus | None:
+        """Advances the request's grammar past a token just appended: aborted if the grammar
+        refuses it, stopped if it completes the grammar, else None."""
+        grammar = request.grammar
+        assert grammar is not None
+        if not grammar.accept(token):
+            request.error = grammar.error
+            return RequestStatus.FINISHED_ABORTED
+        if grammar.is_terminated:
+            return RequestStatus.FINISHED_STOPPED
+        return None
+
+    def _append_forced_tokens(
+        self, request: Request, new_tokens: list[int]
+    ) -> RequestStatus | None:
+        """Appends the tokens the grammar forces after the step's last token.
 
         A forced token is the only one the grammar allows, so sampling would pick it
         whatever the logits; appended now, it is computed with the others in the next
-        step's chunk instead of taking a decode step of its own. Not for requests that
-        want logprobs, which need each token's distribution.
+        step's chunk (before that step's drafts) instead of taking a decode step of its
+        own. Not for requests that want logprobs, which need each token's distribution.
         """
         grammar = request.grammar
         assert grammar is not None
-        forcing = self.forced_tokens and request.sampling_params.logprobs is None
-        token: int | None = new_tokens[-1]
-        while token is not None:
-            if not grammar.accept(token):
-                request.error = grammar.error
-                return RequestStatus.FINISHED_ABORTED
-            if grammar.is_terminated:
-                return RequestStatus.FINISHED_STOPPED
-            token = grammar.forced_token() if forcing else None
-            if token is not None:
-                request.append_token(token)
-                new_tokens.append(token)
-                if (status := request.check_stop(self.max_model_len)) is not None:
-                    return status
+        if not self.forced_tokens or request.sampling_params.logprobs is not None:
+            return None
+        while (token := grammar.forced_token()) is not None:
+            request.append_token(token)
+            new_tokens.append(token)
+            if (status := request.check_stop(self.max_model_len)) is not None:
+                return status
+            if (status := self._follow_grammar(request, token)) is not None:
+                return status
         return None
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[str]:

@@ -67,7 +67,6 @@ class SamplingMetadata:
         rows: list[tuple[Request, list[int]]] = []
         for i, r in enumerate(requests):
             d = drafts[i] if drafts is not None else []
-            assert not d or r.grammar is None, "requests that follow a grammar do not draft"
             rows.extend((r, d[:j]) for j in range(len(d) + 1))
         params = [r.sampling_params for r, _ in rows]
 
@@ -108,10 +107,18 @@ class SamplingMetadata:
                 mask[j, column(params[i].allowed_token_ids or [], torch.long)] = True
             allowed = (column(allowed_rows, torch.long), mask)
         grammar = None
-        grammar_rows = [i for i, (r, _) in enumerate(rows) if r.grammar is not None]
+        grammar_rows: list[int] = []
+        masks: list[np.ndarray] = []
+        first_row = 0
+        for i, r in enumerate(requests):
+            d = drafts[i] if drafts is not None else []
+            if r.grammar is not None:
+                # Each draft row under the grammar's state after the drafts before it.
+                grammar_rows.extend(range(first_row, first_row + len(d) + 1))
+                masks.append(r.grammar.draft_masks(d) if d else r.grammar.allowed_mask()[None])
+            first_row += len(d) + 1
         if grammar_rows:
-            masks = [rows[i][0].grammar.allowed_mask() for i in grammar_rows]  # type: ignore[union-attr]
-            bitmask = torch.from_numpy(np.stack(masks)).to(device)
+            bitmask = torch.from_numpy(np.concatenate(masks)).to(device)
             grammar = (column(grammar_rows, torch.long), bitmask)
 
         return cls(

@@ -102,6 +102,15 @@ class RequestGrammar:
         return self._matcher
 
     @property
+    def is_ready(self) -> bool:
+        """The matcher is built (or failed): reading it does not wait."""
+        return (
+            self._matcher is not None
+            or self.error is not None
+            or (self.building is not None and self.building.done())
+        )
+
+    @property
     def is_terminated(self) -> bool:
         """The grammar is complete and admits nothing more."""
         return self.matcher is not None and self.matcher.is_stopped()
@@ -117,11 +126,13 @@ class RequestGrammar:
             self._mask_is_current = True
         return self.mask
 
-    def fill_mask(self, matcher: Any) -> None:
-        """Writes the matcher's allowed tokens into `mask`, end tokens where it may end."""
-        matcher.unsafe_compute_mask_ptr(self.mask.ctypes.data, self.mask.nbytes)
+    def fill_mask(self, matcher: Any, mask: np.ndarray | None = None) -> None:
+        """Writes the matcher's allowed tokens into `mask` (by default the request's own),
+        end tokens where it may end."""
+        mask = self.mask if mask is None else mask
+        matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
         if self.end_token_ids and matcher.is_accepting():
-            words = self.mask.view(np.uint32)
+            words = mask.view(np.uint32)
             for token in self.end_token_ids:
                 if token < self.vocab_size:
                     words[token >> 5] |= np.uint32(1 << (token & 31))
@@ -138,6 +149,40 @@ class RequestGrammar:
             )
             return False
         return True
+
+    def valid_draft(self, draft: list[int]) -> list[int]:
+        """The longest prefix of a draft the grammar takes from here, without advancing it.
+
+        It stops before an end token too: a draft that ends the request gains nothing
+        over the model's own token there, and what follows it has no grammar state.
+        """
+        matcher = self.matcher
+        if matcher is None:
+            return []
+        for i, token in enumerate(draft):
+            if token in self.end_token_ids:
+                draft = draft[:i]
+                break
+        return draft[: matcher.validate_tokens(draft)] if draft else []
+
+    def draft_masks(self, draft: list[int]) -> np.ndarray:
+        """The masks of the positions after the request's last token and after each token of
+        a valid draft ([1 + len(draft), words] int32): each one the grammar's state as if
+        the draft tokens before it had been sampled. The grammar is left where it was."""
+        masks = np.empty((len(draft) + 1, self.mask.shape[0]), dtype=np.int32)
+        masks[0] = self.allowed_mask()
+        matcher = self.matcher
+        if matcher is None:  # failed: everything is allowed everywhere
+            masks[1:] = -1
+            return masks
+        for j, token in enumerate(draft):
+            taken = matcher.consume_token(token)
+            assert taken, "drafts are cut to what the grammar takes (valid_draft)"
+            self.fill_mask(matcher, masks[j + 1])
+        if draft:
+            rolled_back = matcher.rollback(len(draft))
+            assert rolled_back, matcher.get_error()
+        return masks
 
     def forced_token(self) -> int | None:
         """The next token when the grammar allows exactly one (never an end token), else None."""

@@ -17,7 +17,7 @@ from test_llm import PROMPTS
 from pagoda.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from pagoda.core.scheduler import Scheduler
 from pagoda.engine.llm import LLM
-from pagoda.sampling_params import SamplingParams
+from pagoda.sampling_params import SamplingParams, StructuredOutputsParams
 
 pytestmark = pytest.mark.slow
 
@@ -190,3 +190,93 @@ def test_n_samples_draft_each_on_their_own(llm: LLM) -> None:
     reset_scheduler(llm)
     (with_drafts,) = llm.generate(COPY_PROMPTS[0], params, use_tqdm=False)
     assert [c.token_ids for c in with_drafts.outputs] == [c.token_ids for c in without.outputs]
+
+
+RECORD_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "born": {"type": "integer"},
+        "field": {"type": "string"},
+        "city": {"type": "string"},
+    },
+    "required": ["name", "born", "field", "city"],
+    "additionalProperties": False,
+}
+WEATHER_TOOL = {
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"],
+    },
+}
+
+
+def constrained_copies(llm: LLM) -> list[tuple[str, StructuredOutputsParams]]:
+    """Chat prompts whose constrained answers copy their input: a JSON record, a phone
+    number, a choice, and a required tool call (the schema the chat server builds)."""
+    from pagoda.config import StructuredOutputsConfig
+    from pagoda.entrypoints.openai.tools import ToolUse
+
+    def chat(text: str) -> str:
+        return llm.tokenizer.apply_chat_template([{"role": "user", "content": text}])
+
+    tool_call = ToolUse("required", (WEATHER_TOOL,)).constraint(StructuredOutputsConfig())
+    assert tool_call is not None
+    return [
+        (
+            chat(f"Copy this JSON record exactly.\n{JSON}"),
+            StructuredOutputsParams(json=RECORD_SCHEMA),
+        ),
+        (
+            chat("Write the phone number (555) 123-4567 again: (555) 123-4567"),
+            StructuredOutputsParams(regex=r"\([0-9]{3}\) [0-9]{3}-[0-9]{4}"),
+        ),
+        (
+            chat("Which colour comes first: violet, indigo or ultramarine? violet"),
+            StructuredOutputsParams(choice=["violet", "indigo", "ultramarine"]),
+        ),
+        (
+            chat(
+                'Call get_weather for London in celsius: [{"name": "get_weather", "arguments": '
+                '{"city": "London", "unit": "celsius"}}]'
+            ),
+            tool_call,
+        ),
+    ]
+
+
+@pytest.mark.parametrize("seed", [None, 5])
+def test_constrained_outputs_are_the_same_with_drafts(llm: LLM, seed) -> None:
+    """json_schema, regex, choice and a required tool call: drafts are cut where the grammar
+    refuses them and each draft position samples under its own grammar state, so the tokens
+    are those without drafts, alone and batched with unconstrained requests."""
+    cases = constrained_copies(llm)
+    prompts = [p for p, _ in cases]
+    params = [
+        SamplingParams(
+            temperature=0 if seed is None else 1.0,
+            seed=seed,
+            max_tokens=64,
+            structured_outputs=constraint,
+        )
+        for _, constraint in cases
+    ]
+    reset_scheduler(llm, speculative=None)
+    alone = [tokens(llm.generate([p], sp, use_tqdm=False))[0] for p, sp in zip(prompts, params)]
+    scheduler = reset_scheduler(llm)
+    assert [
+        tokens(llm.generate([p], sp, use_tqdm=False))[0] for p, sp in zip(prompts, params)
+    ] == alone
+    stats = scheduler.spec_stats
+    assert stats.num_accepted_tokens > 0.25 * stats.num_draft_tokens > 0
+    mixed = tokens(llm.generate(COPY_PROMPTS + prompts, [GREEDY] * 4 + params, use_tqdm=False))
+    assert mixed[4:] == alone
+    reset_scheduler(llm, speculative=None)
+    assert mixed[:4] == tokens(llm.generate(COPY_PROMPTS, GREEDY, use_tqdm=False))
+    if seed is None:
+        record = json.loads(llm.tokenizer.decode(alone[0]))
+        assert record == json.loads(JSON)  # the copy the drafts were taken from
+    llm.engine.check_invariants()

@@ -118,3 +118,50 @@ def test_thinking_with_a_start_marker_is_optional(setup) -> None:
     answers = compiler.compile(params, end_token_ids=(EOS,))
     walk(answers, tokenizer, "42")
     assert answers.matcher.is_accepting()
+
+
+def test_a_draft_is_cut_at_the_first_token_the_grammar_refuses(setup) -> None:
+    """Speculative decoding: a draft is checked without advancing the grammar; it is cut at
+    the first refused token, and before an end token (the request would stop there)."""
+    compiler, tokenizer = setup
+    grammar = compiler.compile(StructuredOutputsParams(regex="ab{0,3}c?"), end_token_ids=(EOS,))
+    before = allowed(grammar)
+    assert grammar.valid_draft(ids(tokenizer, "abbbbc")) == ids(tokenizer, "abbb")
+    assert grammar.valid_draft(ids(tokenizer, "abc")) == ids(tokenizer, "abc")
+    assert grammar.valid_draft(ids(tokenizer, "ab") + [EOS]) == ids(tokenizer, "ab")
+    assert grammar.valid_draft(ids(tokenizer, "x")) == []
+    assert allowed(grammar) == before  # nothing was consumed
+    walk(grammar, tokenizer, "ab")
+    assert grammar.valid_draft(ids(tokenizer, "bbbc")) == ids(tokenizer, "bb")
+
+
+@pytest.mark.parametrize(
+    "constraint, prefix, draft",
+    [
+        (dict(regex="ab{0,3}c?"), "", "abb"),
+        (dict(json={"type": "object", "properties": {"a": {"type": "integer"}}}), '{"', 'a": 12'),
+        (dict(choice=["red", "green", "redder"]), "r", "edd"),
+    ],
+)
+def test_draft_masks_are_the_masks_the_grammar_has_after_each_draft_token(
+    setup, constraint, prefix, draft
+) -> None:
+    """Row j is the mask after the first j draft tokens, end tokens included; the grammar
+    is where it was afterwards, as if the draft had never been looked at."""
+    compiler, tokenizer = setup
+    params = StructuredOutputsParams(**constraint)
+    grammar = compiler.compile(params, end_token_ids=(EOS,))
+    walk(grammar, tokenizer, prefix)
+    tokens = ids(tokenizer, draft)
+    masks = grammar.draft_masks(tokens)
+    assert masks.shape == (len(tokens) + 1, grammar.mask.shape[0])
+    stepped = compiler.compile(params, end_token_ids=(EOS,))
+    walk(stepped, tokenizer, prefix)
+    for j, token in enumerate(tokens):
+        assert np.array_equal(masks[j], stepped.allowed_mask()), j
+        assert stepped.accept(token)
+    assert np.array_equal(masks[-1], stepped.allowed_mask())
+    # The grammar itself has not moved: it takes the draft again, token by token.
+    assert np.array_equal(grammar.allowed_mask(), masks[0])
+    walk(grammar, tokenizer, draft)
+    assert np.array_equal(grammar.allowed_mask(), masks[-1])
