@@ -218,21 +218,32 @@ struct Q5_1 {
 
 // Q4_K and Q5_K: d, dmin and the 6-bit scales and minimums of the 8 sub-blocks.
 PAGODA_INLINE void k4_scales(const uint8_t* p, Group* g) {
-  // The 12 bytes as three words: bytes 0-3 hold scales 0-3 in their low 6 bits, 4-7
-  // minimums 0-3; scales and minimums 4-7 take their low 4 bits from bytes 8-11 and their
-  // top 2 bits from the top of bytes 0-3 and 4-7. Rearranged (as llama.cpp does) into 8
-  // scale bytes and 8 minimum bytes.
-  uint32_t w[3];
-  std::memcpy(w, p + 4, 12);
-  constexpr uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
-  const __m128i bytes = _mm_setr_epi32(
-      int(w[0] & low6), int((w[2] & low4) | (((w[0] >> 6) & low2) << 4)), int(w[1] & low6),
-      int(((w[2] >> 4) & low4) | (((w[1] >> 6) & low2) << 4)));
-  const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));  // scales 0-7, mins 0-7
-  g->scale = _mm512_mul_ps(_mm512_set1_ps(f16(p)),
-                           _mm512_permutexvar_ps(lanes([](int lane) { return lane % 8; }), v));
-  g->min = _mm512_mul_ps(_mm512_set1_ps(-f16(p + 2)),
-                         _mm512_permutexvar_ps(lanes([](int lane) { return 8 + lane % 8; }), v));
+  // The 12 bytes at p + 4: bytes 0-3 hold scales 0-3 in their low 6 bits, 4-7 minimums 0-3;
+  // scales and minimums 4-7 take their low 4 bits from the low and high nibbles of bytes
+  // 8-11 and their top 2 bits from the top of bytes 0-3 and 4-7. Rearranged in one register
+  // (as llama.cpp does with three words, here without leaving the vector unit) into 8 scale
+  // bytes and 8 minimum bytes.
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 4));
+  // [s0-3, s8-11, s4-7, s8-11]: the low bits' sources; [-, s0-3, -, s4-7]: the top bits'
+  const __m128i low = _mm_shuffle_epi8(v, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7,
+                                                        8, 9, 10, 11));
+  const __m128i top = _mm_shuffle_epi8(v, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1,
+                                                        -1, 4, 5, 6, 7));
+  // bytes 0-3 and 8-11: their low 6 bits; 4-7: the low nibble, 12-15: the high nibble
+  const __m128i six = _mm_and_si128(low, _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0));
+  const __m128i high = _mm_and_si128(_mm_srli_epi16(low, 4), _mm_setr_epi32(0, 0, 0, 0x0f0f0f0f));
+  const __m128i bits = _mm_and_si128(_mm_srli_epi16(top, 2), _mm_set1_epi8(0x30));
+  const __m128i bytes = _mm_or_si128(_mm_or_si128(six, high), bits);  // scales 0-7, mins 0-7
+  const __m512 v32 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+  // d and dmin, both float16, converted together
+  uint32_t dd;
+  std::memcpy(&dd, p, 4);
+  const __m128 d = _mm_cvtph_ps(_mm_cvtsi32_si128(int(dd)));
+  g->scale = _mm512_mul_ps(_mm512_broadcastss_ps(d),
+                           _mm512_permutexvar_ps(lanes([](int lane) { return lane % 8; }), v32));
+  g->min = _mm512_mul_ps(
+      _mm512_broadcastss_ps(_mm_xor_ps(_mm_movehdup_ps(d), _mm_set1_ps(-0.f))),
+      _mm512_permutexvar_ps(lanes([](int lane) { return 8 + lane % 8; }), v32));
 }
 
 // Q4_K's 128 nibble bytes at p: sub-block 2m + s is the low (s = 0) or high nibbles of bytes
