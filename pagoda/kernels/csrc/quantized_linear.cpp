@@ -393,13 +393,18 @@ QuantizedRows quantize_rows(const at::Tensor& x) {
   return q;
 }
 
-// Input rows r0 .. r0 + R - 1 against weight row w over groups [g0, g1), added to acc[r].
+// Input rows r0 .. r0 + R - 1 against weight row w over groups [g0, g1), added to acc[r];
+// the same groups of the row at `ahead` are prefetched for a later call.
 template <typename F, int R>
-PAGODA_INLINE void dot_rows(const uint8_t* w, const QuantizedRows& x, int64_t r0, int64_t g0,
-                            int64_t g1, __m512* acc) {
+PAGODA_INLINE void dot_rows(const uint8_t* w, const uint8_t* ahead, const QuantizedRows& x,
+                            int64_t r0, int64_t g0, int64_t g1, __m512* acc) {
+  constexpr int64_t kGroupBytes = F::kBlocks == 1 ? kGroup * F::kBytes : F::kBytes;
   __m512 a[R];
   for (int r = 0; r < R; ++r) a[r] = acc[r];
   for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t line = 0; line < kGroupBytes; line += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + g * kGroupBytes + line), _MM_HINT_T0);
+    }
     Group grp;
     decode_group<F>(w, g, x.blocks, &grp);
     for (int r = 0; r < R; ++r) {
@@ -425,12 +430,20 @@ PAGODA_INLINE void dot_rows(const uint8_t* w, const QuantizedRows& x, int64_t r0
 // a buffer that every pass reads.
 constexpr int64_t kChunkRows = 16;
 constexpr int64_t kChunkGroups = 8;
+// The weight streams from memory (a decode step reads every byte of it once): the hardware's
+// prefetcher alone left the loop waiting on it, at about 24 GB/s for Q4_K where the copy
+// bandwidth is 33; requesting each group's cache lines this many bytes (rounded up to whole
+// weight rows) before they are used brings it to about 30.
+constexpr int64_t kPrefetchBytes = 2048;
 
 template <typename F>
 void gguf_linear_impl(const QuantizedRows& x, int64_t rows, const at::Tensor& w,
                       at::Tensor& out) {
   const int64_t n = w.size(0), row_bytes = w.size(1), groups = x.groups;
   const int64_t slice = rows == 1 ? groups : kChunkGroups;
+  // dot_rows prefetches the same groups of the weight row at least kPrefetchBytes below
+  const int64_t ahead =
+      row_bytes * std::max<int64_t>(1, (kPrefetchBytes + row_bytes - 1) / row_bytes);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
@@ -444,10 +457,11 @@ void gguf_linear_impl(const QuantizedRows& x, int64_t rows, const at::Tensor& w,
           const int64_t pass = std::min<int64_t>(rows - r0, kMaxRowsPerPass);
           for (int64_t j = c0; j < c1; ++j) {
             __m512* a = &acc[(j - c0) * rows + r0];
+            const uint8_t* wj = wp + j * row_bytes;
             switch (pass) {
 #define PAGODA_ROWS(R) \
   case R:              \
-    dot_rows<F, R>(wp + j * row_bytes, x, r0, g0, g1, a); \
+    dot_rows<F, R>(wj, wj + ahead, x, r0, g0, g1, a); \
     break;
               PAGODA_ROWS(1) PAGODA_ROWS(2) PAGODA_ROWS(3) PAGODA_ROWS(4)
               PAGODA_ROWS(5) PAGODA_ROWS(6) PAGODA_ROWS(7) PAGODA_ROWS(8)
