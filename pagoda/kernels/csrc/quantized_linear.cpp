@@ -25,6 +25,7 @@
 #include "simd.h"
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace pagoda {
@@ -549,214 +550,98 @@ namespace pagoda {
 #ifdef PAGODA_GGUF_KERNELS
 namespace {
 
-// The dequantizer decodes block by block, as the twin computes each weight (d * q with q
-// signed, + min): every format's decoder one 32-weight block at a time.
-namespace by_block {
+// The dequantizer decodes a group of 8 blocks at a time with gguf_linear's decoders
+// (decode_group) and writes each weight as scale * q + min in float32, rounded once to the
+// output type. The twin computes d * (q - offset) (signed formats) or scale * q + min; both
+// products are exact in float32 (a float16 or float16 x 6-bit scale times a code of at most
+// 8 bits), and so is the sum scale * q + (-offset * scale), so the values are the twin's to
+// the bit (up to the sign of a zero).
 
-// One decoded 32-weight block: w[i] = scale[i / 4] * codes[i] (+ min), the scale given per
-// dpbusd lane (4 weights), so 16-weight scales (Q6_K) fit as well as 32-weight ones.
-struct Block {
-  __m256i codes;
-  __m256 scale;
-  float min;
-};
+// Distinct codes of a format: the bfloat16 output of formats with at most 32 takes each
+// block's values from a table of its 16 or 32 possible weights instead of converting every
+// weight (one permute per 32 weights).
+template <typename F> constexpr int kCodes = 0;
+template <> constexpr int kCodes<Q8_0> = 256;
+template <> constexpr int kCodes<Q4_0> = 16;
+template <> constexpr int kCodes<Q4_1> = 16;
+template <> constexpr int kCodes<Q5_0> = 32;
+template <> constexpr int kCodes<Q5_1> = 32;
+template <> constexpr int kCodes<Q4_K> = 16;
+template <> constexpr int kCodes<Q5_K> = 32;
+template <> constexpr int kCodes<Q6_K> = 64;
 
-// Low and high nibbles of 16 bytes as 32 values 0..15: weights 0-15, then 16-31.
-inline __m256i nibbles(const uint8_t* p) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i lo = _mm_and_si128(v, _mm_set1_epi8(0x0F));
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0F));
-  return _mm256_set_m128i(hi, lo);
-}
-
-// 16 at each weight whose bit is set in a little-endian 32-bit mask (the fifth bit of Q5_*).
-inline __m256i fifth_bits(const uint8_t* p) {
-  uint32_t bits;
-  std::memcpy(&bits, p, 4);
-  return _mm256_maskz_set1_epi8(_cvtu32_mask32(bits), 16);
-}
-
-// Each format: bytes and 32-weight blocks per (super-)block, whether its codes are signed,
-// and decode(bytes, blocks) filling those blocks.
-struct Q8_0 {
-  static constexpr int64_t kBytes = 34, kBlocks = 1;
-  static constexpr bool kSigned = true;
-  static void decode(const uint8_t* p, Block* b) {
-    b->codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
-    b->scale = _mm256_set1_ps(f16(p));
-  }
-};
-
-struct Q4_0 {
-  static constexpr int64_t kBytes = 18, kBlocks = 1;
-  static constexpr bool kSigned = true;
-  static void decode(const uint8_t* p, Block* b) {
-    b->codes = _mm256_sub_epi8(nibbles(p + 2), _mm256_set1_epi8(8));
-    b->scale = _mm256_set1_ps(f16(p));
-  }
-};
-
-struct Q5_0 {
-  static constexpr int64_t kBytes = 22, kBlocks = 1;
-  static constexpr bool kSigned = true;
-  static void decode(const uint8_t* p, Block* b) {
-    const __m256i q = _mm256_or_si256(nibbles(p + 6), fifth_bits(p + 2));
-    b->codes = _mm256_sub_epi8(q, _mm256_set1_epi8(16));
-    b->scale = _mm256_set1_ps(f16(p));
-  }
-};
-
-struct Q4_1 {
-  static constexpr int64_t kBytes = 20, kBlocks = 1;
-  static constexpr bool kSigned = false;
-  static void decode(const uint8_t* p, Block* b) {
-    b->codes = nibbles(p + 4);
-    b->scale = _mm256_set1_ps(f16(p));
-    b->min = f16(p + 2);
-  }
-};
-
-struct Q5_1 {
-  static constexpr int64_t kBytes = 24, kBlocks = 1;
-  static constexpr bool kSigned = false;
-  static void decode(const uint8_t* p, Block* b) {
-    b->codes = _mm256_or_si256(nibbles(p + 8), fifth_bits(p + 4));
-    b->scale = _mm256_set1_ps(f16(p));
-    b->min = f16(p + 2);
-  }
-};
-
-// Q4_K and Q5_K: d, dmin and the 6-bit scales and minimums of the 8 sub-blocks.
-inline void k4_scales(const uint8_t* p, Block* b) {
-  // The 12 bytes as three words: bytes 0-3 hold scales 0-3 in their low 6 bits, 4-7
-  // minimums 0-3; scales and minimums 4-7 take their low 4 bits from bytes 8-11 and their
-  // top 2 bits from the top of bytes 0-3 and 4-7. Rearranged (as llama.cpp does) into 8
-  // scale bytes and 8 minimum bytes.
-  uint32_t w[3];
-  std::memcpy(w, p + 4, 12);
-  constexpr uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
-  const uint32_t sc[2] = {w[0] & low6, (w[2] & low4) | (((w[0] >> 6) & low2) << 4)};
-  const uint32_t mn[2] = {w[1] & low6, ((w[2] >> 4) & low4) | (((w[1] >> 6) & low2) << 4)};
-  const __m256 d = _mm256_set1_ps(f16(p)), dmin = _mm256_set1_ps(-f16(p + 2));
-  alignas(32) float scale[8], minimum[8];
-  _mm256_store_ps(scale, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-                                              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc))))));
-  _mm256_store_ps(minimum, _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-                                                   _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn))))));
-  for (int j = 0; j < 8; ++j) {
-    b[j].scale = _mm256_set1_ps(scale[j]);
-    b[j].min = minimum[j];
+// A group's codes in weight order: register o holds blocks 2o and 2o + 1 (32 bytes each).
+// Dword m of block i is in register m % 4 of the group, lane i + 8 (m / 4).
+PAGODA_INLINE void in_order(const Group& g, __m512i* out) {
+  for (int o = 0; o < 4; ++o) {
+    // dword 8b + m of the output: from q[m % 4], lane 2o + b + 8 (m / 4); the first permute
+    // fills the dwords with m % 4 < 2 (from q0, q1), the second those with m % 4 >= 2
+    const __m512i idx = lanes([o](int p) {
+      const int b = p / 8, m = p % 8;
+      return 16 * (m % 2) + 2 * o + b + 8 * (m / 4);
+    });
+    const __m512i low = _mm512_permutex2var_epi32(g.q[0], idx, g.q[1]);
+    const __m512i high = _mm512_permutex2var_epi32(g.q[2], idx, g.q[3]);
+    out[o] = _mm512_mask_blend_epi32(0xCCCC, low, high);
   }
 }
 
-// Q4_K: [d][dmin][12 B scales][128 B nibbles]; sub-block j is the low (even j) or high
-// (odd j) nibbles of bytes 32 (j / 2) .. 32 (j / 2) + 31; w = d sc q - dmin mn.
-struct Q4_K {
-  static constexpr int64_t kBytes = 144, kBlocks = 8;
-  static constexpr bool kSigned = false;
-  static void decode(const uint8_t* p, Block* b) {
-    k4_scales(p, b);
-    for (int j = 0; j < 8; j += 2) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 + 16 * j));
-      b[j].codes = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
-      b[j + 1].codes = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F));
-    }
-  }
-};
-
-// Q5_K: [d][dmin][12 B scales][32 B fifth bits][128 B nibbles], the nibbles as Q4_K's; bit
-// j of fifth-bit byte i is the fifth bit of weight i of sub-block j.
-struct Q5_K {
-  static constexpr int64_t kBytes = 176, kBlocks = 8;
-  static constexpr bool kSigned = false;
-  static void decode(const uint8_t* p, Block* b) {
-    k4_scales(p, b);
-    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
-    for (int j = 0; j < 8; j += 2) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 48 + 16 * j));
-      const __m256i lo = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F));
-      const __mmask32 m0 = _mm256_test_epi8_mask(qh, _mm256_set1_epi8(char(1 << j)));
-      const __mmask32 m1 = _mm256_test_epi8_mask(qh, _mm256_set1_epi8(char(2 << j)));
-      b[j].codes = _mm256_mask_add_epi8(lo, m0, lo, _mm256_set1_epi8(16));
-      b[j + 1].codes = _mm256_mask_add_epi8(hi, m1, hi, _mm256_set1_epi8(16));
-    }
-  }
-};
-
-// Q6_K: [128 B low nibbles][64 B top 2 bits][16 x int8 scales][d]. Weight i of half h
-// (128 weights), quarter c (32), position l: nibble (c < 2 ? low : high) of ql[64 h + 32 (c & 1)
-// + l], bits 2c, 2c + 1 of qh[32 h + l], scale sc[8 h + 2 c + l / 16]; w = d sc (q - 32).
-struct Q6_K {
-  static constexpr int64_t kBytes = 210, kBlocks = 8;
-  static constexpr bool kSigned = true;
-  static void decode(const uint8_t* p, Block* b) {
-    const float d = f16(p + 208);
-    const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
-    const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03);
-    for (int h = 0; h < 2; ++h) {
-      const uint8_t* ql = p + 64 * h;
-      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 + 32 * h));
-      const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
-      const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
-      const __m256i lows[4] = {_mm256_and_si256(l0, low4), _mm256_and_si256(l1, low4),
-                               _mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
-                               _mm256_and_si256(_mm256_srli_epi16(l1, 4), low4)};
-      for (int c = 0; c < 4; ++c) {
-        const __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), low2);
-        const __m256i q = _mm256_or_si256(lows[c], _mm256_slli_epi16(high, 4));
-        Block& out = b[4 * h + c];
-        out.codes = _mm256_sub_epi8(q, _mm256_set1_epi8(32));
-        const float s0 = d * sc[8 * h + 2 * c], s1 = d * sc[8 * h + 2 * c + 1];
-        out.scale = _mm256_setr_ps(s0, s0, s0, s0, s1, s1, s1, s1);
-      }
-    }
-  }
-};
-
-}  // namespace by_block
-
-using by_block::Block;
-
-// Keeps the compiler from fusing a product and the sum after it into one FMA
-// (-ffast-math allows it): the twin rounds the product first.
-inline __m512 unfused(__m512 v) {
-  __asm__("" : "+v"(v));
-  return v;
+PAGODA_INLINE __m512 lane_of(__m512 v, int lane) {
+  return _mm512_permutexvar_ps(_mm512_set1_epi32(lane), v);
 }
 
-// One block's 32 weights scale * q (+ min), in float32 (the twin's order), stored as T.
+// The group's first `blocks` blocks (8 but in a row's last legacy group), block i's 32
+// weights to out + 32 i.
 template <typename F, typename T>
-inline void store_block(const Block& b, T* out) {
-  const __m512 scale = _mm512_castps256_ps512(b.scale);
-  const __m512i lo_lanes = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  const __m512i hi_lanes = _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
-  const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b.codes)));
-  const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b.codes, 1)));
-  __m512 w0 = _mm512_mul_ps(_mm512_permutexvar_ps(lo_lanes, scale), q0);
-  __m512 w1 = _mm512_mul_ps(_mm512_permutexvar_ps(hi_lanes, scale), q1);
-  if (!F::kSigned) {  // signed formats have no minimum (adding 0 would turn -0 into +0)
-    w0 = _mm512_add_ps(unfused(w0), _mm512_set1_ps(b.min));
-    w1 = _mm512_add_ps(unfused(w1), _mm512_set1_ps(b.min));
+PAGODA_INLINE void store_group(const Group& g, int blocks, T* out) {
+  alignas(64) uint8_t codes[kGroupValues];
+  {
+    __m512i ordered[4];
+    in_order(g, ordered);
+    for (int o = 0; o < 4; ++o) _mm512_store_si512(codes + 64 * o, ordered[o]);
   }
-  store16(out, w0);
-  store16(out + 16, w1);
+  for (int i = 0; i < blocks; ++i) {
+    const uint8_t* q = codes + kBlock * i;
+#ifdef __AVX512BF16__
+    if constexpr (std::is_same_v<T, at::BFloat16> && kCodes<F> <= 32) {
+      // the block's possible weights as a bfloat16 table (one scale and minimum a block)
+      const __m512 scale = lane_of(g.scale, i), min = lane_of(g.min, i);
+      const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      const __m512 low = _mm512_fmadd_ps(iota, scale, min);
+      const __m512 high =
+          kCodes<F> > 16
+              ? _mm512_fmadd_ps(_mm512_add_ps(iota, _mm512_set1_ps(16.f)), scale, min)
+              : low;
+      const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(high, low);
+      const __m512i index =
+          _mm512_cvtepu8_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(q)));
+      _mm512_storeu_si512(out + kBlock * i, _mm512_permutexvar_epi16(index, table));
+      continue;
+    }
+#endif
+    for (int h = 0; h < 2; ++h) {  // weights 16h .. 16h + 15: scale and minimum lane i + 8h
+      const __m512 v = _mm512_cvtepi32_ps(
+          _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(q + 16 * h))));
+      store16(out + kBlock * i + 16 * h,
+              _mm512_fmadd_ps(v, lane_of(g.scale, i + 8 * h), lane_of(g.min, i + 8 * h)));
+    }
+  }
 }
 
 // Weight rows [begin, end) of w decoded into out's rows 0 .. end - begin - 1 ([*, k] of T).
 template <typename F, typename T>
 void dequantize_rows(const uint8_t* w, int64_t row_bytes, int64_t k, int64_t begin, int64_t end,
                      T* out) {
+  const int64_t blocks = k / kBlock, groups = (blocks + kGroup - 1) / kGroup;
   at::parallel_for(begin, end, 16, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) {
       const uint8_t* wj = w + j * row_bytes;
       T* oj = out + (j - begin) * k;
-      for (int64_t s = 0; s < k / (F::kBlocks * kBlock); ++s) {
-        Block blk[F::kBlocks];
-        F::decode(wj + s * F::kBytes, blk);
-        for (int i = 0; i < F::kBlocks; ++i) {
-          store_block<F>(blk[i], oj + (s * F::kBlocks + i) * kBlock);
-        }
+      for (int64_t g = 0; g < groups; ++g) {
+        Group grp;
+        decode_group<F>(wj, g, blocks, &grp);
+        store_group<F>(grp, static_cast<int>(std::min<int64_t>(kGroup, blocks - g * kGroup)),
+                       oj + g * kGroupValues);
       }
     }
   });
@@ -777,10 +662,9 @@ constexpr Dequantizer dequantizer(const char* name) {
 }
 
 const Dequantizer kDequantizers[] = {
-    dequantizer<by_block::Q8_0>("Q8_0"), dequantizer<by_block::Q4_0>("Q4_0"),
-    dequantizer<by_block::Q4_1>("Q4_1"), dequantizer<by_block::Q5_0>("Q5_0"),
-    dequantizer<by_block::Q5_1>("Q5_1"), dequantizer<by_block::Q4_K>("Q4_K"),
-    dequantizer<by_block::Q5_K>("Q5_K"), dequantizer<by_block::Q6_K>("Q6_K"),
+    dequantizer<Q8_0>("Q8_0"), dequantizer<Q4_0>("Q4_0"), dequantizer<Q4_1>("Q4_1"),
+    dequantizer<Q5_0>("Q5_0"), dequantizer<Q5_1>("Q5_1"), dequantizer<Q4_K>("Q4_K"),
+    dequantizer<Q5_K>("Q5_K"), dequantizer<Q6_K>("Q6_K"),
 };
 
 // The format's entry, having checked that w is [n, k / weights * bytes] uint8 of its blocks.

@@ -95,13 +95,16 @@ def test_dequantize_kernel_equals_twin_bit_for_bit(
     kernels_built: None, qtype: str, dtype: torch.dtype, rows: int
 ) -> None:
     """scale * q (+ min) in float32 in the twin's order, rounded once to the dtype: equal to the
-    bit, over row counts that split unevenly between threads; 3 legacy blocks or 2 super-blocks."""
-    cols = 96 if FORMATS[qtype][0] == 32 else 512
-    w = random_weight(qtype, rows, cols, seed=rows)
-    got = torch.ops.pagoda.gguf_dequantize(w.blocks, qtype, dtype)
-    assert got.dtype == dtype and got.shape == (rows, cols)
-    assert torch.equal(got, dequantize_rows_torch(w, dtype))
-    assert torch.equal(dequantize_rows(w.rows(torch.tensor([rows - 1, 0])), dtype), got[[-1, 0]])
+    bit, over row counts that split unevenly between threads; rows of 3 or 11 legacy blocks (a
+    part-filled group of 8, alone or after a full one) or 2 or 3 super-blocks."""
+    for blocks in (3, 11) if FORMATS[qtype][0] == 32 else (2, 3):
+        cols = blocks * FORMATS[qtype][0]
+        w = random_weight(qtype, rows, cols, seed=rows + blocks)
+        got = torch.ops.pagoda.gguf_dequantize(w.blocks, qtype, dtype)
+        assert got.dtype == dtype and got.shape == (rows, cols)
+        assert torch.equal(got, dequantize_rows_torch(w, dtype))
+        picked = dequantize_rows(w.rows(torch.tensor([rows - 1, 0])), dtype)
+        assert torch.equal(picked, got[[-1, 0]])
 
 
 @pytest.mark.parametrize("qtype", FORMATS_WITH_KERNEL)
