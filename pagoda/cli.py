@@ -53,6 +53,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_ray(args: argparse.Namespace) -> int:
+    from pagoda.deploy.config import slow_serve_cadences
+
+    slow_serve_cadences()  # before Ray Serve is imported
     try:
         from pagoda.deploy.ray import serve_ray
     except ImportError as e:

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 import pytest
 
 import pagoda.deploy.ray
 from pagoda import cli
+from pagoda.deploy.config import SERVE_CADENCES
 
 
 @pytest.fixture
 def started(monkeypatch: pytest.MonkeyPatch) -> list[tuple[argparse.Namespace, dict[str, Any]]]:
     """serve_ray replaced: the arguments and launcher options it would have started with."""
     calls: list[tuple[argparse.Namespace, dict[str, Any]]] = []
+    for name in SERVE_CADENCES:  # unset here, and as before after the test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
     def fake_serve_ray(args: argparse.Namespace, _e: object, _s: object, options: Any) -> int:
         calls.append((args, options))
@@ -46,3 +51,12 @@ def test_the_flags_serve_ray_applies_start_it(started) -> None:
     ((args, _),) = started
     assert args.root_path == "/llm" and args.num_replicas == 2
     assert args.uds == "/tmp/pagoda.sock" and args.max_connections == 10
+
+
+def test_serve_ray_slows_serve_background_loops_unless_set(
+    started, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RAY_SERVE_METRICS_EXPORT_INTERVAL_MS", "250")
+    assert cli.main(["serve-ray"]) == 0
+    assert os.environ["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "1"
+    assert os.environ["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == "250"  # the user's
