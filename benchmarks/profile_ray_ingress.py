@@ -1,8 +1,10 @@
 """Where the Ray ingress's added latency goes: each hop of a one-token request timed alone.
 
 First `pagoda serve` alone (direct_models, direct_one_token: the same two HTTP requests with
-no Ray), then a local Ray cluster with one replica of the model (the embedded default unless
---model):
+no Ray), then `pagoda serve-ray --num-replicas 1` (serve_ray_models, serve_ray_one_token:
+Pagoda's own server in the serve-ray process, one Ray call to the replica), then a local
+Ray cluster with one replica of the model (the embedded default unless --model) behind
+pagoda_app(), the application for Serve users:
   http_models     GET /v1/models through Serve's proxy: proxy + ingress, no replica call
   http_one_token  a one-token completion through Serve's proxy (the whole path)
   handle_unary    a no-op replica method called from this driver: one Ray call
@@ -68,22 +70,24 @@ def main() -> None:
     result: dict[str, float] = {}
     url = f"http://127.0.0.1:{args.port}"
     model = [args.model] if args.model else []
-    direct = subprocess.Popen(
-        [sys.executable, "-m", "pagoda", "serve", *model, "--port", str(args.port),
-         "--served-model-name", "m", "--kv-cache-memory", "64M"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        with httpx.Client(timeout=60) as client:
-            while not ready(client, url):
-                assert direct.poll() is None, "pagoda serve exited"
-                time.sleep(0.5)
-            result["direct_models"] = p50_ms(lambda: client.get(f"{url}/v1/models"), args.n)
-            post = lambda: client.post(f"{url}/v1/completions", json=BODY).raise_for_status()  # noqa: E731
-            result["direct_one_token"] = p50_ms(post, args.n)
-    finally:
-        direct.send_signal(signal.SIGINT)
-        direct.wait(60)
+    for name, command in (("direct", "serve"), ("serve_ray", "serve-ray")):
+        server = subprocess.Popen(
+            [sys.executable, "-m", "pagoda", command, *model, "--port", str(args.port),
+             "--served-model-name", "m", "--kv-cache-memory", "64M"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            with httpx.Client(timeout=60) as client:
+                while not ready(client, url):
+                    assert server.poll() is None, f"pagoda {command} exited"
+                    time.sleep(0.5)
+                get = lambda: client.get(f"{url}/v1/models")  # noqa: E731
+                result[f"{name}_models"] = p50_ms(get, args.n)
+                post = lambda: client.post(f"{url}/v1/completions", json=BODY).raise_for_status()  # noqa: E731
+                result[f"{name}_one_token"] = p50_ms(post, args.n)
+        finally:
+            server.send_signal(signal.SIGINT)
+            server.wait(60)
     print(json.dumps(result), flush=True)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
