@@ -15,6 +15,7 @@ section 9): memory for speed where the memory is small.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -41,7 +42,13 @@ DENSE_COPY_MAX_BYTES = 1 << 30
 
 # Row counts tried, in order, until the tiles win: the limit is the last the kernel won.
 CANDIDATE_ROWS = (2, 4, 8, 16, 32, 64)
-SAMPLE_ROWS = 512  # weight rows of the tensor timed: enough for a GEMM, quick to run
+SAMPLE_ROWS = 1024  # weight rows of the tensor timed: enough for a GEMM, quick to run
+# Each product is timed this many times, the two alternating, and the medians compared: a
+# best-of-3 over 512 rows chose 8 at one start and 16 at the next for the same file.
+REPEATS = 5
+# The kernel keeps a row count only where it is this much faster than the tiles: near a tie
+# the choice would otherwise follow the noise.
+MARGIN = 0.05
 
 
 def held_in_blocks(gguf_file: GGUFFile, spec: ModelSpec) -> tuple[set[str], set[str]]:
@@ -111,37 +118,52 @@ def log_dense_copy(model: CausalLM, copy_bytes: int) -> None:
     )
 
 
-def _row_limit(w: GGUFWeight, dtype: torch.dtype, candidates: tuple[int, ...]) -> int:
+def kernel_wins(kernel_s: float, tiles_s: float) -> bool:
+    """Whether the kernel's time beats the tiles' by the margin."""
+    return kernel_s * (1 + MARGIN) < tiles_s
+
+
+def _row_limit(
+    w: GGUFWeight,
+    dtype: torch.dtype,
+    candidates: tuple[int, ...],
+    clock: Callable[[], float] = time.perf_counter,
+) -> int:
     """The largest candidate row count up to which gguf_linear beat gguf_matmul on the first
     SAMPLE_ROWS rows of w (1 at least: one row is where the kernel is made to win)."""
     sample = GGUFWeight(w.blocks[:SAMPLE_ROWS].contiguous(), w.format)
     per_block, block_bytes, _ = FORMATS[w.format]
     cols = w.blocks.shape[1] // block_bytes * per_block
+    products = [quantized_linear.gguf_linear, quantized_linear.gguf_matmul]
     limit = 1
     with torch.no_grad():
         for rows in candidates:
             x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows)).to(dtype)
-            kernel = _best_of(3, quantized_linear.gguf_linear, x, sample)
-            tiles = _best_of(3, quantized_linear.gguf_matmul, x, sample)
-            if kernel > tiles:
+            kernel, tiles = _median_times(REPEATS, products, x, sample, clock)
+            if not kernel_wins(kernel, tiles):
                 break
             limit = rows
     return limit
 
 
-def _best_of(
+def _median_times(
     repeats: int,
-    product: Callable[[torch.Tensor, GGUFWeight], torch.Tensor],
+    products: list[Callable[[torch.Tensor, GGUFWeight], torch.Tensor]],
     x: torch.Tensor,
     w: GGUFWeight,
-) -> float:
-    product(x, w)  # warm-up
-    times = []
+    clock: Callable[[], float],
+) -> list[float]:
+    """The median time of each product, after a warm-up each, the products taking turns (a
+    slow spell of the machine falls on both)."""
+    for product in products:
+        product(x, w)  # warm-up
+    times: list[list[float]] = [[] for _ in products]
     for _ in range(repeats):
-        start = time.perf_counter()
-        product(x, w)
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for product, product_times in zip(products, times):
+            start = clock()
+            product(x, w)
+            product_times.append(clock() - start)
+    return [statistics.median(t) for t in times]
 
 
 def _log_choice(
