@@ -1,9 +1,10 @@
 """A GGUF file's header, read once: its metadata key-value pairs and its tensor table.
 
 The header is parsed with struct and numpy, arrays in bulk; the tensor data stays memory-mapped
-until a loader asks for a tensor's bytes. gguf.GGUFReader builds numpy views for each element of
-every array, which takes about 18 s for a 262,144-token vocabulary; this reads the same values
-in a fraction of a second. It needs no torch, so the API-server process reads its tokenizer here.
+(copy-on-write: nothing is written back), and a loader's weights can be views of it.
+gguf.GGUFReader builds numpy views for each element of every array, which takes about 18 s for
+a 262,144-token vocabulary; this reads the same values in a fraction of a second. It needs no
+torch, so the API-server process reads its tokenizer here.
 """
 
 from __future__ import annotations
@@ -47,10 +48,20 @@ class GGUFFile:
     fields: dict[str, Any]
     tensors: list[TensorInfo]
     data: np.ndarray  # the whole file, memory-mapped, as uint8
+    mapping: mmap.mmap  # the mapping data views
 
     def raw_bytes(self, t: TensorInfo) -> np.ndarray:
-        """The tensor's bytes as the file stores them (a read-only view of the mapping)."""
+        """The tensor's bytes as the file stores them: a view of the mapping, which it keeps
+        alive (a write would change this process's copy only)."""
         return self.data[t.offset : t.offset + t.nbytes]
+
+    def release_pages(self, t: TensorInfo | None = None) -> None:
+        """Drops the tensor's pages (all of them without t) from this process's resident
+        memory; views read them from the page cache again when next used."""
+        start, stop = (0, len(self.mapping)) if t is None else (t.offset, t.offset + t.nbytes)
+        start -= start % mmap.PAGESIZE
+        if stop > start:
+            self.mapping.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
 class _Corrupt(ValueError):
@@ -61,7 +72,7 @@ def open_gguf(path: Path) -> GGUFFile:
     """Reads a GGUF file's header; a truncated or unreadable file raises an error naming it."""
     try:
         with path.open("rb") as f:
-            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         fields, tensors = _Header(mapping).read()
     except _Corrupt as e:
         raise ModelLoadError(f"{path} is not a readable GGUF file (corrupt): {e}") from None
@@ -75,7 +86,7 @@ def open_gguf(path: Path) -> GGUFFile:
         raise ModelLoadError(
             f"{path} is truncated: it has {len(mapping)} bytes, its tensor data runs to byte {end}"
         )
-    return GGUFFile(path, fields, tensors, np.frombuffer(mapping, np.uint8))
+    return GGUFFile(path, fields, tensors, np.frombuffer(mapping, np.uint8), mapping)
 
 
 class _Header:

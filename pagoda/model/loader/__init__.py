@@ -88,6 +88,8 @@ def load_model(
         disable=max(nbytes, file_bytes) < (1 << 30),  # small models load in a blink
     )
     load_weights(model, progress)
+    if gguf_file is not None:
+        gguf_file.release_pages()  # those the last stacking read; views fault theirs in on use
     for rope in ropes:
         rope.init_table()
     model.eval().requires_grad_(False)

@@ -170,7 +170,8 @@ def tensor_values(gguf_file: GGUFFile, t: TensorInfo) -> torch.Tensor:
 
 
 def _raw_bytes(gguf_file: GGUFFile, t: TensorInfo) -> torch.Tensor:
-    return torch.from_numpy(gguf_file.raw_bytes(t).copy())
+    """A view of the file's mapping: weights held as the file stores them are not copied."""
+    return torch.from_numpy(gguf_file.raw_bytes(t))
 
 
 def expected_tensors(spec: ModelSpec) -> list[str]:
@@ -216,7 +217,12 @@ def iter_weights(
 ) -> Iterator[tuple[str, torch.Tensor | GGUFWeight]]:
     """Yields (Hugging Face name, tensor in dtype) for every tensor the model uses; those named
     in in_blocks as a GGUFWeight instead, the file's blocks, and with dense_copy also
-    dequantized, first."""
+    dequantized, first.
+
+    A GGUFWeight used as the file stores it is a view of the file's mapping (no copy); rows
+    reordered or stacked are copied. Each tensor's pages are released once it has been
+    taken, so that what was copied is not resident twice (views read theirs again on use).
+    """
     check_tensors(gguf_file, spec)
     permuted = field(gguf_file, "general.architecture") in ("llama", "mistral")
     norm_offset = NORM_OFFSETS.get(spec.family, 0.0)
@@ -234,9 +240,12 @@ def iter_weights(
         raw = _raw_bytes(gguf_file, t)
         if name not in in_blocks or dense_copy:
             w = dequantize(raw, t.type).reshape(t.shape)
+            if w.data_ptr() == raw.data_ptr():  # F32 is read in place: copy it off the file
+                w = w.clone()
             if norm_offset and name.endswith("norm.weight"):
                 w -= norm_offset
             yield name, (w if rows is None else w[rows]).to(dtype)
         if name in in_blocks:
             q = GGUFWeight(raw.reshape(t.shape[0], -1), t.type)
             yield name, q if rows is None else q.rows(rows)
+        gguf_file.release_pages(t)

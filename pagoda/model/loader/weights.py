@@ -138,4 +138,5 @@ def _hold(
     if name == model.output_weight_name():
         model.output_gguf = w
     elif name != "embed_tokens.weight" and (parts := _add_shard(pending, name, shard, w, count)):
-        _projection(model, name).gguf = stack(parts)
+        # one part is kept as it came (a view of the file); several are stacked (copied)
+        _projection(model, name).gguf = tuple(parts) if len(parts) == 1 else stack(parts)

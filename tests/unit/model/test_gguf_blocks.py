@@ -193,3 +193,49 @@ def test_auto_keeps_a_small_dense_copy_beside_the_blocks(
     reference = with_dense_copy(path, kept, torch.float32)
     prompts = [[(5 * i + j) % 250 + 3 for j in range(n)] for i, n in enumerate([40, 1, 9] * 4)]
     assert_same_greedy(kept, reference, prompts, 4, tolerance=0)
+
+
+def test_weights_held_as_stored_are_views_of_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No copy of a tensor the model uses as the file stores it (o_proj, down_proj, the
+    embedding): its blocks lie in the file's mapping, which they keep alive; reordered
+    (q, k) and stacked (q/k/v, gate/up) ones are copies. The model computes the same."""
+    import gc
+
+    from pagoda.model import loader
+
+    path = write_tiny(tmp_path / "m.gguf", "Q8_0")
+    opened: list[Any] = []
+    open_gguf = loader.open_gguf
+
+    def open_and_keep(p: Path) -> Any:
+        opened.append(open_gguf(p))
+        return opened[-1]
+
+    monkeypatch.setattr(loader, "open_gguf", open_and_keep)
+    model = load_model(path, torch.float32, quantized=True)
+    start = opened[0].data.ctypes.data
+    stop = start + len(opened[0].data)
+
+    def in_file(w: GGUFWeight) -> bool:
+        return start <= w.blocks.data_ptr() < stop
+
+    layer = model.layers[0]
+    assert in_file(layer.self_attn.o_proj.gguf[0]) and in_file(layer.mlp.down_proj.gguf[0])
+    assert model.embed_tokens.gguf is not None and in_file(model.embed_tokens.gguf)
+    assert not in_file(layer.self_attn.qkv_proj.gguf[0])
+    assert not in_file(layer.mlp.gate_up_proj.gguf[0])
+
+    monkeypatch.undo()
+    opened.clear()
+    gc.collect()
+    again = load_model(path, torch.float32, quantized=True)
+    for a, b in zip(model.modules(), again.modules()):  # the same paths (limits are timed)
+        if isinstance(a, Linear) and isinstance(b, Linear):
+            b.gguf_max_rows = a.gguf_max_rows
+    again.gguf_logits_max_rows = model.gguf_logits_max_rows
+    for m in (model, again):
+        bind_cache(m)
+    chunk = [(list(range(3, 40)), 0, list(range(10)))]
+    torch.testing.assert_close(forward(model, chunk), forward(again, chunk), rtol=0, atol=0)
