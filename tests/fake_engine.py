@@ -35,6 +35,7 @@ class FakeEngineClient(EngineClient):
         tokenizer: Tokenizer,
         max_model_len: int = 128,
         structured: StructuredOutputsConfig | None = None,
+        speculative: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.processor = OutputProcessor(tokenizer)
@@ -47,6 +48,7 @@ class FakeEngineClient(EngineClient):
             num_gpu_blocks=64,
             block_size=16,
             enable_prefix_caching=True,
+            speculative=speculative,
             structured=structured or StructuredOutputsConfig(),
         )
         self.script = tokenizer.encode(FAKE_TEXT, add_special_tokens=False)

@@ -129,6 +129,7 @@ class AsyncEngineClient(EngineClient):
             num_gpu_blocks=info.num_blocks,
             block_size=info.block_size,
             enable_prefix_caching=self.engine_config.cache.enable_prefix_caching,
+            speculative=self.engine_config.speculative is not None,
             structured=self.engine_config.structured,
         )
         self._loop = asyncio.get_running_loop()

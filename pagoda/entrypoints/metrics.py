@@ -133,18 +133,21 @@ class Metrics:
         )
         # Speculative decoding, as vLLM's: drafts verified, their tokens, how many were
         # accepted, and how many at each draft position (acceptance falls along a draft).
-        self.spec_drafts = counter("vllm:spec_decode_num_drafts", "Drafts verified.")
-        self.spec_draft_tokens = counter(
-            "vllm:spec_decode_num_draft_tokens", "Draft tokens verified."
-        )
-        self.spec_accepted_tokens = counter(
-            "vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted."
-        )
-        self.spec_accepted_per_pos = counter(
-            "vllm:spec_decode_num_accepted_tokens_per_pos",
-            "Draft tokens accepted, by position in the draft.",
-            extra=("position",),
-        )
+        # Registered only when speculation is configured, as vLLM does.
+        self.spec: _SpecCounters | None = None
+        if config.speculative:
+            self.spec = _SpecCounters(
+                drafts=counter("vllm:spec_decode_num_drafts", "Drafts verified."),
+                draft_tokens=counter("vllm:spec_decode_num_draft_tokens", "Draft tokens verified."),
+                accepted_tokens=counter(
+                    "vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted."
+                ),
+                accepted_per_pos=counter(
+                    "vllm:spec_decode_num_accepted_tokens_per_pos",
+                    "Draft tokens accepted, by position in the draft.",
+                    extra=("position",),
+                ),
+            )
         # An info gauge, as vLLM's: the value is 1, the configuration is in the labels.
         cache_info = {
             "block_size": str(config.block_size),
@@ -285,23 +288,33 @@ class Metrics:
         self.prefix_queries.labels(m).inc(stats.prefix_cache_queries - last.prefix_cache_queries)
         self.prefix_hits.labels(m).inc(stats.prefix_cache_hits - last.prefix_cache_hits)
         self.preemptions.labels(m).inc(stats.num_preemptions - last.num_preemptions)
-        spec = stats.spec_decode
-        if spec is not None:
+        spec, counters = stats.spec_decode, self.spec
+        if spec is not None and counters is not None:
             before = last.spec_decode or SpecDecodeStats(
                 num_accepted_tokens_per_pos=[0] * len(spec.num_accepted_tokens_per_pos)
             )
-            self.spec_drafts.labels(m).inc(spec.num_drafts - before.num_drafts)
-            self.spec_draft_tokens.labels(m).inc(spec.num_draft_tokens - before.num_draft_tokens)
-            self.spec_accepted_tokens.labels(m).inc(
+            counters.drafts.labels(m).inc(spec.num_drafts - before.num_drafts)
+            counters.draft_tokens.labels(m).inc(spec.num_draft_tokens - before.num_draft_tokens)
+            counters.accepted_tokens.labels(m).inc(
                 spec.num_accepted_tokens - before.num_accepted_tokens
             )
             for pos, (now_, then) in enumerate(
                 zip(spec.num_accepted_tokens_per_pos, before.num_accepted_tokens_per_pos)
             ):
-                self.spec_accepted_per_pos.labels(m, str(pos)).inc(now_ - then)
+                counters.accepted_per_pos.labels(m, str(pos)).inc(now_ - then)
             if self._log.spec is None:
                 self._log.spec = before
         self._last = stats
+
+
+@dataclass
+class _SpecCounters:
+    """Speculative decoding's counters, under vLLM's names."""
+
+    drafts: Counter
+    draft_tokens: Counter
+    accepted_tokens: Counter
+    accepted_per_pos: Counter  # labelled by position in the draft
 
 
 @dataclass

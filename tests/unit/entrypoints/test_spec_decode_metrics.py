@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+from fake_engine import FakeEngineClient
 from prometheus_client import generate_latest
 
 from pagoda.engine.messages import EngineOutput, EngineOutputs, SchedulerStats, SpecDecodeStats
 from pagoda.entrypoints import metrics as metrics_module
 from pagoda.entrypoints.metrics import Metrics
+from pagoda.tokenizer import Tokenizer
+
+
+@pytest.fixture
+def engine(tokenizer: Tokenizer) -> FakeEngineClient:
+    """An engine configured with speculative decoding."""
+    return FakeEngineClient(tokenizer, speculative=True)
 
 
 def value(text: str, name: str, labels: str = 'model_name="fake-model"') -> float:
@@ -54,3 +63,15 @@ def test_the_periodic_line_gives_the_acceptance_rate(engine, caplog, monkeypatch
         metrics.step(EngineOutputs([out], stats=stats(5, 20, 12, [5, 3, 2, 2])), [])
     assert "draft acceptance rate 50.0%" in caplog.text
     assert "mean acceptance length 3.00" in caplog.text
+
+
+def test_without_speculation_its_metrics_are_not_exported(tokenizer: Tokenizer) -> None:
+    """As vLLM: the spec-decode names exist only when speculation is configured, so a
+    dashboard can tell "off" from "on, nothing accepted"."""
+    metrics = Metrics(FakeEngineClient(tokenizer).config)
+    metrics.step(EngineOutputs([], stats=SchedulerStats(num_running=1)), [])
+    text = generate_latest(metrics.registry).decode()
+    assert "vllm:num_requests_running" in text
+    assert "spec_decode" not in text
+    on = generate_latest(Metrics(FakeEngineClient(tokenizer, speculative=True).config).registry)
+    assert 'vllm:spec_decode_num_drafts_total{model_name="fake-model"} 0.0' in on.decode()
