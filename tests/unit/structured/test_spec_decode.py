@@ -105,21 +105,31 @@ def compiler(tiny_model_dir) -> tuple[GrammarCompiler, Tokenizer]:
     return GrammarCompiler(path, 300), Tokenizer.from_path(path)
 
 
+def drafting_scheduler(
+    num_speculative_tokens: int, lookup: int, forced_tokens: bool = True
+) -> Scheduler:
+    """A small scheduler that drafts by looking up exactly `lookup` tokens."""
+    return Scheduler(
+        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64),
+        CacheConfig(block_size=4, enable_prefix_caching=True),
+        16,
+        64,
+        forced_tokens=forced_tokens,
+        speculative=SpeculativeConfig(
+            num_speculative_tokens=num_speculative_tokens,
+            prompt_lookup_min=lookup,
+            prompt_lookup_max=lookup,
+        ),
+    )
+
+
 def test_a_draft_the_grammar_refuses_is_cut_and_never_reaches_the_output(compiler) -> None:
     """The lookup drafts "bbbbc" after "ab"; the grammar takes two more b's only. A model
     that agreed with every draft token still appends only what the grammar allows."""
     grammars, tokenizer = compiler
     text = tokenizer.encode("abbbbc ab", add_special_tokens=False)
     b, c = tokenizer.encode("bc", add_special_tokens=False)
-    scheduler = Scheduler(
-        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64),
-        CacheConfig(block_size=4, enable_prefix_caching=True),
-        16,
-        64,
-        speculative=SpeculativeConfig(
-            num_speculative_tokens=5, prompt_lookup_min=2, prompt_lookup_max=2
-        ),
-    )
+    scheduler = drafting_scheduler(num_speculative_tokens=5, lookup=2)
     request = Request("r", text, params(dict(regex="b{0,2}c")), eos_token_ids=(EOS,))
     request.grammar = grammars.compile(request.sampling_params.structured_outputs, (EOS,))
     assert request.grammar.matcher is not None  # built
@@ -140,16 +150,7 @@ def test_a_grammar_that_ends_inside_the_accepted_drafts_ends_the_request_there(c
     sampled after that point (an EOS here) are not appended."""
     grammars, tokenizer = compiler
     text = tokenizer.encode("xd. x", add_special_tokens=False)
-    scheduler = Scheduler(
-        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64),
-        CacheConfig(block_size=4, enable_prefix_caching=True),
-        16,
-        64,
-        speculative=SpeculativeConfig(
-            num_speculative_tokens=4, prompt_lookup_min=1, prompt_lookup_max=1
-        ),
-        forced_tokens=False,
-    )
+    scheduler = drafting_scheduler(num_speculative_tokens=4, lookup=1, forced_tokens=False)
     request = Request("r", text, params(dict(regex="d")), eos_token_ids=(EOS,))
     request.grammar = grammars.compile(request.sampling_params.structured_outputs, (EOS,))
     assert request.grammar.matcher is not None
