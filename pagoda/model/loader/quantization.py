@@ -18,7 +18,7 @@ import logging
 import statistics
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -148,7 +148,7 @@ def _row_limit(
 
 def _median_times(
     repeats: int,
-    products: list[Callable[[torch.Tensor, GGUFWeight], torch.Tensor]],
+    products: Sequence[Callable[[torch.Tensor, GGUFWeight], torch.Tensor]],
     x: torch.Tensor,
     w: GGUFWeight,
     clock: Callable[[], float],
