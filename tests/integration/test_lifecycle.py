@@ -233,11 +233,35 @@ def served_common_name(port: int) -> str:
     return cert.subject.rfc4514_string().removeprefix("CN=")
 
 
-def test_tls_certificate_is_reloaded(start_server, tmp_path: Path) -> None:
-    key, cert = write_certificate(tmp_path, "first")
-    live_key, live_cert = tmp_path / "live.key", tmp_path / "live.crt"
+def live_certificate(directory: Path, common_name: str) -> tuple[Path, Path]:
+    """A new certificate behind symlinks (live.key, live.crt), as a certificate manager
+    keeps them; returns the links."""
+    key, cert = write_certificate(directory, common_name)
+    live_key, live_cert = directory / "live.key", directory / "live.crt"
     os.symlink(key, live_key)
     os.symlink(cert, live_cert)
+    return live_key, live_cert
+
+
+def swap_certificate(directory: Path, live_key: Path, live_cert: Path, common_name: str) -> None:
+    """Points the links at a new certificate, each atomically, as a certificate manager does."""
+    new_key, new_cert = write_certificate(directory, common_name)
+    for link, target in ((live_key, new_key), (live_cert, new_cert)):
+        tmp_link = link.with_suffix(".tmp")
+        os.symlink(target, tmp_link)
+        os.replace(tmp_link, link)
+
+
+def wait_for_common_name(port: int, common_name: str, within_s: float) -> None:
+    """Waits until new connections to port get the certificate named common_name."""
+    deadline = time.monotonic() + within_s
+    while served_common_name(port) != common_name:
+        assert time.monotonic() < deadline, "the new certificate was not served"
+        time.sleep(0.2)
+
+
+def test_tls_certificate_is_reloaded(start_server, tmp_path: Path) -> None:
+    live_key, live_cert = live_certificate(tmp_path, "first")
     server = start_server(
         "--ssl-keyfile",
         str(live_key),
@@ -249,14 +273,6 @@ def test_tls_certificate_is_reloaded(start_server, tmp_path: Path) -> None:
     assert served_common_name(server.port) == "first"
     assert httpx.get(f"{server.url}/health", verify=False).status_code == 200
 
-    # A certificate manager swaps the symlinks atomically.
-    new_key, new_cert = write_certificate(tmp_path, "second")
-    for link, target in ((live_key, new_key), (live_cert, new_cert)):
-        tmp_link = link.with_suffix(".tmp")
-        os.symlink(target, tmp_link)
-        os.replace(tmp_link, link)
-    deadline = time.monotonic() + 5
-    while served_common_name(server.port) != "second":
-        assert time.monotonic() < deadline, "the new certificate was not served"
-        time.sleep(0.2)
+    swap_certificate(tmp_path, live_key, live_cert, "second")
+    wait_for_common_name(server.port, "second", within_s=5)
     assert httpx.get(f"{server.url}/health", verify=False).status_code == 200

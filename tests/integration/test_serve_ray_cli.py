@@ -16,7 +16,12 @@ import httpx
 import psutil
 import pytest
 from conftest import STARTUP_TIMEOUT_S, free_port
-from test_lifecycle import served_common_name, write_certificate
+from test_lifecycle import (
+    live_certificate,
+    served_common_name,
+    swap_certificate,
+    wait_for_common_name,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -98,10 +103,7 @@ def test_sigterm_drains_streams_in_flight_and_leaves_nothing() -> None:
 
 
 def test_tls_with_certificate_reload(tmp_path: Path) -> None:
-    key, cert = write_certificate(tmp_path, "first")
-    live_key, live_cert = tmp_path / "live.key", tmp_path / "live.crt"
-    os.symlink(key, live_key)
-    os.symlink(cert, live_cert)
+    live_key, live_cert = live_certificate(tmp_path, "first")
     port = free_port()
     url = f"https://127.0.0.1:{port}"
     process = start_serve_ray(
@@ -117,16 +119,8 @@ def test_tls_with_certificate_reload(tmp_path: Path) -> None:
         with pytest.raises(httpx.HTTPError):  # plain HTTP is not served
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
 
-        # A certificate manager swaps the symlinks atomically; new connections get it.
-        new_key, new_cert = write_certificate(tmp_path, "second")
-        for link, target in ((live_key, new_key), (live_cert, new_cert)):
-            tmp_link = link.with_suffix(".tmp")
-            os.symlink(target, tmp_link)
-            os.replace(tmp_link, link)
-        deadline = time.monotonic() + 10
-        while served_common_name(port) != "second":
-            assert time.monotonic() < deadline, "the new certificate was not served"
-            time.sleep(0.2)
+        swap_certificate(tmp_path, live_key, live_cert, "second")
+        wait_for_common_name(port, "second", within_s=10)
         assert httpx.get(f"{url}/health", verify=False, timeout=10).status_code == 200
         process.send_signal(signal.SIGTERM)
         assert process.wait(120) == 0
