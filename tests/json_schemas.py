@@ -1,4 +1,5 @@
-"""Fifty JSON schemas for the structured-output tests: each feature a user's schema may use.
+"""Fifty JSON schemas for the structured-output tests: each feature a user's schema may use,
+and the constrained sampling parameters those tests share.
 
 Every string is bounded (maxLength, enum, pattern or format) and every array has maxItems,
 so that a small model finishes within the tests' token budget.
@@ -7,6 +8,20 @@ so that a small model finishes within the tests' token budget.
 from __future__ import annotations
 
 from typing import Any
+
+from pagoda.sampling_params import SamplingParams, StructuredOutputsParams
+
+
+def constrained(seed: int | None = None, max_tokens: int = 40, **constraint: Any) -> SamplingParams:
+    """Greedy without a seed, sampled at temperature 1 with one; constraint is
+    StructuredOutputsParams' keywords (json=, regex=, choice=, grammar=, ...)."""
+    return SamplingParams(
+        temperature=0 if seed is None else 1.0,
+        seed=seed,
+        max_tokens=max_tokens,
+        structured_outputs=StructuredOutputsParams(**constraint),
+    )
+
 
 S = {"type": "string", "maxLength": 20}
 NAME = {"type": "string", "minLength": 1, "maxLength": 16}

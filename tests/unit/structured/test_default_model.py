@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import json
 import re
+from functools import partial
 
 import pytest
-from json_schemas import SCHEMAS
+from json_schemas import SCHEMAS, constrained
 
 from pagoda.config import StructuredOutputsConfig
 from pagoda.core.request import FinishReason
 from pagoda.engine.llm import LLM
-from pagoda.sampling_params import SamplingParams, StructuredOutputsParams
+from pagoda.sampling_params import SamplingParams
 
 jsonschema = pytest.importorskip("jsonschema")
 lark = pytest.importorskip("lark")
@@ -34,17 +35,11 @@ def exact_llm(default_model_path) -> LLM:
     return LLM(str(default_model_path), dtype="float32", kv_cache_memory=256 << 20)
 
 
+params = partial(constrained, max_tokens=120)  # room for the longest schema answers
+
+
 def chat(llm: LLM, text: str) -> str:
     return llm.tokenizer.apply_chat_template([{"role": "user", "content": text}])
-
-
-def params(seed: int | None, max_tokens: int = 120, **constraint) -> SamplingParams:
-    return SamplingParams(
-        temperature=0 if seed is None else 1.0,
-        seed=seed,
-        max_tokens=max_tokens,
-        structured_outputs=StructuredOutputsParams(**constraint),
-    )
 
 
 @pytest.mark.parametrize("seed", [None, 1234])

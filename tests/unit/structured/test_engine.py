@@ -7,27 +7,19 @@ from __future__ import annotations
 import re
 
 import pytest
+from json_schemas import constrained
 
 from pagoda.config import StructuredOutputsConfig
 from pagoda.core.request import FinishReason
 from pagoda.engine.llm import LLM
 from pagoda.engine.messages import EngineRequest
-from pagoda.sampling_params import SamplingParams, StructuredOutputsParams
+from pagoda.sampling_params import SamplingParams
 from pagoda.structured.grammar import StructuredOutputsError
 
 pytest.importorskip("llguidance")
 
 PHONE = r"\([0-9]{3}\) [0-9]{3}-[0-9]{4}"
 PROMPTS = [[5, 6, 7], [30, 31, 32, 33, 34], [100, 90, 80, 70], list(range(40, 60))]
-
-
-def constrained(seed: int | None = None, **constraint) -> SamplingParams:
-    return SamplingParams(
-        temperature=0 if seed is None else 1.0,
-        seed=seed,
-        max_tokens=40,
-        structured_outputs=StructuredOutputsParams(**constraint),
-    )
 
 
 @pytest.fixture(scope="module")

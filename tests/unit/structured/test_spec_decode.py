@@ -6,12 +6,13 @@ without drafts, alone and batched with unconstrained requests, with forced token
 from __future__ import annotations
 
 import pytest
+from json_schemas import constrained
 
 from pagoda.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from pagoda.core.request import Request
 from pagoda.core.scheduler import RunnerOutput, Scheduler
 from pagoda.engine.llm import LLM
-from pagoda.sampling_params import SamplingParams, StructuredOutputsParams
+from pagoda.sampling_params import SamplingParams
 from pagoda.structured.matcher import GrammarCompiler
 from pagoda.tokenizer import Tokenizer
 
@@ -44,15 +45,6 @@ CASES = [
 PLAIN = ["abcabc abcabc abc", "hello hello hello", "x y z x y z x y"]
 
 
-def params(constraint: dict, seed: int | None = None) -> SamplingParams:
-    return SamplingParams(
-        temperature=0 if seed is None else 1.0,
-        seed=seed,
-        max_tokens=32,
-        structured_outputs=StructuredOutputsParams(**constraint),
-    )
-
-
 @pytest.fixture(scope="module")
 def engines(tiny_model_dir) -> tuple[LLM, LLM]:
     """The same model without and with drafts."""
@@ -69,7 +61,7 @@ def token_ids(llm: LLM, prompts: list[str], params_list: list[SamplingParams]) -
 def test_constrained_outputs_are_the_same_with_drafts_alone_and_batched(engines, seed) -> None:
     off, on = engines
     prompts = [p for p, _ in CASES]
-    param_list = [params(c, seed) for _, c in CASES]
+    param_list = [constrained(seed, 32, **c) for _, c in CASES]
     alone = [token_ids(off, [p], [sp])[0] for p, sp in zip(prompts, param_list)]
     stats = on.engine.scheduler.spec_stats
     drafted, accepted = stats.num_draft_tokens, stats.num_accepted_tokens
@@ -94,7 +86,7 @@ def test_a_chunked_prompt_and_a_tight_budget_keep_the_outputs(engines, tiny_mode
         max_num_batched_tokens=5,
     )
     prompts = [p for p, _ in CASES]
-    param_list = [params(c) for _, c in CASES]
+    param_list = [constrained(None, 32, **c) for _, c in CASES]
     assert token_ids(small, prompts, param_list) == token_ids(off, prompts, param_list)
     assert small.engine.scheduler.spec_stats.num_accepted_tokens > 0
 
@@ -130,7 +122,7 @@ def test_a_draft_the_grammar_refuses_is_cut_and_never_reaches_the_output(compile
     text = tokenizer.encode("abbbbc ab", add_special_tokens=False)
     b, c = tokenizer.encode("bc", add_special_tokens=False)
     scheduler = drafting_scheduler(num_speculative_tokens=5, lookup=2)
-    request = Request("r", text, params(dict(regex="b{0,2}c")), eos_token_ids=(EOS,))
+    request = Request("r", text, constrained(None, 32, regex="b{0,2}c"), eos_token_ids=(EOS,))
     request.grammar = grammars.compile(request.sampling_params.structured_outputs, (EOS,))
     assert request.grammar.matcher is not None  # built
     scheduler.add_request(request)
@@ -151,7 +143,7 @@ def test_a_grammar_that_ends_inside_the_accepted_drafts_ends_the_request_there(c
     grammars, tokenizer = compiler
     text = tokenizer.encode("xd. x", add_special_tokens=False)
     scheduler = drafting_scheduler(num_speculative_tokens=4, lookup=1, forced_tokens=False)
-    request = Request("r", text, params(dict(regex="d")), eos_token_ids=(EOS,))
+    request = Request("r", text, constrained(None, 32, regex="d"), eos_token_ids=(EOS,))
     request.grammar = grammars.compile(request.sampling_params.structured_outputs, (EOS,))
     assert request.grammar.matcher is not None
     scheduler.add_request(request)
