@@ -71,8 +71,7 @@ def held_in_blocks(gguf_file: GGUFFile, spec: ModelSpec) -> tuple[set[str], set[
 
 def dense_bytes(model: CausalLM, params: set[str], dtype: torch.dtype) -> int:
     """What a dense copy of these weights would take, in dtype (model on the meta device)."""
-    element = torch.tensor([], dtype=dtype).element_size()
-    return sum(model.get_parameter(name).numel() * element for name in params)
+    return sum(model.get_parameter(name).numel() * dtype.itemsize for name in params)
 
 
 def drop_dense_weights(model: CausalLM, params: set[str], dtype: torch.dtype) -> None:
