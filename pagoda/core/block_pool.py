@@ -2,11 +2,17 @@
 
 A block is free when no request holds it (ref_cnt == 0). A free block may still
 hold the K/V of a full, hashed block of some earlier request: it stays findable
-by its hash until the pool needs it for something else. Free blocks are handed
-out in least-recently-freed order, so cached blocks are evicted LRU:
+by its hash until the pool needs it for something else. get_new_blocks() pops
+the front of the free queue:
 
-    free queue:  [oldest free ... newest free]   get_new_blocks() pops the left
+    free queue:  [uncached freed, newest first | never written | cached, oldest free first]
     cached:      hash -> block (free or in use)  touch() revives a free hit
+
+A freed block without a hash (a partial last block, a rejected draft's slot, any
+block when caching is off) can never be found again, so it is handed out before
+a never-written one: the pool's pages are only written as far as the load needs
+at once, which is what its resident memory costs. Cached blocks are evicted LRU,
+and only once the never-written blocks are gone.
 """
 
 from __future__ import annotations
@@ -78,16 +84,19 @@ class BlockPool:
             block.ref_cnt += 1
 
     def free_blocks(self, blocks: Iterable[KVCacheBlock]) -> None:
-        """Drops one reference each; blocks that reach zero join the end of the free queue.
+        """Drops one reference each; blocks that reach zero join the free queue.
 
-        Callers pass a request's blocks tail first, so that its last blocks (the
-        least likely to be shared) are evicted before its first ones.
+        Cached blocks join its end. Callers pass a request's blocks tail first, so
+        that its last blocks (the least likely to be shared) are evicted before its
+        first ones. Blocks without a hash go to its front, to be reused first.
         """
         for block in blocks:
             block.ref_cnt -= 1
             assert block.ref_cnt >= 0, f"block {block.block_id} freed twice"
             if block.ref_cnt == 0:
                 self.free_queue[block.block_id] = block
+                if block.block_hash is None:
+                    self.free_queue.move_to_end(block.block_id, last=False)
 
     def cache_block(self, block: KVCacheBlock, block_hash: int) -> None:
         """Makes a full, computed block findable by its chain hash."""
@@ -99,9 +108,14 @@ class BlockPool:
         self.cached[block_hash] = block
 
     def reset_prefix_cache(self) -> None:
-        """Forgets every cached hash (blocks in use keep their contents)."""
+        """Forgets every cached hash (blocks in use keep their contents).
+
+        The free blocks among them are now worth nothing: they move to the front.
+        """
         for block in self.cached.values():
             block.block_hash = None
+            if block.ref_cnt == 0:
+                self.free_queue.move_to_end(block.block_id, last=False)
         self.cached.clear()
 
     def check_invariants(self) -> None:

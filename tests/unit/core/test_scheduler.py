@@ -214,3 +214,31 @@ def test_num_cached_tokens_is_none_until_first_scheduled() -> None:
     assert b.num_cached_tokens == 8
     (eo,) = s.update_from_output(out, fake_run(out)).outputs
     assert eo.num_cached_tokens == 8
+
+
+def test_prefix_hits_survive_requests_that_reuse_uncached_blocks() -> None:
+    # a's two full blocks are cached; the requests after it are each given the freed
+    # partial blocks back first, and never-written blocks before any of a's.
+    s = make_scheduler(num_blocks=16, block_size=4)
+    s.add_request(make_request("a", 10, max_tokens=1))
+    step(s)
+    for i in range(4):
+        s.add_request(make_request(f"other{i}", 6, max_tokens=1, start=100 + 10 * i))
+        while s.requests:
+            step(s)
+    s.add_request(make_request("b", 11, max_tokens=1))
+    (x,) = step(s).scheduled
+    assert x.request.num_cached_tokens == 8  # a's two full blocks still hit
+
+
+def test_uncached_blocks_keep_the_written_part_of_the_pool_small() -> None:
+    # Without prefix caching no freed block is worth keeping: one request after another
+    # runs in the same few blocks instead of walking through the whole pool.
+    s = make_scheduler(num_blocks=32, block_size=4, caching=False)
+    used: set[int] = set()
+    for i in range(10):
+        s.add_request(make_request(f"r{i}", 6, max_tokens=3, start=10 * i))
+        while s.requests:
+            step(s)
+            used.update(b for r in s.requests for b in s.kv.block_ids(r))
+    assert used == {0, 1}
