@@ -1,6 +1,7 @@
 // Registers the kernels as torch.ops.pagoda.*: one schema and one CPU implementation each,
 // defined in the op family's file (norm.cpp, activation.cpp, rope_and_cache.cpp,
-// attention_decode.cpp, attention_prompt.cpp, quantized_linear.cpp, argmax.cpp).
+// attention_decode.cpp, attention_prompt.cpp, quantized_linear.cpp, quantized_gemm.cpp,
+// argmax.cpp).
 //
 // Each op has a pure-PyTorch twin in pagoda/model/ops/<family>.py that defines what it
 // computes; these exist because one pass over the data beats the dozen small PyTorch
@@ -40,6 +41,8 @@ std::vector<std::string> gguf_linear_formats();
 at::Tensor gguf_dequantize(const at::Tensor& w, const std::string& format, at::ScalarType dtype);
 at::Tensor gguf_matmul(const at::Tensor& x, const at::Tensor& w, const std::string& format,
                        int64_t tile_rows);
+at::Tensor gguf_gemm(const at::Tensor& x, const at::Tensor& w, const std::string& format);
+std::vector<std::string> gguf_gemm_formats();
 at::Tensor argmax_rows(const at::Tensor& x);
 
 }  // namespace pagoda
@@ -63,6 +66,7 @@ TORCH_LIBRARY(pagoda, m) {
   m.def("gguf_linear(Tensor x, Tensor w, str format) -> Tensor");
   m.def("gguf_dequantize(Tensor w, str format, ScalarType dtype) -> Tensor");
   m.def("gguf_matmul(Tensor x, Tensor w, str format, int tile_rows) -> Tensor");
+  m.def("gguf_gemm(Tensor x, Tensor w, str format) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def(
       "prompt_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
@@ -71,6 +75,7 @@ TORCH_LIBRARY(pagoda, m) {
   m.def("prompt_attention_supports(ScalarType dtype, int head_dim, int heads_per_kv) -> bool",
         &prompt_attention_supports);
   m.def("gguf_linear_formats() -> str[]", &gguf_linear_formats);
+  m.def("gguf_gemm_formats() -> str[]", &gguf_gemm_formats);
 }
 
 TORCH_LIBRARY_IMPL(pagoda, CPU, m) {
@@ -86,6 +91,7 @@ TORCH_LIBRARY_IMPL(pagoda, CPU, m) {
   m.impl("gguf_linear", &gguf_linear);
   m.impl("gguf_dequantize", &gguf_dequantize);
   m.impl("gguf_matmul", &gguf_matmul);
+  m.impl("gguf_gemm", &gguf_gemm);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("prompt_attention", &prompt_attention);
 }

@@ -1,0 +1,388 @@
+// Matrix products of many rows with a weight kept in its GGUF K-quant blocks:
+// torch.ops.pagoda.gguf_gemm. The PyTorch twin that defines what it computes:
+// pagoda/model/ops/quantized_gemm.py.
+//
+// A step of many rows (a prompt, a decode step of many sequences) is compute-bound. A
+// bfloat16 GEMM does 32 products an instruction (vdpbf16ps); vpdpbusd does 64 int8 ones, so,
+// as llama.cpp does, the input rows are quantized to int8 per 256 values (one float scale
+// dx per 256, and the sums of each 16 codes) and multiplied by the weights' integer codes.
+// A K-quant super-block of 256 weights is w = d * sc_j * q + dm * mn_j for sub-blocks j of
+// 16 or 32 weights (Q4_K: dm = -dmin, mn_j its 6-bit minimum; Q6_K: q - 32 with dm = d,
+// mn_j = -32 sc_j), so its dot product with an input super-block is
+//
+//   dx * (d * sum_j sc_j * sum_{l in j} q_l x_l + dm * sum_j mn_j * sum_{l in j} x_l)
+//
+// with both sums over j in integers: one conversion to float per super-block, row and
+// column. The weight is decoded a tile (kTileVectors x 16 columns, kTileSupers super-blocks)
+// at a time into a small reused buffer laid out for the microkernel (16 columns in the
+// dword lanes, 4 consecutive codes a lane), and no other copy of it is kept.
+
+#include "simd.h"
+
+#include <string>
+#include <vector>
+
+namespace pagoda {
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512DQ__)
+#define PAGODA_GGUF_GEMM 1
+
+namespace {
+
+constexpr int64_t kSuper = 256;  // values a super-block
+constexpr int kLanes = 16;       // output columns a vector
+
+#define PAGODA_INLINE inline __attribute__((always_inline))
+
+inline float half_to_float(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// The input rows quantized per 256 values: codes = round(x * 127 / amax) (to nearest even),
+// dx = amax / 127, and the sums of each 16 codes (int32) and of each 32 (int16).
+struct InputRows {
+  int64_t supers;
+  const int8_t* codes;   // [rows, supers * 256]
+  const float* scale;    // [rows, supers]
+  const int32_t* sum16;  // [rows, supers * 16]
+  const int16_t* sum32;  // [rows, supers * 8]
+};
+
+struct InputStorage {
+  std::vector<int8_t> codes;
+  std::vector<float> scale;
+  std::vector<int32_t> sum16;
+  std::vector<int16_t> sum32;
+};
+
+template <typename T>
+InputRows quantize_inputs(const at::Tensor& x, InputStorage& s) {
+  const int64_t rows = x.size(0), k = x.size(1), supers = k / kSuper;
+  s.codes.resize(rows * k);
+  s.scale.resize(rows * supers);
+  s.sum16.resize(rows * supers * 16);
+  s.sum32.resize(rows * supers * 8);
+  const T* xp = x.data_ptr<T>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t b = 0; b < supers; ++b) {
+        const int64_t cell = r * supers + b;
+        const T* v = xp + cell * kSuper;
+        __m512 m = _mm512_setzero_ps();
+        for (int i = 0; i < 16; ++i) m = _mm512_max_ps(m, _mm512_abs_ps(load16(v + 16 * i)));
+        const float amax = _mm512_reduce_max_ps(m);
+        // 127 / amax by a division instruction, as the twin divides
+        const float id =
+            amax > 0.f ? _mm_cvtss_f32(_mm_div_ss(_mm_set_ss(127.f), _mm_set_ss(amax))) : 0.f;
+        s.scale[cell] = amax / 127.f;
+        int8_t* c = s.codes.data() + cell * kSuper;
+        int32_t* s16 = s.sum16.data() + cell * 16;
+        for (int i = 0; i < 16; ++i) {
+          const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load16(v + 16 * i), _mm512_set1_ps(id)));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(c + 16 * i), _mm512_cvtsepi32_epi8(q));
+          s16[i] = _mm512_reduce_add_epi32(q);
+        }
+        for (int j = 0; j < 8; ++j) {
+          s.sum32[cell * 8 + j] = static_cast<int16_t>(s16[2 * j] + s16[2 * j + 1]);
+        }
+      }
+    }
+  });
+  return {supers, s.codes.data(), s.scale.data(), s.sum16.data(), s.sum32.data()};
+}
+
+// One super-block of 16 weight rows (output columns), as the microkernel reads it.
+template <int kSubs>
+struct alignas(64) Packed {
+  uint8_t q[64][64];         // [quad t][4 lane + b]: code 4t + b of column `lane`
+  int32_t scale[kSubs][16];  // sub-block scales sc_j
+  int32_t mins[4][16];       // Q4_K: minimums mn_{2p} | mn_{2p + 1} << 16 (int16 pairs)
+  float d[16], dm[16];
+};
+
+// A lane past the matrix's last row: zero codes and scales.
+template <int kSubs>
+void clear_lane(Packed<kSubs>* p, int lane) {
+  for (int t = 0; t < 64; ++t) std::memset(&p->q[t][4 * lane], 0, 4);
+  for (int j = 0; j < kSubs; ++j) p->scale[j][lane] = 0;
+  for (int j = 0; j < 4; ++j) p->mins[j][lane] = 0;
+  p->d[lane] = p->dm[lane] = 0.f;
+}
+
+// 256 codes in weight order into lane `lane` of p.
+template <int kSubs>
+PAGODA_INLINE void put_codes(const uint8_t* codes, Packed<kSubs>* p, int lane) {
+  for (int t = 0; t < 64; ++t) std::memcpy(&p->q[t][4 * lane], codes + 4 * t, 4);
+}
+
+// Q4_K: [d][dmin][12 B scales and minimums][128 B nibbles]; sub-block 2m + s is the low
+// (s = 0) or high nibbles of bytes 32m .. 32m + 31. w = d sc q - dmin mn.
+struct Q4_K {
+  static constexpr int64_t kBytes = 144;
+  static constexpr int kSubs = 8, kSubValues = 32;
+  static constexpr bool kMins = true;
+  static void decode(const uint8_t* b, Packed<kSubs>* p, int lane) {
+    alignas(64) uint8_t codes[kSuper];
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    for (int m = 0; m < 4; ++m) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * m));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(codes + 64 * m), _mm256_and_si256(v, mask));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(codes + 64 * m + 32),
+                         _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
+    }
+    put_codes(codes, p, lane);
+    const uint8_t* s = b + 4;
+    int mn[8];
+    for (int j = 0; j < 8; ++j) {
+      int sc;
+      if (j < 4) {
+        sc = s[j] & 63;
+        mn[j] = s[j + 4] & 63;
+      } else {
+        sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+        mn[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+      }
+      p->scale[j][lane] = sc;
+    }
+    for (int j = 0; j < 4; ++j) p->mins[j][lane] = mn[2 * j] | (mn[2 * j + 1] << 16);
+    p->d[lane] = half_to_float(b);
+    p->dm[lane] = -half_to_float(b + 2);
+  }
+};
+
+// Q6_K: [128 B low nibbles][64 B top 2 bits][16 x int8 scales][d]. Weight l of quarter c
+// of half h (weight 128 h + 32 c + l): nibble (c < 2 ? low : high) of ql[64 h + 32 (c & 1)
+// + l], bits 2c, 2c + 1 of qh[32 h + l]; w = d sc_j (q - 32) for sub-blocks j of 16.
+struct Q6_K {
+  static constexpr int64_t kBytes = 210;
+  static constexpr int kSubs = 16, kSubValues = 16;
+  static constexpr bool kMins = false;
+  static void decode(const uint8_t* b, Packed<kSubs>* p, int lane) {
+    alignas(64) uint8_t codes[kSuper];
+    const __m256i low_mask = _mm256_set1_epi8(0x0F), high_mask = _mm256_set1_epi8(0x30);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h));
+      for (int c = 0; c < 4; ++c) {
+        const __m256i ql =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32 * (c & 1)));
+        const __m256i low = _mm256_and_si256(
+            c < 2 ? ql : _mm256_srli_epi16(ql, 4), low_mask);
+        // bits 2c, 2c + 1 of qh to bits 4, 5
+        const __m256i high = _mm256_and_si256(
+            2 * c <= 4 ? _mm256_slli_epi16(qh, 4 - 2 * c) : _mm256_srli_epi16(qh, 2 * c - 4),
+            high_mask);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(codes + 128 * h + 32 * c),
+                           _mm256_or_si256(low, high));
+      }
+    }
+    put_codes(codes, p, lane);
+    for (int j = 0; j < 16; ++j) p->scale[j][lane] = static_cast<int8_t>(b[192 + j]);
+    p->d[lane] = half_to_float(b + 208);
+    p->dm[lane] = 0.f;
+  }
+};
+
+// Rows r0 .. r0 + R - 1 of the input against column vectors p[0 .. NC - 1] (each at super-
+// blocks s0 .. s0 + supers - 1, `stride` packed super-blocks apart) into acc[c][r].
+template <typename F, int NC, int R>
+PAGODA_INLINE void microkernel(const Packed<F::kSubs>* p, int64_t stride, int64_t supers,
+                               const InputRows& x, int64_t r0, int64_t s0, __m512* acc) {
+  constexpr int kQuads = F::kSubValues / 4;
+  __m512 out[NC][R];
+  for (int c = 0; c < NC; ++c)
+    for (int r = 0; r < R; ++r) out[c][r] = _mm512_setzero_ps();
+  const int64_t k = x.supers * kSuper;
+  for (int64_t s = 0; s < supers; ++s) {
+    const int64_t sb = s0 + s;
+    const int8_t* xc[R];
+    for (int r = 0; r < R; ++r) xc[r] = x.codes + (r0 + r) * k + sb * kSuper;
+    __m512i total[NC][R];
+    for (int c = 0; c < NC; ++c)
+      for (int r = 0; r < R; ++r) total[c][r] = _mm512_setzero_si512();
+    for (int j = 0; j < F::kSubs; ++j) {
+      __m512i sub[NC][R];
+      for (int r = 0; r < R; ++r) {
+        // Q6_K's offset: the sub-block's sum starts at -32 times the sum of its input codes
+        const __m512i start =
+            F::kMins ? _mm512_setzero_si512()
+                     : _mm512_set1_epi32(-32 * x.sum16[(r0 + r) * x.supers * 16 + sb * 16 + j]);
+        for (int c = 0; c < NC; ++c) sub[c][r] = start;
+      }
+      for (int t = j * kQuads; t < (j + 1) * kQuads; ++t) {
+        __m512i w[NC];
+        for (int c = 0; c < NC; ++c) w[c] = _mm512_load_si512(p[c * stride + s].q[t]);
+        for (int r = 0; r < R; ++r) {
+          int32_t four;
+          std::memcpy(&four, xc[r] + 4 * t, 4);
+          const __m512i xb = _mm512_set1_epi32(four);
+          for (int c = 0; c < NC; ++c) sub[c][r] = _mm512_dpbusd_epi32(sub[c][r], w[c], xb);
+        }
+      }
+      for (int c = 0; c < NC; ++c) {
+        const __m512i sc = _mm512_load_si512(p[c * stride + s].scale[j]);
+        for (int r = 0; r < R; ++r) {
+          total[c][r] = _mm512_add_epi32(total[c][r], _mm512_mullo_epi32(sub[c][r], sc));
+        }
+      }
+    }
+    for (int c = 0; c < NC; ++c) {
+      const Packed<F::kSubs>& pc = p[c * stride + s];
+      const __m512 d = _mm512_load_ps(pc.d);
+      for (int r = 0; r < R; ++r) {
+        const __m512 dx = _mm512_set1_ps(x.scale[(r0 + r) * x.supers + sb]);
+        __m512 v = _mm512_mul_ps(d, _mm512_cvtepi32_ps(total[c][r]));
+        if constexpr (F::kMins) {
+          const int16_t* s32 = x.sum32 + (r0 + r) * x.supers * 8 + sb * 8;
+          __m512i m = _mm512_setzero_si512();
+          for (int q = 0; q < 4; ++q) {
+            int32_t pair;
+            std::memcpy(&pair, s32 + 2 * q, 4);
+            m = _mm512_dpwssd_epi32(m, _mm512_load_si512(pc.mins[q]), _mm512_set1_epi32(pair));
+          }
+          v = _mm512_fmadd_ps(_mm512_load_ps(pc.dm), _mm512_cvtepi32_ps(m), v);
+        }
+        out[c][r] = _mm512_fmadd_ps(v, dx, out[c][r]);
+      }
+    }
+  }
+  for (int c = 0; c < NC; ++c)
+    for (int r = 0; r < R; ++r) acc[c * R + r] = out[c][r];
+}
+
+// The weight is decoded kTileVectors x 16 columns by kTileSupers super-blocks at a time
+// (8 x 16 x 2048 weights: 376 KB for Q4_K, kept in L2); every kRows input rows run through
+// the tile's columns kColumnVectors vectors at a time.
+constexpr int64_t kTileVectors = 8;
+constexpr int64_t kTileSupers = 8;
+constexpr int kColumnVectors = 2;
+constexpr int kRows = 4;
+
+template <typename F, int NC, int R>
+void run_block(const Packed<F::kSubs>* p, int64_t stride, int64_t supers, const InputRows& x,
+               int64_t r0, int64_t s0, int64_t v0, int64_t n, bool add, float* out) {
+  __m512 acc[NC * R];
+  microkernel<F, NC, R>(p, stride, supers, x, r0, s0, acc);
+  for (int c = 0; c < NC; ++c) {
+    const int64_t col = (v0 + c) * kLanes;
+    const __mmask16 mask =
+        n - col >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (n - col)) - 1);
+    for (int r = 0; r < R; ++r) {
+      float* o = out + (r0 + r) * n + col;
+      __m512 v = acc[c * R + r];
+      if (add) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, o));
+      _mm512_mask_storeu_ps(o, mask, v);
+    }
+  }
+}
+
+template <typename F, int NC>
+void run_rows(const Packed<F::kSubs>* p, int64_t stride, int64_t supers, const InputRows& x,
+              int64_t r0, int rows, int64_t s0, int64_t v0, int64_t n, bool add, float* out) {
+  switch (rows) {
+    case 1: run_block<F, NC, 1>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
+    case 2: run_block<F, NC, 2>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
+    case 3: run_block<F, NC, 3>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
+    default: run_block<F, NC, 4>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
+  }
+}
+
+template <typename F>
+void gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, at::Tensor& out) {
+  static_assert(kRows == 4);
+  using P = Packed<F::kSubs>;
+  const int64_t n = w.size(0), row_bytes = w.size(1), supers = x.supers;
+  const int64_t vectors = (n + kLanes - 1) / kLanes;
+  const int64_t tiles = (vectors + kTileVectors - 1) / kTileVectors;
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    static thread_local std::vector<P> buffer;
+    buffer.resize(kTileVectors * kTileSupers);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t v0 = tile * kTileVectors, v1 = std::min(vectors, v0 + kTileVectors);
+      for (int64_t s0 = 0; s0 < supers; s0 += kTileSupers) {
+        const int64_t s1 = std::min(supers, s0 + kTileSupers), span = s1 - s0;
+        for (int64_t v = v0; v < v1; ++v) {
+          for (int lane = 0; lane < kLanes; ++lane) {
+            const int64_t j = v * kLanes + lane;
+            for (int64_t s = s0; s < s1; ++s) {
+              P* p = &buffer[(v - v0) * span + (s - s0)];
+              if (j < n) {
+                F::decode(wp + j * row_bytes + s * F::kBytes, p, lane);
+              } else {
+                clear_lane(p, lane);
+              }
+            }
+          }
+        }
+        const bool add = s0 > 0;
+        for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+          const int r = static_cast<int>(std::min<int64_t>(kRows, rows - r0));
+          int64_t v = v0;
+          for (; v + kColumnVectors <= v1; v += kColumnVectors) {
+            run_rows<F, kColumnVectors>(&buffer[(v - v0) * span], span, span, x, r0, r, s0, v,
+                                        n, add, op);
+          }
+          for (; v < v1; ++v) {
+            run_rows<F, 1>(&buffer[(v - v0) * span], span, span, x, r0, r, s0, v, n, add, op);
+          }
+        }
+      }
+    }
+  });
+}
+
+struct GemmFormat {
+  const char* name;
+  int64_t bytes;
+  void (*run)(const InputRows&, int64_t, const at::Tensor&, at::Tensor&);
+};
+
+const GemmFormat kGemmFormats[] = {
+    {"Q4_K", Q4_K::kBytes, &gemm_impl<Q4_K>},
+    {"Q6_K", Q6_K::kBytes, &gemm_impl<Q6_K>},
+};
+
+}  // namespace
+#endif
+
+std::vector<std::string> gguf_gemm_formats() {
+  std::vector<std::string> names;
+#ifdef PAGODA_GGUF_GEMM
+  for (const GemmFormat& f : kGemmFormats) names.emplace_back(f.name);
+#endif
+  return names;
+}
+
+at::Tensor gguf_gemm(const at::Tensor& x, const at::Tensor& w, const std::string& format) {
+#ifdef PAGODA_GGUF_GEMM
+  check_cpu(x, "x");
+  check_cpu(w, "w");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % kSuper == 0,
+              "x must be contiguous [rows, k] with k a multiple of 256");
+  const GemmFormat* f = nullptr;
+  for (const GemmFormat& e : kGemmFormats) {
+    if (format == e.name) f = &e;
+  }
+  TORCH_CHECK(f != nullptr, "gguf_gemm has no kernel for format ", format);
+  const int64_t k = x.size(1);
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() &&
+                  w.size(1) == k / kSuper * f->bytes,
+              "w must be contiguous uint8 [n, ", k / kSuper * f->bytes, "] of ", format,
+              " blocks");
+  at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options().dtype(at::kFloat));
+  if (x.size(0) == 0 || w.size(0) == 0) return out;
+  static thread_local InputStorage storage;
+  dispatch_float_types(x, "gguf_gemm", [&](auto t) {
+    f->run(quantize_inputs<decltype(t)>(x, storage), x.size(0), w, out);
+  });
+  return out;
+#else
+  TORCH_CHECK(false, "gguf_gemm needs a build with AVX-512 VNNI");
+#endif
+}
+
+}  // namespace pagoda
