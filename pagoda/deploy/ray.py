@@ -3,7 +3,7 @@
     `pagoda serve-ray`:
     client -> uvicorn in the serve-ray process (Pagoda's launcher: TLS, limits, drain)
               build_app() around a ReplicaEngineClient (tokenizing and validation here)
-           -> DeploymentHandle, routed by Ray's PrefixCacheAffinityRouter
+           -> DeploymentHandle, routed by PrefixAffinityRouter (prefix_router.py)
            -> EngineReplica x N: one AsyncEngineClient and its engine process each
 
     pagoda_app(), for users who compose Serve applications:
@@ -52,22 +52,17 @@ from pagoda.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-# Where Ray keeps its prefix-affinity router, most stable first. Its public home (a stable
-# API since Ray 2.49) is ray.serve.llm.request_router, but that package imports all of
-# ray.serve.llm first, which needs Ray's LLM extra (pyarrow and more) that `ray[serve]`
-# lacks; the class itself needs none of it and is defined in Ray's internal module, the
-# same class the public name subclasses.
-PREFIX_AFFINITY_ROUTERS = (
-    "ray.serve.llm.request_router.PrefixCacheAffinityRouter",
-    "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router."
-    "PrefixCacheAffinityRouter",
-)
+# Pagoda's prefix-affinity router (Ray's PrefixCacheAffinityRouter with its prefix tree in
+# the routing process, not in an actor asked per request: pagoda/deploy/prefix_router.py). It
+# builds on Ray internals (the PrefixTree class, the power-of-two-choices router) that
+# another Ray may lack or move.
+PREFIX_AFFINITY_ROUTERS = ("pagoda.deploy.prefix_router.PrefixAffinityRouter",)
 
 
 def prefix_affinity_router() -> type[RequestRouter]:
-    """Ray's PrefixCacheAffinityRouter from the first of PREFIX_AFFINITY_ROUTERS that imports.
+    """The first of PREFIX_AFFINITY_ROUTERS that imports.
 
-    Raises ConfigError, naming --no-prefix-affinity, when this Ray has it at neither path.
+    Raises ConfigError, naming --no-prefix-affinity, when none does with this Ray.
     """
     failures = []
     for path in PREFIX_AFFINITY_ROUTERS:
@@ -81,9 +76,9 @@ def prefix_affinity_router() -> type[RequestRouter]:
             return router
         failures.append(f"{path}: not a Ray Serve RequestRouter")
     raise ConfigError(
-        f"prefix-affinity routing needs Ray Serve's PrefixCacheAffinityRouter, which Ray "
-        f"{ray_version} does not have where Pagoda looks ({'; '.join(failures)}); install "
-        "ray[serve]==2.60.0, or pass --no-prefix-affinity to route by load alone"
+        f"prefix-affinity routing needs Ray Serve's request-router API and Ray's PrefixTree, "
+        f"which Ray {ray_version} does not have where Pagoda looks ({'; '.join(failures)}); "
+        "install ray[serve]==2.60.0, or pass --no-prefix-affinity to route by load alone"
     )
 
 

@@ -1,27 +1,135 @@
-"""Ray's prefix-affinity router: found where this Ray keeps it, or a startup error that says
-what to do."""
+"""PrefixAffinityRouter: Ray Serve's prefix-cache affinity with the prefix tree in the router's
+own process (no Ray call per request), and the startup error when this Ray lacks what it
+needs."""
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass, field
+
 import pytest
 import ray
-from ray.serve.request_router import RequestRouter
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter
 
 import pagoda.deploy.ray as deploy_ray
 from pagoda import cli
 from pagoda.config import ConfigError
+from pagoda.deploy.config import RayDeployConfig
+from pagoda.deploy.prefix_router import PrefixAffinityRouter
+from pagoda.deploy.replica_client import ReplicaRequest
+from pagoda.sampling_params import SamplingParams
+
+DEPLOYMENT = DeploymentID(name="EngineReplica", app_name="pagoda")
 
 
-def test_the_router_is_rays_prefix_cache_affinity_router() -> None:
+@dataclass
+class FakeReplica:
+    """What the router reads of a running replica."""
+
+    replica_id: ReplicaID
+    node_id: str = "node"
+    availability_zone: str | None = None
+    multiplexed_model_ids: set[str] = field(default_factory=set)
+    max_ongoing_requests: int = 256
+
+
+def make_router(*names: str, queue_lens: dict[str, int] | None = None) -> PrefixAffinityRouter:
+    router = PrefixAffinityRouter(
+        deployment_id=DEPLOYMENT,
+        handle_source=DeploymentHandleSource.UNKNOWN,
+        use_replica_queue_len_cache=True,
+    )
+    router.initialize_state(imbalanced_threshold=16)
+    replicas = [FakeReplica(ReplicaID(name, DEPLOYMENT)) for name in names]
+    router.update_replicas(replicas)  # type: ignore[arg-type]
+    for replica in replicas:
+        length = (queue_lens or {}).get(replica.replica_id.unique_id, 0)
+        router._replica_queue_len_cache.update(replica.replica_id, length)
+    return router
+
+
+def pending(token_ids: list[int]) -> PendingRequest:
+    request = ReplicaRequest("r", token_ids, None, SamplingParams())
+    return PendingRequest(args=[request], kwargs={}, metadata=RequestMetadata("r", "r"))
+
+
+async def chosen(router: PrefixAffinityRouter, token_ids: list[int]) -> set[str]:
+    candidates = list(router._replicas.values())
+    (replicas,) = await router.choose_replicas(candidates, pending(token_ids))
+    return {r.replica_id.unique_id for r in replicas}
+
+
+def routed(router: PrefixAffinityRouter, token_ids: list[int], name: str) -> None:
+    router.on_request_routed(pending(token_ids), ReplicaID(name, DEPLOYMENT), None)  # type: ignore[arg-type]
+
+
+SYSTEM_A = list(range(100, 400))
+SYSTEM_B = list(range(1000, 1300))
+
+
+def test_a_prompt_goes_to_the_replica_that_holds_its_prefix() -> None:
+    async def scenario() -> None:
+        router = make_router("a", "b")
+        routed(router, SYSTEM_A + [1, 2], "a")
+        routed(router, SYSTEM_B + [1, 2], "b")
+        assert await chosen(router, SYSTEM_A + [7, 8, 9]) == {"a"}
+        assert await chosen(router, SYSTEM_B + [7]) == {"b"}
+
+    asyncio.run(scenario())
+
+
+def test_a_new_prefix_goes_to_the_replica_holding_the_least_text() -> None:
+    async def scenario() -> None:
+        router = make_router("a", "b")
+        routed(router, SYSTEM_A, "a")
+        assert await chosen(router, SYSTEM_B) == {"b"}
+
+    asyncio.run(scenario())
+
+
+def test_imbalanced_queues_route_by_load_not_by_prefix() -> None:
+    async def scenario() -> None:
+        router = make_router("a", "b", queue_lens={"a": 20, "b": 0})
+        routed(router, SYSTEM_A, "a")
+        assert await chosen(router, SYSTEM_A + [5]) == {
+            "a",
+            "b",
+        }  # the two choices; the shorter queue wins
+
+    asyncio.run(scenario())
+
+
+def test_a_removed_replica_is_no_longer_chosen() -> None:
+    async def scenario() -> None:
+        router = make_router("a", "b")
+        routed(router, SYSTEM_A, "a")
+        b, c = router._replicas[ReplicaID("b", DEPLOYMENT)], FakeReplica(ReplicaID("c", DEPLOYMENT))
+        router.update_replicas([b, c])  # type: ignore[list-item]
+        router._replica_queue_len_cache.update(c.replica_id, 0)
+        assert ReplicaID("a", DEPLOYMENT).to_full_id_str() not in router.tree.tenant_to_char_count
+        assert "a" not in await chosen(router, SYSTEM_A)
+
+    asyncio.run(scenario())
+
+
+def test_serve_ray_routes_with_the_in_process_router() -> None:
+    deployment = deploy_ray.engine_deployment(RayDeployConfig(imbalanced_threshold=4.0))
+    config = deployment._deployment_config.request_router_config
+    assert config.request_router_class.endswith("prefix_router.PrefixAffinityRouter")
+    assert config.request_router_kwargs == {"imbalanced_threshold": 4.0}
+
+
+def test_the_router_is_a_ray_serve_request_router() -> None:
     router = deploy_ray.prefix_affinity_router()
     assert issubclass(router, RequestRouter)
-    assert router.__name__ == "PrefixCacheAffinityRouter"
+    assert router is PrefixAffinityRouter
 
 
 def test_a_ray_without_the_router_is_an_error_naming_the_way_out(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    missing = ("ray.serve.no_such_module.PrefixCacheAffinityRouter", "ray.serve.config.NoRouter")
+    missing = ("ray.serve.no_such_module.PrefixAffinityRouter",)
     monkeypatch.setattr(deploy_ray, "PREFIX_AFFINITY_ROUTERS", missing)
     with pytest.raises(ConfigError) as error:
         deploy_ray.prefix_affinity_router()
