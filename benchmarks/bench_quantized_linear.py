@@ -1,7 +1,7 @@
 """Projections in each form: bfloat16 (prepacked for oneDNN) or the file's blocks.
 
     .venv/bin/python benchmarks/bench_quantized_linear.py [--model GGUF] [--steps 20] \
-        [--rows 1 2 4 8 16 32] [--forms bfloat16 gguf tiles whole]
+        [--rows 1 2 4 8 16 32] [--forms bfloat16 gguf tiles whole gemm]
 
 Runs every projection of every layer of a GGUF file (default: the Gemma 3 270M
 Q4_K_M file), each as the file stores it, once per step, for a batch of that
@@ -13,7 +13,9 @@ many rows (one token each of that many sequences, or a prompt's tokens):
   quantized to int8 per 32 values; run up to 64 rows only);
 - tiles: the file's blocks decoded a tile of rows at a time into one reused
   buffer, each tile multiplied by oneDNN's bfloat16 GEMM (gguf_matmul);
-- whole: the same with the whole matrix decoded into one reused buffer.
+- whole: the same with the whole matrix decoded into one reused buffer;
+- gemm: the int8 GEMM from the file's blocks (gguf_gemm: inputs quantized to int8
+  per 256 values) for the k-quants it takes, the tiles for the other tensors.
 
 Prints the median time of a step per form and row count over --steps steps, the
 forms alternating within each step, the bytes each form reads a step, and one
@@ -34,6 +36,7 @@ import torch
 from pagoda import kernels
 from pagoda.model.gguf_metadata import open_gguf
 from pagoda.model.layers.linear import Linear
+from pagoda.model.ops.quantized_gemm import gemm_formats, gguf_gemm
 from pagoda.model.ops.quantized_linear import (
     GGUFWeight,
     gguf_linear,
@@ -52,7 +55,7 @@ def default_model() -> Path:
 def projections(path: Path) -> tuple[list[tuple[int, dict[str, Callable]]], dict[str, int]]:
     """(columns, {form: product}) for each layer tensor of the file, and each form's bytes."""
     gguf_file = open_gguf(path)
-    out, nbytes = [], {"bfloat16": 0, "gguf": 0, "tiles": 0, "whole": 0}
+    out, nbytes = [], {"bfloat16": 0, "gguf": 0, "tiles": 0, "whole": 0, "gemm": 0}
     for t in gguf_file.tensors:
         if not t.name.startswith("blk.") or t.type not in kernel_formats():
             continue
@@ -67,15 +70,20 @@ def projections(path: Path) -> tuple[list[tuple[int, dict[str, Callable]]], dict
             "gguf": lambda x, w=w: gguf_linear(x, w),
             "tiles": lambda x, w=w: gguf_matmul(x, w),
             "whole": lambda x, w=w, n=rows: torch.ops.pagoda.gguf_matmul(x, w.blocks, w.format, n),
+            "gemm": (
+                (lambda x, w=w: gguf_gemm(x, w).to(x.dtype))
+                if t.type in gemm_formats()
+                else (lambda x, w=w: gguf_matmul(x, w))
+            ),
         }
         out.append((cols, forms))
         nbytes["bfloat16"] += 2 * rows * cols
-        for form in ("gguf", "tiles", "whole"):
+        for form in ("gguf", "tiles", "whole", "gemm"):
             nbytes[form] += raw.numel()
     return out, nbytes
 
 
-FORMS = ["bfloat16", "gguf", "tiles", "whole"]
+FORMS = ["bfloat16", "gguf", "tiles", "whole", "gemm"]
 GGUF_ROWS = 64  # the kernel's time grows with the rows: beyond this it is no contender
 
 

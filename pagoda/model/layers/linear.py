@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagoda.model.ops import quantized_linear
+from pagoda.model.ops import quantized_gemm, quantized_linear
 from pagoda.model.ops.quantized_linear import GGUFWeight
+
+Product = Callable[[torch.Tensor, GGUFWeight], torch.Tensor]
 
 
 class Linear(nn.Linear):
@@ -15,8 +19,9 @@ class Linear(nn.Linear):
 
     A few rows of input make a matrix-vector product whose time is reading the
     weight, so the gguf_linear kernel reads the file's 4-8 bits a weight; many rows
-    make it compute-bound, where a bfloat16 GEMM wins: the weight is then decoded a
-    tile at a time (gguf_matmul), or read from the dense weight where there is one.
+    make it compute-bound: the weight is then multiplied by the int8 GEMM from its
+    blocks (gguf_gemm, the k-quants it takes), or decoded a tile at a time for a
+    bfloat16 GEMM (gguf_matmul), or read from the dense weight where there is one.
     """
 
     # Up to this many input rows the GGUF kernel beats the dense one (BENCHMARKS.md, section
@@ -25,6 +30,9 @@ class Linear(nn.Linear):
 
     gguf: tuple[GGUFWeight, ...] = ()  # the weight's rows in their file form, a run per format
     gguf_max_rows = GGUF_MAX_ROWS
+    # The formats whose steps above the row limit run the int8 GEMM rather than the decoded
+    # tiles: the loader measures which is faster per format.
+    gemm_formats: frozenset[str] = frozenset()
     prepacked = False  # weight is in oneDNN's blocked layout (pack_for_onednn)
 
     def hold_in_blocks(self) -> None:
@@ -58,10 +66,13 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def _from_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        few = x.shape[0] <= self.gguf_max_rows
-        parts = [
-            quantized_linear.gguf_linear(x, w) if few else quantized_linear.gguf_matmul(x, w)
-            for w in self.gguf
-        ]
+        parts = [self._product(x.shape[0], w.format)(x, w) for w in self.gguf]
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return (out if self.bias is None else out + self.bias).to(x.dtype)
+
+    def _product(self, rows: int, format: str) -> Product:
+        if rows <= self.gguf_max_rows:
+            return quantized_linear.gguf_linear
+        if format in self.gemm_formats:
+            return quantized_gemm.gguf_gemm
+        return quantized_linear.gguf_matmul

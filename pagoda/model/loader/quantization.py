@@ -4,10 +4,12 @@ Every projection, the embedding table and the output layer whose GGUF type the C
 kernels take is held as the file's blocks: a step of a few rows computes from them with
 gguf_linear (int8 inputs, reading 4-8 bits a weight). Bigger steps are compute-bound:
 `gguf` (and `auto` for a model whose dense copy would exceed DENSE_COPY_MAX_BYTES) keeps
-no dense copy, decodes the blocks a tile at a time into a small buffer for a bfloat16
-GEMM (gguf_matmul), and the embedding decodes the rows it gathers; the row count at
-which the kernel gives way to the tiles is measured at load, per format, on a slice of
-one of the model's own tensors. `auto` with a small model keeps the dense bfloat16 copy
+no dense copy: a k-quant the int8 GEMM takes runs it (gguf_gemm: inputs quantized per 256
+values, integer products from the blocks), other formats decode the blocks a tile at a
+time into a small buffer for a bfloat16 GEMM (gguf_matmul), and the embedding decodes the
+rows it gathers. Per format, on a slice of one of the model's own tensors, the load
+measures which of the two GEMMs is faster on a prompt-sized step, then the row count at
+which the kernel gives way to it. `auto` with a small model keeps the dense bfloat16 copy
 too, for the bigger steps, where it is 1.1-1.7x faster than decoding (BENCHMARKS.md,
 section 9): memory for speed where the memory is small.
 """
@@ -29,7 +31,7 @@ from pagoda.model.layers.linear import Linear
 from pagoda.model.loader.gguf import hf_name
 from pagoda.model.loader.weights import param_name
 from pagoda.model.models.base import CausalLM
-from pagoda.model.ops import quantized_linear
+from pagoda.model.ops import quantized_gemm, quantized_linear
 from pagoda.model.ops.quantized_linear import GGUFWeight
 from pagoda.model.quants import FORMATS
 from pagoda.model.spec import ModelSpec
@@ -49,6 +51,9 @@ REPEATS = 5
 # The kernel keeps a row count only where it is this much faster than the tiles: near a tie
 # the choice would otherwise follow the noise.
 MARGIN = 0.05
+# The int8 GEMM and the decoded tiles are compared on a step of this many rows (a chunk of
+# a prompt); the GEMM is chosen for a format where it wins by the margin.
+GEMM_SAMPLE_ROWS = 128
 
 
 def held_in_blocks(gguf_file: GGUFFile, spec: ModelSpec) -> tuple[set[str], set[str]]:
@@ -86,22 +91,25 @@ def drop_dense_weights(model: CausalLM, params: set[str], dtype: torch.dtype) ->
 
 
 def choose_row_limits(model: CausalLM, dtype: torch.dtype) -> None:
-    """Times the kernel against decoded tiles per format and sets each layer's row limit
-    (a fused projection takes the lowest of its formats'); logs what was chosen."""
+    """Times the int8 GEMM against decoded tiles, then the kernel against the faster, per
+    format, and sets each layer's row limit (a fused projection takes the lowest of its
+    formats') and GEMM; logs what was chosen."""
     start = time.perf_counter()
     linears = [m for m in model.modules() if isinstance(m, Linear) and m.gguf]
     samples: dict[str, GGUFWeight] = {}
     for m in linears:
         for w in m.gguf:
             samples.setdefault(w.format, w)
-    limits = {f: _row_limit(w, dtype, CANDIDATE_ROWS) for f, w in samples.items()}
+    gemm = {f: _gemm_wins(w, dtype) for f, w in samples.items()}
+    limits = {f: _row_limit(w, dtype, CANDIDATE_ROWS, gemm=gemm[f]) for f, w in samples.items()}
     for m in linears:
         m.gguf_max_rows = min(limits[w.format] for w in m.gguf)
+        m.gemm_formats = frozenset(w.format for w in m.gguf if gemm[w.format])
     output = model.output_gguf
     if output is not None:
         model.gguf_logits_max_rows = _row_limit(output, dtype, CANDIDATE_ROWS)
     seconds = time.perf_counter() - start
-    _log_choice(model, linears, limits, seconds)
+    _log_choice(model, linears, limits, gemm, seconds)
 
 
 def log_dense_copy(model: CausalLM, copy_bytes: int) -> None:
@@ -122,23 +130,51 @@ def kernel_wins(kernel_s: float, tiles_s: float) -> bool:
     return kernel_s * (1 + MARGIN) < tiles_s
 
 
+def _sample(w: GGUFWeight) -> tuple[GGUFWeight, int]:
+    """The first SAMPLE_ROWS rows of w, and its columns."""
+    per_block, block_bytes, _ = FORMATS[w.format]
+    cols = w.blocks.shape[1] // block_bytes * per_block
+    return GGUFWeight(w.blocks[:SAMPLE_ROWS].contiguous(), w.format), cols
+
+
+def _inputs(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows)).to(dtype)
+
+
+def _gemm_wins(
+    w: GGUFWeight, dtype: torch.dtype, clock: Callable[[], float] = time.perf_counter
+) -> bool:
+    """Whether gguf_gemm beat gguf_matmul by the margin on GEMM_SAMPLE_ROWS rows of input
+    and the first SAMPLE_ROWS rows of w (False for a format it does not take)."""
+    sample, cols = _sample(w)
+    x = _inputs(GEMM_SAMPLE_ROWS, cols, dtype)
+    if not quantized_gemm.gemm_takes(x, sample):
+        return False
+    products = [quantized_gemm.gguf_gemm, quantized_linear.gguf_matmul]
+    with torch.no_grad():
+        gemm, tiles = _median_times(REPEATS, products, x, sample, clock)
+    return kernel_wins(gemm, tiles)
+
+
 def _row_limit(
     w: GGUFWeight,
     dtype: torch.dtype,
     candidates: tuple[int, ...],
     clock: Callable[[], float] = time.perf_counter,
+    gemm: bool = False,
 ) -> int:
-    """The largest candidate row count up to which gguf_linear beat gguf_matmul on the first
-    SAMPLE_ROWS rows of w (1 at least: one row is where the kernel is made to win)."""
-    sample = GGUFWeight(w.blocks[:SAMPLE_ROWS].contiguous(), w.format)
-    per_block, block_bytes, _ = FORMATS[w.format]
-    cols = w.blocks.shape[1] // block_bytes * per_block
-    products = [quantized_linear.gguf_linear, quantized_linear.gguf_matmul]
+    """The largest candidate row count up to which gguf_linear beat the product above it
+    (gguf_gemm with gemm, else gguf_matmul) on the first SAMPLE_ROWS rows of w (1 at least:
+    one row is where the kernel is made to win)."""
+    sample, cols = _sample(w)
+    above = quantized_gemm.gguf_gemm if gemm else quantized_linear.gguf_matmul
+    products = [quantized_linear.gguf_linear, above]
     limit = 1
     with torch.no_grad():
         for rows in candidates:
-            x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows)).to(dtype)
-            kernel, tiles = _median_times(REPEATS, products, x, sample, clock)
+            kernel, tiles = _median_times(
+                REPEATS, products, _inputs(rows, cols, dtype), sample, clock
+            )
             if not kernel_wins(kernel, tiles):
                 break
             limit = rows
@@ -166,7 +202,11 @@ def _median_times(
 
 
 def _log_choice(
-    model: CausalLM, linears: list[Linear], limits: dict[str, int], seconds: float
+    model: CausalLM,
+    linears: list[Linear],
+    limits: dict[str, int],
+    gemm: dict[str, bool],
+    seconds: float,
 ) -> None:
     formats = Counter(w.format for m in linears for w in m.gguf)
     dense = sum(1 for m in model.modules() if isinstance(m, Linear) and m.weight is not None)
@@ -188,12 +228,13 @@ def _log_choice(
             blocks[id(w.blocks)] = w.blocks.nbytes
     logger.info(
         "--quantization: in the file's blocks, no dense copy: %s; dense: %d projections; "
-        "the kernel for up to %s rows (logits %d), decoded tiles above (measured in %.2f s); "
-        "weights resident: %.1f MiB",
+        "the kernel for up to %s rows (logits %d), above it the int8 GEMM for %s, decoded "
+        "tiles for the rest (measured in %.2f s); weights resident: %.1f MiB",
         ", ".join(held) or "nothing",
         dense,
         ", ".join(f"{f}: {n}" for f, n in limits.items()) or "-",
         model.gguf_logits_max_rows,
+        ", ".join(f for f, wins in gemm.items() if wins) or "none",
         seconds,
         (nbytes + sum(blocks.values())) / 2**20,
     )

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pagoda.model.loader import quantization
-from pagoda.model.ops import quantized_linear
+from pagoda.model.ops import quantized_gemm, quantized_linear
 from pagoda.model.ops.quantized_linear import GGUFWeight
 
 
@@ -77,3 +77,47 @@ def measured_limit(monkeypatch: pytest.MonkeyPatch, stray: bool) -> int:
 def test_the_limit_is_the_same_with_stray_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert measured_limit(monkeypatch, stray=False) == 8
     assert measured_limit(monkeypatch, stray=True) == 8
+
+
+def test_the_limit_is_measured_against_the_int8_gemm_where_it_was_chosen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gemm=True: the kernel (1 a row) against the int8 GEMM (6 a step), not the tiles (16)."""
+    clock = FakeClock()
+
+    def timed(per_row: float, fixed: float):
+        def product(x: torch.Tensor, _w: GGUFWeight) -> torch.Tensor:
+            clock.now += per_row * x.shape[0] + fixed
+            return x
+
+        return product
+
+    monkeypatch.setattr(quantized_linear, "gguf_linear", timed(1.0, 0.0))
+    monkeypatch.setattr(quantized_linear, "gguf_matmul", timed(0.0, 16.0))
+    monkeypatch.setattr(quantized_gemm, "gguf_gemm", timed(0.0, 6.0))
+    w = GGUFWeight(torch.zeros(600, 144, dtype=torch.uint8), "Q4_K")  # 600 rows of 256
+    candidates = (2, 4, 8, 16, 32)
+    assert quantization._row_limit(w, torch.float32, candidates, clock, gemm=False) == 8
+    assert quantization._row_limit(w, torch.float32, candidates, clock, gemm=True) == 4
+
+
+@pytest.mark.parametrize(("gemm", "tiles", "chosen"), [(6.0, 16.0, True), (16.0, 16.0, False)])
+def test_the_int8_gemm_is_chosen_where_it_wins_by_the_margin(
+    monkeypatch: pytest.MonkeyPatch, gemm: float, tiles: float, chosen: bool
+) -> None:
+    clock = FakeClock()
+
+    def timed(seconds: float):
+        def product(x: torch.Tensor, _w: GGUFWeight) -> torch.Tensor:
+            clock.now += seconds
+            return x
+
+        return product
+
+    monkeypatch.setattr(quantized_gemm, "gemm_takes", lambda x, w: w.format == "Q4_K")
+    monkeypatch.setattr(quantized_gemm, "gguf_gemm", timed(gemm))
+    monkeypatch.setattr(quantized_linear, "gguf_matmul", timed(tiles))
+    w = GGUFWeight(torch.zeros(600, 144, dtype=torch.uint8), "Q4_K")
+    assert quantization._gemm_wins(w, torch.float32, clock) is chosen
+    other = GGUFWeight(torch.zeros(600, 34 * 8, dtype=torch.uint8), "Q8_0")
+    assert quantization._gemm_wins(other, torch.float32, clock) is False
