@@ -5,10 +5,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from pagoda.model.gguf_metadata import open_gguf
@@ -64,7 +66,7 @@ def load_model(
             f"{path.name} is a {spec.family} model, which Pagoda reads but cannot run yet; "
             f"it runs: {', '.join(MODELS)}"
         )
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         model = build_model(spec)
     copy_bytes = quantization.dense_bytes(model, held, dtype)
     dense_copy = bool(held) and copy_bytes <= dense_copy_max_bytes
@@ -74,7 +76,7 @@ def load_model(
         weights = st_loader.iter_weights(path, dtype)
     if not dense_copy:
         quantization.drop_dense_weights(model, held, dtype)
-    model = model.to_empty(device=device).to(dtype)
+    model = _materialize(model, device, dtype)
     ropes = [m for m in model.modules() if isinstance(m, RotaryEmbedding)]
     for rope in ropes:
         rope.cos_sin = rope.cos_sin.float()  # the rotation tables stay float32
@@ -107,6 +109,38 @@ def load_model(
     elif quantized and gguf_file is not None:
         quantization.choose_row_limits(model, dtype)
     return model
+
+
+# Every weight comes from the file. On the meta device nn's random initialisation and
+# Module.to_empty run torch's Python reference ops, whose first use imports torch._dynamo
+# and sympy: about 70 MiB of the engine process's memory for a compiler it never runs.
+
+
+class _SkipInit(TorchFunctionMode):
+    """Makes torch.nn.init's functions (modules' reset_parameters) leave the tensor as is."""
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Collection[type],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+def _materialize(model: CausalLM, device: torch.device | str, dtype: torch.dtype) -> CausalLM:
+    """Module.to_empty(device).to(dtype) in one pass, with plain factory calls."""
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty(
+            t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device
+        )
+
+    return model._apply(empty)  # what to_empty does, with torch.empty for empty_like
 
 
 def release_freed_memory() -> None:
