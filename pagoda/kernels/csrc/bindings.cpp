@@ -36,7 +36,8 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             double scale, std::optional<int64_t> window);
 at::Tensor causal_softmax(const at::Tensor& scores, const at::Tensor& query_pos,
                           std::optional<int64_t> window);
-at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, const std::string& format);
+at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, const std::string& format,
+                       std::optional<at::ScalarType> dtype);
 std::vector<std::string> gguf_linear_formats();
 at::Tensor gguf_dequantize(const at::Tensor& w, const std::string& format, at::ScalarType dtype);
 at::Tensor gguf_matmul(const at::Tensor& x, const at::Tensor& w, const std::string& format,
@@ -63,7 +64,7 @@ TORCH_LIBRARY(pagoda, m) {
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor token_seq, Tensor positions, float scale, int? window=None) -> Tensor");
   m.def("causal_softmax(Tensor scores, Tensor query_pos, int? window=None) -> Tensor");
-  m.def("gguf_linear(Tensor x, Tensor w, str format) -> Tensor");
+  m.def("gguf_linear(Tensor x, Tensor w, str format, ScalarType? dtype=None) -> Tensor");
   m.def("gguf_dequantize(Tensor w, str format, ScalarType dtype) -> Tensor");
   m.def("gguf_matmul(Tensor x, Tensor w, str format, int tile_rows) -> Tensor");
   m.def("gguf_gemm(Tensor x, Tensor w, str format) -> Tensor");

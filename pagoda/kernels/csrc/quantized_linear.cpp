@@ -24,6 +24,7 @@
 
 #include "simd.h"
 
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -446,7 +447,11 @@ void gguf_linear_impl(const QuantizedRows& x, int64_t rows, const at::Tensor& w,
   const int64_t ahead =
       row_bytes * std::max<int64_t>(1, (kPrefetchBytes + row_bytes - 1) / row_bytes);
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  float* op = out.data_ptr<float>();
+  // float32, or bfloat16 rounded from the same float32 sum (a decode step's projections
+  // then need no conversion of their own)
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
+  float* of = bf16 ? nullptr : out.data_ptr<float>();
+  at::BFloat16* ob = bf16 ? out.data_ptr<at::BFloat16>() : nullptr;
   at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
     std::vector<__m512> acc(kChunkRows * rows);  // [weight row of the chunk, input row]
     for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
@@ -473,7 +478,12 @@ void gguf_linear_impl(const QuantizedRows& x, int64_t rows, const at::Tensor& w,
       }
       for (int64_t j = c0; j < c1; ++j) {
         for (int64_t r = 0; r < rows; ++r) {
-          op[r * n + j] = _mm512_reduce_add_ps(acc[(j - c0) * rows + r]);
+          const float sum = _mm512_reduce_add_ps(acc[(j - c0) * rows + r]);
+          if (bf16) {
+            ob[r * n + j] = at::BFloat16(sum);
+          } else {
+            of[r * n + j] = sum;
+          }
         }
       }
     }
@@ -508,7 +518,8 @@ std::vector<std::string> gguf_linear_formats() {
   return names;
 }
 
-at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, const std::string& format) {
+at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, const std::string& format,
+                       std::optional<at::ScalarType> dtype) {
 #ifdef PAGODA_GGUF_KERNELS
   check_cpu(x, "x");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % kBlock == 0,
@@ -524,7 +535,10 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, const std::stri
                   w.size(1) == k / f->weights * f->bytes,
               "w must be contiguous uint8 [n, ", k / f->weights * f->bytes, "] of ", format,
               " blocks");
-  at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options().dtype(at::kFloat));
+  const at::ScalarType out_type = dtype.value_or(at::kFloat);
+  TORCH_CHECK(out_type == at::kFloat || out_type == at::kBFloat16,
+              "gguf_linear writes float32 or bfloat16");
+  at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options().dtype(out_type));
   if (x.size(0) == 0) return out;
   dispatch_float_types(x, "gguf_linear", [&](auto t) {
     f->run(quantize_rows<decltype(t)>(x), x.size(0), w, out);

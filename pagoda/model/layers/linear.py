@@ -66,13 +66,17 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def _from_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [self._product(x.shape[0], w.format)(x, w) for w in self.gguf]
+        if x.shape[0] <= self.gguf_max_rows:
+            # Without a bias to add in float32, the kernel rounds its sums to x's dtype
+            # itself: no conversion op a projection (a decode step has over a hundred).
+            dtype = x.dtype if self.bias is None else torch.float32
+            parts = [quantized_linear.gguf_linear(x, w, dtype) for w in self.gguf]
+        else:
+            parts = [self._many_rows_product(w.format)(x, w) for w in self.gguf]
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return (out if self.bias is None else out + self.bias).to(x.dtype)
 
-    def _product(self, rows: int, format: str) -> Product:
-        if rows <= self.gguf_max_rows:
-            return quantized_linear.gguf_linear
+    def _many_rows_product(self, format: str) -> Product:
         if format in self.gemm_formats:
             return quantized_gemm.gguf_gemm
         return quantized_linear.gguf_matmul

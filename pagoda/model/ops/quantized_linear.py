@@ -50,16 +50,19 @@ def kernel_takes(x: torch.Tensor, w: GGUFWeight) -> bool:
     return kernels.available(x) and w.format in kernel_formats()
 
 
-def gguf_linear(x: torch.Tensor, w: GGUFWeight) -> torch.Tensor:
-    """x @ W.T in float32, x quantized to int8 per 32 values first."""
+def gguf_linear(x: torch.Tensor, w: GGUFWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x @ W.T, x quantized to int8 per 32 values first; summed in float32, then rounded
+    once to dtype (float32 or bfloat16)."""
     if kernel_takes(x, w):
-        return torch.ops.pagoda.gguf_linear(x.contiguous(), w.blocks, w.format)
-    return gguf_linear_torch(x, w)
+        return torch.ops.pagoda.gguf_linear(x.contiguous(), w.blocks, w.format, dtype)
+    return gguf_linear_torch(x, w, dtype)
 
 
-def gguf_linear_torch(x: torch.Tensor, w: GGUFWeight) -> torch.Tensor:
+def gguf_linear_torch(
+    x: torch.Tensor, w: GGUFWeight, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     weight = dequantize(w.blocks, w.format).reshape(w.blocks.shape[0], -1)
-    return F.linear(quantize_rows_torch(x), weight)
+    return F.linear(quantize_rows_torch(x), weight).to(dtype)
 
 
 def quantize_rows_torch(x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 from kernel_checks import DTYPES
 from tiny_gguf import random_blocks
 
+from pagoda.model.layers.linear import Linear
 from pagoda.model.ops.quantized_linear import (
     GGUFWeight,
     dequantize_rows,
@@ -57,6 +58,26 @@ def test_kernel_equals_twin(
     # float32 rounding of the sums, relative to the size of their terms
     scale = (quantize_rows_torch(x).abs() @ dense(w).abs().T).max()
     torch.testing.assert_close(got / scale, want / scale, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", FORMATS_WITH_KERNEL)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 8, 17, 300])
+def test_bfloat16_output_is_the_float32_sums_rounded_once(
+    kernels_built: None, qtype: str, dtype: torch.dtype, rows: int
+) -> None:
+    """Asked for bfloat16, the kernel writes its float32 sums rounded to nearest even, as
+    the twin's conversion of them does: the same bits as float32 output then .to()."""
+    cols = 512 if FORMATS[qtype][0] == 256 else 32 * 11
+    w = random_weight(qtype, 71, cols, seed=rows)
+    x = (torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows)) * 2).to(dtype)
+    wide = torch.ops.pagoda.gguf_linear(x, w.blocks, qtype)
+    narrow = torch.ops.pagoda.gguf_linear(x, w.blocks, qtype, torch.bfloat16)
+    assert narrow.dtype == torch.bfloat16 and narrow.shape == (rows, 71)
+    assert torch.equal(narrow, wide.to(torch.bfloat16))
+    twin = gguf_linear_torch(x, w, torch.bfloat16)
+    assert twin.dtype == torch.bfloat16
+    torch.testing.assert_close(narrow.float(), twin.float(), rtol=2**-7, atol=1e-5)
 
 
 @pytest.mark.parametrize("qtype", FORMATS_WITH_KERNEL)
@@ -133,3 +154,23 @@ def test_dequantize_rejects_blocks_of_the_wrong_size(kernels_built: None) -> Non
         torch.ops.pagoda.gguf_dequantize(w.blocks[:, :100].contiguous(), "Q4_K", torch.float32)
     with pytest.raises(RuntimeError, match="x must be"):
         torch.ops.pagoda.gguf_matmul(torch.randn(3, 128), w.blocks, "Q4_K", 64)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_layer_held_in_blocks_rounds_its_float32_sums_once(
+    kernels_built: None, bias: bool, dtype: torch.dtype
+) -> None:
+    """A Linear of two runs (Q4_K rows, then Q6_K rows, as a fused q/k/v can be): x's dtype
+    out, the float32 products concatenated (+ bias) and rounded once."""
+    runs = (random_weight("Q4_K", 40, 512, seed=1), random_weight("Q6_K", 24, 512, seed=2))
+    layer = Linear(512, 64, bias=bias)
+    layer.hold_in_blocks()
+    layer.gguf = runs
+    for rows in (1, 3):
+        x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        sums = torch.cat([torch.ops.pagoda.gguf_linear(x, w.blocks, w.format) for w in runs], -1)
+        want = (sums if layer.bias is None else sums + layer.bias).to(dtype)
+        with torch.no_grad():
+            got = layer(x)
+        assert got.dtype == dtype and torch.equal(got, want)
