@@ -103,19 +103,46 @@ struct alignas(64) Packed {
   float d[16], dm[16];
 };
 
-// A lane past the matrix's last row: zero codes and scales.
+// A lane past the matrix's last row: zero scales (its codes are zeroed by the caller).
 template <int kSubs>
 void clear_lane(Packed<kSubs>* p, int lane) {
-  for (int t = 0; t < 64; ++t) std::memset(&p->q[t][4 * lane], 0, 4);
   for (int j = 0; j < kSubs; ++j) p->scale[j][lane] = 0;
   for (int j = 0; j < 4; ++j) p->mins[j][lane] = 0;
   p->d[lane] = p->dm[lane] = 0.f;
 }
 
-// 256 codes in weight order into lane `lane` of p.
+// codes[lane] (256 codes of column `lane` in weight order) into p->q: 4 transposes of 16 x 16
+// dwords (rows: the columns, dwords: the quads), in 4 rounds of 16 shuffles each.
 template <int kSubs>
-PAGODA_INLINE void put_codes(const uint8_t* codes, Packed<kSubs>* p, int lane) {
-  for (int t = 0; t < 64; ++t) std::memcpy(&p->q[t][4 * lane], codes + 4 * t, 4);
+PAGODA_INLINE void put_codes(const uint8_t (*codes)[kSuper], Packed<kSubs>* p) {
+  for (int m = 0; m < 4; ++m) {
+    __m512i r[16], t[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(codes[i] + 64 * m);
+    // t[2k], t[2k + 1], 128-bit lane L: rows 2k, 2k + 1 at dwords 4L, 4L + 1 / 4L + 2, 4L + 3
+    for (int k = 0; k < 8; ++k) {
+      t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+      t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+    }
+    // r[4g + e], lane L: rows 4g .. 4g + 3 at dword 4L + e
+    for (int g = 0; g < 4; ++g) {
+      r[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+      r[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+      r[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+      r[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    // dword 4L + e of every row: lane L of r[e], r[4 + e], r[8 + e], r[12 + e]
+    for (int e = 0; e < 4; ++e) {
+      const __m512i d0 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x44);
+      const __m512i d1 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xEE);
+      const __m512i d2 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0x44);
+      const __m512i d3 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0xEE);
+      uint8_t(*q)[64] = p->q + 16 * m;
+      _mm512_store_si512(q[e], _mm512_shuffle_i32x4(d0, d2, 0x88));
+      _mm512_store_si512(q[4 + e], _mm512_shuffle_i32x4(d0, d2, 0xDD));
+      _mm512_store_si512(q[8 + e], _mm512_shuffle_i32x4(d1, d3, 0x88));
+      _mm512_store_si512(q[12 + e], _mm512_shuffle_i32x4(d1, d3, 0xDD));
+    }
+  }
 }
 
 // Q4_K: [d][dmin][12 B scales and minimums][128 B nibbles]; sub-block 2m + s is the low
@@ -124,8 +151,7 @@ struct Q4_K {
   static constexpr int64_t kBytes = 144;
   static constexpr int kSubs = 8, kSubValues = 32;
   static constexpr bool kMins = true;
-  static void decode(const uint8_t* b, Packed<kSubs>* p, int lane) {
-    alignas(64) uint8_t codes[kSuper];
+  static void decode(const uint8_t* b, uint8_t* codes, Packed<kSubs>* p, int lane) {
     const __m256i mask = _mm256_set1_epi8(0x0F);
     for (int m = 0; m < 4; ++m) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * m));
@@ -133,7 +159,6 @@ struct Q4_K {
       _mm256_store_si256(reinterpret_cast<__m256i*>(codes + 64 * m + 32),
                          _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
     }
-    put_codes(codes, p, lane);
     const uint8_t* s = b + 4;
     int mn[8];
     for (int j = 0; j < 8; ++j) {
@@ -160,8 +185,7 @@ struct Q6_K {
   static constexpr int64_t kBytes = 210;
   static constexpr int kSubs = 16, kSubValues = 16;
   static constexpr bool kMins = false;
-  static void decode(const uint8_t* b, Packed<kSubs>* p, int lane) {
-    alignas(64) uint8_t codes[kSuper];
+  static void decode(const uint8_t* b, uint8_t* codes, Packed<kSubs>* p, int lane) {
     const __m256i low_mask = _mm256_set1_epi8(0x0F), high_mask = _mm256_set1_epi8(0x30);
     for (int h = 0; h < 2; ++h) {
       const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h));
@@ -178,7 +202,6 @@ struct Q6_K {
                            _mm256_or_si256(low, high));
       }
     }
-    put_codes(codes, p, lane);
     for (int j = 0; j < 16; ++j) p->scale[j][lane] = static_cast<int8_t>(b[192 + j]);
     p->d[lane] = half_to_float(b + 208);
     p->dm[lane] = 0.f;
@@ -202,6 +225,7 @@ PAGODA_INLINE void microkernel(const Packed<F::kSubs>* p, int64_t stride, int64_
     __m512i total[NC][R];
     for (int c = 0; c < NC; ++c)
       for (int r = 0; r < R; ++r) total[c][r] = _mm512_setzero_si512();
+#pragma GCC unroll 16
     for (int j = 0; j < F::kSubs; ++j) {
       __m512i sub[NC][R];
       for (int r = 0; r < R; ++r) {
@@ -211,7 +235,9 @@ PAGODA_INLINE void microkernel(const Packed<F::kSubs>* p, int64_t stride, int64_
                      : _mm512_set1_epi32(-32 * x.sum16[(r0 + r) * x.supers * 16 + sb * 16 + j]);
         for (int c = 0; c < NC; ++c) sub[c][r] = start;
       }
-      for (int t = j * kQuads; t < (j + 1) * kQuads; ++t) {
+#pragma GCC unroll 8
+      for (int u = 0; u < kQuads; ++u) {
+        const int t = j * kQuads + u;
         __m512i w[NC];
         for (int c = 0; c < NC; ++c) w[c] = _mm512_load_si512(p[c * stride + s].q[t]);
         for (int r = 0; r < R; ++r) {
@@ -301,21 +327,24 @@ void gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, at::Tensor
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     static thread_local std::vector<P> buffer;
     buffer.resize(kTileVectors * kTileSupers);
+    alignas(64) uint8_t codes[kLanes][kSuper];  // a super-block of 16 columns in weight order
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t v0 = tile * kTileVectors, v1 = std::min(vectors, v0 + kTileVectors);
       for (int64_t s0 = 0; s0 < supers; s0 += kTileSupers) {
         const int64_t s1 = std::min(supers, s0 + kTileSupers), span = s1 - s0;
         for (int64_t v = v0; v < v1; ++v) {
-          for (int lane = 0; lane < kLanes; ++lane) {
-            const int64_t j = v * kLanes + lane;
-            for (int64_t s = s0; s < s1; ++s) {
-              P* p = &buffer[(v - v0) * span + (s - s0)];
+          for (int64_t s = s0; s < s1; ++s) {
+            P* p = &buffer[(v - v0) * span + (s - s0)];
+            for (int lane = 0; lane < kLanes; ++lane) {
+              const int64_t j = v * kLanes + lane;
               if (j < n) {
-                F::decode(wp + j * row_bytes + s * F::kBytes, p, lane);
+                F::decode(wp + j * row_bytes + s * F::kBytes, codes[lane], p, lane);
               } else {
+                std::memset(codes[lane], 0, kSuper);
                 clear_lane(p, lane);
               }
             }
+            put_codes(codes, p);
           }
         }
         const bool add = s0 > 0;
