@@ -53,9 +53,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_ray(args: argparse.Namespace) -> int:
-    from pagoda.deploy.config import slow_serve_cadences
+    from pagoda.deploy.config import set_serve_defaults
 
-    slow_serve_cadences()  # before Ray Serve is imported
+    set_serve_defaults()  # before Ray Serve is imported
     try:
         from pagoda.deploy.ray import serve_ray
     except ImportError as e:

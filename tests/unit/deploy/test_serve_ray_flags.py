@@ -10,14 +10,14 @@ import pytest
 
 import pagoda.deploy.ray
 from pagoda import cli
-from pagoda.deploy.config import SERVE_CADENCES
+from pagoda.deploy.config import SERVE_DEFAULTS
 
 
 @pytest.fixture
 def started(monkeypatch: pytest.MonkeyPatch) -> list[tuple[argparse.Namespace, dict[str, Any]]]:
     """serve_ray replaced: the arguments and launcher options it would have started with."""
     calls: list[tuple[argparse.Namespace, dict[str, Any]]] = []
-    for name in SERVE_CADENCES:  # unset here, and as before after the test
+    for name in SERVE_DEFAULTS:  # unset here, and as before after the test
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
 
@@ -60,3 +60,14 @@ def test_serve_ray_slows_serve_background_loops_unless_set(
     assert cli.main(["serve-ray"]) == 0
     assert os.environ["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "1"
     assert os.environ["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == "250"  # the user's
+
+
+def test_serve_ray_calls_its_replicas_over_grpc_unless_set(
+    started, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert cli.main(["serve-ray"]) == 0
+    # Handles send requests and outputs by value over the replicas' gRPC servers.
+    assert os.environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"
+    monkeypatch.setenv("RAY_SERVE_USE_GRPC_BY_DEFAULT", "0")
+    assert cli.main(["serve-ray"]) == 0
+    assert os.environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0"  # the user's
