@@ -52,9 +52,9 @@ class ReplicaRequest:
 
     @property
     def prompt(self) -> str:
-        """The token ids as characters: what Ray's prefix-affinity router matches on.
+        """The token ids as characters: what the prefix-affinity router matches on.
 
-        Ray's PrefixCacheAffinityRouter reads a `prompt` attribute and matches character
+        PrefixAffinityRouter (like Ray's) reads a `prompt` attribute and matches character
         prefixes; one character per token makes its match the engine's own prefix-cache
         match (by tokens), for chat and completion prompts alike.
         """
