@@ -279,8 +279,8 @@ PAGODA_INLINE void microkernel(const Packed<F::kSubs>* p, int64_t stride, int64_
 }
 
 // The weight is decoded kTileVectors x 16 columns by kTileSupers super-blocks at a time
-// (8 x 16 x 2048 weights: 376 KB for Q4_K, kept in L2); every kRows input rows run through
-// the tile's columns kColumnVectors vectors at a time.
+// (8 x 16 x 2048 weights: 320 KB for Q4_K, 350 KB for Q6_K, kept in L2); every kRows input
+// rows run through the tile's columns kColumnVectors vectors at a time.
 constexpr int64_t kTileVectors = 8;
 constexpr int64_t kTileSupers = 8;
 constexpr int kColumnVectors = 2;
