@@ -33,14 +33,6 @@ namespace {
 constexpr int64_t kSuper = 256;  // values a super-block
 constexpr int kLanes = 16;       // output columns a vector
 
-#define PAGODA_INLINE inline __attribute__((always_inline))
-
-inline float half_to_float(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
-}
-
 // The input rows quantized per 256 values: codes = round(x * 127 / amax) (to nearest even),
 // dx = amax / 127, and the sums of each 16 codes (int32) and of each 32 (int16).
 struct InputRows {
@@ -173,8 +165,8 @@ struct Q4_K {
       p->scale[j][lane] = sc;
     }
     for (int j = 0; j < 4; ++j) p->mins[j][lane] = mn[2 * j] | (mn[2 * j + 1] << 16);
-    p->d[lane] = half_to_float(b);
-    p->dm[lane] = -half_to_float(b + 2);
+    p->d[lane] = f16(b);
+    p->dm[lane] = -f16(b + 2);
   }
 };
 
@@ -203,7 +195,7 @@ struct Q6_K {
       }
     }
     for (int j = 0; j < 16; ++j) p->scale[j][lane] = static_cast<int8_t>(b[192 + j]);
-    p->d[lane] = half_to_float(b + 208);
+    p->d[lane] = f16(b + 208);
     p->dm[lane] = 0.f;
   }
 };

@@ -42,16 +42,6 @@ constexpr int64_t kGroup = 8;  // blocks a group
 constexpr int64_t kGroupValues = kGroup * kBlock;
 constexpr int kMaxRowsPerPass = 8;
 
-// The decoding helpers are inlined into the product loop, so a group's registers never go
-// through memory (GCC otherwise calls them and passes the group on the stack).
-#define PAGODA_INLINE inline __attribute__((always_inline))
-
-inline float f16(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
-}
-
 // One group of 8 blocks: w = scale * q + min, in the layout above (scale and min per lane:
 // lane i for block i's first 16 weights, 8 + i for its last 16).
 struct Group {

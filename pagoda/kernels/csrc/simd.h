@@ -57,7 +57,18 @@ inline __m512 exp16(__m512 x) {
   }
   return _mm512_scalef_ps(p, n);
 }
+
+// The half-precision float stored at p (a GGUF block's scale; any alignment).
+inline float f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
 #endif
+
+// For helpers inlined into a kernel's inner loop, so their vectors stay in registers (GCC
+// otherwise calls them and passes the vectors on the stack).
+#define PAGODA_INLINE inline __attribute__((always_inline))
 
 // Calls f with a value of x's element type (float or at::BFloat16), the types the
 // kernels are written for; any other type is an error naming the op.
