@@ -151,14 +151,19 @@ def _q5_k(b: torch.Tensor) -> torch.Tensor:
     return _k_4_5(b, ql | (qh << 4))
 
 
+def _q6_k_codes(b: torch.Tensor) -> torch.Tensor:
+    """[n, 16, 16] codes 0..63 (w = d * sc * (q - 32)): two halves of 128 weights, each 64
+    bytes of nibbles and 32 bytes of 2-bit high parts."""
+    n = b.shape[0]
+    low = _bits(b[:, :128].reshape(n, 2, 64), range(0, 8, 4), 0x0F).reshape(n, 2, 4, 32)
+    high = _bits(b[:, 128:192].reshape(n, 2, 32), range(0, 8, 2), 3)  # [n, 2, 4, 32]
+    return (low | (high << 4)).reshape(n, 16, 16)
+
+
 def _q6_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    ql, qh, scales, d = b[:, :128], b[:, 128:192], b[:, 192:208], _f16(b[:, 208:210])
-    dl = (d * _int8(scales).float()).reshape(n, 16, 1)
-    # two halves of 128 weights: 64 bytes of nibbles and 32 bytes of 2-bit high parts each
-    low = _bits(ql.reshape(n, 2, 64), range(0, 8, 4), 0x0F).reshape(n, 2, 4, 32)
-    high = _bits(qh.reshape(n, 2, 32), range(0, 8, 2), 3)  # [n, 2, 4, 32]
-    q = ((low | (high << 4)).to(torch.int16) - 32).reshape(n, 16, 16).float()
+    dl = (_f16(b[:, 208:210]) * _int8(b[:, 192:208]).float()).reshape(n, 16, 1)
+    q = (_q6_k_codes(b).to(torch.int16) - 32).float()
     return (dl * q).reshape(n, SUPER_BLOCK)
 
 

@@ -20,7 +20,14 @@ import torch
 
 from pagoda import kernels
 from pagoda.model.ops.quantized_linear import GGUFWeight
-from pagoda.model.quants import SUPER_BLOCK, _f16, _int8, _k_scale_min, _q4_k_codes
+from pagoda.model.quants import (
+    SUPER_BLOCK,
+    _f16,
+    _int8,
+    _k_scale_min,
+    _q4_k_codes,
+    _q6_k_codes,
+)
 
 
 @functools.cache
@@ -66,13 +73,7 @@ def integer_parts(w: GGUFWeight) -> tuple[torch.Tensor, ...]:
         d, dm = _f16(b[:, :2]), -_f16(b[:, 2:4])
     elif w.format == "Q6_K":
         b = w.blocks.reshape(-1, 210)
-        ql, qh = b[:, :128], b[:, 128:192]
-        shifts = torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 1, 2, 1, 1)
-        # [blocks, half, nibble side, ql half (c & 1), 32]: quarter c = 2 * side + (c & 1)
-        low = (ql.reshape(-1, 2, 1, 2, 32) >> shifts) & 0x0F
-        high_shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
-        high = (qh.reshape(-1, 2, 1, 32) >> high_shifts) & 3  # [blocks, half, quarter, 32]
-        q = (low.reshape(-1, 2, 4, 32) | (high << 4)).reshape(-1, 16, 16)
+        q = _q6_k_codes(b)  # [blocks, 16, 16]
         sc = _int8(b[:, 192:208]).to(torch.int32)
         mn = -32 * sc
         d = _f16(b[:, 208:210])
