@@ -15,16 +15,17 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import random
 import threading
+
+from serve_memory import MIB, memory  # the same directory, first on sys.path
 
 from pagoda.config import SERVING_MAX_NUM_BATCHED_TOKENS
 from pagoda.core.block_pool import KVCacheBlock
 from pagoda.engine.llm import LLM
 from pagoda.model.runner import kv_bytes_per_block
 from pagoda.sampling_params import SamplingParams
-
-MIB = 2**20
 
 
 class Mallinfo2(ctypes.Structure):
@@ -44,11 +45,7 @@ def heap_mib() -> dict[str, float]:
 
 
 def anon_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return memory(os.getpid())[0] / MIB
 
 
 def main() -> None:
