@@ -167,6 +167,20 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     return (dl * q).reshape(n, SUPER_BLOCK)
 
 
+def integer_form(format: str, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A Q4_K or Q6_K super-block [n, bytes] as integers and two float scales, w = d * sc * q
+    + dm * mn per sub-block: (codes q [n, subs, values], sc [n, subs] and mn [n, subs] as
+    int32, d [n, 1] and dm [n, 1] float32). The int8 kernels compute in this form."""
+    if format == "Q4_K":
+        sc, mn = _k_scale_min(b[:, 4:16])
+        return _q4_k_codes(b), sc.int(), mn.int(), _f16(b[:, :2]), -_f16(b[:, 2:4])
+    if format == "Q6_K":
+        sc = _int8(b[:, 192:208]).int()
+        d = _f16(b[:, 208:210])
+        return _q6_k_codes(b), sc, -32 * sc, d, d
+    raise ValueError(f"no integer form for {format}")
+
+
 def _f32(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float32)
 

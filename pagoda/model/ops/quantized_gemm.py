@@ -20,14 +20,7 @@ import torch
 
 from pagoda import kernels
 from pagoda.model.ops.quantized_linear import GGUFWeight
-from pagoda.model.quants import (
-    SUPER_BLOCK,
-    _f16,
-    _int8,
-    _k_scale_min,
-    _q4_k_codes,
-    _q6_k_codes,
-)
+from pagoda.model.quants import BLOCK_BYTES, SUPER_BLOCK, integer_form
 
 
 @functools.cache
@@ -66,20 +59,7 @@ def integer_parts(w: GGUFWeight) -> tuple[torch.Tensor, ...]:
     d [n, supers], dm [n, supers]): the weight as w = d * sc * q + dm * mn per sub-block,
     the integer parts in float64 (exact)."""
     n = w.blocks.shape[0]
-    if w.format == "Q4_K":
-        b = w.blocks.reshape(-1, 144)
-        sc, mn = _k_scale_min(b[:, 4:16])
-        q = _q4_k_codes(b)  # [blocks, 8, 32]
-        d, dm = _f16(b[:, :2]), -_f16(b[:, 2:4])
-    elif w.format == "Q6_K":
-        b = w.blocks.reshape(-1, 210)
-        q = _q6_k_codes(b)  # [blocks, 16, 16]
-        sc = _int8(b[:, 192:208]).to(torch.int32)
-        mn = -32 * sc
-        d = _f16(b[:, 208:210])
-        dm = d
-    else:
-        raise ValueError(f"gguf_gemm has no twin for {w.format}")
+    q, sc, mn, d, dm = integer_form(w.format, w.blocks.reshape(-1, BLOCK_BYTES[w.format]))
     blocks = q.shape[0]
     return (
         q.double().reshape(n, blocks // n, *q.shape[1:]),
