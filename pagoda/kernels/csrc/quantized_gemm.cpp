@@ -17,6 +17,7 @@
 // at a time into a small reused buffer laid out for the microkernel (16 columns in the
 // dword lanes, 4 consecutive codes a lane), and no other copy of it is kept.
 
+#include "quantized_input.h"
 #include "simd.h"
 
 #include <string>
@@ -30,61 +31,7 @@ namespace pagoda {
 
 namespace {
 
-constexpr int64_t kSuper = 256;  // values a super-block
-constexpr int kLanes = 16;       // output columns a vector
-
-// The input rows quantized per 256 values: codes = round(x * 127 / amax) (to nearest even),
-// dx = amax / 127, and the sums of each 16 codes (int32) and of each 32 (int16).
-struct InputRows {
-  int64_t supers;
-  const int8_t* codes;   // [rows, supers * 256]
-  const float* scale;    // [rows, supers]
-  const int32_t* sum16;  // [rows, supers * 16]
-  const int16_t* sum32;  // [rows, supers * 8]
-};
-
-struct InputStorage {
-  std::vector<int8_t> codes;
-  std::vector<float> scale;
-  std::vector<int32_t> sum16;
-  std::vector<int16_t> sum32;
-};
-
-template <typename T>
-InputRows quantize_inputs(const at::Tensor& x, InputStorage& s) {
-  const int64_t rows = x.size(0), k = x.size(1), supers = k / kSuper;
-  s.codes.resize(rows * k);
-  s.scale.resize(rows * supers);
-  s.sum16.resize(rows * supers * 16);
-  s.sum32.resize(rows * supers * 8);
-  const T* xp = x.data_ptr<T>();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      for (int64_t b = 0; b < supers; ++b) {
-        const int64_t cell = r * supers + b;
-        const T* v = xp + cell * kSuper;
-        __m512 m = _mm512_setzero_ps();
-        for (int i = 0; i < 16; ++i) m = _mm512_max_ps(m, _mm512_abs_ps(load16(v + 16 * i)));
-        const float amax = _mm512_reduce_max_ps(m);
-        // 127 / amax by a division instruction, as the twin divides
-        const float id =
-            amax > 0.f ? _mm_cvtss_f32(_mm_div_ss(_mm_set_ss(127.f), _mm_set_ss(amax))) : 0.f;
-        s.scale[cell] = amax / 127.f;
-        int8_t* c = s.codes.data() + cell * kSuper;
-        int32_t* s16 = s.sum16.data() + cell * 16;
-        for (int i = 0; i < 16; ++i) {
-          const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load16(v + 16 * i), _mm512_set1_ps(id)));
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(c + 16 * i), _mm512_cvtsepi32_epi8(q));
-          s16[i] = _mm512_reduce_add_epi32(q);
-        }
-        for (int j = 0; j < 8; ++j) {
-          s.sum32[cell * 8 + j] = static_cast<int16_t>(s16[2 * j] + s16[2 * j + 1]);
-        }
-      }
-    }
-  });
-  return {supers, s.codes.data(), s.scale.data(), s.sum16.data(), s.sum32.data()};
-}
+constexpr int kLanes = 16;  // output columns a vector
 
 // One super-block of 16 weight rows (output columns), as the microkernel reads it.
 template <int kSubs>
