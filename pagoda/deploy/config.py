@@ -22,7 +22,7 @@ class RayDeployConfig:
     downscale_delay_s: float = 600.0
     max_ongoing_requests: int = 256  # per replica; Ray's default (5) would cap batching
     # Ray's CPUs per replica, which are also its engine's threads (Ray sets OMP_NUM_THREADS
-    # to them in every worker, and the engine process inherits it). None: this machine's
+    # to them in every worker, where the engine runs). None: this machine's
     # cores shared among the replicas (at most max_replicas), at least one each.
     replica_num_cpus: float | None = None
     # Prefix affinity holds while replicas' queue lengths differ by at most this many

@@ -4,7 +4,7 @@
     client -> uvicorn in the serve-ray process (Pagoda's launcher: TLS, limits, drain)
               build_app() around a ReplicaEngineClient (tokenizing and validation here)
            -> DeploymentHandle, routed by PrefixAffinityRouter (prefix_router.py)
-           -> EngineReplica x N: one AsyncEngineClient and its engine process each
+           -> EngineReplica x N: one engine each, on a thread of the replica's process
 
     pagoda_app(), for users who compose Serve applications:
     client -> Serve HTTP proxy -> PagodaIngress (the same app, in a Serve replica) -> ...
@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import importlib
 import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -83,7 +84,13 @@ def prefix_affinity_router() -> type[RequestRouter]:
 
 
 class EngineReplica:
-    """One Serve replica: one engine (an AsyncEngineClient with its engine process)."""
+    """One Serve replica: one engine, its core on a thread of the replica's own process.
+
+    No engine process of its own (as `pagoda serve` has): Ray watches the replica's process,
+    and the engine's outputs reach the replica's event loop without a ZMQ hop. An engine
+    that raises or hangs fails the replica's health check, and Ray replaces the replica; an
+    engine that dies with the process is a dead actor to Ray, replaced the same way.
+    """
 
     # Ray Serve awaits an async constructor: the replica is ready once its engine is.
     async def __init__(  # type: ignore[misc]
@@ -94,10 +101,10 @@ class EngineReplica:
         reports_to: str = "PagodaIngress",
     ) -> None:
         """reports_to: the deployment of this application that keeps the metrics reports."""
-        from pagoda.engine.async_client import AsyncEngineClient
+        from pagoda.engine.inproc_client import InProcessEngineClient
         from pagoda.entrypoints.metrics import Metrics
 
-        self.engine = AsyncEngineClient(
+        self.engine = InProcessEngineClient(
             engine_config,
             served_model_names=engine_config.model.served_model_names,
             watchdog_timeout=watchdog_timeout,
@@ -156,9 +163,10 @@ class EngineReplica:
         """Ray's periodic check: a dead engine makes the replica unhealthy, and replaced."""
         await self.engine.check_health()
 
-    def engine_info(self) -> tuple[str, int | None]:
-        """(this replica's id, its engine process's pid): for operators and tests."""
-        return self.replica, self.engine.process.pid
+    def engine_info(self) -> tuple[str, int]:
+        """(this replica's id, the pid of its process, where its engine runs): for operators
+        and tests."""
+        return self.replica, os.getpid()
 
     def __del__(self) -> None:
         # Serve calls this after draining the replica's requests (graceful_shutdown_timeout_s).

@@ -3,7 +3,7 @@
     ingress (build_app's routes)                     EngineReplica (one engine each)
     generate() -> generate_final (non-streamed) ==> generate_final(ReplicaRequest)
                or generate (streamed) =========> generate(ReplicaRequest)
-                  request router picks the replica   AsyncEngineClient.generate()
+                  request router picks the replica   InProcessEngineClient.generate()
     RequestOutputs <======================== ServedBy(replica), then RequestOutputs
 
 The HTTP layer cannot tell it from an AsyncEngineClient: a replica whose engine died ends its

@@ -79,7 +79,10 @@ class AsyncEngineClient(EngineClient):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._output_task: asyncio.Task[None] | None = None
         self.processor: OutputProcessor | None = None  # from ready(), once the tokenizer is in
+        self._start_engine()
 
+    def _start_engine(self) -> None:
+        """Starts the engine process, and binds the sockets to and from it."""
         base = os.path.join(tempfile.gettempdir(), f"pagoda-{uuid.uuid4().hex[:12]}")
         input_addr, output_addr = f"ipc://{base}-in", f"ipc://{base}-out"
         self._ipc_paths = [f"{base}-in", f"{base}-out"]
@@ -96,7 +99,7 @@ class AsyncEngineClient(EngineClient):
         self._outbox.bind(input_addr)
         self.process = multiprocessing.get_context("spawn").Process(
             target=run_engine_core,
-            args=(config, input_addr, output_addr),
+            args=(self.engine_config, input_addr, output_addr),
             name="pagoda-engine",
             daemon=True,
         )
@@ -112,14 +115,18 @@ class AsyncEngineClient(EngineClient):
                 )
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the engine was not ready within {timeout} s")
+        info = m.message_decoder.decode(await self._inbox.recv())
+        if not isinstance(info, m.EngineReady):
+            raise EngineDeadError(f"the engine failed while loading:\n{info.engine_error}")
+        await self._on_ready(info)
+        self._output_task = asyncio.create_task(self._output_loop(), name="engine-output-loop")
+
+    async def _on_ready(self, info: m.EngineReady) -> None:
+        """The engine has loaded: the tokenizer, the output processor and the serving config."""
         if isinstance(self._tokenizer, concurrent.futures.Future):
             self._tokenizer = await asyncio.wrap_future(self._tokenizer)
         self.tokenizer = self._tokenizer
         self.processor = OutputProcessor(self.tokenizer)
-        frame = await self._inbox.recv()
-        info = m.message_decoder.decode(frame)
-        if not isinstance(info, m.EngineReady):
-            raise EngineDeadError(f"the engine failed while loading:\n{info.engine_error}")
         self._serving_config = ServingConfig(
             model_path=str(self.engine_config.model.path),
             served_model_names=self.served_model_names,
@@ -134,7 +141,6 @@ class AsyncEngineClient(EngineClient):
         )
         self._loop = asyncio.get_running_loop()
         self._last_heard = time.monotonic()
-        self._output_task = asyncio.create_task(self._output_loop(), name="engine-output-loop")
 
     @property
     def _processor(self) -> OutputProcessor:
@@ -150,12 +156,12 @@ class AsyncEngineClient(EngineClient):
 
     @property
     def is_running(self) -> bool:
-        return self._dead is None and self.process.is_alive()
+        return self._dead is None and self._engine_alive()
 
     @property
     def errored(self) -> bool:
         """The engine died or raised (a process stopped by shutdown() did neither)."""
-        return self._dead is not None or (self._accepting and not self.process.is_alive())
+        return self._dead is not None or (self._accepting and not self._engine_alive())
 
     @property
     def dead_error(self) -> BaseException:
@@ -234,6 +240,9 @@ class AsyncEngineClient(EngineClient):
             return prompt.get("prompt"), list(prompt["prompt_token_ids"])
         return None, list(prompt)
 
+    def _engine_alive(self) -> bool:
+        return self.process.is_alive()
+
     def _send(self, kind: m.RequestType, payload: object) -> bool:
         """Queues a message for the engine without blocking; False when no engine is
         connected to take it (it died, or is exiting), where a blocking send would wait
@@ -296,27 +305,34 @@ class AsyncEngineClient(EngineClient):
                     continue
                 step = m.message_decoder.decode(await self._inbox.recv())
                 assert isinstance(step, m.EngineOutputs), "the engine is ready only once"
-                self._last_heard = time.monotonic()
-                if step.engine_error is not None:
-                    self._mark_dead(f"the engine failed:\n{step.engine_error}")
+                if not self._on_step(step):
                     return
-                if step.stats is not None:
-                    self.stats = step.stats
-                outputs, to_abort = self._processor.process_outputs(step.outputs)
-                if to_abort:  # finished by a stop string
-                    self._send(m.RequestType.ABORT, to_abort)
-                    for stat_logger in self.stat_loggers:
-                        stat_logger.request_aborted(to_abort)
-                for output in outputs:
-                    queue = self.queues.get(output.request_id)
-                    if queue is not None:
-                        queue.put_nowait(output)
-                for stat_logger in self.stat_loggers:
-                    stat_logger.step(step, outputs)
         except asyncio.CancelledError:
             pass
         finally:
             self._inbox.close(linger=0)
+
+    def _on_step(self, step: m.EngineOutputs) -> bool:
+        """Hands a step's outputs to their requests' queues; False when the step says that
+        the engine failed (every request then ends with EngineDeadError)."""
+        self._last_heard = time.monotonic()
+        if step.engine_error is not None:
+            self._mark_dead(f"the engine failed:\n{step.engine_error}")
+            return False
+        if step.stats is not None:
+            self.stats = step.stats
+        outputs, to_abort = self._processor.process_outputs(step.outputs)
+        if to_abort:  # finished by a stop string
+            self._send(m.RequestType.ABORT, to_abort)
+            for stat_logger in self.stat_loggers:
+                stat_logger.request_aborted(to_abort)
+        for output in outputs:
+            queue = self.queues.get(output.request_id)
+            if queue is not None:
+                queue.put_nowait(output)
+        for stat_logger in self.stat_loggers:
+            stat_logger.step(step, outputs)
+        return True
 
     def _mark_dead(self, reason: str) -> None:
         logger.error("%s", reason)

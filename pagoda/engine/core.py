@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pagoda.config import ConfigError, EngineConfig
 from pagoda.core.batch import RunnerOutput
 from pagoda.core.request import Request, RequestStatus
 from pagoda.core.scheduler import Scheduler
-from pagoda.engine.messages import EngineOutputs, EngineRequest
+from pagoda.engine.messages import EngineOutputs, EngineReady, EngineRequest, RequestType
 
 if TYPE_CHECKING:
     from pagoda.structured.matcher import GrammarCompiler
@@ -83,6 +84,17 @@ class EngineCore:
         outputs.stats = self.scheduler.stats()
         return outputs
 
+    def ready_message(self) -> EngineReady:
+        """What the client learns once the model is loaded: the context and the KV cache."""
+        runner = self.runner
+        return EngineReady(
+            self.max_model_len,
+            runner.num_blocks,
+            runner.block_size,
+            str(runner.dtype),
+            runner.spec.vocab_size,
+        )
+
     def check_invariants(self) -> None:
         self.scheduler.kv.check_invariants()
 
@@ -135,6 +147,49 @@ def resolve_max_model_len(requested: int | None, model_len: int, cache_tokens: i
     return min(model_len, cache_tokens)
 
 
+# What a driver hands the engine: (ADD, EngineRequest), (ABORT, [engine request ids]) or
+# (SHUTDOWN, None).
+Message = tuple[RequestType, object]
+
+
+def run_busy_loop(
+    core: EngineCore,
+    receive: Callable[[float], Message | None],
+    send: Callable[[EngineOutputs], None],
+) -> None:
+    """Takes requests, steps while there is work, sends each step's outputs; returns on
+    SHUTDOWN. What the engine process and the in-process engine thread both run.
+
+    receive(timeout) is the next message, or None when none came within timeout seconds.
+    An idle engine sends an empty EngineOutputs every second, so that silence means hung.
+    """
+    while True:
+        # Drain the inbox; wait on it only when there is nothing to compute.
+        timeout = 0.0 if core.has_work else 1.0
+        aborted = False
+        while (message := receive(timeout)) is not None:
+            kind, payload = message
+            if kind == RequestType.ADD:
+                assert isinstance(payload, EngineRequest)
+                core.add_request(payload)
+            elif kind == RequestType.ABORT:
+                assert isinstance(payload, list)
+                aborted |= bool(core.abort_requests(payload))
+            else:
+                assert kind == RequestType.SHUTDOWN, kind
+                return
+            timeout = 0.0
+        stepped = core.has_work
+        if stepped:
+            send(core.step())
+        elif aborted:  # no step will report that the engine emptied
+            send(EngineOutputs([], stats=core.scheduler.stats()))
+        else:  # idle: a heartbeat, so that the client can tell idle from hung
+            send(EngineOutputs([]))
+        if (stepped or aborted) and not core.has_work:
+            core.check_invariants()  # cheap, and the moment when all is quiet
+
+
 def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> None:
     """The engine process: take requests, step while there is work, send outputs back.
 
@@ -164,42 +219,22 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
     outbox.connect(output_addr)
     try:
         core = EngineCore(config)
-        runner = core.runner
-        outbox.send(
-            m.encoder.encode(
-                m.EngineReady(
-                    core.max_model_len,
-                    runner.num_blocks,
-                    runner.block_size,
-                    str(runner.dtype),
-                    runner.spec.vocab_size,
-                )
-            )
-        )
-        while True:
-            # Drain the inbox; wait on it only when there is nothing to compute.
-            timeout = 0 if core.has_work else 1000
-            aborted = False
-            while inbox.poll(timeout):
-                kind, payload = inbox.recv_multipart()
-                if kind == m.RequestType.ADD.value:
-                    core.add_request(m.request_decoder.decode(payload))
-                elif kind == m.RequestType.ABORT.value:
-                    aborted |= bool(core.abort_requests(m.abort_decoder.decode(payload)))
-                elif kind == m.RequestType.SHUTDOWN.value:
-                    return
-                else:  # a bug in the client: fail loudly, not as if asked to shut down
-                    raise ValueError(f"unknown request type {kind!r}")
-                timeout = 0
-            stepped = core.has_work
-            if stepped:
-                outbox.send(m.encoder.encode(core.step()))
-            elif aborted:  # no step will report that the engine emptied
-                outbox.send(m.encoder.encode(m.EngineOutputs([], stats=core.scheduler.stats())))
-            else:  # idle: a heartbeat, so that the client can tell idle from hung
-                outbox.send(m.encoder.encode(m.EngineOutputs([])))
-            if (stepped or aborted) and not core.has_work:
-                core.check_invariants()  # cheap, and the moment when all is quiet
+        outbox.send(m.encoder.encode(core.ready_message()))
+
+        def receive(timeout: float) -> Message | None:
+            if not inbox.poll(int(timeout * 1000)):
+                return None
+            kind, payload = inbox.recv_multipart()
+            if kind == m.RequestType.ADD.value:
+                return m.RequestType.ADD, m.request_decoder.decode(payload)
+            if kind == m.RequestType.ABORT.value:
+                return m.RequestType.ABORT, m.abort_decoder.decode(payload)
+            if kind == m.RequestType.SHUTDOWN.value:
+                return m.RequestType.SHUTDOWN, None
+            # A bug in the client: fail loudly, not as if asked to shut down.
+            raise ValueError(f"unknown request type {kind!r}")
+
+        run_busy_loop(core, receive, lambda step: outbox.send(m.encoder.encode(step)))
     except Exception as e:
         if isinstance(e, ConfigError):  # the message says it all: no traceback
             logger.error("%s", e)

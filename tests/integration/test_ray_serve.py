@@ -176,9 +176,9 @@ def test_prefix_affinity_keeps_a_system_prompt_on_one_replica(two_replicas):
         wait_for(lambda r=replica, n=least: hits_of(r) >= n, "hits in /metrics", 60)
 
 
-def engine_processes() -> dict[str, int | None]:
-    """replica id -> its engine's pid, asked of replicas picked at random until both
-    answered (a call without a prompt is routed to the less loaded of two)."""
+def replica_processes() -> dict[str, int]:
+    """replica id -> the pid of its process (its engine runs in it), asked of replicas picked
+    at random until both answered (a call without a prompt goes to the less loaded of two)."""
     engines = serve.get_deployment_handle("EngineReplica", app_name="pagoda")
     found: dict[str, int | None] = {}
     for _ in range(50):
@@ -193,13 +193,17 @@ def health(cluster: Cluster) -> int:
     return httpx.get(f"{cluster.url}/health", timeout=10).status_code
 
 
-def test_failover_when_a_replica_engine_dies(two_replicas):
-
+def test_failover_when_a_replica_dies_with_its_engine(two_replicas):
+    """The replica's process is killed, engine and all (a replica's engine runs in it): what
+    an out-of-memory kill or a crash in native code does. An engine that raises or hangs
+    without killing the process leaves its client errored (tests/unit/engine/
+    test_inproc_client.py), which fails the replica's health check: Ray replaces it too."""
     prompt = "The doomed replica's prompt"
     victim_replica = two_replicas.complete(prompt).headers[REPLICA_HEADER]
-    before = engine_processes()
+    before = replica_processes()
     assert len(before) == 2
     victim = psutil.Process(before[victim_replica])
+    assert victim.pid != psutil.Process().pid
 
     # Streams in flight on the victim (the same prompt: affinity sends them there).
     started = threading.Barrier(5)
@@ -236,13 +240,15 @@ def test_failover_when_a_replica_engine_dies(two_replicas):
         time.sleep(1.0)
     # Ray replaces the replica: two running again, the victim's id gone.
     wait_for(lambda: two_replicas.running_replicas() == 2, "the dead replica replaced")
-    wait_for(lambda: victim_replica not in engine_processes(), "the dead replica gone")
+    wait_for(lambda: victim_replica not in replica_processes(), "the dead replica gone")
     assert not victim.is_running() or victim.status() == psutil.STATUS_ZOMBIE
     assert two_replicas.complete(prompt).status_code == 200
 
 
 def test_health_is_503_while_no_replica_has_a_live_engine(two_replicas):
-    before = engine_processes()
+    """Both replicas' processes killed: no live engine reports in, /health is 503 until Ray's
+    replacements do."""
+    before = replica_processes()
     assert len(before) == 2
     assert health(two_replicas) == 200
     victims = [psutil.Process(pid) for pid in before.values()]
