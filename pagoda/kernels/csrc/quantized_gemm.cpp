@@ -5,7 +5,7 @@
 // A step of many rows (a prompt, a decode step of many sequences) is compute-bound. A
 // bfloat16 GEMM does 32 products an instruction (vdpbf16ps); vpdpbusd does 64 int8 ones, so,
 // as llama.cpp does, the input rows are quantized to int8 per 256 values (one float scale
-// dx per 256, and the sums of each 16 codes) and multiplied by the weights' integer codes.
+// dx per 256, and sums of their codes) and multiplied by the weights' integer codes.
 // A K-quant super-block of 256 weights is w = d * sc_j * q + dm * mn_j for sub-blocks j of
 // 16 or 32 weights (Q4_K: dm = -dmin, mn_j its 6-bit minimum; Q6_K: q - 32 with dm = d,
 // mn_j = -32 sc_j), so its dot product with an input super-block is
@@ -37,7 +37,7 @@ constexpr int kLanes = 16;  // output columns a vector
 template <int kSubs>
 struct alignas(64) Packed {
   uint8_t q[64][64];         // [quad t][4 lane + b]: code 4t + b of column `lane`
-  int32_t scale[kSubs][16];  // sub-block scales sc_j
+  int32_t scale[kSubs][16];  // sub-block scales sc_j, twice as int16: sc_j | sc_j << 16
   int32_t mins[4][16];       // Q4_K: minimums mn_{2p} | mn_{2p + 1} << 16 (int16 pairs)
   float d[16], dm[16];
 };
@@ -109,7 +109,7 @@ struct Q4_K {
         sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
         mn[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
       }
-      p->scale[j][lane] = sc;
+      p->scale[j][lane] = sc * 0x10001;
     }
     for (int j = 0; j < 4; ++j) p->mins[j][lane] = mn[2 * j] | (mn[2 * j + 1] << 16);
     p->d[lane] = f16(b);
@@ -141,7 +141,10 @@ struct Q6_K {
                            _mm256_or_si256(low, high));
       }
     }
-    for (int j = 0; j < 16; ++j) p->scale[j][lane] = static_cast<int8_t>(b[192 + j]);
+    for (int j = 0; j < 16; ++j) {
+      const uint16_t sc = static_cast<uint16_t>(static_cast<int8_t>(b[192 + j]));
+      p->scale[j][lane] = static_cast<int32_t>(sc | static_cast<uint32_t>(sc) << 16);
+    }
     p->d[lane] = f16(b + 208);
     p->dm[lane] = 0.f;
   }
@@ -149,47 +152,62 @@ struct Q6_K {
 
 // Rows r0 .. r0 + R - 1 of the input against column vectors p[0 .. NC - 1] (each at super-
 // blocks s0 .. s0 + supers - 1, `stride` packed super-blocks apart) into acc[c][r].
+//
+// vpmulld takes three cycles of the pipe vpdpbusd runs in (measured on Zen 4), so a sub-block's
+// scale is not applied by one: each half of a sub-block is summed into its own int32 lanes,
+// which hold it exactly as int16 (Q4_K: 16 x 15 x 127 = 30480; Q6_K's halves of 8 start at
+// their offset, -32 x the codes' sum, and stay within 8 x 32 x 127 = 32512), the two halves go
+// into one dword's 16-bit halves (a shift and a blend, in other pipes) and one vpdpwssd with
+// the scale pair adds sc_j times both to the total.
 template <typename F, int NC, int R>
 PAGODA_INLINE void microkernel(const Packed<F::kSubs>* p, int64_t stride, int64_t supers,
                                const InputRows& x, int64_t r0, int64_t s0, __m512* acc) {
-  constexpr int kQuads = F::kSubValues / 4;
-  __m512 out[NC][R];
-  for (int c = 0; c < NC; ++c)
-    for (int r = 0; r < R; ++r) out[c][r] = _mm512_setzero_ps();
+  constexpr int kHalfQuads = F::kSubValues / 8;
+  for (int i = 0; i < NC * R; ++i) acc[i] = _mm512_setzero_ps();
   const int64_t k = x.supers * kSuper;
   for (int64_t s = 0; s < supers; ++s) {
     const int64_t sb = s0 + s;
     const int8_t* xc[R];
-    for (int r = 0; r < R; ++r) xc[r] = x.codes + (r0 + r) * k + sb * kSuper;
+    const int32_t* off[R];
+    for (int r = 0; r < R; ++r) {
+      xc[r] = x.codes + (r0 + r) * k + sb * kSuper;
+      off[r] = x.off8 + (r0 + r) * x.supers * 32 + sb * 32;
+    }
     __m512i total[NC][R];
     for (int c = 0; c < NC; ++c)
       for (int r = 0; r < R; ++r) total[c][r] = _mm512_setzero_si512();
 #pragma GCC unroll 16
     for (int j = 0; j < F::kSubs; ++j) {
-      __m512i sub[NC][R];
-      for (int r = 0; r < R; ++r) {
-        // Q6_K's offset: the sub-block's sum starts at -32 times the sum of its input codes
-        const __m512i start =
-            F::kMins ? _mm512_setzero_si512()
-                     : _mm512_set1_epi32(-32 * x.sum16[(r0 + r) * x.supers * 16 + sb * 16 + j]);
-        for (int c = 0; c < NC; ++c) sub[c][r] = start;
-      }
-#pragma GCC unroll 8
-      for (int u = 0; u < kQuads; ++u) {
-        const int t = j * kQuads + u;
-        __m512i w[NC];
-        for (int c = 0; c < NC; ++c) w[c] = _mm512_load_si512(p[c * stride + s].q[t]);
+      __m512i half[2][NC][R];
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const int g = 2 * j + h;  // the half's group of F::kSubValues / 2 values
         for (int r = 0; r < R; ++r) {
-          int32_t four;
-          std::memcpy(&four, xc[r] + 4 * t, 4);
-          const __m512i xb = _mm512_set1_epi32(four);
-          for (int c = 0; c < NC; ++c) sub[c][r] = _mm512_dpbusd_epi32(sub[c][r], w[c], xb);
+          const __m512i start =
+              F::kMins ? _mm512_setzero_si512() : _mm512_set1_epi32(off[r][g]);
+          for (int c = 0; c < NC; ++c) half[h][c][r] = start;
+        }
+#pragma GCC unroll 8
+        for (int u = 0; u < kHalfQuads; ++u) {
+          const int t = g * kHalfQuads + u;
+          __m512i w[NC];
+          for (int c = 0; c < NC; ++c) w[c] = _mm512_load_si512(p[c * stride + s].q[t]);
+          for (int r = 0; r < R; ++r) {
+            int32_t four;
+            std::memcpy(&four, xc[r] + 4 * t, 4);
+            const __m512i xb = _mm512_set1_epi32(four);
+            for (int c = 0; c < NC; ++c) {
+              half[h][c][r] = _mm512_dpbusd_epi32(half[h][c][r], w[c], xb);
+            }
+          }
         }
       }
       for (int c = 0; c < NC; ++c) {
         const __m512i sc = _mm512_load_si512(p[c * stride + s].scale[j]);
         for (int r = 0; r < R; ++r) {
-          total[c][r] = _mm512_add_epi32(total[c][r], _mm512_mullo_epi32(sub[c][r], sc));
+          const __m512i both = _mm512_mask_blend_epi16(
+              0xAAAAAAAA, half[0][c][r], _mm512_slli_epi32(half[1][c][r], 16));
+          total[c][r] = _mm512_dpwssd_epi32(total[c][r], both, sc);
         }
       }
     }
@@ -209,12 +227,10 @@ PAGODA_INLINE void microkernel(const Packed<F::kSubs>* p, int64_t stride, int64_
           }
           v = _mm512_fmadd_ps(_mm512_load_ps(pc.dm), _mm512_cvtepi32_ps(m), v);
         }
-        out[c][r] = _mm512_fmadd_ps(v, dx, out[c][r]);
+        acc[c * R + r] = _mm512_fmadd_ps(v, dx, acc[c * R + r]);
       }
     }
   }
-  for (int c = 0; c < NC; ++c)
-    for (int r = 0; r < R; ++r) acc[c * R + r] = out[c][r];
 }
 
 // The weight is decoded kTileVectors x 16 columns by kTileSupers super-blocks at a time
