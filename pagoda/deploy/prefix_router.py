@@ -16,6 +16,15 @@ PrefixTree), kept in the router's own process:
 The tree sees the requests of the process that routes them. `pagoda serve-ray` routes all of
 them from its one server, as does pagoda_app()'s one ingress replica; several ingresses
 would each learn from their own share of the traffic.
+
+The tree is bounded: past max_chars_per_replica characters (tokens) under one replica, its
+least recently routed prefixes are evicted, down to EVICT_TO of the bound. A replica's
+engine evicts its own KV blocks long before the tree would, so an unbounded tree would only
+grow with every prompt routed and claim prefixes that are no longer cached.
+
+Ray internals this builds on (not public API; tests/unit/deploy/test_prefix_router.py pins
+them): the PrefixTree class, PowerOfTwoChoicesRequestRouter.choose_replicas, and the
+RequestRouter's _use_replica_queue_len_cache and _probe_queue_lens.
 """
 
 from __future__ import annotations
@@ -35,16 +44,26 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+# A replica's share of the tree after an eviction, as a fraction of max_chars_per_replica:
+# evicting a tenth at a time keeps evictions rare (one per ~10 % of the bound routed).
+EVICT_TO = 0.9
+
 
 class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     """Routes a request to the replica that already holds the longest prefix of its prompt
     (the `prompt` attribute of the request's first argument), while load allows."""
 
     def initialize_state(  # type: ignore[override]
-        self, imbalanced_threshold: float = float("inf"), match_rate_threshold: float = 0.1
+        self,
+        imbalanced_threshold: float = float("inf"),
+        match_rate_threshold: float = 0.1,
+        max_chars_per_replica: int = 400_000,
     ) -> None:
+        """max_chars_per_replica: the prompt text (one character per token) the tree keeps
+        for one replica, as Ray's router's eviction threshold (400,000)."""
         self.imbalanced_threshold = imbalanced_threshold
         self.match_rate_threshold = match_rate_threshold
+        self.max_chars_per_replica = max_chars_per_replica
         self.tree = PrefixTree()
 
     async def choose_replicas(
@@ -66,10 +85,11 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         matched, holders = self.tree.prefix_match(prompt, candidates)
         if len(matched) < self.match_rate_threshold * len(prompt):
             holders = self.tree.get_smallest_tenants() or []
+        replicas = self.curr_replicas
         chosen = [
-            self._replicas[rid]
+            replicas[rid]
             for rid in map(ReplicaID.from_full_id_str, holders or [])
-            if rid in self._replicas
+            if rid in replicas
         ]
         return [chosen] if chosen else by_load
 
@@ -80,7 +100,7 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         unknown = []
         for replica in replicas:
             length = (
-                self._replica_queue_len_cache.get(replica.replica_id)
+                self.replica_queue_len_cache.get(replica.replica_id)
                 if self._use_replica_queue_len_cache
                 else None
             )
@@ -97,13 +117,18 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult
     ) -> None:
         prompt = prompt_of(pending_request)
-        if prompt:
-            self.tree.insert(prompt, replica_id.to_full_id_str(), time.time())
+        if not prompt:
+            return
+        tenant = replica_id.to_full_id_str()
+        self.tree.insert(prompt, tenant, time.time())
+        held = self.tree.tenant_to_char_count.get(tenant, 0)
+        if held > self.max_chars_per_replica:
+            self.tree.evict_tenant_by_lru(tenant, held - int(EVICT_TO * self.max_chars_per_replica))
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
-        before = set(self._replicas)
+        before = set(self.curr_replicas)
         super().update_replicas(replicas)
-        after = set(self._replicas)
+        after = set(self.curr_replicas)
         if after - before:
             self.tree.add_tenants([r.to_full_id_str() for r in after - before], time.time())
         if before - after:

@@ -5,6 +5,7 @@ needs."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 from dataclasses import dataclass, field
 
 import pytest
@@ -34,13 +35,15 @@ class FakeReplica:
     max_ongoing_requests: int = 256
 
 
-def make_router(*names: str, queue_lens: dict[str, int] | None = None) -> PrefixAffinityRouter:
+def make_router(
+    *names: str, queue_lens: dict[str, int] | None = None, max_chars_per_replica: int = 400_000
+) -> PrefixAffinityRouter:
     router = PrefixAffinityRouter(
         deployment_id=DEPLOYMENT,
         handle_source=DeploymentHandleSource.UNKNOWN,
         use_replica_queue_len_cache=True,
     )
-    router.initialize_state(imbalanced_threshold=16)
+    router.initialize_state(imbalanced_threshold=16, max_chars_per_replica=max_chars_per_replica)
     replicas = [FakeReplica(ReplicaID(name, DEPLOYMENT)) for name in names]
     router.update_replicas(replicas)  # type: ignore[arg-type]
     for replica in replicas:
@@ -111,6 +114,56 @@ def test_a_removed_replica_is_no_longer_chosen() -> None:
         assert "a" not in await chosen(router, SYSTEM_A)
 
     asyncio.run(scenario())
+
+
+def test_the_tree_keeps_a_bounded_share_per_replica_and_forgets_the_oldest_prefixes() -> None:
+    async def scenario() -> None:
+        router = make_router("a", "b", max_chars_per_replica=1000)
+        prompts = [list(range(10_000 * i, 10_000 * i + 300)) for i in range(1, 11)]
+        for prompt in prompts:  # 3,000 characters, all to a
+            routed(router, prompt, "a")
+            held = router.tree.tenant_to_char_count[ReplicaID("a", DEPLOYMENT).to_full_id_str()]
+            assert held <= 1000
+        # The newest prefixes are still a's (a's is the longest match)...
+        assert await chosen(router, prompts[-1] + [5]) == {"a"}
+        assert await chosen(router, prompts[-2] + [5]) == {"a"}
+        # ...the oldest are forgotten: a new prefix there goes where the least text is held.
+        assert await chosen(router, prompts[0] + [5]) == {"b"}
+
+    asyncio.run(scenario())
+
+
+def test_the_ray_internals_the_router_relies_on_are_where_it_expects() -> None:
+    """Ray's PrefixTree, its power-of-two-choices router and two RequestRouter members are not
+    public API: a Ray that moves or changes them fails here, by name."""
+    from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_tree import PrefixTree
+    from ray.serve._private.request_router import PowerOfTwoChoicesRequestRouter
+
+    def parameters(function: object) -> list[str]:
+        return list(inspect.signature(function).parameters)[1:]  # type: ignore[arg-type]
+
+    tree_api = {
+        "prefix_match": ["text", "available_tenants"],
+        "insert": ["text", "tenant", "time_s"],
+        "add_tenants": ["tenants", "time_s"],
+        "remove_tenants": ["tenants"],
+        "get_smallest_tenants": [],
+        "evict_tenant_by_lru": ["tenant", "min_remove_size"],
+    }
+    for name, expected in tree_api.items():
+        assert parameters(getattr(PrefixTree, name))[: len(expected)] == expected, name
+    assert PrefixTree().tenant_to_char_count == {}
+    choose = PowerOfTwoChoicesRequestRouter.choose_replicas
+    assert inspect.iscoroutinefunction(choose)
+    assert parameters(choose)[:2] == ["candidate_replicas", "pending_request"]
+    probe = RequestRouter._probe_queue_lens
+    assert inspect.iscoroutinefunction(probe)
+    assert parameters(probe)[:2] == ["replicas", "backoff_index"]
+
+    async def built() -> PrefixAffinityRouter:  # a router wants a running event loop
+        return make_router("a")
+
+    assert asyncio.run(built())._use_replica_queue_len_cache is True
 
 
 def test_serve_ray_routes_with_the_in_process_router() -> None:
