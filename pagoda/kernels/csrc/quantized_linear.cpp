@@ -230,12 +230,14 @@ PAGODA_INLINE void k4_scales(const uint8_t* p, Group* g) {
   // d and dmin, both float16, converted together
   uint32_t dd;
   std::memcpy(&dd, p, 4);
-  const __m128 d = _mm_cvtph_ps(_mm_cvtsi32_si128(int(dd)));
-  g->scale = _mm512_mul_ps(_mm512_broadcastss_ps(d),
-                           _mm512_permutexvar_ps(lanes([](int lane) { return lane % 8; }), v32));
-  g->min = _mm512_mul_ps(
-      _mm512_broadcastss_ps(_mm_xor_ps(_mm_movehdup_ps(d), _mm_set1_ps(-0.f))),
-      _mm512_permutexvar_ps(lanes([](int lane) { return 8 + lane % 8; }), v32));
+  const __m128 d = _mm_xor_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(int(dd))),
+                              _mm_setr_ps(0.f, -0.f, 0.f, 0.f));  // d, -dmin
+  // [d sc_0 .. d sc_7, -dmin mn_0 .. -dmin mn_7] by one product, each half then twice
+  const __m512 both = _mm512_mul_ps(
+      v32, _mm512_permutexvar_ps(lanes([](int lane) { return lane / 8; }),
+                                 _mm512_castps128_ps512(d)));
+  g->scale = _mm512_shuffle_f32x4(both, both, 0x44);
+  g->min = _mm512_shuffle_f32x4(both, both, 0xEE);
 }
 
 // Q4_K's 128 nibble bytes at p: sub-block 2m + s is the low (s = 0) or high nibbles of bytes
