@@ -107,7 +107,12 @@ def choose_row_limits(model: CausalLM, dtype: torch.dtype) -> None:
         m.gemm_formats = frozenset(w.format for w in m.gguf if gemm[w.format])
     output = model.output_gguf
     if output is not None:
-        model.gguf_logits_max_rows = _row_limit(output, dtype, CANDIDATE_ROWS)
+        # timed on the output layer's own blocks: a large vocabulary's tensor, often of another
+        # format than the projections'
+        model.output_gemm = _gemm_wins(output, dtype)
+        model.gguf_logits_max_rows = _row_limit(
+            output, dtype, CANDIDATE_ROWS, gemm=model.output_gemm
+        )
     seconds = time.perf_counter() - start
     _log_choice(model, linears, limits, gemm, seconds)
 
@@ -228,13 +233,14 @@ def _log_choice(
             blocks[id(w.blocks)] = w.blocks.nbytes
     logger.info(
         "--quantization: in the file's blocks, no dense copy: %s; dense: %d projections; "
-        "the kernel for up to %s rows (logits %d), above it the int8 GEMM for %s, decoded "
+        "the kernel for up to %s rows (logits %d), above it the int8 GEMM for %s%s, decoded "
         "tiles for the rest (measured in %.2f s); weights resident: %.1f MiB",
         ", ".join(held) or "nothing",
         dense,
         ", ".join(f"{f}: {n}" for f, n in limits.items()) or "-",
         model.gguf_logits_max_rows,
         ", ".join(f for f, wins in gemm.items() if wins) or "none",
+        " and the output layer" if model.output_gemm else "",
         seconds,
         (nbytes + sum(blocks.values())) / 2**20,
     )

@@ -9,7 +9,7 @@ from torch import nn
 from pagoda.model.attention_metadata import AttentionMetadata
 from pagoda.model.layers.attention import Attention
 from pagoda.model.layers.linear import Linear
-from pagoda.model.ops import quantized_linear
+from pagoda.model.ops import quantized_gemm, quantized_linear
 from pagoda.model.ops.quantized_linear import GGUFWeight
 from pagoda.model.spec import ModelSpec
 
@@ -28,9 +28,11 @@ class CausalLM(nn.Module):
     norm: nn.Module
 
     # Up to this many rows, logits come from the GGUF kernel when the output layer is held
-    # in the file's blocks (the loader measures the limit); above it, from decoded tiles.
+    # in the file's blocks (the loader measures the limit); above it, from the int8 GEMM where
+    # the loader measured it faster (output_gemm), else from decoded tiles.
     GGUF_LOGITS_MAX_ROWS = 4
     gguf_logits_max_rows = GGUF_LOGITS_MAX_ROWS
+    output_gemm = False
     output_gguf: GGUFWeight | None = None  # the output layer in its file form, if held so
     output_prepacked: torch.Tensor | None = None  # the output layer in oneDNN's layout
 
@@ -72,6 +74,8 @@ class CausalLM(nn.Module):
             return quantized_linear.gguf_linear(hidden, w)
         if self.output_held_in_blocks():
             assert w is not None
+            if self.output_gemm and quantized_gemm.gemm_takes(hidden, w):
+                return quantized_gemm.gguf_gemm(hidden, w)
             return quantized_linear.gguf_matmul(hidden, w).float()
         if self.output_prepacked is not None:
             return torch.ops.mkldnn._linear_pointwise(

@@ -14,9 +14,9 @@ from tiny_models import bind_cache, forward, make_hf_model
 
 from pagoda.model.layers.embedding import Embedding
 from pagoda.model.layers.linear import Linear
-from pagoda.model.loader import load_model
+from pagoda.model.loader import load_model, quantization
 from pagoda.model.models import CausalLM
-from pagoda.model.ops import quantized_linear
+from pagoda.model.ops import quantized_gemm, quantized_linear
 from pagoda.model.ops.quantized_linear import GGUFWeight
 
 KERNEL_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
@@ -55,10 +55,11 @@ def with_dense_copy(path: Path, blocks: CausalLM, dtype: torch.dtype) -> CausalL
 
 def without_gemm(model: CausalLM) -> CausalLM:
     """The model with decoded tiles above the row limit wherever the load chose the int8
-    GEMM: nothing is quantized there, as with the dense copy."""
+    GEMM (projections and output layer): nothing is quantized there, as with the dense copy."""
     for m in model.modules():
         if isinstance(m, Linear):
             m.gemm_formats = frozenset()
+    model.output_gemm = False
     return model
 
 
@@ -164,7 +165,7 @@ def test_the_int8_gemm_gives_the_same_greedy_tokens_batched_as_alone(
     for m in blocks.modules():
         if isinstance(m, Linear):
             m.gemm_formats, m.gguf_max_rows = frozenset([qtype]), 0
-    blocks.gguf_logits_max_rows = 0  # the output layer decoded (not quantized) alone too
+    blocks.gguf_logits_max_rows, blocks.output_gemm = 0, True  # the output layer's too
     prompts = [[(7 * i + j) % 250 + 3 for j in range(n)] for i, n in enumerate([300, 1, 9] * 4)]
     alone, alone_logits = greedy(blocks, prompts, 6, together=False)
     together, logits = greedy(blocks, prompts, 6, together=True)
@@ -180,6 +181,52 @@ def test_the_int8_gemm_gives_the_same_greedy_tokens_batched_as_alone(
         float((a - b).float().norm() / b.float().norm()) for a, b in zip(logits, dense_logits)
     ]
     assert max(errors) < 0.1 and sum(errors) / len(errors) < 0.06
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_output_layer_runs_the_int8_gemm_above_its_row_limit_where_chosen(
+    tmp_path: Path, tied: bool
+) -> None:
+    """Logits of more rows than the kernel's limit: the int8 GEMM on the output layer's
+    blocks where the load chose it, the decoded tiles where not."""
+    path = write_tiny(tmp_path / "m.gguf", "Q6_K", tied=tied)
+    model = load_model(path, torch.float32, quantized=True)
+    w = model.output_gguf
+    assert w is not None and model.output_held_in_blocks()
+    hidden = torch.randn(20, 256, generator=torch.Generator().manual_seed(0))
+    model.gguf_logits_max_rows = 4
+    model.output_gemm = True
+    assert torch.equal(model.compute_logits(hidden), quantized_gemm.gguf_gemm(hidden, w))
+    model.output_gemm = False
+    assert torch.equal(model.compute_logits(hidden), quantized_linear.gguf_matmul(hidden, w))
+    model.gguf_logits_max_rows, model.output_gemm = 32, True  # the kernel below the limit
+    assert torch.equal(model.compute_logits(hidden), quantized_linear.gguf_linear(hidden, w))
+
+
+@pytest.mark.parametrize("wins", [True, False])
+def test_the_load_times_the_int8_gemm_on_the_output_layer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wins: bool
+) -> None:
+    """The output layer's GEMM is chosen on its own measurement (the output layer's weight,
+    not a projection's), and its row limit is then measured against what was chosen."""
+    path = write_tiny(tmp_path / "m.gguf", "Q6_K", tied=False)
+    model = load_model(path, torch.float32, quantized=True)
+    output = model.output_gguf
+    timed_against: dict[str, bool] = {}
+
+    def gemm_wins(w: GGUFWeight, dtype: torch.dtype) -> bool:
+        return wins if w is output else not wins
+
+    def row_limit(w: GGUFWeight, dtype: torch.dtype, candidates: Any, gemm: bool = False) -> int:
+        timed_against["output" if w is output else w.format] = gemm
+        return 8
+
+    monkeypatch.setattr(quantization, "_gemm_wins", gemm_wins)
+    monkeypatch.setattr(quantization, "_row_limit", row_limit)
+    quantization.choose_row_limits(model, torch.float32)
+    assert model.output_gemm is wins and timed_against["output"] is wins
+    assert timed_against["Q6_K"] is not wins
+    assert model.gguf_logits_max_rows == 8
 
 
 @pytest.mark.parametrize("scale", [None, 16.0])
