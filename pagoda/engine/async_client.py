@@ -4,8 +4,11 @@
     generate() -> OutputProcessor.add -> PUSH ====> PULL -> EngineCore.step()
     per-request queues <- output loop <- PULL <==== PUSH <- EngineOutputs
 
-The output loop also watches the process: when it exits or reports an error,
-every waiting generate() raises EngineDeadError within a fraction of a second.
+Outputs are read by a reader callback of the event loop on the PULL socket's file
+descriptor, a plain ZMQ socket drained without blocking (90 us a message through
+zmq.asyncio's poll and receive futures, 20-30 us so). A watch task checks the engine:
+when it exits, reports an error or goes silent past the watchdog timeout, every waiting
+generate() raises EngineDeadError within a fraction of a second.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import zmq
-import zmq.asyncio
 
 from pagoda.config import EngineConfig
 from pagoda.engine import messages as m
@@ -42,7 +44,7 @@ from pagoda.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-_POLL_MS = 200  # how often a quiet output loop checks that the engine process lives
+_WATCH_S = 0.2  # how often the engine is checked for having exited or hung
 
 
 class AsyncEngineClient(EngineClient):
@@ -75,9 +77,10 @@ class AsyncEngineClient(EngineClient):
         self.stat_loggers: list[StatLogger] = []
         self._dead: EngineDeadError | None = None
         self._accepting = True
+        self._stopping = False  # shutdown() or kill() asked the engine to stop: not a death
         self._serving_config: ServingConfig | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._output_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self.processor: OutputProcessor | None = None  # from ready(), once the tokenizer is in
         self._start_engine()
 
@@ -89,7 +92,7 @@ class AsyncEngineClient(EngineClient):
         # The process-wide contexts: a client dropped without shutdown() then leaves two
         # closed-on-exit sockets behind, instead of a context whose finaliser blocks forever.
         # LINGER 0: messages to an engine that is gone must not keep the process alive.
-        self._inbox = zmq.asyncio.Context.instance().socket(zmq.PULL)  # outputs from the engine
+        self._inbox: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PULL)  # its outputs
         self._inbox.setsockopt(zmq.LINGER, 0)
         self._inbox.bind(output_addr)
         self._outbox: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUSH)  # to the engine
@@ -106,20 +109,25 @@ class AsyncEngineClient(EngineClient):
         self.process.start()
 
     async def ready(self, timeout: float = 600.0) -> None:
-        """Waits for the engine to load its model, then starts the output loop."""
+        """Waits for the engine to load its model, then starts reading its outputs."""
         deadline = time.monotonic() + timeout
-        while not await self._inbox.poll(_POLL_MS):
+        while not self._inbox.poll(0):
             if not self.process.is_alive():
                 raise EngineDeadError(
                     f"the engine process exited with code {self.process.exitcode} while loading"
                 )
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the engine was not ready within {timeout} s")
-        info = m.message_decoder.decode(await self._inbox.recv())
+            await asyncio.sleep(0.05)
+        info = m.message_decoder.decode(self._inbox.recv())
         if not isinstance(info, m.EngineReady):
             raise EngineDeadError(f"the engine failed while loading:\n{info.engine_error}")
         await self._on_ready(info)
-        self._output_task = asyncio.create_task(self._output_loop(), name="engine-output-loop")
+        assert self._loop is not None
+        self._inbox_fd = self._inbox.fileno()
+        self._loop.add_reader(self._inbox_fd, self._read_outputs)
+        self._read_outputs()  # the descriptor is edge-triggered: take what came before
+        self._watch_task = asyncio.create_task(self._watch(), name="engine-watch")
 
     async def _on_ready(self, info: m.EngineReady) -> None:
         """The engine has loaded: the tokenizer, the output processor and the serving config."""
@@ -285,32 +293,37 @@ class AsyncEngineClient(EngineClient):
         done = asyncio.run_coroutine_threadsafe(_as_coroutine(fn), loop)
         done.result(timeout=5)
 
-    async def _output_loop(self) -> None:
+    def _read_outputs(self) -> None:
+        """The event loop's reader of the inbox: every step's outputs that have arrived."""
+        while self._dead is None and self._inbox.poll(0, zmq.POLLIN):
+            step = m.message_decoder.decode(self._inbox.recv(zmq.NOBLOCK))
+            assert isinstance(step, m.EngineOutputs), "the engine is ready only once"
+            self._on_step(step)
+
+    async def _watch(self) -> None:
+        """Marks the engine dead when it ended without being asked to, or when it sent
+        nothing (no step, no idle heartbeat) for watchdog_timeout seconds."""
         try:
-            while True:
-                if not await self._inbox.poll(_POLL_MS):
-                    if not self.process.is_alive():
-                        self._mark_dead(
-                            f"the engine process exited with code {self.process.exitcode}"
-                        )
-                        return
-                    silent = time.monotonic() - self._last_heard
-                    if self.watchdog_timeout is not None and silent > self.watchdog_timeout:
-                        self._mark_dead(
-                            f"the engine made no progress for {silent:.0f} s (a step or an "
-                            f"idle heartbeat is due within --watchdog-timeout "
-                            f"{self.watchdog_timeout:g} s): it is hung"
-                        )
-                        return
-                    continue
-                step = m.message_decoder.decode(await self._inbox.recv())
-                assert isinstance(step, m.EngineOutputs), "the engine is ready only once"
-                if not self._on_step(step):
+            while self._dead is None:
+                await asyncio.sleep(_WATCH_S)
+                if self._dead is not None or self._stopping:
+                    return
+                if not self._engine_alive():
+                    self._mark_dead(self._exit_reason())
+                    return
+                silent = time.monotonic() - self._last_heard
+                if self.watchdog_timeout is not None and silent > self.watchdog_timeout:
+                    self._mark_dead(
+                        f"the engine made no progress for {silent:.0f} s (a step or an idle "
+                        f"heartbeat is due within --watchdog-timeout {self.watchdog_timeout:g} "
+                        "s): it is hung"
+                    )
                     return
         except asyncio.CancelledError:
             pass
-        finally:
-            self._inbox.close(linger=0)
+
+    def _exit_reason(self) -> str:
+        return f"the engine process exited with code {self.process.exitcode}"
 
     def _on_step(self, step: m.EngineOutputs) -> bool:
         """Hands a step's outputs to their requests' queues; False when the step says that
@@ -343,6 +356,7 @@ class AsyncEngineClient(EngineClient):
         self._processor.engine_ids.clear()
 
     def _stop_process(self) -> None:
+        self._stopping = True
         if self.process.is_alive():
             try:
                 self._send(m.RequestType.SHUTDOWN, None)
@@ -355,16 +369,21 @@ class AsyncEngineClient(EngineClient):
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
-        if self._output_task is None:
-            self._inbox.close(linger=0)
-        elif self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._output_task.cancel)
+        self._call_in_loop(self._stop_reading)
         self._outbox.close()
         for path in self._ipc_paths:
             try:
                 os.unlink(path)
             except OSError:
                 pass
+
+    def _stop_reading(self) -> None:
+        """Stops the watch and the inbox's reader, and closes the inbox."""
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._inbox_fd)
+        self._inbox.close(linger=0)
 
 
 async def _as_coroutine(fn: Callable[[], None]) -> None:

@@ -22,7 +22,6 @@ import concurrent.futures
 import logging
 import queue
 import threading
-import time
 import traceback
 
 from pagoda.engine import messages as m
@@ -32,8 +31,6 @@ from pagoda.engine.protocol import EngineDeadError
 
 logger = logging.getLogger(__name__)
 
-_WATCH_S = 0.2  # how often the engine thread is checked for having ended or hung
-
 
 class InProcessEngineClient(AsyncEngineClient):
     """AsyncEngineClient whose engine core runs on a thread of this process."""
@@ -42,7 +39,6 @@ class InProcessEngineClient(AsyncEngineClient):
         """The inbox only: the thread starts in ready(), where the event loop is known."""
         self._requests: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._stopping = False
 
     async def ready(self, timeout: float = 600.0) -> None:
         """Loads the model on the engine thread, then lets it take requests."""
@@ -59,7 +55,7 @@ class InProcessEngineClient(AsyncEngineClient):
         except Exception as e:
             raise EngineDeadError(f"the engine failed while loading:\n{e}") from e
         await self._on_ready(info)
-        self._output_task = asyncio.create_task(self._watch(), name="engine-watch")
+        self._watch_task = asyncio.create_task(self._watch(), name="engine-watch")
 
     def _run(
         self,
@@ -93,27 +89,8 @@ class InProcessEngineClient(AsyncEngineClient):
         except queue.Empty:
             return None
 
-    async def _watch(self) -> None:
-        """Marks the engine dead when its thread ended without being asked to, or when it
-        sent nothing (no step, no idle heartbeat) for watchdog_timeout seconds."""
-        try:
-            while self._dead is None:
-                await asyncio.sleep(_WATCH_S)
-                if self._dead is not None or self._stopping:
-                    return
-                if not self._engine_alive():
-                    self._mark_dead("the engine thread ended")
-                    return
-                silent = time.monotonic() - self._last_heard
-                if self.watchdog_timeout is not None and silent > self.watchdog_timeout:
-                    self._mark_dead(
-                        f"the engine made no progress for {silent:.0f} s (a step or an idle "
-                        f"heartbeat is due within --watchdog-timeout {self.watchdog_timeout:g} "
-                        "s): it is hung"
-                    )
-                    return
-        except asyncio.CancelledError:
-            pass
+    def _exit_reason(self) -> str:
+        return "the engine thread ended"
 
     def _engine_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -135,5 +112,5 @@ class InProcessEngineClient(AsyncEngineClient):
         if self._thread is not None and self._thread.is_alive():
             self._send(m.RequestType.SHUTDOWN, None)
             self._thread.join(5)  # at most one step: it returns at its next look at the inbox
-        if self._output_task is not None and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._output_task.cancel)
+        if self._watch_task is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._watch_task.cancel)
