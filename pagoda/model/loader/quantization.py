@@ -9,9 +9,10 @@ values, integer products from the blocks), other formats decode the blocks a til
 time into a small buffer for a bfloat16 GEMM (gguf_matmul), and the embedding decodes the
 rows it gathers. Per format, on a slice of one of the model's own tensors, the load
 measures which of the two GEMMs is faster on a prompt-sized step, then the row count at
-which the kernel gives way to it. `auto` with a small model keeps the dense bfloat16 copy
-too, for the bigger steps, where it is 1.1-1.7x faster than decoding (BENCHMARKS.md,
-section 9): memory for speed where the memory is small.
+which the kernel gives way to it; the output layer, a vocabulary-sized tensor often of
+another format, is timed on its own blocks the same way. `auto` with a small model keeps
+the dense bfloat16 copy too, for the bigger steps, where it is 1.1-1.7x faster than
+decoding (BENCHMARKS.md, section 9): memory for speed where the memory is small.
 """
 
 from __future__ import annotations
