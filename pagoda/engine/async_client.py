@@ -77,7 +77,7 @@ class AsyncEngineClient(EngineClient):
         self.stat_loggers: list[StatLogger] = []
         self._dead: EngineDeadError | None = None
         self._accepting = True
-        self._stopping = False  # shutdown() or kill() asked the engine to stop: not a death
+        self._stopping = False  # the client is stopping the engine: its end is not a death
         self._serving_config: ServingConfig | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -325,13 +325,13 @@ class AsyncEngineClient(EngineClient):
     def _exit_reason(self) -> str:
         return f"the engine process exited with code {self.process.exitcode}"
 
-    def _on_step(self, step: m.EngineOutputs) -> bool:
-        """Hands a step's outputs to their requests' queues; False when the step says that
-        the engine failed (every request then ends with EngineDeadError)."""
+    def _on_step(self, step: m.EngineOutputs) -> None:
+        """Hands a step's outputs to their requests' queues; a step that says the engine
+        failed marks it dead (every request then ends with EngineDeadError)."""
         self._last_heard = time.monotonic()
         if step.engine_error is not None:
             self._mark_dead(f"the engine failed:\n{step.engine_error}")
-            return False
+            return
         if step.stats is not None:
             self.stats = step.stats
         outputs, to_abort = self._processor.process_outputs(step.outputs)
@@ -345,7 +345,6 @@ class AsyncEngineClient(EngineClient):
                 queue.put_nowait(output)
         for stat_logger in self.stat_loggers:
             stat_logger.step(step, outputs)
-        return True
 
     def _mark_dead(self, reason: str) -> None:
         logger.error("%s", reason)
