@@ -1,7 +1,7 @@
 """Projections in each form: bfloat16 (prepacked for oneDNN) or the file's blocks.
 
     .venv/bin/python benchmarks/bench_quantized_linear.py [--model GGUF] [--steps 20] \
-        [--rows 1 2 4 8 16 32] [--forms bfloat16 gguf tiles whole gemm]
+        [--rows 1 2 4 8 16 32] [--forms bfloat16 gguf tiles whole gemm repacked]
 
 Runs every projection of every layer of a GGUF file (default: the Gemma 3 270M
 Q4_K_M file), each as the file stores it, once per step, for a batch of that
@@ -15,7 +15,9 @@ many rows (one token each of that many sequences, or a prompt's tokens):
   buffer, each tile multiplied by oneDNN's bfloat16 GEMM (gguf_matmul);
 - whole: the same with the whole matrix decoded into one reused buffer;
 - gemm: the int8 GEMM from the file's blocks (gguf_gemm: inputs quantized to int8
-  per 256 values) for the k-quants it takes, the tiles for the other tensors.
+  per 256 values) for the k-quants it takes, the tiles for the other tensors;
+- repacked: the same int8 GEMM on the weight repacked at load into its microkernel's
+  layout (gguf_gemm_repacked: no tile decoded a call), the gemm form for the others.
 
 Prints the median time of a step per form and row count over --steps steps, the
 forms alternating within each step, the bytes each form reads a step, and one
@@ -36,7 +38,13 @@ import torch
 from pagoda import kernels
 from pagoda.model.gguf_metadata import open_gguf
 from pagoda.model.layers.linear import Linear
-from pagoda.model.ops.quantized_gemm import gemm_formats, gguf_gemm
+from pagoda.model.ops.quantized_gemm import (
+    gemm_formats,
+    gguf_gemm,
+    gguf_gemm_repacked,
+    repack,
+    repack_formats,
+)
 from pagoda.model.ops.quantized_linear import (
     GGUFWeight,
     gguf_linear,
@@ -55,7 +63,8 @@ def default_model() -> Path:
 def projections(path: Path) -> tuple[list[tuple[int, dict[str, Callable]]], dict[str, int]]:
     """(columns, {form: product}) for each layer tensor of the file, and each form's bytes."""
     gguf_file = open_gguf(path)
-    out, nbytes = [], {"bfloat16": 0, "gguf": 0, "tiles": 0, "whole": 0, "gemm": 0}
+    out: list[tuple[int, dict[str, Callable]]] = []
+    nbytes = {"bfloat16": 0, "gguf": 0, "tiles": 0, "whole": 0, "gemm": 0, "repacked": 0}
     for t in gguf_file.tensors:
         if not t.name.startswith("blk.") or t.type not in kernel_formats():
             continue
@@ -65,25 +74,33 @@ def projections(path: Path) -> tuple[list[tuple[int, dict[str, Callable]]], dict
         dense = Linear(cols, rows, bias=False, dtype=torch.bfloat16)
         dense.weight.data = dequantize(raw, t.type).reshape(rows, cols).bfloat16()
         dense.pack_for_onednn()
+        gemm: Callable = (
+            (lambda x, w=w: gguf_gemm(x, w).to(x.dtype))
+            if t.type in gemm_formats()
+            else (lambda x, w=w: gguf_matmul(x, w))
+        )
+        repacked = repack(w) if t.type in repack_formats() else None
         forms = {
             "bfloat16": dense,
             "gguf": lambda x, w=w: gguf_linear(x, w),
             "tiles": lambda x, w=w: gguf_matmul(x, w),
             "whole": lambda x, w=w, n=rows: torch.ops.pagoda.gguf_matmul(x, w.blocks, w.format, n),
-            "gemm": (
-                (lambda x, w=w: gguf_gemm(x, w).to(x.dtype))
-                if t.type in gemm_formats()
-                else (lambda x, w=w: gguf_matmul(x, w))
+            "gemm": gemm,
+            "repacked": (
+                (lambda x, r=repacked: gguf_gemm_repacked(x, r).to(x.dtype))
+                if repacked is not None
+                else gemm
             ),
         }
         out.append((cols, forms))
         nbytes["bfloat16"] += 2 * rows * cols
         for form in ("gguf", "tiles", "whole", "gemm"):
             nbytes[form] += raw.numel()
+        nbytes["repacked"] += raw.numel() if repacked is None else repacked.data.numel()
     return out, nbytes
 
 
-FORMS = ["bfloat16", "gguf", "tiles", "whole", "gemm"]
+FORMS = ["bfloat16", "gguf", "tiles", "whole", "gemm", "repacked"]
 GGUF_ROWS = 64  # the kernel's time grows with the rows: beyond this it is no contender
 
 

@@ -44,6 +44,9 @@ at::Tensor gguf_matmul(const at::Tensor& x, const at::Tensor& w, const std::stri
                        int64_t tile_rows);
 at::Tensor gguf_gemm(const at::Tensor& x, const at::Tensor& w, const std::string& format);
 std::vector<std::string> gguf_gemm_formats();
+at::Tensor gguf_repack(const at::Tensor& w, const std::string& format);
+at::Tensor gguf_gemm_repacked(const at::Tensor& x, const at::Tensor& w, const std::string& format,
+                              int64_t n);
 at::Tensor argmax_rows(const at::Tensor& x);
 
 }  // namespace pagoda
@@ -68,6 +71,8 @@ TORCH_LIBRARY(pagoda, m) {
   m.def("gguf_dequantize(Tensor w, str format, ScalarType dtype) -> Tensor");
   m.def("gguf_matmul(Tensor x, Tensor w, str format, int tile_rows) -> Tensor");
   m.def("gguf_gemm(Tensor x, Tensor w, str format) -> Tensor");
+  m.def("gguf_repack(Tensor w, str format) -> Tensor");
+  m.def("gguf_gemm_repacked(Tensor x, Tensor w, str format, int n) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def(
       "prompt_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
@@ -93,6 +98,8 @@ TORCH_LIBRARY_IMPL(pagoda, CPU, m) {
   m.impl("gguf_dequantize", &gguf_dequantize);
   m.impl("gguf_matmul", &gguf_matmul);
   m.impl("gguf_gemm", &gguf_gemm);
+  m.impl("gguf_repack", &gguf_repack);
+  m.impl("gguf_gemm_repacked", &gguf_gemm_repacked);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("prompt_attention", &prompt_attention);
 }

@@ -21,6 +21,7 @@
 #include "simd.h"
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace pagoda {
@@ -319,6 +320,402 @@ void gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, at::Tensor
   });
 }
 
+// ---- The weight repacked once, at load, in a layout the microkernel reads as it is ----
+//
+// A repacked weight is [vectors][supers] of one struct per 16 columns and super-block, each
+// vector's super-blocks consecutive; it takes about the file's bytes (Q4_K 2368 for the
+// file's 2304, Q6_K 3392 for 3360). Its 64-byte code vectors hold the dword lanes Packed::q
+// holds (16 columns, 4 consecutive codes a lane), two quads a vector in its low and high
+// nibbles: vector kHalfQuads j + u holds, for sub-block j, quad u of the first half (low
+// nibbles) and quad u of the second (high nibbles), so that one load, an and and a shift
+// give a weight vector of each half. Q6_K keeps its top 2 bits in a vector a sub-block
+// (bits 2e, 2e + 1: quad e of the sub-block). Scales and minimums are bytes per lane, d and
+// dm float16 per lane (Q4_K's dm = -dmin: the sign flipped). A lane past the matrix's last
+// row is zeros.
+
+struct alignas(64) RepackedQ4_K {
+  uint8_t q[32][64];
+  uint8_t scale[8][16];  // sc_j of each lane
+  uint8_t mins[4][32];   // [p][2 lane + i]: mn_{2p + i}
+  uint16_t d[16], dm[16];
+};
+static_assert(sizeof(RepackedQ4_K) == 2368);
+
+struct alignas(64) RepackedQ6_K {
+  uint8_t q[32][64];
+  uint8_t high[16][64];  // [j][4 lane + b]: bits 2e, 2e + 1 the top 2 bits of quad 4j + e's
+  int8_t scale[16][16];
+  uint16_t d[16];
+};
+static_assert(sizeof(RepackedQ6_K) == 3392);
+
+template <typename F>
+struct RepackedOf;
+template <>
+struct RepackedOf<Q4_K> {
+  using T = RepackedQ4_K;
+};
+template <>
+struct RepackedOf<Q6_K> {
+  using T = RepackedQ6_K;
+};
+
+inline uint16_t to_f16(float v) {
+  return static_cast<uint16_t>(_mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(v), 0), 0));
+}
+
+// One super-block of 16 columns, decoded as gguf_gemm decodes it (p), into its repacked form.
+template <typename F>
+void compress(const Packed<F::kSubs>& p, typename RepackedOf<F>::T* out) {
+  constexpr int kHalfQuads = F::kSubValues / 8;
+  std::memset(out, 0, sizeof(*out));  // the padding too: the bytes are the twin's
+  for (int j = 0; j < F::kSubs; ++j) {
+    for (int u = 0; u < kHalfQuads; ++u) {
+      const uint8_t* low = p.q[2 * j * kHalfQuads + u];
+      const uint8_t* high = p.q[(2 * j + 1) * kHalfQuads + u];
+      for (int b = 0; b < 64; ++b) {
+        out->q[j * kHalfQuads + u][b] =
+            static_cast<uint8_t>((low[b] & 0x0F) | (high[b] & 0x0F) << 4);
+      }
+    }
+    for (int lane = 0; lane < kLanes; ++lane) {
+      out->scale[j][lane] = static_cast<std::remove_reference_t<decltype(out->scale[0][0])>>(
+          p.scale[j][lane] & 0xFF);
+    }
+  }
+  for (int lane = 0; lane < kLanes; ++lane) out->d[lane] = to_f16(p.d[lane]);
+  if constexpr (F::kMins) {
+    for (int q = 0; q < 4; ++q) {
+      for (int lane = 0; lane < kLanes; ++lane) {
+        out->mins[q][2 * lane] = static_cast<uint8_t>(p.mins[q][lane] & 0xFF);
+        out->mins[q][2 * lane + 1] = static_cast<uint8_t>(p.mins[q][lane] >> 16);
+      }
+    }
+    for (int lane = 0; lane < kLanes; ++lane) out->dm[lane] = to_f16(p.dm[lane]);
+  } else {
+    for (int j = 0; j < F::kSubs; ++j) {
+      for (int b = 0; b < 64; ++b) {
+        uint8_t bits = 0;
+        for (int e = 0; e < 4; ++e) bits |= ((p.q[4 * j + e][b] >> 4) & 3) << (2 * e);
+        out->high[j][b] = bits;
+      }
+    }
+  }
+}
+
+template <typename F>
+void repack_impl(const at::Tensor& w, at::Tensor& out) {
+  using T = typename RepackedOf<F>::T;
+  const int64_t n = w.size(0), row_bytes = w.size(1), supers = row_bytes / F::kBytes;
+  const int64_t vectors = (n + kLanes - 1) / kLanes;
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  T* op = reinterpret_cast<T*>(out.data_ptr<uint8_t>());
+  at::parallel_for(0, vectors, 1, [&](int64_t begin, int64_t end) {
+    Packed<F::kSubs> p;
+    alignas(64) uint8_t codes[kLanes][kSuper];
+    for (int64_t v = begin; v < end; ++v) {
+      for (int64_t s = 0; s < supers; ++s) {
+        std::memset(&p, 0, sizeof(p));
+        for (int lane = 0; lane < kLanes; ++lane) {
+          const int64_t j = v * kLanes + lane;
+          if (j < n) {
+            F::decode(wp + j * row_bytes + s * F::kBytes, codes[lane], &p, lane);
+          } else {
+            std::memset(codes[lane], 0, kSuper);
+            clear_lane(&p, lane);
+          }
+        }
+        put_codes(codes, &p);
+        compress<F>(p, op + v * supers + s);
+      }
+    }
+  });
+}
+
+// The scale pairs sc_j | sc_j << 16 (int16) of a repacked sub-block's 16 lanes.
+PAGODA_INLINE __m512i scale_pairs(const uint8_t* sc) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(sc)));
+  return _mm512_or_si512(v, _mm512_slli_epi32(v, 16));
+}
+PAGODA_INLINE __m512i scale_pairs(const int8_t* sc) {
+  const __m512i v = _mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(sc)));
+  return _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi32(0xFFFF)),
+                         _mm512_slli_epi32(v, 16));
+}
+
+// As microkernel (the same integer sums, the same float operations in the same order), on
+// repacked super-blocks.
+template <typename F, int NC, int R>
+PAGODA_INLINE void repacked_microkernel(const typename RepackedOf<F>::T* p, int64_t stride,
+                                        int64_t supers, const InputRows& x, int64_t r0,
+                                        int64_t s0, __m512* acc) {
+  constexpr int kHalfQuads = F::kSubValues / 8;
+  const __m512i low_mask = _mm512_set1_epi8(0x0F), high_mask = _mm512_set1_epi8(0x30);
+  for (int i = 0; i < NC * R; ++i) acc[i] = _mm512_setzero_ps();
+  const int64_t k = x.supers * kSuper;
+  for (int64_t s = 0; s < supers; ++s) {
+    const int64_t sb = s0 + s;
+    const int8_t* xc[R];
+    const int32_t* off[R];
+    for (int r = 0; r < R; ++r) {
+      xc[r] = x.codes + (r0 + r) * k + sb * kSuper;
+      off[r] = x.off8 + (r0 + r) * x.supers * 32 + sb * 32;
+    }
+    __m512i total[NC][R];
+    for (int c = 0; c < NC; ++c)
+      for (int r = 0; r < R; ++r) total[c][r] = _mm512_setzero_si512();
+#pragma GCC unroll 16
+    for (int j = 0; j < F::kSubs; ++j) {
+      __m512i half[2][NC][R];
+      for (int r = 0; r < R; ++r) {
+        for (int h = 0; h < 2; ++h) {
+          const __m512i start =
+              F::kMins ? _mm512_setzero_si512() : _mm512_set1_epi32(off[r][2 * j + h]);
+          for (int c = 0; c < NC; ++c) half[h][c][r] = start;
+        }
+      }
+      __m512i top[NC];
+      if constexpr (!F::kMins) {
+        for (int c = 0; c < NC; ++c) top[c] = _mm512_load_si512(p[c * stride + s].high[j]);
+      }
+#pragma GCC unroll 4
+      for (int u = 0; u < kHalfQuads; ++u) {
+        __m512i w[2][NC];
+        for (int c = 0; c < NC; ++c) {
+          const __m512i v = _mm512_load_si512(p[c * stride + s].q[j * kHalfQuads + u]);
+          w[0][c] = _mm512_and_si512(v, low_mask);
+          w[1][c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_mask);
+          if constexpr (!F::kMins) {
+            // quad u of the sub-block: bits 2u, 2u + 1 of top to 4, 5; quad 2 + u: 4 + 2u
+            const __m512i t0 = u == 0 ? _mm512_slli_epi16(top[c], 4) : _mm512_slli_epi16(top[c], 2);
+            const __m512i t1 = u == 0 ? top[c] : _mm512_srli_epi16(top[c], 2);
+            w[0][c] = _mm512_or_si512(w[0][c], _mm512_and_si512(t0, high_mask));
+            w[1][c] = _mm512_or_si512(w[1][c], _mm512_and_si512(t1, high_mask));
+          }
+        }
+        for (int r = 0; r < R; ++r) {
+          for (int h = 0; h < 2; ++h) {
+            const int t = (2 * j + h) * kHalfQuads + u;
+            int32_t four;
+            std::memcpy(&four, xc[r] + 4 * t, 4);
+            const __m512i xb = _mm512_set1_epi32(four);
+            for (int c = 0; c < NC; ++c) {
+              half[h][c][r] = _mm512_dpbusd_epi32(half[h][c][r], w[h][c], xb);
+            }
+          }
+        }
+      }
+      for (int c = 0; c < NC; ++c) {
+        const __m512i sc = scale_pairs(p[c * stride + s].scale[j]);
+        for (int r = 0; r < R; ++r) {
+          const __m512i both = _mm512_mask_blend_epi16(
+              0xAAAAAAAA, half[0][c][r], _mm512_slli_epi32(half[1][c][r], 16));
+          total[c][r] = _mm512_dpwssd_epi32(total[c][r], both, sc);
+        }
+      }
+    }
+    for (int c = 0; c < NC; ++c) {
+      const auto& pc = p[c * stride + s];
+      const __m512 d =
+          _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(pc.d)));
+      __m512i mins[4];
+      __m512 dm = _mm512_setzero_ps();
+      if constexpr (F::kMins) {
+        for (int q = 0; q < 4; ++q) {
+          mins[q] = _mm512_cvtepu8_epi16(
+              _mm256_load_si256(reinterpret_cast<const __m256i*>(pc.mins[q])));
+        }
+        dm = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(pc.dm)));
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512 dx = _mm512_set1_ps(x.scale[(r0 + r) * x.supers + sb]);
+        __m512 v = _mm512_mul_ps(d, _mm512_cvtepi32_ps(total[c][r]));
+        if constexpr (F::kMins) {
+          const int16_t* s32 = x.sum32 + (r0 + r) * x.supers * 8 + sb * 8;
+          __m512i m = _mm512_setzero_si512();
+          for (int q = 0; q < 4; ++q) {
+            int32_t pair;
+            std::memcpy(&pair, s32 + 2 * q, 4);
+            m = _mm512_dpwssd_epi32(m, mins[q], _mm512_set1_epi32(pair));
+          }
+          v = _mm512_fmadd_ps(dm, _mm512_cvtepi32_ps(m), v);
+        }
+        acc[c * R + r] = _mm512_fmadd_ps(v, dx, acc[c * R + r]);
+      }
+    }
+  }
+}
+
+template <typename F, int NC, int R>
+void repacked_block(const typename RepackedOf<F>::T* p, int64_t stride, int64_t supers,
+                    const InputRows& x, int64_t r0, int64_t s0, int64_t v0, int64_t n, bool add,
+                    float* out) {
+  __m512 acc[NC * R];
+  repacked_microkernel<F, NC, R>(p, stride, supers, x, r0, s0, acc);
+  for (int c = 0; c < NC; ++c) {
+    const int64_t col = (v0 + c) * kLanes;
+    const __mmask16 mask =
+        n - col >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (n - col)) - 1);
+    for (int r = 0; r < R; ++r) {
+      float* o = out + (r0 + r) * n + col;
+      __m512 v = acc[c * R + r];
+      if (add) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, o));
+      _mm512_mask_storeu_ps(o, mask, v);
+    }
+  }
+}
+
+template <typename F, int NC>
+void repacked_rows(const typename RepackedOf<F>::T* p, int64_t stride, int64_t supers,
+                   const InputRows& x, int64_t r0, int rows, int64_t s0, int64_t v0, int64_t n,
+                   bool add, float* out) {
+  switch (rows) {
+    case 1: repacked_block<F, NC, 1>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
+    case 2: repacked_block<F, NC, 2>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
+    case 3: repacked_block<F, NC, 3>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
+    default: repacked_block<F, NC, 4>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
+  }
+}
+
+// A repacked super-block of 16 columns as gguf_gemm's tiles hold it (the same bytes its
+// decoding gives): a few vector operations, no transposes.
+template <typename F>
+PAGODA_INLINE void expand(const typename RepackedOf<F>::T& r, Packed<F::kSubs>* p) {
+  constexpr int kHalfQuads = F::kSubValues / 8;
+  const __m512i low_mask = _mm512_set1_epi8(0x0F), high_mask = _mm512_set1_epi8(0x30);
+  for (int j = 0; j < F::kSubs; ++j) {
+    __m512i top = _mm512_setzero_si512();
+    if constexpr (!F::kMins) top = _mm512_load_si512(r.high[j]);
+    for (int u = 0; u < kHalfQuads; ++u) {
+      const __m512i v = _mm512_load_si512(r.q[j * kHalfQuads + u]);
+      __m512i w0 = _mm512_and_si512(v, low_mask);
+      __m512i w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_mask);
+      if constexpr (!F::kMins) {
+        const __m512i t0 = u == 0 ? _mm512_slli_epi16(top, 4) : _mm512_slli_epi16(top, 2);
+        const __m512i t1 = u == 0 ? top : _mm512_srli_epi16(top, 2);
+        w0 = _mm512_or_si512(w0, _mm512_and_si512(t0, high_mask));
+        w1 = _mm512_or_si512(w1, _mm512_and_si512(t1, high_mask));
+      }
+      _mm512_store_si512(p->q[2 * j * kHalfQuads + u], w0);
+      _mm512_store_si512(p->q[(2 * j + 1) * kHalfQuads + u], w1);
+    }
+    _mm512_store_si512(p->scale[j], scale_pairs(r.scale[j]));
+  }
+  _mm512_store_ps(p->d, _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(r.d))));
+  if constexpr (F::kMins) {
+    for (int q = 0; q < 4; ++q) {
+      _mm512_store_si512(p->mins[q], _mm512_cvtepu8_epi16(_mm256_load_si256(
+                                         reinterpret_cast<const __m256i*>(r.mins[q]))));
+    }
+    _mm512_store_ps(p->dm,
+                    _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(r.dm))));
+  } else {
+    for (int q = 0; q < 4; ++q) _mm512_store_si512(p->mins[q], _mm512_setzero_si512());
+    _mm512_store_ps(p->dm, _mm512_setzero_ps());
+  }
+}
+
+// Above this many rows a tile is expanded once into gguf_gemm's layout and its microkernel
+// runs on it (the unpacking then costs less than redoing it for every 4 rows).
+constexpr int64_t kExpandRows = 16;
+
+// gemm_impl's order of work without the decoding: a tile of kTileVectors column vectors, its
+// super-blocks kTileSupers at a time (summed in registers, then added to the output: the
+// same float operations as gguf_gemm's), every kRows rows through them. Up to kRows rows
+// each column vector pair runs through all its super-blocks before the next (two streams
+// read once).
+template <typename F>
+void repacked_gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, int64_t n,
+                        at::Tensor& out) {
+  using T = typename RepackedOf<F>::T;
+  using P = Packed<F::kSubs>;
+  const int64_t supers = x.supers;
+  const int64_t vectors = (n + kLanes - 1) / kLanes;
+  const int64_t tiles = (vectors + kTileVectors - 1) / kTileVectors;
+  const T* wp = reinterpret_cast<const T*>(w.data_ptr<uint8_t>());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    static thread_local std::vector<P> buffer;
+    if (rows > kExpandRows) buffer.resize(kTileVectors * kTileSupers);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t v0 = tile * kTileVectors, v1 = std::min(vectors, v0 + kTileVectors);
+      if (rows <= kRows) {
+        const int r = static_cast<int>(rows);
+        int64_t v = v0;
+        for (; v + kColumnVectors <= v1; v += kColumnVectors) {
+          for (int64_t s0 = 0; s0 < supers; s0 += kTileSupers) {
+            const int64_t span = std::min(supers, s0 + kTileSupers) - s0;
+            repacked_rows<F, kColumnVectors>(wp + v * supers + s0, supers, span, x, 0, r, s0,
+                                             v, n, s0 > 0, op);
+          }
+        }
+        for (; v < v1; ++v) {
+          for (int64_t s0 = 0; s0 < supers; s0 += kTileSupers) {
+            const int64_t span = std::min(supers, s0 + kTileSupers) - s0;
+            repacked_rows<F, 1>(wp + v * supers + s0, supers, span, x, 0, r, s0, v, n, s0 > 0,
+                                op);
+          }
+        }
+        continue;
+      }
+      for (int64_t s0 = 0; s0 < supers; s0 += kTileSupers) {
+        const int64_t span = std::min(supers, s0 + kTileSupers) - s0;
+        const bool add = s0 > 0;
+        if (rows > kExpandRows) {
+          for (int64_t v = v0; v < v1; ++v) {
+            for (int64_t s = s0; s < s0 + span; ++s) {
+              expand<F>(wp[v * supers + s], &buffer[(v - v0) * span + (s - s0)]);
+            }
+          }
+        }
+        for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+          const int r = static_cast<int>(std::min<int64_t>(kRows, rows - r0));
+          int64_t v = v0;
+          for (; v + kColumnVectors <= v1; v += kColumnVectors) {
+            if (rows > kExpandRows) {
+              run_rows<F, kColumnVectors>(&buffer[(v - v0) * span], span, span, x, r0, r, s0, v,
+                                          n, add, op);
+            } else {
+              repacked_rows<F, kColumnVectors>(wp + v * supers + s0, supers, span, x, r0, r,
+                                               s0, v, n, add, op);
+            }
+          }
+          for (; v < v1; ++v) {
+            if (rows > kExpandRows) {
+              run_rows<F, 1>(&buffer[(v - v0) * span], span, span, x, r0, r, s0, v, n, add, op);
+            } else {
+              repacked_rows<F, 1>(wp + v * supers + s0, supers, span, x, r0, r, s0, v, n, add,
+                                  op);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+struct RepackFormat {
+  const char* name;
+  int64_t bytes;     // the file's bytes a super-block of a row
+  int64_t repacked;  // bytes a super-block of 16 columns, repacked
+  void (*repack)(const at::Tensor&, at::Tensor&);
+  void (*run)(const InputRows&, int64_t, const at::Tensor&, int64_t, at::Tensor&);
+};
+
+const RepackFormat kRepackFormats[] = {
+    {"Q4_K", Q4_K::kBytes, sizeof(RepackedQ4_K), &repack_impl<Q4_K>,
+     &repacked_gemm_impl<Q4_K>},
+    {"Q6_K", Q6_K::kBytes, sizeof(RepackedQ6_K), &repack_impl<Q6_K>,
+     &repacked_gemm_impl<Q6_K>},
+};
+
+const RepackFormat& repack_format(const std::string& format) {
+  for (const RepackFormat& e : kRepackFormats) {
+    if (format == e.name) return e;
+  }
+  TORCH_CHECK(false, "gguf_repack has no layout for format ", format);
+}
+
 struct GemmFormat {
   const char* name;
   int64_t bytes;
@@ -366,6 +763,49 @@ at::Tensor gguf_gemm(const at::Tensor& x, const at::Tensor& w, const std::string
   return out;
 #else
   TORCH_CHECK(false, "gguf_gemm needs a build with AVX-512 VNNI");
+#endif
+}
+
+at::Tensor gguf_repack(const at::Tensor& w, const std::string& format) {
+#ifdef PAGODA_GGUF_GEMM
+  check_cpu(w, "w");
+  const RepackFormat& f = repack_format(format);
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() &&
+                  w.size(1) % f.bytes == 0,
+              "w must be contiguous uint8 [n, supers * ", f.bytes, "] of ", format, " blocks");
+  const int64_t vectors = (w.size(0) + kLanes - 1) / kLanes, supers = w.size(1) / f.bytes;
+  at::Tensor out = at::empty({vectors, supers, f.repacked}, w.options());
+  if (out.numel() > 0) f.repack(w, out);
+  return out;
+#else
+  TORCH_CHECK(false, "gguf_repack needs a build with AVX-512 VNNI");
+#endif
+}
+
+at::Tensor gguf_gemm_repacked(const at::Tensor& x, const at::Tensor& w, const std::string& format,
+                              int64_t n) {
+#ifdef PAGODA_GGUF_GEMM
+  check_cpu(x, "x");
+  check_cpu(w, "w");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % kSuper == 0,
+              "x must be contiguous [rows, k] with k a multiple of 256");
+  const RepackFormat& f = repack_format(format);
+  const int64_t supers = x.size(1) / kSuper;
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 3 && w.is_contiguous() &&
+                  w.size(0) == (n + kLanes - 1) / kLanes && w.size(1) == supers &&
+                  w.size(2) == f.repacked,
+              "w must be a repacked ", format, " weight of ", n, " rows and ", x.size(1),
+              " columns");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 64 == 0, "w must be 64-byte aligned");
+  at::Tensor out = at::empty({x.size(0), n}, x.options().dtype(at::kFloat));
+  if (x.size(0) == 0 || n == 0) return out;
+  static thread_local InputStorage storage;
+  dispatch_float_types(x, "gguf_gemm_repacked", [&](auto t) {
+    f.run(quantize_inputs<decltype(t)>(x, storage), x.size(0), w, n, out);
+  });
+  return out;
+#else
+  TORCH_CHECK(false, "gguf_gemm_repacked needs a build with AVX-512 VNNI");
 #endif
 }
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda.model.ops import quantized_gemm, quantized_linear
+from pagoda.model.ops.quantized_gemm import RepackedWeight
 from pagoda.model.ops.quantized_linear import GGUFWeight
 
 Product = Callable[[torch.Tensor, GGUFWeight], torch.Tensor]
@@ -22,6 +23,8 @@ class Linear(nn.Linear):
     make it compute-bound: the weight is then multiplied by the int8 GEMM from its
     blocks (gguf_gemm, the k-quants it takes), or decoded a tile at a time for a
     bfloat16 GEMM (gguf_matmul), or read from the dense weight where there is one.
+    A weight the loader repacked for the int8 GEMM (`repacked`, then no `gguf`) runs that
+    GEMM at every row count: without a tile to decode a call it beats the kernel at one row.
     """
 
     # Up to this many input rows the GGUF kernel beats the dense one (BENCHMARKS.md, section
@@ -29,6 +32,8 @@ class Linear(nn.Linear):
     GGUF_MAX_ROWS = 8
 
     gguf: tuple[GGUFWeight, ...] = ()  # the weight's rows in their file form, a run per format
+    # The same runs repacked for the int8 GEMM (quantized_gemm.repack), instead of gguf.
+    repacked: tuple[RepackedWeight, ...] = ()
     gguf_max_rows = GGUF_MAX_ROWS
     # The formats whose steps above the row limit run the int8 GEMM rather than the decoded
     # tiles: the loader measures which is faster per format.
@@ -53,6 +58,10 @@ class Linear(nn.Linear):
         self.prepacked = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.repacked:
+            parts = [quantized_gemm.gguf_gemm_repacked(x, w) for w in self.repacked]
+            out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+            return (out if self.bias is None else out + self.bias).to(x.dtype)
         if self.gguf and (
             self.weight is None
             or (

@@ -91,10 +91,16 @@ def drop_dense_weights(model: CausalLM, params: set[str], dtype: torch.dtype) ->
             module.weight = None  # type: ignore[assignment]
 
 
-def choose_row_limits(model: CausalLM, dtype: torch.dtype) -> None:
+def choose_row_limits(
+    model: CausalLM,
+    dtype: torch.dtype,
+    release_pages: Callable[[], None] = lambda: None,
+    repack: bool = True,
+) -> None:
     """Times the int8 GEMM against decoded tiles, then the kernel against the faster, per
     format, and sets each layer's row limit (a fused projection takes the lowest of its
-    formats') and GEMM; logs what was chosen."""
+    formats') and GEMM; with repack, repacks the projections whose formats' repacked GEMM
+    won (release_pages drops the file's pages after each); logs what was chosen."""
     start = time.perf_counter()
     linears = [m for m in model.modules() if isinstance(m, Linear) and m.gguf]
     samples: dict[str, GGUFWeight] = {}
@@ -106,6 +112,12 @@ def choose_row_limits(model: CausalLM, dtype: torch.dtype) -> None:
     for m in linears:
         m.gguf_max_rows = min(limits[w.format] for w in m.gguf)
         m.gemm_formats = frozenset(w.format for w in m.gguf if gemm[w.format])
+    repacks = {f for f, w in samples.items() if repack and _repack_wins(w, dtype, gemm[f])}
+    for m in linears:
+        if all(w.format in repacks for w in m.gguf):
+            m.repacked = tuple(quantized_gemm.repack(w) for w in m.gguf)
+            m.gguf = ()  # a stacked copy is freed; a view of the file is not read again
+            release_pages()
     output = model.output_gguf
     if output is not None:
         # timed on the output layer's own blocks: a large vocabulary's tensor, often of another
@@ -115,7 +127,7 @@ def choose_row_limits(model: CausalLM, dtype: torch.dtype) -> None:
             output, dtype, CANDIDATE_ROWS, gemm=model.output_gemm
         )
     seconds = time.perf_counter() - start
-    _log_choice(model, linears, limits, gemm, seconds)
+    _log_choice(model, linears, limits, gemm, repacks, seconds)
 
 
 def log_dense_copy(model: CausalLM, copy_bytes: int) -> None:
@@ -160,6 +172,41 @@ def _gemm_wins(
     with torch.no_grad():
         gemm, tiles = _median_times(REPEATS, products, x, sample, clock)
     return kernel_wins(gemm, tiles)
+
+
+def _repack_wins(
+    w: GGUFWeight, dtype: torch.dtype, gemm: bool, clock: Callable[[], float] = time.perf_counter
+) -> bool:
+    """Whether the int8 GEMM on w repacked beat gguf_linear by the margin at 1 and 8 rows,
+    and was not slower by more than the margin than the product above the row limit
+    (gguf_gemm with gemm, else gguf_matmul) at GEMM_SAMPLE_ROWS, where it runs the same
+    microkernel: on the first SAMPLE_ROWS rows of w (False for a format it does not
+    repack)."""
+    sample, cols = _sample(w)
+    if w.format not in quantized_gemm.repack_formats() or not quantized_gemm.gemm_takes(
+        _inputs(1, cols, dtype), sample
+    ):
+        return False
+    repacked = quantized_gemm.repack(sample)
+
+    def run(x: torch.Tensor, _: GGUFWeight) -> torch.Tensor:
+        return quantized_gemm.gguf_gemm_repacked(x, repacked)
+
+    above = quantized_gemm.gguf_gemm if gemm else quantized_linear.gguf_matmul
+    with torch.no_grad():
+        for rows in (1, 8):
+            new, kernel = _median_times(
+                REPEATS,
+                [run, quantized_linear.gguf_linear],
+                _inputs(rows, cols, dtype),
+                sample,
+                clock,
+            )
+            if not kernel_wins(new, kernel):
+                return False
+        x = _inputs(GEMM_SAMPLE_ROWS, cols, dtype)
+        new, other = _median_times(REPEATS, [run, above], x, sample, clock)
+    return new <= other * (1 + MARGIN)
 
 
 def _row_limit(
@@ -212,9 +259,14 @@ def _log_choice(
     linears: list[Linear],
     limits: dict[str, int],
     gemm: dict[str, bool],
+    repacks: set[str],
     seconds: float,
 ) -> None:
-    formats = Counter(w.format for m in linears for w in m.gguf)
+    formats = Counter(
+        [w.format for m in linears for w in m.gguf]
+        + [w.format for m in linears for w in m.repacked]
+    )
+    repacked = sum(1 for m in linears if m.repacked)
     dense = sum(1 for m in model.modules() if isinstance(m, Linear) and m.weight is not None)
     embedding = model.embed_tokens
     held = []
@@ -229,15 +281,19 @@ def _log_choice(
         held.append(f"the output layer{tied} ({model.output_gguf.format})")
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     blocks = {id(w.blocks): w.blocks.nbytes for m in linears for w in m.gguf}
+    blocks.update({id(w.data): w.data.nbytes for m in linears for w in m.repacked})
     for w in (getattr(embedding, "gguf", None), model.output_gguf):
         if w is not None:
             blocks[id(w.blocks)] = w.blocks.nbytes
     logger.info(
         "--quantization: in the file's blocks, no dense copy: %s; dense: %d projections; "
-        "the kernel for up to %s rows (logits %d), above it the int8 GEMM for %s%s, decoded "
+        "%d projections repacked for the int8 GEMM at every row count (%s); the others: the "
+        "kernel for up to %s rows (logits %d), above it the int8 GEMM for %s%s, decoded "
         "tiles for the rest (measured in %.2f s); weights resident: %.1f MiB",
         ", ".join(held) or "nothing",
         dense,
+        repacked,
+        ", ".join(sorted(repacks)) or "no format won",
         ", ".join(f"{f}: {n}" for f, n in limits.items()) or "-",
         model.gguf_logits_max_rows,
         ", ".join(f for f, wins in gemm.items() if wins) or "none",

@@ -10,17 +10,44 @@ weight's codes and sub-block scales, one float product per super-block:
 for sub-blocks j of the super-block's 256 weights w = d * sc_j * q + dm * mn_j: Q4_K's 8
 of 32 (dm = -dmin, mn_j the 6-bit minimum) and Q6_K's 16 of 16 (q - 32: dm = d, mn_j =
 -32 sc_j). The twin takes the integer sums exactly (in float64) and combines them in float64.
+
+A weight can also be repacked once, at load (repack), into the layout the kernel's
+microkernel reads as it is: 16 columns in a vector's dword lanes, 4 consecutive codes a
+lane, two such vectors a 64-byte load (low and high nibbles; Q6_K's top 2 bits in a plane
+of their own), the sub-blocks' scales and minimums as bytes per lane and d, dm as float16,
+in about the file's bytes. gguf_gemm_repacked then computes exactly what gguf_gemm computes
+from the file's blocks, bit for bit, without decoding a tile a call: at a few rows too,
+where the decoding used to be most of its time. repack_torch is the repacking's twin.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
 from pagoda import kernels
 from pagoda.model.ops.quantized_linear import GGUFWeight
 from pagoda.model.quants import BLOCK_BYTES, SUPER_BLOCK, integer_form
+
+LANES = 16  # output columns a vector of the microkernel
+# Bytes of a super-block of 16 columns, repacked (the file's: 16 x 144 and 16 x 210).
+REPACKED_BYTES = {"Q4_K": 2368, "Q6_K": 3392}
+
+
+@dataclass(frozen=True)
+class RepackedWeight:
+    """A [rows, cols] K-quant matrix repacked for gguf_gemm_repacked: data is [ceil(rows /
+    16), cols / 256, REPACKED_BYTES[format]] uint8, a column vector's super-blocks in turn."""
+
+    data: torch.Tensor
+    format: str
+    rows: int
+
+    @property
+    def cols(self) -> int:
+        return self.data.shape[1] * SUPER_BLOCK
 
 
 @functools.cache
@@ -42,6 +69,75 @@ def gguf_gemm(x: torch.Tensor, w: GGUFWeight) -> torch.Tensor:
     if gemm_takes(x, w):
         return torch.ops.pagoda.gguf_gemm(x.contiguous(), w.blocks, w.format)
     return gguf_gemm_torch(x, w)
+
+
+def repack_formats() -> frozenset[str]:
+    """The formats that have a repacked layout in this build (those of the C++ GEMM)."""
+    return gemm_formats() & REPACKED_BYTES.keys()
+
+
+def repack(w: GGUFWeight) -> RepackedWeight:
+    """w in the repacked layout (C++, in parallel; a format of repack_formats())."""
+    return RepackedWeight(torch.ops.pagoda.gguf_repack(w.blocks, w.format), w.format, len(w.blocks))
+
+
+def gguf_gemm_repacked(x: torch.Tensor, w: RepackedWeight) -> torch.Tensor:
+    """x @ W.T in float32 as gguf_gemm computes it (bit for bit), from w's repacked form; x
+    float32 or bfloat16."""
+    return torch.ops.pagoda.gguf_gemm_repacked(x.contiguous(), w.data, w.format, w.rows)
+
+
+def repack_torch(w: GGUFWeight) -> torch.Tensor:
+    """The bytes repack gives, [ceil(rows / 16), supers, REPACKED_BYTES[format]] uint8.
+
+    Per 16 columns (lanes L; columns past the last are zeros) and super-block: the codes
+    as 64 quads t of 4 consecutive codes, byte 4 L + b of quad t the code 4 t + b of column
+    L; vector j h + u (h the quads of half a sub-block) holds quad 2 j h + u in its low
+    nibbles and quad (2 j + 1) h + u in its high ones. Q4_K then: sc [8][16] bytes, the
+    minimums [4][16 lanes][2] (mn_2p, mn_2p+1), d [16] and dm = -dmin [16] float16. Q6_K:
+    the top 2 bits [16][64] (quad 4 j + e's at bits 2 e, 2 e + 1 of the sub-block j's
+    vector), sc [16][16] int8, d [16] float16, 32 zero bytes."""
+    q, sc, mn, d, dm = integer_form(w.format, w.blocks.reshape(-1, BLOCK_BYTES[w.format]))
+    n, supers = w.blocks.shape[0], q.shape[0] // max(w.blocks.shape[0], 1)
+    vectors = -(-n // LANES)
+
+    def lanes(t: torch.Tensor) -> torch.Tensor:
+        """[n, supers, ...] -> [vectors, supers, ..., 16]: zero columns added, lanes last."""
+        t = t.reshape(n, supers, -1)
+        t = torch.cat([t, t.new_zeros(vectors * LANES - n, *t.shape[1:])])
+        return t.reshape(vectors, LANES, supers, -1).permute(0, 2, 3, 1)
+
+    codes = lanes(q.to(torch.uint8)).reshape(vectors, supers, 64, 4, LANES)
+    quads = codes.transpose(-1, -2).reshape(vectors, supers, 64, 64)  # [t][4 L + b]
+    subs = sc.shape[1]
+    half = 64 // subs // 2  # quads in half a sub-block
+    t = torch.arange(64).reshape(subs, 2, half)
+    packed = (quads[:, :, t[:, 0]] & 0x0F) | ((quads[:, :, t[:, 1]] & 0x0F) << 4)
+    parts = [packed.reshape(vectors, supers, -1)]
+    if w.format == "Q4_K":
+        minimums = lanes(mn.to(torch.uint8)).reshape(vectors, supers, 4, 2, LANES)
+        parts += [
+            lanes(sc.to(torch.uint8)).reshape(vectors, supers, -1),
+            minimums.transpose(-1, -2).reshape(vectors, supers, -1),
+            _f16_bytes(lanes(d)),
+            _f16_bytes(lanes(dm)),
+        ]
+    else:
+        top = (quads.reshape(vectors, supers, subs, 4, 64) >> 4) & 3
+        shift = (2 * torch.arange(4, dtype=torch.uint8)).reshape(4, 1)
+        high = (top << shift).sum(3, dtype=torch.uint8)
+        parts += [
+            high.reshape(vectors, supers, -1),
+            lanes(sc.to(torch.int8)).reshape(vectors, supers, -1).view(torch.uint8),
+            _f16_bytes(lanes(d)),
+            torch.zeros(vectors, supers, 32, dtype=torch.uint8),
+        ]
+    return torch.cat(parts, dim=-1)
+
+
+def _f16_bytes(t: torch.Tensor) -> torch.Tensor:
+    """[vectors, supers, 1, 16] float32 -> [vectors, supers, 32] the float16 bytes."""
+    return t.half().contiguous().view(torch.uint8).reshape(t.shape[0], t.shape[1], -1)
 
 
 def quantize_inputs_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

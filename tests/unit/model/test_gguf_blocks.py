@@ -108,7 +108,7 @@ def assert_same_greedy(
 def test_the_model_holds_no_dense_copy(tmp_path: Path, qtype: str) -> None:
     model = load_model(write_tiny(tmp_path / "m.gguf", qtype), torch.bfloat16, quantized=True)
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    assert linears and all(m.weight is None and m.gguf for m in linears)
+    assert linears and all(m.weight is None and (m.gguf or m.repacked) for m in linears)
     assert model.embed_tokens.weight is None and model.embed_tokens.gguf is not None
     assert model.output_gguf is model.embed_tokens.gguf  # tied: one table
     # Only the norms' weights are left as parameters, and no buffer is a weight.
@@ -134,7 +134,7 @@ def test_blocks_alone_give_what_the_dense_copy_gave(
     monkeypatch.setattr(quantized_linear, "TILE_BYTES", 0)
     monkeypatch.setattr(quantized_linear, "MIN_TILE_ROWS", 48)
     path = write_tiny(tmp_path / "m.gguf", qtype, tied)
-    blocks = without_gemm(load_model(path, torch.float32, quantized=True))
+    blocks = without_gemm(load_model(path, torch.float32, quantized=True, repack=False))
     assert blocks.embed_tokens.weight is None and blocks.output_gguf is not None
     reference = with_dense_copy(path, blocks, torch.float32)
     prompts = [[(7 * i + j) % 250 + 3 for j in range(n)] for i, n in enumerate([300, 1, 9] * 4)]
@@ -144,7 +144,7 @@ def test_blocks_alone_give_what_the_dense_copy_gave(
 def test_blocks_give_the_dense_models_outputs_above_the_row_limit(tmp_path: Path) -> None:
     """Above the kernel's row limit nothing is quantized: the dense model's logits."""
     path = write_tiny(tmp_path / "m.gguf", "Q4_K")
-    blocks = without_gemm(load_model(path, torch.float32, quantized=True))
+    blocks = without_gemm(load_model(path, torch.float32, quantized=True, repack=False))
     dense = load_model(path, torch.float32, quantized=False)
     for model in (blocks, dense):
         bind_cache(model)
@@ -161,7 +161,7 @@ def test_the_int8_gemm_gives_the_same_greedy_tokens_batched_as_alone(
     sequences a step or each alone, the same greedy tokens and logits (each row's inputs
     are quantized on their own); the prompts' logits near the dense copy's."""
     path = write_tiny(tmp_path / "m.gguf", qtype)
-    blocks = load_model(path, dtype, quantized=True)
+    blocks = load_model(path, dtype, quantized=True, repack=False)
     for m in blocks.modules():
         if isinstance(m, Linear):
             m.gemm_formats, m.gguf_max_rows = frozenset([qtype]), 0
@@ -181,6 +181,38 @@ def test_the_int8_gemm_gives_the_same_greedy_tokens_batched_as_alone(
         float((a - b).float().norm() / b.float().norm()) for a, b in zip(logits, dense_logits)
     ]
     assert max(errors) < 0.1 and sum(errors) / len(errors) < 0.06
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_repacked_projections_give_the_same_greedy_tokens_batched_as_alone(
+    tmp_path: Path, qtype: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the load repacks (here: told the repacked GEMM won), every projection runs the
+    int8 GEMM on its repacked form at every row count: the same greedy tokens and logits, 12
+    sequences a step or each alone, and the logits of the GEMM on the file's blocks."""
+    monkeypatch.setattr(quantization, "_repack_wins", lambda *args: True)
+    path = write_tiny(tmp_path / "m.gguf", qtype)
+    repacked = load_model(path, dtype, quantized=True)
+    linears = [m for m in repacked.modules() if isinstance(m, Linear)]
+    assert linears and all(m.repacked and not m.gguf for m in linears)
+    blocks = load_model(path, dtype, quantized=True, repack=False)
+    for m in blocks.modules():
+        if isinstance(m, Linear):
+            m.gemm_formats, m.gguf_max_rows = frozenset([qtype]), 0
+    for model in (repacked, blocks):  # the output layer's through the GEMM too
+        model.gguf_logits_max_rows, model.output_gemm = 0, True
+    prompts = [[(7 * i + j) % 250 + 3 for j in range(n)] for i, n in enumerate([300, 1, 9] * 4)]
+    alone, alone_logits = greedy(repacked, prompts, 6, together=False)
+    together, logits = greedy(repacked, prompts, 6, together=True)
+    assert together == alone
+    tolerance = 1e-3 if dtype == torch.float32 else 3e-2  # a code flipped by a rounding
+    for a, b in zip(logits, alone_logits):
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+    want, want_logits = greedy(blocks, prompts, 6, together=True)
+    assert want == together
+    for a, b in zip(logits, want_logits):
+        assert torch.equal(a, b)  # the same products, bit for bit
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -210,7 +242,7 @@ def test_the_load_times_the_int8_gemm_on_the_output_layer(
     """The output layer's GEMM is chosen on its own measurement (the output layer's weight,
     not a projection's), and its row limit is then measured against what was chosen."""
     path = write_tiny(tmp_path / "m.gguf", "Q6_K", tied=False)
-    model = load_model(path, torch.float32, quantized=True)
+    model = load_model(path, torch.float32, quantized=True, repack=False)
     output = model.output_gguf
     timed_against: dict[str, bool] = {}
 

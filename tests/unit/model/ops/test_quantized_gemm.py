@@ -11,10 +11,15 @@ from kernel_checks import DTYPES
 from tiny_gguf import random_blocks
 
 from pagoda.model.ops.quantized_gemm import (
+    REPACKED_BYTES,
     gemm_formats,
     gguf_gemm,
+    gguf_gemm_repacked,
     gguf_gemm_torch,
     quantize_inputs_torch,
+    repack,
+    repack_formats,
+    repack_torch,
 )
 from pagoda.model.ops.quantized_linear import GGUFWeight
 from pagoda.model.quants import FORMATS, dequantize
@@ -111,3 +116,53 @@ def test_gemm_rejects_other_formats_and_shapes(kernels_built: None) -> None:
         torch.ops.pagoda.gguf_gemm(torch.randn(3, 128), w.blocks, "Q4_K")
     with pytest.raises(RuntimeError, match="w must be"):
         torch.ops.pagoda.gguf_gemm(torch.randn(3, 256), w.blocks, "Q4_K")
+
+
+def test_the_build_repacks_the_k_quants(kernels_built: None) -> None:
+    assert repack_formats() == set(GEMM_FORMATS)
+
+
+@pytest.mark.parametrize("qtype", GEMM_FORMATS)
+@pytest.mark.parametrize(("n", "cols"), [(1, 256), (16, 512), (40, 768), (133, 2560), (300, 256)])
+def test_repacking_equals_its_twin(kernels_built: None, qtype: str, n: int, cols: int) -> None:
+    """The same bytes, padding lanes (columns past a multiple of 16) and padding included."""
+    w = random_weight(qtype, n, cols, seed=n + cols)
+    got = repack(w)
+    assert got.data.shape == (-(-n // 16), cols // 256, REPACKED_BYTES[qtype])
+    assert got.rows == n and got.cols == cols
+    assert torch.equal(got.data, repack_torch(w))
+
+
+@pytest.mark.parametrize("qtype", GEMM_FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 17, 33, 64, 96, 255, 300])
+def test_the_repacked_gemm_is_the_gemm_bit_for_bit(
+    kernels_built: None, qtype: str, dtype: torch.dtype, rows: int
+) -> None:
+    """Row counts around the microkernel's 4 rows and its few-row order of work; 133 weight
+    rows (a partial vector of 5 columns); 10 super-blocks a row (summed 8 and 2)."""
+    cols = 256 * 10
+    w = random_weight(qtype, 133, cols, seed=rows)
+    x = (torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows)) * 2).to(dtype)
+    x[0, :256] = 0
+    got = gguf_gemm_repacked(x, repack(w))
+    assert torch.equal(got, torch.ops.pagoda.gguf_gemm(x, w.blocks, w.format))
+
+
+@pytest.mark.parametrize("qtype", GEMM_FORMATS)
+@pytest.mark.parametrize(("rows", "n", "cols"), [(1, 2048, 8192), (6, 1, 512), (130, 600, 256)])
+def test_the_repacked_gemm_is_the_gemm_on_big_and_thin_shapes(
+    kernels_built: None, qtype: str, rows: int, n: int, cols: int
+) -> None:
+    w = random_weight(qtype, n, cols, seed=n)
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(n)) * 3
+    got = gguf_gemm_repacked(x, repack(w))
+    assert torch.equal(got, torch.ops.pagoda.gguf_gemm(x, w.blocks, w.format))
+
+
+def test_the_repacked_gemm_rejects_a_weight_of_other_columns(kernels_built: None) -> None:
+    w = repack(random_weight("Q4_K", 20, 512))
+    with pytest.raises(RuntimeError, match="repacked Q4_K weight of 20 rows and 256 columns"):
+        torch.ops.pagoda.gguf_gemm_repacked(torch.randn(3, 256), w.data, "Q4_K", 20)
+    with pytest.raises(RuntimeError, match="no layout for format Q8_0"):
+        torch.ops.pagoda.gguf_gemm_repacked(torch.randn(3, 512), w.data, "Q8_0", 20)
