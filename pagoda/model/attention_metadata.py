@@ -125,12 +125,18 @@ class AttentionMetadata:
         num_seqs = len(num_computed)
         max_seq_len = max(num_computed) + 1
         max_blocks = -(-max_seq_len // block_size)
-        table = torch.tensor(
-            [(blocks + [0] * max_blocks)[:max_blocks] for blocks in block_tables], dtype=torch.long
-        )
+        rows = [(blocks + [0] * max_blocks)[:max_blocks] for blocks in block_tables]
+        table = torch.tensor(rows, dtype=torch.long)
         positions = torch.tensor(num_computed, dtype=torch.long)
         seqs = torch.arange(num_seqs)
-        slots = table[seqs, positions // block_size] * block_size + positions % block_size
+        # A slot per sequence, from Python ints: one small tensor instead of five ops on them.
+        slots = torch.tensor(
+            [
+                row[p // block_size] * block_size + p % block_size
+                for row, p in zip(rows, num_computed)
+            ],
+            dtype=torch.long,
+        )
         group = AttentionGroup(
             flat_index=seqs.to(device),
             block_tables=table.to(device),

@@ -120,7 +120,8 @@ class ModelRunner:
         out = RunnerOutput()
         if keep is None:
             self._collect_prompt_logprobs(scheduled, hidden, out)
-            hidden = hidden[sample_rows]
+            if len(sample_rows) < len(token_ids):  # else every row, in order: nothing to pick
+                hidden = hidden[sample_rows]
         if not sampling:
             return out
         logits = self.model.compute_logits(hidden)

@@ -78,8 +78,12 @@ class SamplingMetadata:
             p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
             for p in params
         ]
-        counts = prompt_mask = None
+        # Penalties' tensors only when a row uses one (a step of greedy rows makes none).
+        counts = prompt_mask = presence = frequency = repetition = None
         if any(penalised):
+            presence = column([p.presence_penalty for p in params], torch.float32)
+            frequency = column([p.frequency_penalty for p in params], torch.float32)
+            repetition = column([p.repetition_penalty for p in params], torch.float32)
             counts = torch.zeros(len(rows), vocab_size, device=device)
             prompt_mask = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=device)
             for i, (r, extra) in enumerate(rows):
@@ -133,9 +137,9 @@ class SamplingMetadata:
             needs_min_p=any(p.min_p > 0 for p in params),
             output_counts=counts,
             prompt_mask=prompt_mask,
-            presence=column([p.presence_penalty for p in params], torch.float32),
-            frequency=column([p.frequency_penalty for p in params], torch.float32),
-            repetition=column([p.repetition_penalty for p in params], torch.float32),
+            presence=presence,
+            frequency=frequency,
+            repetition=repetition,
             bias=(
                 (
                     column(bias_rows, torch.long),

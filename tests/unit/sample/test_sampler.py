@@ -115,6 +115,19 @@ def test_penalties_match_their_definitions() -> None:
     assert out[0, :4].tolist() == [2.0 - 1.0 - 1.0, -2.0, 1.0, 0.5 - 1.0 - 0.5]
 
 
+def test_penalty_tensors_only_when_a_row_is_penalised() -> None:
+    greedy = requests(SamplingParams(temperature=0), SamplingParams(temperature=0))
+    meta = SamplingMetadata.from_requests(greedy, VOCAB, "cpu")
+    assert meta.presence is None and meta.frequency is None and meta.repetition is None
+    # One penalised row: every row gets its own value, the others neutral.
+    mixed = requests(
+        SamplingParams(temperature=0), SamplingParams(temperature=0, presence_penalty=1.5)
+    )
+    meta = SamplingMetadata.from_requests(mixed, VOCAB, "cpu")
+    assert meta.presence is not None and meta.presence.tolist() == [0.0, 1.5]
+    assert meta.repetition is not None and meta.repetition.tolist() == [1.0, 1.0]
+
+
 def test_logprobs_and_ranks() -> None:
     reqs = requests(SamplingParams(temperature=0, logprobs=3))
     result = run(LOGITS, reqs)
