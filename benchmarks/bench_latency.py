@@ -36,14 +36,19 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
 
 def decode_bytes(model) -> int:
     """Weight bytes one decode step reads: each projection in the form a single row uses
-    (the file's blocks where it has them), the output layer likewise, the norms; the
+    (the file's blocks or their repacked form where it has them), the output layer likewise,
+    the norms; the
     embedding table contributes one row."""
     from pagoda.model.layers.linear import Linear
 
     total = 0
     for module in model.modules():
         if isinstance(module, Linear):
-            total += sum(w.blocks.nbytes for w in module.gguf) or module.weight.nbytes
+            total += (
+                sum(w.blocks.nbytes for w in module.gguf)
+                + sum(w.data.nbytes for w in getattr(module, "repacked", ()))
+                or module.weight.nbytes
+            )
             total += module.bias.nbytes if module.bias is not None else 0
     for name, p in model.named_parameters():
         if "norm" in name:
