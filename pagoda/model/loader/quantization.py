@@ -126,6 +126,10 @@ def choose_row_limits(
         model.gguf_logits_max_rows = _row_limit(
             output, dtype, CANDIDATE_ROWS, gemm=model.output_gemm
         )
+        if repack and _repack_wins(output, dtype, model.output_gemm):
+            # the file's blocks stay the embedding's (a tied one gathers the rows it looks up)
+            model.output_repacked = quantized_gemm.repack(output)
+            release_pages()
     seconds = time.perf_counter() - start
     _log_choice(model, linears, limits, gemm, repacks, seconds)
 
@@ -278,10 +282,13 @@ def _log_choice(
         held.append(f"the embedding ({embedding.gguf.format})")
     if model.output_gguf is not None:
         tied = ", tied," if model.spec.tie_word_embeddings else ""
-        held.append(f"the output layer{tied} ({model.output_gguf.format})")
+        repacked_output = ", repacked" if model.output_repacked is not None else ""
+        held.append(f"the output layer{tied} ({model.output_gguf.format}{repacked_output})")
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     blocks = {id(w.blocks): w.blocks.nbytes for m in linears for w in m.gguf}
     blocks.update({id(w.data): w.data.nbytes for m in linears for w in m.repacked})
+    if model.output_repacked is not None:
+        blocks[id(model.output_repacked.data)] = model.output_repacked.data.nbytes
     for w in (getattr(embedding, "gguf", None), model.output_gguf):
         if w is not None:
             blocks[id(w.blocks)] = w.blocks.nbytes

@@ -10,6 +10,7 @@ from pagoda.model.attention_metadata import AttentionMetadata
 from pagoda.model.layers.attention import Attention
 from pagoda.model.layers.linear import Linear
 from pagoda.model.ops import quantized_gemm, quantized_linear
+from pagoda.model.ops.quantized_gemm import RepackedWeight
 from pagoda.model.ops.quantized_linear import GGUFWeight
 from pagoda.model.spec import ModelSpec
 
@@ -34,6 +35,9 @@ class CausalLM(nn.Module):
     gguf_logits_max_rows = GGUF_LOGITS_MAX_ROWS
     output_gemm = False
     output_gguf: GGUFWeight | None = None  # the output layer in its file form, if held so
+    # The output layer repacked for the int8 GEMM (quantized_gemm.repack), which then computes
+    # every step's logits; output_gguf stays, unread (a tied embedding gathers its rows).
+    output_repacked: RepackedWeight | None = None
     output_prepacked: torch.Tensor | None = None  # the output layer in oneDNN's layout
 
     def forward(
@@ -63,6 +67,8 @@ class CausalLM(nn.Module):
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def _output_layer(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.output_repacked is not None:
+            return quantized_gemm.gguf_gemm_repacked(hidden, self.output_repacked)
         w = self.output_gguf
         if (
             w is not None

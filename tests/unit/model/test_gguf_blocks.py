@@ -188,14 +188,16 @@ def test_the_int8_gemm_gives_the_same_greedy_tokens_batched_as_alone(
 def test_repacked_projections_give_the_same_greedy_tokens_batched_as_alone(
     tmp_path: Path, qtype: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Where the load repacks (here: told the repacked GEMM won), every projection runs the
-    int8 GEMM on its repacked form at every row count: the same greedy tokens and logits, 12
-    sequences a step or each alone, and the logits of the GEMM on the file's blocks."""
+    """Where the load repacks (here: told the repacked GEMM won), every projection and the
+    output layer run the int8 GEMM on their repacked form at every row count: the same greedy
+    tokens and logits, 12 sequences a step or each alone, and the logits of the GEMM on the
+    file's blocks."""
     monkeypatch.setattr(quantization, "_repack_wins", lambda *args: True)
     path = write_tiny(tmp_path / "m.gguf", qtype)
     repacked = load_model(path, dtype, quantized=True)
     linears = [m for m in repacked.modules() if isinstance(m, Linear)]
     assert linears and all(m.repacked and not m.gguf for m in linears)
+    assert repacked.output_repacked is not None  # the output layer's too
     blocks = load_model(path, dtype, quantized=True, repack=False)
     for m in blocks.modules():
         if isinstance(m, Linear):
@@ -222,7 +224,7 @@ def test_the_output_layer_runs_the_int8_gemm_above_its_row_limit_where_chosen(
     """Logits of more rows than the kernel's limit: the int8 GEMM on the output layer's
     blocks where the load chose it, the decoded tiles where not."""
     path = write_tiny(tmp_path / "m.gguf", "Q6_K", tied=tied)
-    model = load_model(path, torch.float32, quantized=True)
+    model = load_model(path, torch.float32, quantized=True, repack=False)
     w = model.output_gguf
     assert w is not None and model.output_held_in_blocks()
     hidden = torch.randn(20, 256, generator=torch.Generator().manual_seed(0))
@@ -358,3 +360,21 @@ def test_weights_held_as_stored_are_views_of_the_file(
         bind_cache(m)
     chunk = [(list(range(3, 40)), 0, list(range(10)))]
     torch.testing.assert_close(forward(model, chunk), forward(again, chunk), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_repacked_output_layer_gives_the_gemms_logits(
+    tmp_path: Path, tied: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Logits of 1 to 20 rows from the repacked output layer: the int8 GEMM's on the file's
+    blocks, bit for bit; a tied embedding still gathers its rows from the file's blocks."""
+    monkeypatch.setattr(quantization, "_repack_wins", lambda *args: True)
+    path = write_tiny(tmp_path / "m.gguf", "Q6_K", tied=tied)
+    model = load_model(path, torch.float32, quantized=True)
+    w = model.output_gguf
+    assert w is not None and model.output_repacked is not None
+    for rows in (1, 3, 20):
+        hidden = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
+        assert torch.equal(model.compute_logits(hidden), quantized_gemm.gguf_gemm(hidden, w))
+    if tied:
+        assert model.embed_tokens.gguf is w
