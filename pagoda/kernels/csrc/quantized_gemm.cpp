@@ -16,6 +16,10 @@
 // column. The weight is decoded a tile (kTileVectors x 16 columns, kTileSupers super-blocks)
 // at a time into a small reused buffer laid out for the microkernel (16 columns in the
 // dword lanes, 4 consecutive codes a lane), and no other copy of it is kept.
+//
+// gguf_repack lays a weight out once, at load, in a compact form of that layout (about the
+// file's bytes), and gguf_gemm_repacked computes from it what gguf_gemm computes from the
+// blocks, bit for bit, with no tile decoded a call: at every row count, one included.
 
 #include "quantized_input.h"
 #include "simd.h"
