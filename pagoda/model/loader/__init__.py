@@ -109,7 +109,7 @@ def load_model(
     if dense_copy:
         quantization.log_dense_copy(model, copy_bytes)
     elif quantized and gguf_file is not None:
-        quantization.choose_row_limits(model, dtype, gguf_file.release_pages, repack)
+        quantization.choose_paths(model, dtype, gguf_file.release_pages, repack)
     return model
 
 

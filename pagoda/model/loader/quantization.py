@@ -10,9 +10,13 @@ time into a small buffer for a bfloat16 GEMM (gguf_matmul), and the embedding de
 rows it gathers. Per format, on a slice of one of the model's own tensors, the load
 measures which of the two GEMMs is faster on a prompt-sized step, then the row count at
 which the kernel gives way to it; the output layer, a vocabulary-sized tensor often of
-another format, is timed on its own blocks the same way. `auto` with a small model keeps
-the dense bfloat16 copy too, for the bigger steps, where it is 1.1-1.7x faster than
-decoding (BENCHMARKS.md, section 9): memory for speed where the memory is small.
+another format, is timed on its own blocks the same way. Without a dense copy, a k-quant
+whose int8 GEMM on the weight repacked once into the GEMM's own layout (gguf_repack, about
+the file's bytes) beats the kernel at 1 and 8 rows is repacked, and the file's pages read
+for it are dropped: such a layer then runs that GEMM at every row count, with no tile
+decoded a call. `auto` with a small model keeps the dense bfloat16 copy too, for the bigger
+steps, where it is 1.1-1.7x faster than decoding (BENCHMARKS.md, section 9): memory for
+speed where the memory is small.
 """
 
 from __future__ import annotations
@@ -91,7 +95,7 @@ def drop_dense_weights(model: CausalLM, params: set[str], dtype: torch.dtype) ->
             module.weight = None  # type: ignore[assignment]
 
 
-def choose_row_limits(
+def choose_paths(
     model: CausalLM,
     dtype: torch.dtype,
     release_pages: Callable[[], None] = lambda: None,

@@ -257,7 +257,7 @@ def test_the_load_times_the_int8_gemm_on_the_output_layer(
 
     monkeypatch.setattr(quantization, "_gemm_wins", gemm_wins)
     monkeypatch.setattr(quantization, "_row_limit", row_limit)
-    quantization.choose_row_limits(model, torch.float32)
+    quantization.choose_paths(model, torch.float32)
     assert model.output_gemm is wins and timed_against["output"] is wins
     assert timed_against["Q6_K"] is not wins
     assert model.gguf_logits_max_rows == 8
