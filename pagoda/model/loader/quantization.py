@@ -107,10 +107,13 @@ def choose_paths(
     won (release_pages drops the file's pages after each); logs what was chosen."""
     start = time.perf_counter()
     linears = [m for m in model.modules() if isinstance(m, Linear) and m.gguf]
+    # Each format is timed on its largest sample: on a small tensor (a 512-row v projection)
+    # a product takes tens of microseconds, and the threads' wake-ups decide the choice.
     samples: dict[str, GGUFWeight] = {}
     for m in linears:
         for w in m.gguf:
-            samples.setdefault(w.format, w)
+            if w.format not in samples or _sample_size(w) > _sample_size(samples[w.format]):
+                samples[w.format] = w
     gemm = {f: _gemm_wins(w, dtype) for f, w in samples.items()}
     limits = {f: _row_limit(w, dtype, CANDIDATE_ROWS, gemm=gemm[f]) for f, w in samples.items()}
     for m in linears:
@@ -156,6 +159,11 @@ def kernel_wins(kernel_s: float, tiles_s: float) -> bool:
     return kernel_s * (1 + MARGIN) < tiles_s
 
 
+def _sample_size(w: GGUFWeight) -> int:
+    """The bytes of w that _sample takes."""
+    return min(w.blocks.shape[0], SAMPLE_ROWS) * w.blocks.shape[1]
+
+
 def _sample(w: GGUFWeight) -> tuple[GGUFWeight, int]:
     """The first SAMPLE_ROWS rows of w, and its columns."""
     per_block, block_bytes, _ = FORMATS[w.format]
@@ -185,11 +193,11 @@ def _gemm_wins(
 def _repack_wins(
     w: GGUFWeight, dtype: torch.dtype, gemm: bool, clock: Callable[[], float] = time.perf_counter
 ) -> bool:
-    """Whether the int8 GEMM on w repacked beat gguf_linear by the margin at 1 and 8 rows,
-    and was not slower by more than the margin than the product above the row limit
-    (gguf_gemm with gemm, else gguf_matmul) at GEMM_SAMPLE_ROWS, where it runs the same
-    microkernel: on the first SAMPLE_ROWS rows of w (False for a format it does not
-    repack)."""
+    """Whether the int8 GEMM on w repacked beat gguf_linear by the margin at 8 rows, was not
+    slower than it by more than the margin at one row, and was not slower by more than the
+    margin than the product above the row limit (gguf_gemm with gemm, else gguf_matmul) at
+    GEMM_SAMPLE_ROWS, where it runs the same microkernel: on the first SAMPLE_ROWS rows of w
+    (False for a format it does not repack)."""
     sample, cols = _sample(w)
     if w.format not in quantized_gemm.repack_formats() or not quantized_gemm.gemm_takes(
         _inputs(1, cols, dtype), sample
@@ -210,7 +218,10 @@ def _repack_wins(
                 sample,
                 clock,
             )
-            if not kernel_wins(new, kernel):
+            # At 8 rows the kernel is compute-bound and the GEMM must win; at one row both
+            # stream the weight from memory in a served step (the sample sits in the cache)
+            # and the GEMM must not lose.
+            if not (kernel_wins(new, kernel) if rows > 1 else new <= kernel * (1 + MARGIN)):
                 return False
         x = _inputs(GEMM_SAMPLE_ROWS, cols, dtype)
         new, other = _median_times(REPEATS, [run, above], x, sample, clock)

@@ -263,6 +263,28 @@ def test_the_load_times_the_int8_gemm_on_the_output_layer(
     assert model.gguf_logits_max_rows == 8
 
 
+def test_the_load_times_each_format_on_its_largest_projection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A format is timed on its largest projection (a tiny one's products take microseconds,
+    where the threads' wake-ups would decide the choice)."""
+    path = write_tiny(tmp_path / "m.gguf", "Q6_K", tied=False)
+    model = load_model(path, torch.float32, quantized=True, repack=False)
+    weights = [w for m in model.modules() if isinstance(m, Linear) for w in m.gguf]
+    largest = max(weights, key=lambda w: min(w.blocks.shape[0], 1024) * w.blocks.shape[1])
+    assert any(w.blocks.numel() < largest.blocks.numel() for w in weights)
+    timed: list[GGUFWeight] = []
+
+    def gemm_wins(w: GGUFWeight, dtype: torch.dtype) -> bool:
+        timed.append(w)
+        return False
+
+    monkeypatch.setattr(quantization, "_gemm_wins", gemm_wins)
+    monkeypatch.setattr(quantization, "_row_limit", lambda *args, **kwargs: 8)
+    quantization.choose_paths(model, torch.float32, repack=False)
+    assert timed[0] is largest
+
+
 @pytest.mark.parametrize("scale", [None, 16.0])
 def test_embedding_rows_from_blocks_equal_the_dense_tables(scale: float | None) -> None:
     """Rows gathered from the blocks and dequantized are the dense table's, scaled as before
