@@ -257,10 +257,32 @@ def test_the_load_times_the_int8_gemm_on_the_output_layer(
 
     monkeypatch.setattr(quantization, "_gemm_wins", gemm_wins)
     monkeypatch.setattr(quantization, "_row_limit", row_limit)
-    quantization.choose_paths(model, torch.float32)
+    quantization.choose_paths(model, torch.float32, repack=False)
     assert model.output_gemm is wins and timed_against["output"] is wins
     assert timed_against["Q6_K"] is not wins
     assert model.gguf_logits_max_rows == 8
+
+
+def test_a_repacked_format_is_not_timed_for_the_file_blocks_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a format is repacked, the load spends no time choosing the file's blocks' row
+    limit and GEMM for it (on an 8B file that timing took seconds of the start-up)."""
+    path = write_tiny(tmp_path / "m.gguf", "Q4_K")
+    model = load_model(path, torch.float32, quantized=True, repack=False)
+    timed: list[GGUFWeight] = []
+
+    def row_limit(w: GGUFWeight, *args: Any, **kwargs: Any) -> int:
+        timed.append(w)
+        return 8
+
+    monkeypatch.setattr(quantization, "_repack_wins", lambda *args: True)
+    monkeypatch.setattr(quantization, "_gemm_wins", lambda w, dtype: timed.append(w) or False)
+    monkeypatch.setattr(quantization, "_row_limit", row_limit)
+    quantization.choose_paths(model, torch.float32)
+    assert all(m.repacked for m in model.modules() if isinstance(m, Linear))
+    assert model.output_repacked is not None
+    assert timed == []
 
 
 def test_the_load_times_each_format_on_its_largest_projection(
