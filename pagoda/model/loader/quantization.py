@@ -12,7 +12,7 @@ measures which of the two GEMMs is faster on a prompt-sized step, then the row c
 which the kernel gives way to it; the output layer, a vocabulary-sized tensor often of
 another format, is timed on its own blocks the same way. Without a dense copy, a k-quant
 whose int8 GEMM on the weight repacked once into the GEMM's own layout (gguf_repack, about
-the file's bytes) beats the kernel at 1 and 8 rows is repacked, and the file's pages read
+the file's bytes) beats the kernel at 8 rows is repacked, and the file's pages read
 for it are dropped: such a layer then runs that GEMM at every row count, with no tile
 decoded a call. `auto` with a small model keeps the dense bfloat16 copy too, for the bigger
 steps, where it is 1.1-1.7x faster than decoding (BENCHMARKS.md, section 9): memory for
