@@ -221,11 +221,18 @@ def _repack_wins(
     def run(x: torch.Tensor, _: GGUFWeight) -> torch.Tensor:
         return quantized_gemm.gguf_gemm_repacked(x, repacked)
 
+    x = _inputs(8, cols, dtype)
     with torch.no_grad():
-        new, kernel = _median_times(
-            REPEATS, [run, quantized_linear.gguf_linear], _inputs(8, cols, dtype), sample, clock
-        )
-    return kernel_wins(new, kernel)
+        # A served load times this while the API process starts beside it, which can slow
+        # either product's turns: on the 1B file one load in three lost a 1.35x win. A win in
+        # any of three rounds decides.
+        for _ in range(3):
+            new, kernel = _median_times(
+                REPEATS, [run, quantized_linear.gguf_linear], x, sample, clock
+            )
+            if kernel_wins(new, kernel):
+                return True
+    return False
 
 
 def _row_limit(

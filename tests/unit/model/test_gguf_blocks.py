@@ -263,6 +263,21 @@ def test_the_load_times_the_int8_gemm_on_the_output_layer(
     assert model.gguf_logits_max_rows == 8
 
 
+@pytest.mark.parametrize("rounds_lost", [0, 2, 3])
+def test_repacking_is_chosen_by_a_win_at_8_rows_in_any_of_three_rounds(rounds_lost: int) -> None:
+    """A round the repacked GEMM loses (a loaded machine slowing its turns) does not decide;
+    three lost rounds do."""
+    w = GGUFWeight(torch.from_numpy(random_blocks("Q4_K", 64 * 2)).reshape(64, -1), "Q4_K")
+    ticks: list[float] = []
+    repeats = quantization.REPEATS
+    for round in range(3):
+        kernel = 1.0 if round < rounds_lost else 2.0  # the repacked GEMM takes 1.0
+        for _ in range(repeats):
+            ticks += [0.0, 1.0, 0.0, kernel]  # the repacked GEMM's turn, then the kernel's
+    clock = iter(ticks).__next__
+    assert quantization._repack_wins(w, torch.float32, clock) is (rounds_lost < 3)
+
+
 def test_a_repacked_format_is_not_timed_for_the_file_blocks_paths(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
