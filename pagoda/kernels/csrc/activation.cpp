@@ -43,9 +43,13 @@ void act_mul_impl(const at::Tensor& x, at::Tensor& out) {
       }
 #endif
       for (; i < n; ++i) {
+        // as above, from e = e^-|s|: no infinity, which -ffast-math's division turns into
+        // NaN (g / (1 + e^-s) for g = -30 gave NaN on a CPU without AVX-512)
         const float g = to_f32(gate[i]);
         const float s = kGelu ? 2.f * kSqrt2OverPi * (g + 0.044715f * g * g * g) : g;
-        o[i] = from_f32<T>(round_to<T>(g / (1.f + std::exp(-s))) * to_f32(up[i]));
+        const float e = std::exp(-std::fabs(s));
+        const float sigmoid = (s < 0.f ? e : 1.f) / (1.f + e);
+        o[i] = from_f32<T>(round_to<T>(g * sigmoid) * to_f32(up[i]));
       }
     }
   });

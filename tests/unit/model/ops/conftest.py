@@ -1,10 +1,32 @@
-"""The op families' tests: kernels_built, for the tests that call the C++ kernels."""
+"""The op families' tests: kernels_built, for the tests that call the C++ kernels, and
+linear_kernels / gemm_kernels for those that call the quantized ones."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from pagoda import envs, kernels
+from pagoda.model.ops.quantized_gemm import gemm_formats
+from pagoda.model.ops.quantized_linear import kernel_formats
+
+# The instruction sets the quantized kernels are compiled for (quantized_linear.cpp,
+# quantized_gemm.cpp): on a CPU that has them a build without those kernels is a failure;
+# on one without them (an AVX2-only CPU) their tests skip and the PyTorch twins run.
+QUANTIZED_KERNEL_FLAGS = frozenset({"avx512_vnni", "avx512bw", "avx512vl", "avx512dq"})
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (none where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
 @pytest.fixture(scope="session")
@@ -13,3 +35,22 @@ def kernels_built() -> None:
     if envs.PAGODA_DISABLE_KERNELS:
         pytest.skip("kernels disabled (PAGODA_DISABLE_KERNELS)")
     assert kernels.load(), "the C++ kernels are not built: python -m pagoda.kernels"
+
+
+def _quantized(formats: frozenset[str], op: str) -> None:
+    if formats:
+        return
+    assert not QUANTIZED_KERNEL_FLAGS <= cpu_flags(), f"this CPU runs {op}, but the build lacks it"
+    pytest.skip(f"{op} is not built for this CPU (it needs AVX-512 VNNI)")
+
+
+@pytest.fixture(scope="session")
+def linear_kernels(kernels_built: None) -> None:
+    """As kernels_built, for gguf_linear and the dequantizer: skips on a CPU they need more of."""
+    _quantized(kernel_formats(), "gguf_linear")
+
+
+@pytest.fixture(scope="session")
+def gemm_kernels(kernels_built: None) -> None:
+    """As kernels_built, for the int8 GEMM: skips on a CPU it needs more of."""
+    _quantized(gemm_formats(), "gguf_gemm")

@@ -49,14 +49,14 @@ def assert_kernel_equals_twin(x: torch.Tensor, w: GGUFWeight) -> None:
     torch.testing.assert_close(got / scale, want / scale, rtol=0, atol=1e-6)
 
 
-def test_the_build_has_a_gemm_for_the_k_quants(kernels_built: None) -> None:
+def test_the_build_has_a_gemm_for_the_k_quants(gemm_kernels: None) -> None:
     assert gemm_formats() == set(GEMM_FORMATS)
 
 
 @pytest.mark.parametrize("qtype", GEMM_FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 17, 33, 64, 255, 300])
-def test_kernel_equals_twin(kernels_built: None, qtype: str, dtype: torch.dtype, rows: int) -> None:
+def test_kernel_equals_twin(gemm_kernels: None, qtype: str, dtype: torch.dtype, rows: int) -> None:
     """Row counts around the microkernel's 4 rows; 133 weight rows (8 full tiles' column
     vectors, then a partial one: 5 columns of 16); 10 super-blocks a row (a tile of 8 and
     one of 2 along k)."""
@@ -70,7 +70,7 @@ def test_kernel_equals_twin(kernels_built: None, qtype: str, dtype: torch.dtype,
 @pytest.mark.parametrize("qtype", GEMM_FORMATS)
 @pytest.mark.parametrize(("rows", "n", "cols"), [(1024, 40, 768), (130, 600, 256), (6, 1, 512)])
 def test_kernel_equals_twin_on_big_and_thin_shapes(
-    kernels_built: None, qtype: str, rows: int, n: int, cols: int
+    gemm_kernels: None, qtype: str, rows: int, n: int, cols: int
 ) -> None:
     w = random_weight(qtype, n, cols, seed=n)
     x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(n)) * 3
@@ -108,7 +108,7 @@ def test_the_op_falls_back_to_the_twin_for_other_dtypes(kernels_built: None) -> 
     torch.testing.assert_close(gguf_gemm(x, w), gguf_gemm_torch(x, w))
 
 
-def test_gemm_rejects_other_formats_and_shapes(kernels_built: None) -> None:
+def test_gemm_rejects_other_formats_and_shapes(gemm_kernels: None) -> None:
     w = random_weight("Q4_K", 2, 512)
     with pytest.raises(RuntimeError, match="no kernel for format Q8_0"):
         torch.ops.pagoda.gguf_gemm(torch.randn(3, 512), w.blocks, "Q8_0")
@@ -118,13 +118,13 @@ def test_gemm_rejects_other_formats_and_shapes(kernels_built: None) -> None:
         torch.ops.pagoda.gguf_gemm(torch.randn(3, 256), w.blocks, "Q4_K")
 
 
-def test_the_build_repacks_the_k_quants(kernels_built: None) -> None:
+def test_the_build_repacks_the_k_quants(gemm_kernels: None) -> None:
     assert repack_formats() == set(GEMM_FORMATS)
 
 
 @pytest.mark.parametrize("qtype", GEMM_FORMATS)
 @pytest.mark.parametrize(("n", "cols"), [(1, 256), (16, 512), (40, 768), (133, 2560), (300, 256)])
-def test_repacking_equals_its_twin(kernels_built: None, qtype: str, n: int, cols: int) -> None:
+def test_repacking_equals_its_twin(gemm_kernels: None, qtype: str, n: int, cols: int) -> None:
     """The same bytes, padding lanes (columns past a multiple of 16) and padding included."""
     w = random_weight(qtype, n, cols, seed=n + cols)
     got = repack(w)
@@ -137,7 +137,7 @@ def test_repacking_equals_its_twin(kernels_built: None, qtype: str, n: int, cols
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 17, 33, 64, 96, 255, 300])
 def test_the_repacked_gemm_is_the_gemm_bit_for_bit(
-    kernels_built: None, qtype: str, dtype: torch.dtype, rows: int
+    gemm_kernels: None, qtype: str, dtype: torch.dtype, rows: int
 ) -> None:
     """Row counts around the microkernel's 4 rows and its few-row order of work; 133 weight
     rows (a partial vector of 5 columns); 10 super-blocks a row (summed 8 and 2)."""
@@ -152,7 +152,7 @@ def test_the_repacked_gemm_is_the_gemm_bit_for_bit(
 @pytest.mark.parametrize("qtype", GEMM_FORMATS)
 @pytest.mark.parametrize(("rows", "n", "cols"), [(1, 2048, 8192), (6, 1, 512), (130, 600, 256)])
 def test_the_repacked_gemm_is_the_gemm_on_big_and_thin_shapes(
-    kernels_built: None, qtype: str, rows: int, n: int, cols: int
+    gemm_kernels: None, qtype: str, rows: int, n: int, cols: int
 ) -> None:
     w = random_weight(qtype, n, cols, seed=n)
     x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(n)) * 3
@@ -160,7 +160,7 @@ def test_the_repacked_gemm_is_the_gemm_on_big_and_thin_shapes(
     assert torch.equal(got, torch.ops.pagoda.gguf_gemm(x, w.blocks, w.format))
 
 
-def test_the_repacked_gemm_rejects_a_weight_of_other_columns(kernels_built: None) -> None:
+def test_the_repacked_gemm_rejects_a_weight_of_other_columns(gemm_kernels: None) -> None:
     w = repack(random_weight("Q4_K", 20, 512))
     with pytest.raises(RuntimeError, match="repacked Q4_K weight of 20 rows and 256 columns"):
         torch.ops.pagoda.gguf_gemm_repacked(torch.randn(3, 256), w.data, "Q4_K", 20)

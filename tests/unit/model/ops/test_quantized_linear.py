@@ -34,7 +34,7 @@ def dense(w: GGUFWeight) -> torch.Tensor:
     return dequantize(w.blocks, w.format).reshape(w.blocks.shape[0], -1)
 
 
-def test_the_build_has_a_kernel_for_every_format(kernels_built: None) -> None:
+def test_the_build_has_a_kernel_for_every_format(linear_kernels: None) -> None:
     assert kernel_formats() == set(FORMATS_WITH_KERNEL)
 
 
@@ -43,7 +43,7 @@ def test_the_build_has_a_kernel_for_every_format(kernels_built: None) -> None:
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 8, 9, 10, 11, 17, 64, 300])
 @pytest.mark.parametrize("groups", [1, 3])
 def test_kernel_equals_twin(
-    kernels_built: None, qtype: str, dtype: torch.dtype, rows: int, groups: int
+    linear_kernels: None, qtype: str, dtype: torch.dtype, rows: int, groups: int
 ) -> None:
     """Every row count (one pass of up to 8 rows; passes of 4 and their remainders above)
     and an odd number of weight rows (pairs and a single one); 1 or 3 groups of 256 weights
@@ -64,7 +64,7 @@ def test_kernel_equals_twin(
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 8, 17, 300])
 def test_bfloat16_output_is_the_float32_sums_rounded_once(
-    kernels_built: None, qtype: str, dtype: torch.dtype, rows: int
+    linear_kernels: None, qtype: str, dtype: torch.dtype, rows: int
 ) -> None:
     """Asked for bfloat16, the kernel writes its float32 sums rounded to nearest even, as
     the twin's conversion of them does: the same bits as float32 output then .to()."""
@@ -113,7 +113,7 @@ def test_stack_keeps_a_run_per_format() -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 7, 16, 17, 300])
 def test_dequantize_kernel_equals_twin_bit_for_bit(
-    kernels_built: None, qtype: str, dtype: torch.dtype, rows: int
+    linear_kernels: None, qtype: str, dtype: torch.dtype, rows: int
 ) -> None:
     """scale * q (+ min) in float32 in the twin's order, rounded once to the dtype: equal to the
     bit, over row counts that split unevenly between threads; rows of 3 or 11 legacy blocks (a
@@ -132,7 +132,7 @@ def test_dequantize_kernel_equals_twin_bit_for_bit(
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rows", "tile"), [(1, 256), (9, 5), (40, 64), (300, 33)])
 def test_tiled_product_equals_twin(
-    kernels_built: None, qtype: str, dtype: torch.dtype, rows: int, tile: int
+    linear_kernels: None, qtype: str, dtype: torch.dtype, rows: int, tile: int
 ) -> None:
     """gguf_matmul over tiles that divide the weight's 70 rows unevenly, or hold all of them."""
     cols = 96 if FORMATS[qtype][0] == 32 else 512
@@ -148,7 +148,7 @@ def test_tiled_product_equals_twin(
     torch.testing.assert_close(gguf_matmul(x, w).float() / scale, want / scale, rtol=0, atol=atol)
 
 
-def test_dequantize_rejects_blocks_of_the_wrong_size(kernels_built: None) -> None:
+def test_dequantize_rejects_blocks_of_the_wrong_size(linear_kernels: None) -> None:
     w = random_weight("Q4_K", 2, 256)
     with pytest.raises(RuntimeError, match="multiple of 144"):
         torch.ops.pagoda.gguf_dequantize(w.blocks[:, :100].contiguous(), "Q4_K", torch.float32)
@@ -159,7 +159,7 @@ def test_dequantize_rejects_blocks_of_the_wrong_size(kernels_built: None) -> Non
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_layer_held_in_blocks_rounds_its_float32_sums_once(
-    kernels_built: None, bias: bool, dtype: torch.dtype
+    linear_kernels: None, bias: bool, dtype: torch.dtype
 ) -> None:
     """A Linear of two runs (Q4_K rows, then Q6_K rows, as a fused q/k/v can be): x's dtype
     out, the float32 products concatenated (+ bias) and rounded once."""
