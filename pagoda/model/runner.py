@@ -37,6 +37,22 @@ def _cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def computes_from_blocks(
+    requested: str, dtype: torch.dtype, device: str, quantization: str
+) -> bool:
+    """Whether a GGUF model's weights stay in their file's blocks (the formats the kernels
+    take; loader/quantization.py): on the CPU unless --quantization none, in bfloat16, or in
+    the float32 that auto chose for a CPU without native bfloat16, which then reads the
+    file's 4-8 bits a weight as llama.cpp does rather than a dense float32 copy 4-8x larger.
+    An explicit --dtype float32 keeps the dense float32 reference."""
+    on_cpu = torch.device(device).type == "cpu"
+    return (
+        on_cpu
+        and quantization != "none"
+        and (dtype == torch.bfloat16 or (requested == "auto" and dtype == torch.float32))
+    )
+
+
 def kv_bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
     element = torch.tensor([], dtype=dtype).element_size()
     return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * element
@@ -52,7 +68,9 @@ class ModelRunner:
             config.model.path,
             self.dtype,
             self.device,
-            quantized=cpu_bf16 and quantization != "none",
+            quantized=computes_from_blocks(
+                config.model.dtype, self.dtype, config.device, quantization
+            ),
             dense_copy_max_bytes=DENSE_COPY_MAX_BYTES if quantization == "auto" else 0,
         )
         if cpu_bf16:

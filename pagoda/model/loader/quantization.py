@@ -314,19 +314,29 @@ def _log_choice(
     for w in (getattr(embedding, "gguf", None), model.output_gguf):
         if w is not None:
             blocks[id(w.blocks)] = w.blocks.nbytes
+    paths = [f"{repacked} projections repacked for the int8 GEMM at every row count"]
+    if repacked:
+        paths[0] += f" ({', '.join(sorted(repacks))})"
+    if limits:  # some projections stay in the file's blocks
+        paths.append(
+            "the others: the kernel for up to "
+            + ", ".join(f"{f}: {n}" for f, n in limits.items())
+            + " rows, above it the int8 GEMM for "
+            + (", ".join(f for f, wins in gemm.items() if wins) or "none")
+            + ", decoded tiles for the rest"
+        )
+    if model.output_gguf is not None and model.output_repacked is None:
+        above = "the int8 GEMM" if model.output_gemm else "decoded tiles"
+        paths.append(
+            f"the output layer: the kernel for up to {model.gguf_logits_max_rows} rows, "
+            f"above it {above}"
+        )
     logger.info(
         "--quantization: in the file's blocks, no dense copy: %s; dense: %d projections; "
-        "%d projections repacked for the int8 GEMM at every row count (%s); the others: the "
-        "kernel for up to %s rows (logits %d), above it the int8 GEMM for %s%s, decoded "
-        "tiles for the rest (measured in %.2f s); weights resident: %.1f MiB",
+        "%s (measured in %.2f s); weights resident: %.1f MiB",
         ", ".join(held) or "nothing",
         dense,
-        repacked,
-        ", ".join(sorted(repacks)) or "no format won",
-        ", ".join(f"{f}: {n}" for f, n in limits.items()) or "-",
-        model.gguf_logits_max_rows,
-        ", ".join(f for f, wins in gemm.items() if wins) or "none",
-        " and the output layer" if model.output_gemm else "",
+        "; ".join(paths),
         seconds,
         (nbytes + sum(blocks.values())) / 2**20,
     )

@@ -279,10 +279,11 @@ def test_repacking_is_chosen_by_a_win_at_8_rows_in_any_of_three_rounds(rounds_lo
 
 
 def test_a_repacked_format_is_not_timed_for_the_file_blocks_paths(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Once a format is repacked, the load spends no time choosing the file's blocks' row
-    limit and GEMM for it (on an 8B file that timing took seconds of the start-up)."""
+    limit and GEMM for it (on an 8B file that timing took seconds of the start-up), and its
+    log line speaks of no such limit."""
     path = write_tiny(tmp_path / "m.gguf", "Q4_K")
     model = load_model(path, torch.float32, quantized=True, repack=False)
     timed: list[GGUFWeight] = []
@@ -294,10 +295,13 @@ def test_a_repacked_format_is_not_timed_for_the_file_blocks_paths(
     monkeypatch.setattr(quantization, "_repack_wins", lambda *args: True)
     monkeypatch.setattr(quantization, "_gemm_wins", lambda w, dtype: timed.append(w) or False)
     monkeypatch.setattr(quantization, "_row_limit", row_limit)
-    quantization.choose_paths(model, torch.float32)
+    with caplog.at_level(logging.INFO, logger="pagoda.model.loader"):
+        quantization.choose_paths(model, torch.float32)
     assert all(m.repacked for m in model.modules() if isinstance(m, Linear))
     assert model.output_repacked is not None
     assert timed == []
+    line = next(r.getMessage() for r in caplog.records if "repacked" in r.getMessage())
+    assert "output layer" in line and "rows" not in line
 
 
 def test_the_load_times_each_format_on_its_largest_projection(
@@ -342,7 +346,12 @@ def test_auto_says_what_it_chose(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     with caplog.at_level(logging.INFO, logger="pagoda.model.loader"):
         model = load_model(path, torch.bfloat16, quantized=True)
     line = next(r.getMessage() for r in caplog.records if "file's blocks" in r.getMessage())
-    assert "Q6_K" in line and "rows" in line and "MiB" in line
+    assert "Q6_K" in line and "MiB" in line
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    # a limit in rows is said of what stays in the file's blocks, if anything does
+    output_kept = model.output_gguf is not None and model.output_repacked is None
+    kept = any(m.gguf for m in linears) or output_kept
+    assert ("rows" in line) is kept
     limits = {m.gguf_max_rows for m in model.modules() if isinstance(m, Linear)}
     assert all(limit >= 1 for limit in limits) and model.gguf_logits_max_rows >= 1
 
