@@ -20,6 +20,11 @@
 // gguf_repack lays a weight out once, at load, in a compact form of that layout (about the
 // file's bytes), and gguf_gemm_repacked computes from it what gguf_gemm computes from the
 // blocks, bit for bit, with no tile decoded a call: at every row count, one included.
+//
+// On a CPU with AVX2 (+ FMA, F16C) but no AVX-512 the same tiles run an AVX2 microkernel
+// (maddubs: u8 x s8 pairs into int16, then madd with the scales), 8 columns a vector, to
+// the same integer totals and float operations; its gemm_repacked expands each tile from the
+// repacked form and runs that microkernel.
 
 #include "quantized_input.h"
 #include "simd.h"
@@ -33,7 +38,12 @@ namespace pagoda {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
     defined(__AVX512DQ__)
 #define PAGODA_GGUF_GEMM 1
+#define PAGODA_GGUF_GEMM_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define PAGODA_GGUF_GEMM 1
+#endif
 
+#ifdef PAGODA_GGUF_GEMM
 namespace {
 
 constexpr int kLanes = 16;  // output columns a vector
@@ -55,6 +65,7 @@ void clear_lane(Packed<kSubs>* p, int lane) {
   p->d[lane] = p->dm[lane] = 0.f;
 }
 
+#ifdef PAGODA_GGUF_GEMM_AVX512
 // codes[lane] (256 codes of column `lane` in weight order) into p->q: 4 transposes of 16 x 16
 // dwords (rows: the columns, dwords: the quads), in 4 rounds of 16 shuffles each.
 template <int kSubs>
@@ -88,6 +99,39 @@ PAGODA_INLINE void put_codes(const uint8_t (*codes)[kSuper], Packed<kSubs>* p) {
     }
   }
 }
+#else
+// codes[lane] (256 codes of column `lane` in weight order) into p->q: 8 x 8 transposes of
+// dwords (rows: 8 of the columns, dwords: 8 of the quads).
+template <int kSubs>
+PAGODA_INLINE void put_codes(const uint8_t (*codes)[kSuper], Packed<kSubs>* p) {
+  for (int g = 0; g < 2; ++g) {
+    for (int m = 0; m < 8; ++m) {
+      __m256i r[8], t[8];
+      for (int i = 0; i < 8; ++i) {
+        r[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes[8 * g + i] + 32 * m));
+      }
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+      }
+      // quad 8m + e of rows 0 .. 3 in r[e]'s low 128 bits (4 .. 7: quad 8m + 4 + e), rows
+      // 4 .. 7 in r[4 + e]'s
+      for (int e = 0; e < 4; ++e) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(p->q[8 * m + e] + 32 * g),
+                           _mm256_permute2x128_si256(r[e], r[4 + e], 0x20));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(p->q[8 * m + 4 + e] + 32 * g),
+                           _mm256_permute2x128_si256(r[e], r[4 + e], 0x31));
+      }
+    }
+  }
+}
+#endif
 
 // Q4_K: [d][dmin][12 B scales and minimums][128 B nibbles]; sub-block 2m + s is the low
 // (s = 0) or high nibbles of bytes 32m .. 32m + 31. w = d sc q - dmin mn.
@@ -155,6 +199,7 @@ struct Q6_K {
   }
 };
 
+#ifdef PAGODA_GGUF_GEMM_AVX512
 // Rows r0 .. r0 + R - 1 of the input against column vectors p[0 .. NC - 1] (each at super-
 // blocks s0 .. s0 + supers - 1, `stride` packed super-blocks apart) into acc[c][r].
 //
@@ -238,6 +283,79 @@ PAGODA_INLINE void microkernel(const Packed<F::kSubs>* p, int64_t stride, int64_
   }
 }
 
+#else
+// Rows r0 .. r0 + R - 1 of the input against half `half` (its columns 8 half .. 8 half + 7)
+// of a column vector's super-blocks p[0 .. supers - 1] (s0 .. s0 + supers - 1) into acc[r].
+//
+// maddubs multiplies the u8 codes by the s8 inputs and adds each two products into int16
+// (|2 x 63 x 127| = 16002: no saturation), and a sub-block's such pairs are summed in int16
+// before one madd with the scale pair (sc_j, sc_j) adds sc_j times them into the int32 total.
+// Q4_K: 16 products a half-dword, |.| <= 16 x 15 x 127 = 30480. Q6_K: the pair starts at the
+// offset -32 times the inputs' sum (InputRows::off16) and ends at sum (q - 32) x of 8
+// products, |.| <= 8 x 32 x 127 = 32512; the int16 adds wrap on the way there, which leaves
+// the end exact. The integer totals are the AVX-512 kernel's, and so are the float operations
+// on them, lane for lane.
+template <typename F, int R>
+PAGODA_INLINE void microkernel(const Packed<F::kSubs>* p, int64_t supers, const InputRows& x,
+                               int64_t r0, int64_t s0, int half, __m256* acc) {
+  constexpr int kQuads = F::kSubValues / 4;  // quads of 4 codes a sub-block
+  const int lane0 = 8 * half;
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const int64_t k = x.supers * kSuper;
+  for (int64_t s = 0; s < supers; ++s) {
+    const int64_t sb = s0 + s;
+    const Packed<F::kSubs>& pc = p[s];
+    const int8_t* xc[R];
+    const int32_t* off[R];
+    for (int r = 0; r < R; ++r) {
+      xc[r] = x.codes + (r0 + r) * k + sb * kSuper;
+      off[r] = x.off16 + (r0 + r) * x.supers * 16 + sb * 16;
+    }
+    __m256i total[R];
+    for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_si256();
+#pragma GCC unroll 16
+    for (int j = 0; j < F::kSubs; ++j) {
+      __m256i sum[R];
+      for (int r = 0; r < R; ++r) {
+        sum[r] = F::kMins ? _mm256_setzero_si256() : _mm256_set1_epi32(off[r][j]);
+      }
+#pragma GCC unroll 8
+      for (int u = 0; u < kQuads; ++u) {
+        const int t = j * kQuads + u;
+        const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(pc.q[t] + 4 * lane0));
+        for (int r = 0; r < R; ++r) {
+          int32_t four;
+          std::memcpy(&four, xc[r] + 4 * t, 4);
+          sum[r] = _mm256_add_epi16(sum[r], _mm256_maddubs_epi16(w, _mm256_set1_epi32(four)));
+        }
+      }
+      const __m256i sc = _mm256_load_si256(reinterpret_cast<const __m256i*>(pc.scale[j] + lane0));
+      for (int r = 0; r < R; ++r) {
+        total[r] = _mm256_add_epi32(total[r], _mm256_madd_epi16(sum[r], sc));
+      }
+    }
+    const __m256 d = _mm256_load_ps(pc.d + lane0);
+    for (int r = 0; r < R; ++r) {
+      const __m256 dx = _mm256_set1_ps(x.scale[(r0 + r) * x.supers + sb]);
+      __m256 v = _mm256_mul_ps(d, _mm256_cvtepi32_ps(total[r]));
+      if constexpr (F::kMins) {
+        const int16_t* s32 = x.sum32 + (r0 + r) * x.supers * 8 + sb * 8;
+        __m256i m = _mm256_setzero_si256();
+        for (int q = 0; q < 4; ++q) {
+          int32_t pair;
+          std::memcpy(&pair, s32 + 2 * q, 4);
+          const __m256i mins =
+              _mm256_load_si256(reinterpret_cast<const __m256i*>(pc.mins[q] + lane0));
+          m = _mm256_add_epi32(m, _mm256_madd_epi16(mins, _mm256_set1_epi32(pair)));
+        }
+        v = _mm256_fmadd_ps(_mm256_load_ps(pc.dm + lane0), _mm256_cvtepi32_ps(m), v);
+      }
+      acc[r] = _mm256_fmadd_ps(v, dx, acc[r]);
+    }
+  }
+}
+#endif
+
 // The weight is decoded kTileVectors x 16 columns by kTileSupers super-blocks at a time
 // (8 x 16 x 2048 weights: 320 KB for Q4_K, 350 KB for Q6_K, kept in L2); every kRows input
 // rows run through the tile's columns kColumnVectors vectors at a time.
@@ -246,6 +364,7 @@ constexpr int64_t kTileSupers = 8;
 constexpr int kColumnVectors = 2;
 constexpr int kRows = 4;
 
+#ifdef PAGODA_GGUF_GEMM_AVX512
 template <typename F, int NC, int R>
 void run_block(const Packed<F::kSubs>* p, int64_t stride, int64_t supers, const InputRows& x,
                int64_t r0, int64_t s0, int64_t v0, int64_t n, bool add, float* out) {
@@ -263,6 +382,45 @@ void run_block(const Packed<F::kSubs>* p, int64_t stride, int64_t supers, const 
     }
   }
 }
+#else
+// acc[r] into (or, with add, added to) the output row r0 + r at columns col .. col + 7 (those
+// below n).
+template <int R>
+PAGODA_INLINE void store_columns(const __m256* acc, int64_t r0, int64_t col, int64_t n, bool add,
+                                 float* out) {
+  const int64_t count = std::min<int64_t>(8, n - col);
+  if (count == 8) {
+    for (int r = 0; r < R; ++r) {
+      float* o = out + (r0 + r) * n + col;
+      _mm256_storeu_ps(o, add ? _mm256_add_ps(acc[r], _mm256_loadu_ps(o)) : acc[r]);
+    }
+    return;
+  }
+  const __m256i mask =
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
+                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  for (int r = 0; r < R; ++r) {
+    float* o = out + (r0 + r) * n + col;
+    __m256 v = acc[r];
+    if (add) v = _mm256_add_ps(v, _mm256_maskload_ps(o, mask));
+    _mm256_maskstore_ps(o, mask, v);
+  }
+}
+
+template <typename F, int NC, int R>
+void run_block(const Packed<F::kSubs>* p, int64_t stride, int64_t supers, const InputRows& x,
+               int64_t r0, int64_t s0, int64_t v0, int64_t n, bool add, float* out) {
+  for (int c = 0; c < NC; ++c) {
+    for (int half = 0; half < 2; ++half) {
+      const int64_t col = (v0 + c) * kLanes + 8 * half;
+      if (col >= n) break;
+      __m256 acc[R];
+      microkernel<F, R>(p + c * stride, supers, x, r0, s0, half, acc);
+      store_columns<R>(acc, r0, col, n, add, out);
+    }
+  }
+}
+#endif
 
 template <typename F, int NC>
 void run_rows(const Packed<F::kSubs>* p, int64_t stride, int64_t supers, const InputRows& x,
@@ -436,6 +594,7 @@ void repack_impl(const at::Tensor& w, at::Tensor& out) {
   });
 }
 
+#ifdef PAGODA_GGUF_GEMM_AVX512
 // The scale pairs sc_j | sc_j << 16 (int16) of a repacked sub-block's 16 lanes.
 PAGODA_INLINE __m512i scale_pairs(const uint8_t* sc) {
   const __m512i v = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(sc)));
@@ -703,6 +862,111 @@ void repacked_gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, i
   });
 }
 
+#else
+// The scale pairs sc_j | sc_j << 16 (int16) of 8 lanes of a repacked sub-block.
+PAGODA_INLINE __m256i scale_pairs(const uint8_t* sc) {
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc)));
+  return _mm256_or_si256(v, _mm256_slli_epi32(v, 16));
+}
+PAGODA_INLINE __m256i scale_pairs(const int8_t* sc) {
+  const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc)));
+  return _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF)),
+                         _mm256_slli_epi32(v, 16));
+}
+
+// A repacked super-block of 16 columns as gguf_gemm's tiles hold it (the same bytes its
+// decoding gives), 32 bytes at a time.
+template <typename F>
+PAGODA_INLINE void expand(const typename RepackedOf<F>::T& r, Packed<F::kSubs>* p) {
+  constexpr int kHalfQuads = F::kSubValues / 8;
+  const __m256i low_mask = _mm256_set1_epi8(0x0F), high_mask = _mm256_set1_epi8(0x30);
+  for (int j = 0; j < F::kSubs; ++j) {
+    for (int g = 0; g < 2; ++g) {
+      __m256i top = _mm256_setzero_si256();
+      if constexpr (!F::kMins) {
+        top = _mm256_load_si256(reinterpret_cast<const __m256i*>(r.high[j] + 32 * g));
+      }
+      for (int u = 0; u < kHalfQuads; ++u) {
+        const __m256i v =
+            _mm256_load_si256(reinterpret_cast<const __m256i*>(r.q[j * kHalfQuads + u] + 32 * g));
+        __m256i w0 = _mm256_and_si256(v, low_mask);
+        __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_mask);
+        if constexpr (!F::kMins) {
+          const __m256i t0 = u == 0 ? _mm256_slli_epi16(top, 4) : _mm256_slli_epi16(top, 2);
+          const __m256i t1 = u == 0 ? top : _mm256_srli_epi16(top, 2);
+          w0 = _mm256_or_si256(w0, _mm256_and_si256(t0, high_mask));
+          w1 = _mm256_or_si256(w1, _mm256_and_si256(t1, high_mask));
+        }
+        _mm256_store_si256(reinterpret_cast<__m256i*>(p->q[2 * j * kHalfQuads + u] + 32 * g), w0);
+        _mm256_store_si256(
+            reinterpret_cast<__m256i*>(p->q[(2 * j + 1) * kHalfQuads + u] + 32 * g), w1);
+      }
+      _mm256_store_si256(reinterpret_cast<__m256i*>(p->scale[j] + 8 * g),
+                         scale_pairs(r.scale[j] + 8 * g));
+    }
+  }
+  for (int g = 0; g < 2; ++g) {
+    _mm256_store_ps(p->d + 8 * g,
+                    _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r.d + 8 * g))));
+    if constexpr (F::kMins) {
+      for (int q = 0; q < 4; ++q) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(p->mins[q] + 8 * g),
+                           _mm256_cvtepu8_epi16(_mm_loadu_si128(
+                               reinterpret_cast<const __m128i*>(r.mins[q] + 16 * g))));
+      }
+      _mm256_store_ps(p->dm + 8 * g, _mm256_cvtph_ps(_mm_loadu_si128(
+                                         reinterpret_cast<const __m128i*>(r.dm + 8 * g))));
+    } else {
+      for (int q = 0; q < 4; ++q) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(p->mins[q] + 8 * g),
+                           _mm256_setzero_si256());
+      }
+      _mm256_store_ps(p->dm + 8 * g, _mm256_setzero_ps());
+    }
+  }
+}
+
+// gemm_impl with each tile expanded from the repacked weight instead of decoded from the
+// file's blocks: the same tiles, the same microkernel, the same output bit for bit.
+template <typename F>
+void repacked_gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, int64_t n,
+                        at::Tensor& out) {
+  using T = typename RepackedOf<F>::T;
+  using P = Packed<F::kSubs>;
+  const int64_t supers = x.supers;
+  const int64_t vectors = (n + kLanes - 1) / kLanes;
+  const int64_t tiles = (vectors + kTileVectors - 1) / kTileVectors;
+  const T* wp = reinterpret_cast<const T*>(w.data_ptr<uint8_t>());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    static thread_local std::vector<P> buffer;
+    buffer.resize(kTileVectors * kTileSupers);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t v0 = tile * kTileVectors, v1 = std::min(vectors, v0 + kTileVectors);
+      for (int64_t s0 = 0; s0 < supers; s0 += kTileSupers) {
+        const int64_t span = std::min(supers, s0 + kTileSupers) - s0;
+        for (int64_t v = v0; v < v1; ++v) {
+          for (int64_t s = s0; s < s0 + span; ++s) {
+            expand<F>(wp[v * supers + s], &buffer[(v - v0) * span + (s - s0)]);
+          }
+        }
+        for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+          const int r = static_cast<int>(std::min<int64_t>(kRows, rows - r0));
+          int64_t v = v0;
+          for (; v + kColumnVectors <= v1; v += kColumnVectors) {
+            run_rows<F, kColumnVectors>(&buffer[(v - v0) * span], span, span, x, r0, r, s0, v,
+                                        n, s0 > 0, op);
+          }
+          for (; v < v1; ++v) {
+            run_rows<F, 1>(&buffer[(v - v0) * span], span, span, x, r0, r, s0, v, n, s0 > 0, op);
+          }
+        }
+      }
+    }
+  });
+}
+#endif
+
 struct RepackFormat {
   const char* name;
   int64_t bytes;     // the file's bytes a super-block of a row
@@ -771,7 +1035,7 @@ at::Tensor gguf_gemm(const at::Tensor& x, const at::Tensor& w, const std::string
   });
   return out;
 #else
-  TORCH_CHECK(false, "gguf_gemm needs a build with AVX-512 VNNI");
+  TORCH_CHECK(false, "gguf_gemm needs a build with AVX-512 VNNI or AVX2");
 #endif
 }
 
@@ -787,7 +1051,7 @@ at::Tensor gguf_repack(const at::Tensor& w, const std::string& format) {
   if (out.numel() > 0) f.repack(w, out);
   return out;
 #else
-  TORCH_CHECK(false, "gguf_repack needs a build with AVX-512 VNNI");
+  TORCH_CHECK(false, "gguf_repack needs a build with AVX-512 VNNI or AVX2");
 #endif
 }
 
@@ -814,7 +1078,7 @@ at::Tensor gguf_gemm_repacked(const at::Tensor& x, const at::Tensor& w, const st
   });
   return out;
 #else
-  TORCH_CHECK(false, "gguf_gemm_repacked needs a build with AVX-512 VNNI");
+  TORCH_CHECK(false, "gguf_gemm_repacked needs a build with AVX-512 VNNI or AVX2");
 #endif
 }
 

@@ -12,7 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -57,12 +57,23 @@ inline __m512 exp16(__m512 x) {
   }
   return _mm512_scalef_ps(p, n);
 }
+#endif
 
+#if defined(__AVX512F__) || defined(__F16C__)
 // The half-precision float stored at p (a GGUF block's scale; any alignment).
 inline float f16(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
   return _cvtsh_ss(h);
+}
+#endif
+
+#ifdef __AVX2__
+// 8 values of a row as float32.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
 }
 #endif
 

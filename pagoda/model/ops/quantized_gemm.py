@@ -52,7 +52,7 @@ class RepackedWeight:
 
 @functools.cache
 def gemm_formats() -> frozenset[str]:
-    """The formats the C++ kernel takes in this build (none without AVX-512 VNNI)."""
+    """The formats the C++ kernel takes in this build (none without AVX-512 VNNI or AVX2)."""
     return frozenset(torch.ops.pagoda.gguf_gemm_formats()) if kernels.load() else frozenset()
 
 

@@ -15,6 +15,8 @@ from pagoda.model.ops.quantized_linear import kernel_formats
 # quantized_gemm.cpp): on a CPU that has them a build without those kernels is a failure;
 # on one without them (an AVX2-only CPU) their tests skip and the PyTorch twins run.
 QUANTIZED_KERNEL_FLAGS = frozenset({"avx512_vnni", "avx512bw", "avx512vl", "avx512dq"})
+# The int8 GEMM (quantized_gemm.cpp) has an AVX2 form too: every CPU with these runs it.
+GEMM_KERNEL_FLAGS = frozenset({"avx2", "fma", "f16c"})
 
 
 def cpu_flags() -> frozenset[str]:
@@ -37,20 +39,20 @@ def kernels_built() -> None:
     assert kernels.load(), "the C++ kernels are not built: python -m pagoda.kernels"
 
 
-def _quantized(formats: frozenset[str], op: str) -> None:
+def _quantized(formats: frozenset[str], op: str, flags: frozenset[str], needs: str) -> None:
     if formats:
         return
-    assert not QUANTIZED_KERNEL_FLAGS <= cpu_flags(), f"this CPU runs {op}, but the build lacks it"
-    pytest.skip(f"{op} is not built for this CPU (it needs AVX-512 VNNI)")
+    assert not flags <= cpu_flags(), f"this CPU runs {op}, but the build lacks it"
+    pytest.skip(f"{op} is not built for this CPU (it needs {needs})")
 
 
 @pytest.fixture(scope="session")
 def linear_kernels(kernels_built: None) -> None:
     """As kernels_built, for gguf_linear and the dequantizer: skips on a CPU they need more of."""
-    _quantized(kernel_formats(), "gguf_linear")
+    _quantized(kernel_formats(), "gguf_linear", QUANTIZED_KERNEL_FLAGS, "AVX-512 VNNI")
 
 
 @pytest.fixture(scope="session")
 def gemm_kernels(kernels_built: None) -> None:
     """As kernels_built, for the int8 GEMM: skips on a CPU it needs more of."""
-    _quantized(gemm_formats(), "gguf_gemm")
+    _quantized(gemm_formats(), "gguf_gemm", GEMM_KERNEL_FLAGS, "AVX2, FMA and F16C")

@@ -78,6 +78,66 @@ def test_kernel_equals_twin_on_big_and_thin_shapes(
 
 
 @pytest.mark.parametrize("qtype", GEMM_FORMATS)
+@pytest.mark.parametrize("n", [8, 13, 24, 31, 40])
+@pytest.mark.parametrize("rows", [1, 3, 5])
+def test_kernel_equals_twin_on_partial_column_vectors(
+    gemm_kernels: None, qtype: str, n: int, rows: int
+) -> None:
+    """Output columns that end in either half of a 16-column vector (the AVX2 microkernel's
+    8 columns a vector), or at its end."""
+    w = random_weight(qtype, n, 512, seed=n)
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
+    assert_kernel_equals_twin(x, w)
+    assert torch.equal(
+        gguf_gemm_repacked(x, repack(w)), torch.ops.pagoda.gguf_gemm(x, w.blocks, qtype)
+    )
+
+
+def extreme_weight(qtype: str, code_byte: int, scale_byte: int, rows: int, cols: int) -> GGUFWeight:
+    """Random blocks with every code byte set to code_byte (Q4_K: codes 15 from 0xFF; Q6_K:
+    codes 63 from 0xFF, 0 from 0x00) and every scale (and minimum) byte to scale_byte."""
+    blocks = random_blocks(qtype, rows * cols // FORMATS[qtype][0], seed=1).copy()
+    if qtype == "Q4_K":  # [d][dmin][12 scale and minimum bytes][128 code bytes]
+        blocks[:, 4:16], blocks[:, 16:144] = scale_byte, code_byte
+    else:  # [128 low nibbles][64 top bits][16 int8 scales][d]
+        blocks[:, 0:192], blocks[:, 192:208] = code_byte, scale_byte
+    return GGUFWeight(torch.from_numpy(blocks).reshape(rows, -1), qtype)
+
+
+@pytest.mark.parametrize(
+    ("qtype", "code_byte", "scale_byte"),
+    [("Q4_K", 0xFF, 0xFF), ("Q6_K", 0xFF, 0x7F), ("Q6_K", 0x00, 0x80), ("Q6_K", 0x00, 0x7F)],
+)
+def test_kernel_equals_twin_at_the_extremes(
+    gemm_kernels: None, qtype: str, code_byte: int, scale_byte: int
+) -> None:
+    """The largest codes (and Q6_K's smallest, q - 32 = -32) and scales against inputs that all
+    quantize to +127 or -127: the integer sums at their bounds (in int16, 16 x 15 x 127 and
+    8 x 32 x 127 for the AVX2 microkernel's pairs) come out exact."""
+    cols = 1024
+    w = extreme_weight(qtype, code_byte, scale_byte, 20, cols)
+    signs = torch.ones(cols)
+    x = (
+        torch.stack(
+            [
+                signs,
+                -signs,
+                signs * torch.tensor([1.0, -1.0]).repeat(cols // 2),
+                signs * torch.tensor([1.0, 1.0, -1.0, -1.0]).repeat(cols // 4),
+                -signs * torch.arange(cols).remainder(16).lt(8),
+            ]
+        )
+        * 3
+    )
+    assert_kernel_equals_twin(x, w)
+    codes, _ = quantize_inputs_torch(x)
+    assert codes.abs().max() == 127
+    assert torch.equal(
+        gguf_gemm_repacked(x, repack(w)), torch.ops.pagoda.gguf_gemm(x, w.blocks, qtype)
+    )
+
+
+@pytest.mark.parametrize("qtype", GEMM_FORMATS)
 def test_twin_is_the_float32_product_up_to_int8_inputs(qtype: str) -> None:
     """Quantizing the inputs to int8 per 256 values costs under 2 % of the product (about
     0.7 % measured on random blocks), against the gguf package's values in float32."""
