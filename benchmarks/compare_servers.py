@@ -14,7 +14,8 @@ a summary JSON and a plot.
 The model is the embedded default unless --gguf names a file, which every server
 but vLLM then serves (vLLM: --model, a Hugging Face directory of the same model);
 the end tokens banned for llama-cpp-python's server (it has no ignore_eos) are the
-model's own, as its tokenizer reads them. `llamacpp-2t` is that server with 2 decode
+model's own, as its tokenizer reads them. `pagoda-dense` is Pagoda on the file dequantized
+to a dense float32 copy (--dtype float32), `llamacpp-2t` is that server with 2 decode
 threads, `llamaserver` llama.cpp's C++ server.
 """
 
@@ -51,24 +52,28 @@ def server_specs(
         "url": "http://127.0.0.1:8200",
         "extra": {"ban_token_ids": ",".join(map(str, end_tokens))},  # no ignore_eos
     }
+    pagoda = {
+        "command": [
+            str(Path(sys.executable).with_name("pagoda")),  # this interpreter's environment
+            "serve",
+            *([str(gguf)] if gguf else []),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "8300",
+            "--served-model-name",
+            name,
+            "--disable-uvicorn-access-log",
+        ],
+        "env": {},
+        "url": "http://127.0.0.1:8300",
+        "extra": {"ignore_eos": True},
+    }
     return {
-        "pagoda": {
-            "command": [
-                str(Path(sys.executable).with_name("pagoda")),  # this interpreter's environment
-                "serve",
-                *([str(gguf)] if gguf else []),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "8300",
-                "--served-model-name",
-                name,
-                "--disable-uvicorn-access-log",
-            ],
-            "env": {},
-            "url": "http://127.0.0.1:8300",
-            "extra": {"ignore_eos": True},
-        },
+        "pagoda": pagoda,
+        # the file dequantized to a dense float32 copy: what --dtype auto ran on a CPU
+        # without native bfloat16 before it computed from the file's blocks there too
+        "pagoda-dense": {**pagoda, "command": [*pagoda["command"], "--dtype", "float32"]},
         "vllm": {
             "command": [str(ANCHORS / "serve-vllm.sh")],
             "env": vllm_env,
