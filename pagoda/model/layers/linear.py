@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -13,6 +14,13 @@ from pagoda.model.ops.quantized_gemm import RepackedWeight
 from pagoda.model.ops.quantized_linear import GGUFWeight
 
 Product = Callable[[torch.Tensor, GGUFWeight], torch.Tensor]
+
+
+@functools.cache
+def onednn_packs_bfloat16() -> bool:
+    """Whether oneDNN lays bfloat16 weights out in advance on this CPU (it needs AVX-512 BW,
+    VL and DQ, or AVX-NE-CONVERT; an AVX2-only CPU has neither, and its reorder raises)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class Linear(nn.Linear):
@@ -49,9 +57,10 @@ class Linear(nn.Linear):
 
         F.linear would otherwise reorder the weight on every call; prepacked, a
         bfloat16 projection runs 1.1-2x faster (BENCHMARKS.md). CPU only; a layer
-        held in blocks has no dense weight to pack.
+        held in blocks has no dense weight to pack, and a CPU oneDNN cannot pack for keeps
+        the weight as it is.
         """
-        if self.weight is None:
+        if self.weight is None or not onednn_packs_bfloat16():
             return
         packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 32)
         self.weight = nn.Parameter(packed, requires_grad=False)

@@ -8,7 +8,7 @@ from torch import nn
 
 from pagoda.model.attention_metadata import AttentionMetadata
 from pagoda.model.layers.attention import Attention
-from pagoda.model.layers.linear import Linear
+from pagoda.model.layers.linear import Linear, onednn_packs_bfloat16
 from pagoda.model.ops import quantized_gemm, quantized_linear
 from pagoda.model.ops.quantized_gemm import RepackedWeight
 from pagoda.model.ops.quantized_linear import GGUFWeight
@@ -93,8 +93,10 @@ class CausalLM(nn.Module):
         """Prepacks the projections and a copy of the output layer for oneDNN (CPU, bfloat16).
 
         The output layer is copied because a tied one is also the embedding table,
-        whose rows must stay readable.
+        whose rows must stay readable. Nothing changes on a CPU oneDNN cannot pack for.
         """
+        if not onednn_packs_bfloat16():
+            return
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack_for_onednn()
