@@ -11,12 +11,10 @@ from pagoda import envs, kernels
 from pagoda.model.ops.quantized_gemm import gemm_formats
 from pagoda.model.ops.quantized_linear import kernel_formats
 
-# The instruction sets the quantized kernels are compiled for (quantized_linear.cpp,
-# quantized_gemm.cpp): on a CPU that has them a build without those kernels is a failure;
-# on one without them (an AVX2-only CPU) their tests skip and the PyTorch twins run.
-QUANTIZED_KERNEL_FLAGS = frozenset({"avx512_vnni", "avx512bw", "avx512vl", "avx512dq"})
-# The int8 GEMM (quantized_gemm.cpp) has an AVX2 form too: every CPU with these runs it.
-GEMM_KERNEL_FLAGS = frozenset({"avx2", "fma", "f16c"})
+# The quantized kernels (quantized_linear.cpp, quantized_gemm.cpp) are compiled for AVX-512
+# VNNI or, without it, for AVX2 + FMA + F16C: on a CPU that has these a build without those
+# kernels is a failure; on one without them their tests skip and the PyTorch twins run.
+AVX2_KERNEL_FLAGS = frozenset({"avx2", "fma", "f16c"})
 
 
 def cpu_flags() -> frozenset[str]:
@@ -49,10 +47,10 @@ def _quantized(formats: frozenset[str], op: str, flags: frozenset[str], needs: s
 @pytest.fixture(scope="session")
 def linear_kernels(kernels_built: None) -> None:
     """As kernels_built, for gguf_linear and the dequantizer: skips on a CPU they need more of."""
-    _quantized(kernel_formats(), "gguf_linear", QUANTIZED_KERNEL_FLAGS, "AVX-512 VNNI")
+    _quantized(kernel_formats(), "gguf_linear", AVX2_KERNEL_FLAGS, "AVX2, FMA and F16C")
 
 
 @pytest.fixture(scope="session")
 def gemm_kernels(kernels_built: None) -> None:
     """As kernels_built, for the int8 GEMM: skips on a CPU it needs more of."""
-    _quantized(gemm_formats(), "gguf_gemm", GEMM_KERNEL_FLAGS, "AVX2, FMA and F16C")
+    _quantized(gemm_formats(), "gguf_gemm", AVX2_KERNEL_FLAGS, "AVX2, FMA and F16C")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from kernel_checks import DTYPES
@@ -58,6 +59,60 @@ def test_kernel_equals_twin(
     # float32 rounding of the sums, relative to the size of their terms
     scale = (quantize_rows_torch(x).abs() @ dense(w).abs().T).max()
     torch.testing.assert_close(got / scale, want / scale, rtol=0, atol=1e-6)
+
+
+# Byte offsets of each format's float16 scales in a block; every other byte is codes (or,
+# for Q4_K/Q5_K, 6-bit scales; for Q6_K, int8 scales).
+_F16_AT = {
+    "Q8_0": (0,),
+    "Q4_0": (0,),
+    "Q4_1": (0, 2),
+    "Q5_0": (0,),
+    "Q5_1": (0, 2),
+    "Q4_K": (0, 2),
+    "Q5_K": (0, 2),
+    "Q6_K": (208,),
+}
+
+
+@pytest.mark.parametrize("qtype", FORMATS_WITH_KERNEL)
+@pytest.mark.parametrize("fill", [0xFF, 0x80, 0x7F])
+def test_extreme_codes_against_extreme_inputs(linear_kernels: None, qtype: str, fill: int) -> None:
+    """Every code at its largest (0xFF: 15, 31, 63; Q8_0's -1) or Q8_0's -128 and 127 (0x80,
+    0x7F) against inputs whose codes are all +127, all -127 or alternating: sums of byte
+    products that a 16-bit step of the kernel would saturate on."""
+    per_block, nbytes, _ = FORMATS[qtype]
+    cols = 2 * per_block if per_block == 256 else 32 * 11
+    blocks = np.full((7 * cols // per_block, nbytes), fill, dtype=np.uint8)
+    for offset in _F16_AT[qtype]:
+        blocks[:, offset : offset + 2] = np.frombuffer(np.float16(0.5).tobytes(), np.uint8)
+    w = GGUFWeight(torch.from_numpy(blocks).reshape(7, -1), qtype)
+    x = torch.ones(4, cols)
+    x[1] = -1
+    x[2, ::2] = -1
+    x[3, 1::2] = -3
+    got = torch.ops.pagoda.gguf_linear(x, w.blocks, qtype)
+    want = gguf_linear_torch(x, w)
+    scale = (quantize_rows_torch(x).abs() @ dense(w).abs().T).max()
+    torch.testing.assert_close(got / scale, want / scale, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+@pytest.mark.parametrize("blocks", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_short_legacy_rows(linear_kernels: None, qtype: str, blocks: int, rows: int) -> None:
+    """Rows of a few legacy blocks (fewer than a kernel's unit of 4 or group of 8, or one
+    more), a single weight row and one of 2: product and dequantizer against the twins."""
+    cols = 32 * blocks
+    for n in (1, 2):
+        w = random_weight(qtype, n, cols, seed=blocks + n)
+        x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(blocks))
+        got = torch.ops.pagoda.gguf_linear(x, w.blocks, qtype)
+        want = gguf_linear_torch(x, w)
+        scale = (quantize_rows_torch(x).abs() @ dense(w).abs().T).max()
+        torch.testing.assert_close(got / scale, want / scale, rtol=0, atol=1e-6)
+        values = torch.ops.pagoda.gguf_dequantize(w.blocks, qtype, torch.float32)
+        assert torch.equal(values, dequantize_rows_torch(w, torch.float32))
 
 
 @pytest.mark.parametrize("qtype", FORMATS_WITH_KERNEL)
