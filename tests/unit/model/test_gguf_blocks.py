@@ -300,7 +300,7 @@ def test_a_repacked_format_is_not_timed_for_the_file_blocks_paths(
     assert all(m.repacked for m in model.modules() if isinstance(m, Linear))
     assert model.output_repacked is not None
     assert timed == []
-    line = next(r.getMessage() for r in caplog.records if "repacked" in r.getMessage())
+    line = next(r.getMessage() for r in caplog.records if "--quantization" in r.getMessage())
     assert "output layer" in line and "rows" not in line
 
 
