@@ -46,11 +46,8 @@ def computes_from_blocks(
     file's 4-8 bits a weight as llama.cpp does rather than a dense float32 copy 4-8x larger.
     An explicit --dtype float32 keeps the dense float32 reference."""
     on_cpu = torch.device(device).type == "cpu"
-    return (
-        on_cpu
-        and quantization != "none"
-        and (dtype == torch.bfloat16 or (requested == "auto" and dtype == torch.float32))
-    )
+    # auto resolves to bfloat16 or float32 only: either way it computes from the blocks
+    return on_cpu and quantization != "none" and (dtype == torch.bfloat16 or requested == "auto")
 
 
 def kv_bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
