@@ -23,8 +23,8 @@
 //
 // On a CPU with AVX2 (+ FMA, F16C) but no AVX-512 the same tiles run an AVX2 microkernel
 // (maddubs: u8 x s8 pairs into int16, then madd with the scales), 8 columns a vector, to
-// the same integer totals and float operations; its gemm_repacked expands each tile from the
-// repacked form and runs that microkernel.
+// the same integer totals and float operations, and gguf_gemm_repacked unpacks the repacked
+// form in registers as the AVX-512 one does.
 
 #include "quantized_input.h"
 #include "simd.h"
@@ -327,11 +327,17 @@ PAGODA_INLINE void microkernel(const Packed<F::kSubs>* p, int64_t supers, const 
           int32_t four;
           std::memcpy(&four, xc[r] + 4 * t, 4);
           sum[r] = _mm256_add_epi16(sum[r], _mm256_maddubs_epi16(w, _mm256_set1_epi32(four)));
+          // An empty asm keeps each running sum in its register: the int16 adds are
+          // associative, and GCC otherwise reordered the unrolled sub-blocks into products
+          // first, spilled to the stack (~440 stack accesses a super-block), which made the
+          // Q4_K GEMM 1.4-1.5x slower on a Zen 3 at 256 rows.
+          asm("" : "+x"(sum[r]));
         }
       }
       const __m256i sc = _mm256_load_si256(reinterpret_cast<const __m256i*>(pc.scale[j] + lane0));
       for (int r = 0; r < R; ++r) {
         total[r] = _mm256_add_epi32(total[r], _mm256_madd_epi16(sum[r], sc));
+        asm("" : "+x"(total[r]));
       }
     }
     const __m256 d = _mm256_load_ps(pc.d + lane0);
@@ -594,6 +600,12 @@ void repack_impl(const at::Tensor& w, at::Tensor& out) {
   });
 }
 
+// A step of few rows reads the weight from memory once: as gguf_linear does, each super-block
+// requests the cache lines of the one kPrefetchSupers after it, into L2 (into L1 the requests
+// slowed a row's step down). A row then streams the 1B file's projections about as fast as
+// gguf_linear streams the file's blocks (21.5 ms both, within a noise of 10 %).
+constexpr int64_t kPrefetchSupers = 4;
+
 #ifdef PAGODA_GGUF_GEMM_AVX512
 // The scale pairs sc_j | sc_j << 16 (int16) of a repacked sub-block's 16 lanes.
 PAGODA_INLINE __m512i scale_pairs(const uint8_t* sc) {
@@ -605,12 +617,6 @@ PAGODA_INLINE __m512i scale_pairs(const int8_t* sc) {
   return _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi32(0xFFFF)),
                          _mm512_slli_epi32(v, 16));
 }
-
-// A step of few rows reads the weight from memory once: as gguf_linear does, each super-block
-// requests the cache lines of the one kPrefetchSupers after it, into L2 (into L1 the requests
-// slowed a row's step down). A row then streams the 1B file's projections about as fast as
-// gguf_linear streams the file's blocks (21.5 ms both, within a noise of 10 %).
-constexpr int64_t kPrefetchSupers = 4;
 
 // As microkernel (the same integer sums, the same float operations in the same order), on
 // repacked super-blocks.
@@ -740,18 +746,6 @@ void repacked_block(const typename RepackedOf<F>::T* p, int64_t stride, int64_t 
   }
 }
 
-template <typename F, int NC>
-void repacked_rows(const typename RepackedOf<F>::T* p, int64_t stride, int64_t supers,
-                   const InputRows& x, int64_t r0, int rows, int64_t s0, int64_t v0, int64_t n,
-                   bool add, float* out) {
-  switch (rows) {
-    case 1: repacked_block<F, NC, 1>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
-    case 2: repacked_block<F, NC, 2>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
-    case 3: repacked_block<F, NC, 3>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
-    default: repacked_block<F, NC, 4>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
-  }
-}
-
 // A repacked super-block of 16 columns as gguf_gemm's tiles hold it (the same bytes its
 // decoding gives): a few vector operations, no transposes.
 template <typename F>
@@ -787,6 +781,186 @@ PAGODA_INLINE void expand(const typename RepackedOf<F>::T& r, Packed<F::kSubs>* 
   } else {
     for (int q = 0; q < 4; ++q) _mm512_store_si512(p->mins[q], _mm512_setzero_si512());
     _mm512_store_ps(p->dm, _mm512_setzero_ps());
+  }
+}
+
+#else
+// The scale pairs sc_j | sc_j << 16 (int16) of 8 lanes of a repacked sub-block.
+PAGODA_INLINE __m256i scale_pairs(const uint8_t* sc) {
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc)));
+  return _mm256_or_si256(v, _mm256_slli_epi32(v, 16));
+}
+PAGODA_INLINE __m256i scale_pairs(const int8_t* sc) {
+  const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc)));
+  return _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF)),
+                         _mm256_slli_epi32(v, 16));
+}
+
+// A repacked super-block of 16 columns as gguf_gemm's tiles hold it (the same bytes its
+// decoding gives), 32 bytes at a time.
+template <typename F>
+PAGODA_INLINE void expand(const typename RepackedOf<F>::T& r, Packed<F::kSubs>* p) {
+  constexpr int kHalfQuads = F::kSubValues / 8;
+  const __m256i low_mask = _mm256_set1_epi8(0x0F), high_mask = _mm256_set1_epi8(0x30);
+  for (int j = 0; j < F::kSubs; ++j) {
+    for (int g = 0; g < 2; ++g) {
+      __m256i top = _mm256_setzero_si256();
+      if constexpr (!F::kMins) {
+        top = _mm256_load_si256(reinterpret_cast<const __m256i*>(r.high[j] + 32 * g));
+      }
+      for (int u = 0; u < kHalfQuads; ++u) {
+        const __m256i v =
+            _mm256_load_si256(reinterpret_cast<const __m256i*>(r.q[j * kHalfQuads + u] + 32 * g));
+        __m256i w0 = _mm256_and_si256(v, low_mask);
+        __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_mask);
+        if constexpr (!F::kMins) {
+          const __m256i t0 = u == 0 ? _mm256_slli_epi16(top, 4) : _mm256_slli_epi16(top, 2);
+          const __m256i t1 = u == 0 ? top : _mm256_srli_epi16(top, 2);
+          w0 = _mm256_or_si256(w0, _mm256_and_si256(t0, high_mask));
+          w1 = _mm256_or_si256(w1, _mm256_and_si256(t1, high_mask));
+        }
+        _mm256_store_si256(reinterpret_cast<__m256i*>(p->q[2 * j * kHalfQuads + u] + 32 * g), w0);
+        _mm256_store_si256(
+            reinterpret_cast<__m256i*>(p->q[(2 * j + 1) * kHalfQuads + u] + 32 * g), w1);
+      }
+      _mm256_store_si256(reinterpret_cast<__m256i*>(p->scale[j] + 8 * g),
+                         scale_pairs(r.scale[j] + 8 * g));
+    }
+  }
+  for (int g = 0; g < 2; ++g) {
+    _mm256_store_ps(p->d + 8 * g,
+                    _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r.d + 8 * g))));
+    if constexpr (F::kMins) {
+      for (int q = 0; q < 4; ++q) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(p->mins[q] + 8 * g),
+                           _mm256_cvtepu8_epi16(_mm_loadu_si128(
+                               reinterpret_cast<const __m128i*>(r.mins[q] + 16 * g))));
+      }
+      _mm256_store_ps(p->dm + 8 * g, _mm256_cvtph_ps(_mm_loadu_si128(
+                                         reinterpret_cast<const __m128i*>(r.dm + 8 * g))));
+    } else {
+      for (int q = 0; q < 4; ++q) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(p->mins[q] + 8 * g),
+                           _mm256_setzero_si256());
+      }
+      _mm256_store_ps(p->dm + 8 * g, _mm256_setzero_ps());
+    }
+  }
+}
+
+// As microkernel (the same integer totals, the same float operations in the same order), on
+// half `half` of repacked super-blocks, each code vector unpacked in registers as it is read:
+// for a few rows, expanding the tile into memory first cost more than the products.
+template <typename F, int R>
+PAGODA_INLINE void repacked_microkernel(const typename RepackedOf<F>::T* p, int64_t supers,
+                                        const InputRows& x, int64_t r0, int64_t s0, int half,
+                                        __m256* acc) {
+  constexpr int kHalfQuads = F::kSubValues / 8;
+  constexpr int kQuads = F::kSubValues / 4;
+  const int lane0 = 8 * half;
+  const __m256i low_mask = _mm256_set1_epi8(0x0F), high_mask = _mm256_set1_epi8(0x30);
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const int64_t k = x.supers * kSuper;
+  for (int64_t s = 0; s < supers; ++s) {
+    const int64_t sb = s0 + s;
+    const auto& pc = p[s];
+    const char* ahead = reinterpret_cast<const char*>(&p[s + kPrefetchSupers]) + 32 * half;
+    for (size_t line = 0; line < sizeof(p[0]); line += 64) _mm_prefetch(ahead + line, _MM_HINT_T1);
+    const int8_t* xc[R];
+    const int32_t* off[R];
+    for (int r = 0; r < R; ++r) {
+      xc[r] = x.codes + (r0 + r) * k + sb * kSuper;
+      off[r] = x.off16 + (r0 + r) * x.supers * 16 + sb * 16;
+    }
+    __m256i total[R];
+    for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_si256();
+    for (int j = 0; j < F::kSubs; ++j) {
+      __m256i sum[R];
+      for (int r = 0; r < R; ++r) {
+        sum[r] = F::kMins ? _mm256_setzero_si256() : _mm256_set1_epi32(off[r][j]);
+      }
+      __m256i top = _mm256_setzero_si256();
+      if constexpr (!F::kMins) {
+        top = _mm256_load_si256(reinterpret_cast<const __m256i*>(pc.high[j] + 32 * half));
+      }
+#pragma GCC unroll 4
+      for (int u = 0; u < kHalfQuads; ++u) {
+        const __m256i v = _mm256_load_si256(
+            reinterpret_cast<const __m256i*>(pc.q[j * kHalfQuads + u] + 32 * half));
+        __m256i w[2] = {_mm256_and_si256(v, low_mask),
+                        _mm256_and_si256(_mm256_srli_epi16(v, 4), low_mask)};
+        if constexpr (!F::kMins) {
+          const __m256i t0 = u == 0 ? _mm256_slli_epi16(top, 4) : _mm256_slli_epi16(top, 2);
+          const __m256i t1 = u == 0 ? top : _mm256_srli_epi16(top, 2);
+          w[0] = _mm256_or_si256(w[0], _mm256_and_si256(t0, high_mask));
+          w[1] = _mm256_or_si256(w[1], _mm256_and_si256(t1, high_mask));
+        }
+        for (int h = 0; h < 2; ++h) {
+          const int t = j * kQuads + h * kHalfQuads + u;
+          for (int r = 0; r < R; ++r) {
+            int32_t four;
+            std::memcpy(&four, xc[r] + 4 * t, 4);
+            // int16 sums wrap, so their order does not change the exact end value
+            sum[r] = _mm256_add_epi16(sum[r], _mm256_maddubs_epi16(w[h], _mm256_set1_epi32(four)));
+            asm("" : "+x"(sum[r]));  // in its register, as in microkernel
+          }
+        }
+      }
+      const __m256i sc = scale_pairs(pc.scale[j] + lane0);
+      for (int r = 0; r < R; ++r) {
+        total[r] = _mm256_add_epi32(total[r], _mm256_madd_epi16(sum[r], sc));
+        asm("" : "+x"(total[r]));
+      }
+    }
+    const __m256 d =
+        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pc.d + lane0)));
+    for (int r = 0; r < R; ++r) {
+      const __m256 dx = _mm256_set1_ps(x.scale[(r0 + r) * x.supers + sb]);
+      __m256 v = _mm256_mul_ps(d, _mm256_cvtepi32_ps(total[r]));
+      if constexpr (F::kMins) {
+        const int16_t* s32 = x.sum32 + (r0 + r) * x.supers * 8 + sb * 8;
+        __m256i m = _mm256_setzero_si256();
+        for (int q = 0; q < 4; ++q) {
+          int32_t pair;
+          std::memcpy(&pair, s32 + 2 * q, 4);
+          const __m256i mins = _mm256_cvtepu8_epi16(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(pc.mins[q] + 16 * half)));
+          m = _mm256_add_epi32(m, _mm256_madd_epi16(mins, _mm256_set1_epi32(pair)));
+        }
+        const __m256 dm =
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pc.dm + lane0)));
+        v = _mm256_fmadd_ps(dm, _mm256_cvtepi32_ps(m), v);
+      }
+      acc[r] = _mm256_fmadd_ps(v, dx, acc[r]);
+    }
+  }
+}
+
+template <typename F, int NC, int R>
+void repacked_block(const typename RepackedOf<F>::T* p, int64_t stride, int64_t supers,
+                    const InputRows& x, int64_t r0, int64_t s0, int64_t v0, int64_t n, bool add,
+                    float* out) {
+  for (int c = 0; c < NC; ++c) {
+    for (int half = 0; half < 2; ++half) {
+      const int64_t col = (v0 + c) * kLanes + 8 * half;
+      if (col >= n) break;
+      __m256 acc[R];
+      repacked_microkernel<F, R>(p + c * stride, supers, x, r0, s0, half, acc);
+      store_columns<R>(acc, r0, col, n, add, out);
+    }
+  }
+}
+#endif
+
+template <typename F, int NC>
+void repacked_rows(const typename RepackedOf<F>::T* p, int64_t stride, int64_t supers,
+                   const InputRows& x, int64_t r0, int rows, int64_t s0, int64_t v0, int64_t n,
+                   bool add, float* out) {
+  switch (rows) {
+    case 1: repacked_block<F, NC, 1>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
+    case 2: repacked_block<F, NC, 2>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
+    case 3: repacked_block<F, NC, 3>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
+    default: repacked_block<F, NC, 4>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
   }
 }
 
@@ -861,111 +1035,6 @@ void repacked_gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, i
     }
   });
 }
-
-#else
-// The scale pairs sc_j | sc_j << 16 (int16) of 8 lanes of a repacked sub-block.
-PAGODA_INLINE __m256i scale_pairs(const uint8_t* sc) {
-  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc)));
-  return _mm256_or_si256(v, _mm256_slli_epi32(v, 16));
-}
-PAGODA_INLINE __m256i scale_pairs(const int8_t* sc) {
-  const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc)));
-  return _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF)),
-                         _mm256_slli_epi32(v, 16));
-}
-
-// A repacked super-block of 16 columns as gguf_gemm's tiles hold it (the same bytes its
-// decoding gives), 32 bytes at a time.
-template <typename F>
-PAGODA_INLINE void expand(const typename RepackedOf<F>::T& r, Packed<F::kSubs>* p) {
-  constexpr int kHalfQuads = F::kSubValues / 8;
-  const __m256i low_mask = _mm256_set1_epi8(0x0F), high_mask = _mm256_set1_epi8(0x30);
-  for (int j = 0; j < F::kSubs; ++j) {
-    for (int g = 0; g < 2; ++g) {
-      __m256i top = _mm256_setzero_si256();
-      if constexpr (!F::kMins) {
-        top = _mm256_load_si256(reinterpret_cast<const __m256i*>(r.high[j] + 32 * g));
-      }
-      for (int u = 0; u < kHalfQuads; ++u) {
-        const __m256i v =
-            _mm256_load_si256(reinterpret_cast<const __m256i*>(r.q[j * kHalfQuads + u] + 32 * g));
-        __m256i w0 = _mm256_and_si256(v, low_mask);
-        __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_mask);
-        if constexpr (!F::kMins) {
-          const __m256i t0 = u == 0 ? _mm256_slli_epi16(top, 4) : _mm256_slli_epi16(top, 2);
-          const __m256i t1 = u == 0 ? top : _mm256_srli_epi16(top, 2);
-          w0 = _mm256_or_si256(w0, _mm256_and_si256(t0, high_mask));
-          w1 = _mm256_or_si256(w1, _mm256_and_si256(t1, high_mask));
-        }
-        _mm256_store_si256(reinterpret_cast<__m256i*>(p->q[2 * j * kHalfQuads + u] + 32 * g), w0);
-        _mm256_store_si256(
-            reinterpret_cast<__m256i*>(p->q[(2 * j + 1) * kHalfQuads + u] + 32 * g), w1);
-      }
-      _mm256_store_si256(reinterpret_cast<__m256i*>(p->scale[j] + 8 * g),
-                         scale_pairs(r.scale[j] + 8 * g));
-    }
-  }
-  for (int g = 0; g < 2; ++g) {
-    _mm256_store_ps(p->d + 8 * g,
-                    _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r.d + 8 * g))));
-    if constexpr (F::kMins) {
-      for (int q = 0; q < 4; ++q) {
-        _mm256_store_si256(reinterpret_cast<__m256i*>(p->mins[q] + 8 * g),
-                           _mm256_cvtepu8_epi16(_mm_loadu_si128(
-                               reinterpret_cast<const __m128i*>(r.mins[q] + 16 * g))));
-      }
-      _mm256_store_ps(p->dm + 8 * g, _mm256_cvtph_ps(_mm_loadu_si128(
-                                         reinterpret_cast<const __m128i*>(r.dm + 8 * g))));
-    } else {
-      for (int q = 0; q < 4; ++q) {
-        _mm256_store_si256(reinterpret_cast<__m256i*>(p->mins[q] + 8 * g),
-                           _mm256_setzero_si256());
-      }
-      _mm256_store_ps(p->dm + 8 * g, _mm256_setzero_ps());
-    }
-  }
-}
-
-// gemm_impl with each tile expanded from the repacked weight instead of decoded from the
-// file's blocks: the same tiles, the same microkernel, the same output bit for bit.
-template <typename F>
-void repacked_gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, int64_t n,
-                        at::Tensor& out) {
-  using T = typename RepackedOf<F>::T;
-  using P = Packed<F::kSubs>;
-  const int64_t supers = x.supers;
-  const int64_t vectors = (n + kLanes - 1) / kLanes;
-  const int64_t tiles = (vectors + kTileVectors - 1) / kTileVectors;
-  const T* wp = reinterpret_cast<const T*>(w.data_ptr<uint8_t>());
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    static thread_local std::vector<P> buffer;
-    buffer.resize(kTileVectors * kTileSupers);
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t v0 = tile * kTileVectors, v1 = std::min(vectors, v0 + kTileVectors);
-      for (int64_t s0 = 0; s0 < supers; s0 += kTileSupers) {
-        const int64_t span = std::min(supers, s0 + kTileSupers) - s0;
-        for (int64_t v = v0; v < v1; ++v) {
-          for (int64_t s = s0; s < s0 + span; ++s) {
-            expand<F>(wp[v * supers + s], &buffer[(v - v0) * span + (s - s0)]);
-          }
-        }
-        for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-          const int r = static_cast<int>(std::min<int64_t>(kRows, rows - r0));
-          int64_t v = v0;
-          for (; v + kColumnVectors <= v1; v += kColumnVectors) {
-            run_rows<F, kColumnVectors>(&buffer[(v - v0) * span], span, span, x, r0, r, s0, v,
-                                        n, s0 > 0, op);
-          }
-          for (; v < v1; ++v) {
-            run_rows<F, 1>(&buffer[(v - v0) * span], span, span, x, r0, r, s0, v, n, s0 > 0, op);
-          }
-        }
-      }
-    }
-  });
-}
-#endif
 
 struct RepackFormat {
   const char* name;
