@@ -167,7 +167,13 @@ def bench_once(
 
 
 def run_server(
-    name: str, spec: dict, model: str, tokenizer, prompts: dict[int, int], out: Path
+    name: str,
+    spec: dict,
+    model: str,
+    tokenizer,
+    prompts: dict[int, int],
+    out: Path,
+    ready_timeout: float = 300,
 ) -> dict:
     """Starts one server, loads it at each concurrency (-> number of prompts), stops it."""
     start = time.monotonic()
@@ -188,8 +194,8 @@ def run_server(
                     break
             except httpx.HTTPError:
                 pass
-            if time.monotonic() - start > 300:
-                raise RuntimeError(f"{name} not ready in 300 s")
+            if time.monotonic() - start > ready_timeout:
+                raise RuntimeError(f"{name} not ready in {ready_timeout:.0f} s")
             time.sleep(0.1)
         ready_s = time.monotonic() - start
         idle_rss = tree_rss(process.pid)
@@ -258,6 +264,13 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="a Hugging Face dir for vLLM")
     parser.add_argument("--prompts-per-concurrency", type=int, default=4)
     parser.add_argument("--min-prompts", type=int, default=16)
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=300,
+        help="seconds a server may take to answer /v1/models (vLLM compiles its model first: "
+        "over 5 min on an AVX2-only CPU)",
+    )
     args = parser.parse_args()
     if args.gguf and "vllm" in args.servers and not args.model:
         parser.error("vLLM serves Hugging Face directories here: name one with --model")
@@ -267,7 +280,9 @@ def main() -> None:
     specs = server_specs(args.gguf, args.name, tokenizer.eos_token_ids, args.model)
     prompts = {c: max(args.min_prompts, args.prompts_per_concurrency * c) for c in args.concurrency}
     for name in args.servers:
-        result = run_server(name, specs[name], args.name, tokenizer, prompts, out)
+        result = run_server(
+            name, specs[name], args.name, tokenizer, prompts, out, args.ready_timeout
+        )
         (out / f"{name}-server.json").write_text(json.dumps(result, indent=2))
     # The summary and the plot take every server measured into this folder so far.
     results = {
