@@ -371,9 +371,9 @@ constexpr int kColumnVectors = 2;
 constexpr int kRows = 4;
 
 #ifdef PAGODA_GGUF_GEMM_AVX512
-template <typename F, int NC, int R>
-void run_block(const Packed<F::kSubs>* p, int64_t stride, int64_t supers, const InputRows& x,
-               int64_t r0, int64_t s0, int64_t v0, int64_t n, bool add, float* out) {
+template <typename F, int NC, int R, typename P>
+void run_block(const P* p, int64_t stride, int64_t supers, const InputRows& x, int64_t r0,
+               int64_t s0, int64_t v0, int64_t n, bool add, float* out) {
   __m512 acc[NC * R];
   microkernel<F, NC, R>(p, stride, supers, x, r0, s0, acc);
   for (int c = 0; c < NC; ++c) {
@@ -413,9 +413,9 @@ PAGODA_INLINE void store_columns(const __m256* acc, int64_t r0, int64_t col, int
   }
 }
 
-template <typename F, int NC, int R>
-void run_block(const Packed<F::kSubs>* p, int64_t stride, int64_t supers, const InputRows& x,
-               int64_t r0, int64_t s0, int64_t v0, int64_t n, bool add, float* out) {
+template <typename F, int NC, int R, typename P>
+void run_block(const P* p, int64_t stride, int64_t supers, const InputRows& x, int64_t r0,
+               int64_t s0, int64_t v0, int64_t n, bool add, float* out) {
   for (int c = 0; c < NC; ++c) {
     for (int half = 0; half < 2; ++half) {
       const int64_t col = (v0 + c) * kLanes + 8 * half;
@@ -428,9 +428,10 @@ void run_block(const Packed<F::kSubs>* p, int64_t stride, int64_t supers, const 
 }
 #endif
 
-template <typename F, int NC>
-void run_rows(const Packed<F::kSubs>* p, int64_t stride, int64_t supers, const InputRows& x,
-              int64_t r0, int rows, int64_t s0, int64_t v0, int64_t n, bool add, float* out) {
+// P: Packed (a tile decoded or expanded) or the repacked form, read as it is.
+template <typename F, int NC, typename P>
+void run_rows(const P* p, int64_t stride, int64_t supers, const InputRows& x, int64_t r0,
+              int rows, int64_t s0, int64_t v0, int64_t n, bool add, float* out) {
   switch (rows) {
     case 1: run_block<F, NC, 1>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
     case 2: run_block<F, NC, 2>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
@@ -621,7 +622,7 @@ PAGODA_INLINE __m512i scale_pairs(const int8_t* sc) {
 // As microkernel (the same integer sums, the same float operations in the same order), on
 // repacked super-blocks.
 template <typename F, int NC, int R>
-PAGODA_INLINE void repacked_microkernel(const typename RepackedOf<F>::T* p, int64_t stride,
+PAGODA_INLINE void microkernel(const typename RepackedOf<F>::T* p, int64_t stride,
                                         int64_t supers, const InputRows& x, int64_t r0,
                                         int64_t s0, __m512* acc) {
   constexpr int kHalfQuads = F::kSubValues / 8;
@@ -723,25 +724,6 @@ PAGODA_INLINE void repacked_microkernel(const typename RepackedOf<F>::T* p, int6
         }
         acc[c * R + r] = _mm512_fmadd_ps(v, dx, acc[c * R + r]);
       }
-    }
-  }
-}
-
-template <typename F, int NC, int R>
-void repacked_block(const typename RepackedOf<F>::T* p, int64_t stride, int64_t supers,
-                    const InputRows& x, int64_t r0, int64_t s0, int64_t v0, int64_t n, bool add,
-                    float* out) {
-  __m512 acc[NC * R];
-  repacked_microkernel<F, NC, R>(p, stride, supers, x, r0, s0, acc);
-  for (int c = 0; c < NC; ++c) {
-    const int64_t col = (v0 + c) * kLanes;
-    const __mmask16 mask =
-        n - col >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (n - col)) - 1);
-    for (int r = 0; r < R; ++r) {
-      float* o = out + (r0 + r) * n + col;
-      __m512 v = acc[c * R + r];
-      if (add) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, o));
-      _mm512_mask_storeu_ps(o, mask, v);
     }
   }
 }
@@ -852,7 +834,7 @@ PAGODA_INLINE void expand(const typename RepackedOf<F>::T& r, Packed<F::kSubs>* 
 // half `half` of repacked super-blocks, each code vector unpacked in registers as it is read:
 // for a few rows, expanding the tile into memory first cost more than the products.
 template <typename F, int R>
-PAGODA_INLINE void repacked_microkernel(const typename RepackedOf<F>::T* p, int64_t supers,
+PAGODA_INLINE void microkernel(const typename RepackedOf<F>::T* p, int64_t supers,
                                         const InputRows& x, int64_t r0, int64_t s0, int half,
                                         __m256* acc) {
   constexpr int kHalfQuads = F::kSubValues / 8;
@@ -936,33 +918,7 @@ PAGODA_INLINE void repacked_microkernel(const typename RepackedOf<F>::T* p, int6
   }
 }
 
-template <typename F, int NC, int R>
-void repacked_block(const typename RepackedOf<F>::T* p, int64_t stride, int64_t supers,
-                    const InputRows& x, int64_t r0, int64_t s0, int64_t v0, int64_t n, bool add,
-                    float* out) {
-  for (int c = 0; c < NC; ++c) {
-    for (int half = 0; half < 2; ++half) {
-      const int64_t col = (v0 + c) * kLanes + 8 * half;
-      if (col >= n) break;
-      __m256 acc[R];
-      repacked_microkernel<F, R>(p + c * stride, supers, x, r0, s0, half, acc);
-      store_columns<R>(acc, r0, col, n, add, out);
-    }
-  }
-}
 #endif
-
-template <typename F, int NC>
-void repacked_rows(const typename RepackedOf<F>::T* p, int64_t stride, int64_t supers,
-                   const InputRows& x, int64_t r0, int rows, int64_t s0, int64_t v0, int64_t n,
-                   bool add, float* out) {
-  switch (rows) {
-    case 1: repacked_block<F, NC, 1>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
-    case 2: repacked_block<F, NC, 2>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
-    case 3: repacked_block<F, NC, 3>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
-    default: repacked_block<F, NC, 4>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
-  }
-}
 
 // Above this many rows a tile is expanded once into gguf_gemm's layout and its microkernel
 // runs on it (the unpacking then costs less than redoing it for every 4 rows).
@@ -994,7 +950,7 @@ void repacked_gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, i
         for (int64_t v = v0; v < v1; ++v) {
           for (int64_t s0 = 0; s0 < supers; s0 += kTileSupers) {
             const int64_t span = std::min(supers, s0 + kTileSupers) - s0;
-            repacked_rows<F, 1>(wp + v * supers + s0, supers, span, x, 0, r, s0, v, n, s0 > 0,
+            run_rows<F, 1>(wp + v * supers + s0, supers, span, x, 0, r, s0, v, n, s0 > 0,
                                 op);
           }
         }
@@ -1018,7 +974,7 @@ void repacked_gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, i
               run_rows<F, kColumnVectors>(&buffer[(v - v0) * span], span, span, x, r0, r, s0, v,
                                           n, add, op);
             } else {
-              repacked_rows<F, kColumnVectors>(wp + v * supers + s0, supers, span, x, r0, r,
+              run_rows<F, kColumnVectors>(wp + v * supers + s0, supers, span, x, r0, r,
                                                s0, v, n, add, op);
             }
           }
@@ -1026,7 +982,7 @@ void repacked_gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, i
             if (rows > kExpandRows) {
               run_rows<F, 1>(&buffer[(v - v0) * span], span, span, x, r0, r, s0, v, n, add, op);
             } else {
-              repacked_rows<F, 1>(wp + v * supers + s0, supers, span, x, r0, r, s0, v, n, add,
+              run_rows<F, 1>(wp + v * supers + s0, supers, span, x, r0, r, s0, v, n, add,
                                   op);
             }
           }
