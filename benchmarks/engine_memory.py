@@ -1,8 +1,9 @@
 """Where the engine's memory grows under load: KV cache written, glibc's heap, the rest.
 
-    .venv/bin/python benchmarks/engine_memory.py FILE.gguf [--concurrency 32]
+    .venv/bin/python benchmarks/engine_memory.py FILE.gguf [--concurrency 32] [--glibc-defaults]
 
-Runs the engine in-process (`LLM`, with the server's token budget) on `concurrency`
+Runs the engine in-process (`LLM`, with the server's token budget and, unless
+--glibc-defaults, the malloc settings of the server's engine process) on `concurrency`
 prompts of 256 random tokens at once, 128 output tokens each with EOS ignored, and
 prints the process's anonymous memory when ready, at its peak and after, beside the KV
 cache blocks the load wrote (every block handed out once counts) and glibc's heap
@@ -23,6 +24,7 @@ from serve_memory import MIB, memory  # the same directory, first on sys.path
 
 from pagoda.config import SERVING_MAX_NUM_BATCHED_TOKENS
 from pagoda.core.block_pool import KVCacheBlock
+from pagoda.engine.core import limit_heap
 from pagoda.engine.llm import LLM
 from pagoda.model.runner import kv_bytes_per_block
 from pagoda.sampling_params import SamplingParams
@@ -52,7 +54,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--glibc-defaults", action="store_true", help="without the engine process's limit_heap"
+    )
     args = parser.parse_args()
+    if not args.glibc_defaults:
+        limit_heap()
 
     llm = LLM(args.model, max_num_batched_tokens=SERVING_MAX_NUM_BATCHED_TOKENS)
     pool = llm.engine.scheduler.kv.pool
