@@ -623,8 +623,8 @@ PAGODA_INLINE __m512i scale_pairs(const int8_t* sc) {
 // repacked super-blocks.
 template <typename F, int NC, int R>
 PAGODA_INLINE void microkernel(const typename RepackedOf<F>::T* p, int64_t stride,
-                                        int64_t supers, const InputRows& x, int64_t r0,
-                                        int64_t s0, __m512* acc) {
+                               int64_t supers, const InputRows& x, int64_t r0, int64_t s0,
+                               __m512* acc) {
   constexpr int kHalfQuads = F::kSubValues / 8;
   const __m512i low_mask = _mm512_set1_epi8(0x0F), high_mask = _mm512_set1_epi8(0x30);
   for (int i = 0; i < NC * R; ++i) acc[i] = _mm512_setzero_ps();
@@ -835,8 +835,8 @@ PAGODA_INLINE void expand(const typename RepackedOf<F>::T& r, Packed<F::kSubs>* 
 // for a few rows, expanding the tile into memory first cost more than the products.
 template <typename F, int R>
 PAGODA_INLINE void microkernel(const typename RepackedOf<F>::T* p, int64_t supers,
-                                        const InputRows& x, int64_t r0, int64_t s0, int half,
-                                        __m256* acc) {
+                               const InputRows& x, int64_t r0, int64_t s0, int half,
+                               __m256* acc) {
   constexpr int kHalfQuads = F::kSubValues / 8;
   constexpr int kQuads = F::kSubValues / 4;
   const int lane0 = 8 * half;
@@ -950,8 +950,7 @@ void repacked_gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, i
         for (int64_t v = v0; v < v1; ++v) {
           for (int64_t s0 = 0; s0 < supers; s0 += kTileSupers) {
             const int64_t span = std::min(supers, s0 + kTileSupers) - s0;
-            run_rows<F, 1>(wp + v * supers + s0, supers, span, x, 0, r, s0, v, n, s0 > 0,
-                                op);
+            run_rows<F, 1>(wp + v * supers + s0, supers, span, x, 0, r, s0, v, n, s0 > 0, op);
           }
         }
         continue;
@@ -974,16 +973,15 @@ void repacked_gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, i
               run_rows<F, kColumnVectors>(&buffer[(v - v0) * span], span, span, x, r0, r, s0, v,
                                           n, add, op);
             } else {
-              run_rows<F, kColumnVectors>(wp + v * supers + s0, supers, span, x, r0, r,
-                                               s0, v, n, add, op);
+              run_rows<F, kColumnVectors>(wp + v * supers + s0, supers, span, x, r0, r, s0, v,
+                                          n, add, op);
             }
           }
           for (; v < v1; ++v) {
             if (rows > kExpandRows) {
               run_rows<F, 1>(&buffer[(v - v0) * span], span, span, x, r0, r, s0, v, n, add, op);
             } else {
-              run_rows<F, 1>(wp + v * supers + s0, supers, span, x, r0, r, s0, v, n, add,
-                                  op);
+              run_rows<F, 1>(wp + v * supers + s0, supers, span, x, r0, r, s0, v, n, add, op);
             }
           }
         }
