@@ -604,8 +604,15 @@ void repack_impl(const at::Tensor& w, at::Tensor& out) {
 // A step of few rows reads the weight from memory once: as gguf_linear does, each super-block
 // requests the cache lines of the one kPrefetchSupers after it, into L2 (into L1 the requests
 // slowed a row's step down). A row then streams the 1B file's projections about as fast as
-// gguf_linear streams the file's blocks (21.5 ms both, within a noise of 10 %).
+// gguf_linear streams the file's blocks (21.5 ms both on a Zen 4, within a noise of 10 %).
+// On a Zen 3 (AVX2) a step's projections at one row, the weights cold and the variants
+// alternating in one process, took 47.8 / 42.9 / 43.4 / 45.0 ms (best of 12) with 4 / 8 /
+// 12 / 16 super-blocks ahead (in another such run 49.8 with 4 and 60.4 with no requests).
+#ifdef PAGODA_GGUF_GEMM_AVX512
 constexpr int64_t kPrefetchSupers = 4;
+#else
+constexpr int64_t kPrefetchSupers = 8;
+#endif
 
 #ifdef PAGODA_GGUF_GEMM_AVX512
 // The scale pairs sc_j | sc_j << 16 (int16) of a repacked sub-block's 16 lanes.
