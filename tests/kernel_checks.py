@@ -12,9 +12,16 @@ TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rto
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def random_batch(dtype: torch.dtype, heads: int = 6, kv_heads: int = 2, dim: int = 32):
-    """A mixed batch (decodes, a chunk, a whole prompt) over a shuffled 40-block cache:
-    qkv, (q, k, v), attn, positions, (k_cache, v_cache), the cos_sin table."""
+def random_batch(
+    dtype: torch.dtype,
+    heads: int = 6,
+    kv_heads: int = 2,
+    dim: int = 32,
+    cache_dtype: torch.dtype | None = None,
+):
+    """A mixed batch (decodes, a chunk, a whole prompt) over a shuffled 40-block cache (of
+    cache_dtype, dtype's by default): qkv, (q, k, v), attn, positions, (k_cache, v_cache),
+    the cos_sin table."""
     block_size, num_blocks = 4, 40
     num_computed, num_new = [9, 0, 5, 13], [1, 7, 4, 1]
     order = torch.randperm(num_blocks).tolist()
@@ -25,6 +32,7 @@ def random_batch(dtype: torch.dtype, heads: int = 6, kv_heads: int = 2, dim: int
     q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
     q, k, v = (t.view(tokens, -1, dim) for t in (q, k, v))
     shape = (num_blocks, kv_heads, block_size, dim)
-    caches = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    cache_dtype = cache_dtype or dtype
+    caches = torch.randn(shape).to(cache_dtype), torch.randn(shape).to(cache_dtype)
     table = torch.randn(64, dim).float()
     return qkv, (q, k, v), attn, positions, caches, table

@@ -63,17 +63,18 @@ inline void axpy_heads(const float* w, int64_t stride, const T* value, int64_t g
 // sequences read scattered keys and values at 9-11 GB/s, with it at 14-16, measured
 // with the cache's earlier layout of all heads' rows interleaved
 // (benchmarks/bench_attention.py).
-template <typename T>
-inline void prefetch_row(const T* row, int64_t dim) {
+template <typename K>
+inline void prefetch_row(const K* row, int64_t dim) {
   const char* bytes = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < dim * int64_t(sizeof(T)); b += 64) _mm_prefetch(bytes + b, _MM_HINT_T0);
+  for (int64_t b = 0; b < dim * int64_t(sizeof(K)); b += 64) _mm_prefetch(bytes + b, _MM_HINT_T0);
 }
 
 // One token's query heads that share KV head g, for head_dim = 16 C and G heads per KV
 // head, with the G x C accumulators held in registers: the keys first..len-1 and their
-// values stream through once. scores is scratch of G * (len - first) floats.
-template <int C, int G, typename T>
-void attend_kv_head(const float* q, const T* kc, const T* vc, const int64_t* blocks,
+// values stream through once. scores is scratch of G * (len - first) floats. K: the caches'
+// element type, T: the output's.
+template <int C, int G, typename T, typename K>
+void attend_kv_head(const float* q, const K* kc, const K* vc, const int64_t* blocks,
                     int64_t block_size, int64_t kv_heads, int64_t g, int64_t first, int64_t len,
                     float* scores, T* out) {
   constexpr int64_t dim = 16 * C;
@@ -82,14 +83,14 @@ void attend_kv_head(const float* q, const T* kc, const T* vc, const int64_t* blo
   for (int h = 0; h < G; ++h)
     for (int c = 0; c < C; ++c) qv[h][c] = _mm512_loadu_ps(q + h * dim + 16 * c);
   // KV head g's row of position p, which lies in the sequence's block b.
-  auto row = [&](const T* cache, int64_t b, int64_t p) {
+  auto row = [&](const K* cache, int64_t b, int64_t p) {
     return cache_row(cache, blocks[b], g, p % block_size, kv_heads, block_size, dim);
   };
   const int64_t last_block = (len - 1) / block_size;
   for (int64_t p = first; p < len; ++p) {
     const int64_t b = p / block_size;
     if (b < last_block) prefetch_row(row(kc, b + 1, p), dim);
-    const T* key = row(kc, b, p);
+    const K* key = row(kc, b, p);
     __m512 kv[C];
     for (int c = 0; c < C; ++c) kv[c] = load16(key + 16 * c);
     for (int h = 0; h < G; ++h) {
@@ -106,7 +107,7 @@ void attend_kv_head(const float* q, const T* kc, const T* vc, const int64_t* blo
   for (int64_t p = first; p < len; ++p) {
     const int64_t b = p / block_size;
     if (b < last_block) prefetch_row(row(vc, b + 1, p), dim);
-    const T* value = row(vc, b, p);
+    const K* value = row(vc, b, p);
     __m512 vv[C];
     for (int c = 0; c < C; ++c) vv[c] = load16(value + 16 * c);
     for (int h = 0; h < G; ++h) {
@@ -121,34 +122,35 @@ void attend_kv_head(const float* q, const T* kc, const T* vc, const int64_t* blo
   }
 }
 
-template <typename T>
-using AttendKvHead = void (*)(const float*, const T*, const T*, const int64_t*, int64_t, int64_t,
+template <typename T, typename K>
+using AttendKvHead = void (*)(const float*, const K*, const K*, const int64_t*, int64_t, int64_t,
                               int64_t, int64_t, int64_t, float*, T*);
 
 // The register-blocked attend_kv_head for this shape, or nullptr.
-template <typename T>
-AttendKvHead<T> attend_kv_head_for(int64_t dim, int64_t group) {
+template <typename T, typename K>
+AttendKvHead<T, K> attend_kv_head_for(int64_t dim, int64_t group) {
   if (dim == 64) {
     switch (group) {
-      case 1: return attend_kv_head<4, 1, T>;
-      case 2: return attend_kv_head<4, 2, T>;
-      case 3: return attend_kv_head<4, 3, T>;
-      case 4: return attend_kv_head<4, 4, T>;
-      case 5: return attend_kv_head<4, 5, T>;
-      case 6: return attend_kv_head<4, 6, T>;
+      case 1: return attend_kv_head<4, 1, T, K>;
+      case 2: return attend_kv_head<4, 2, T, K>;
+      case 3: return attend_kv_head<4, 3, T, K>;
+      case 4: return attend_kv_head<4, 4, T, K>;
+      case 5: return attend_kv_head<4, 5, T, K>;
+      case 6: return attend_kv_head<4, 6, T, K>;
     }
   } else if (dim == 128) {
     switch (group) {
-      case 1: return attend_kv_head<8, 1, T>;
-      case 2: return attend_kv_head<8, 2, T>;
-      case 3: return attend_kv_head<8, 3, T>;
+      case 1: return attend_kv_head<8, 1, T, K>;
+      case 2: return attend_kv_head<8, 2, T, K>;
+      case 3: return attend_kv_head<8, 3, T, K>;
     }
   }
   return nullptr;
 }
 #endif
 
-template <typename T>
+// T: q's and the output's element type, K: the caches' (T's, or bfloat16 under float32).
+template <typename T, typename K>
 void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& block_tables,
                           const at::Tensor& token_seq, const at::Tensor& positions, double scale,
@@ -157,8 +159,8 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
   const int64_t kv_heads = k_cache.size(1), block_size = k_cache.size(2);
   const int64_t group = heads / kv_heads, num_blocks = k_cache.size(0);
   const T* qp = q.data_ptr<T>();
-  const T* kc = k_cache.data_ptr<T>();
-  const T* vc = v_cache.data_ptr<T>();
+  const K* kc = k_cache.data_ptr<K>();
+  const K* vc = v_cache.data_ptr<K>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* seq = token_seq.data_ptr<int64_t>();
   const int64_t* pos = positions.data_ptr<int64_t>();
@@ -167,7 +169,7 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
   const float s = static_cast<float>(scale);
 
 #ifdef __AVX512F__
-  if (AttendKvHead<T> attend = attend_kv_head_for<T>(dim, group)) {
+  if (AttendKvHead<T, K> attend = attend_kv_head_for<T, K>(dim, group)) {
     at::parallel_for(0, tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> qf(group * dim), scores;
       for (int64_t item = begin; item < end; ++item) {
@@ -195,7 +197,7 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
       check_blocks(blocks, first, len, block_size, num_blocks);
       for (int64_t i = 0; i < heads * dim; ++i) qf[i] = to_f32(qp[t * qs + i]) * s;
       scores.resize(heads * n);
-      auto row = [&](const T* cache, int64_t g, int64_t p) {
+      auto row = [&](const K* cache, int64_t g, int64_t p) {
         return cache_row(cache, blocks[p / block_size], g, p % block_size, kv_heads, block_size,
                          dim);
       };
@@ -231,9 +233,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
   check_attention_args(q, k_cache, v_cache, block_tables, token_seq, positions);
   check_window(window);
   at::Tensor out = at::empty({q.size(0), q.size(1) * q.size(2)}, q.options());
-  dispatch_float_types(q, "paged_attention", [&](auto t) {
-    paged_attention_impl<decltype(t)>(q, k_cache, v_cache, block_tables, token_seq, positions,
-                                      scale, window, out);
+  dispatch_cache_types(q, k_cache, "paged_attention", [&](auto t, auto c) {
+    paged_attention_impl<decltype(t), decltype(c)>(q, k_cache, v_cache, block_tables, token_seq,
+                                                   positions, scale, window, out);
   });
   return out;
 }

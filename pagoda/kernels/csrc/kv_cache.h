@@ -41,6 +41,28 @@ inline void check_heads(const at::Tensor& x, const char* name) {
               name, " must be [tokens, heads, head_dim] with contiguous heads");
 }
 
+// The caches hold q's dtype, or bfloat16 under a float32 q (--kv-cache-dtype bfloat16).
+inline void check_cache_dtype(const at::Tensor& q, const at::Tensor& k_cache,
+                              const at::Tensor& v_cache) {
+  const auto cache = k_cache.scalar_type();
+  TORCH_CHECK(v_cache.scalar_type() == cache &&
+                  (cache == q.scalar_type() ||
+                   (q.scalar_type() == at::kFloat && cache == at::kBFloat16)),
+              "the caches must hold q's dtype, or bfloat16 under a float32 q; got q ",
+              q.scalar_type(), " and caches ", cache, " and ", v_cache.scalar_type());
+}
+
+// f(T{}, C{}) for q's element type T and the caches' C (checked by check_cache_dtype).
+template <typename F>
+inline void dispatch_cache_types(const at::Tensor& q, const at::Tensor& cache, const char* op,
+                                 F&& f) {
+  if (q.scalar_type() == at::kFloat && cache.scalar_type() == at::kBFloat16) {
+    f(float{}, at::BFloat16{});
+  } else {
+    dispatch_float_types(q, op, [&](auto t) { f(t, t); });
+  }
+}
+
 // The arguments of paged_attention and prompt_attention.
 inline void check_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& block_tables,
@@ -49,8 +71,7 @@ inline void check_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
   check_heads(q, "q");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4,
               "caches must be contiguous [blocks, kv_heads, block_size, head_dim]");
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-              "q and the caches must share a dtype");
+  check_cache_dtype(q, k_cache, v_cache);
   TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "query heads must be a multiple of KV heads");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.stride(1) == 1,
               "block_tables must be int64 with contiguous rows");

@@ -28,7 +28,8 @@ void rotate_row(T* x, const float* cos, const float* sin, int64_t half) {
   }
 }
 
-template <typename T>
+// C: the caches' element type (T's, or bfloat16 under float32), each k and v rounded to it once.
+template <typename T, typename C>
 void rope_and_cache_impl(at::Tensor& q, at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& positions, const at::Tensor& cos_sin,
                          at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots) {
@@ -40,8 +41,8 @@ void rope_and_cache_impl(at::Tensor& q, at::Tensor& k, const at::Tensor& v,
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* slot = slots.data_ptr<int64_t>();
   const float* table = cos_sin.data_ptr<float>();
-  T* kc = k_cache.data_ptr<T>();
-  T* vc = v_cache.data_ptr<T>();
+  C* kc = k_cache.data_ptr<C>();
+  C* vc = v_cache.data_ptr<C>();
   const int64_t qs = q.stride(0), ks = k.stride(0), vs = v.stride(0);
   const int64_t block_size = k_cache.size(2), num_slots = k_cache.size(0) * block_size;
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
@@ -78,8 +79,12 @@ void rope_and_cache(at::Tensor q, at::Tensor k, const at::Tensor& v, const at::T
               "positions and slot_mapping must be int64");
   TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous(),
               "cos_sin must be contiguous float32");
-  dispatch_float_types(q, "rope_and_cache", [&](auto t) {
-    rope_and_cache_impl<decltype(t)>(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping);
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "q, k and v must share a dtype");
+  check_cache_dtype(q, k_cache, v_cache);
+  dispatch_cache_types(q, k_cache, "rope_and_cache", [&](auto t, auto c) {
+    rope_and_cache_impl<decltype(t), decltype(c)>(q, k, v, positions, cos_sin, k_cache, v_cache,
+                                                  slot_mapping);
   });
 }
 

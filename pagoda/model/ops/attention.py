@@ -123,10 +123,11 @@ def attend_group(
     num_heads = q.shape[1]
     heads_per_kv = num_heads // num_kv_heads  # grouped-query attention
 
-    # [num_seqs, num_kv_heads, max_blocks * block_size, head_dim], cut to the longest context
+    # [num_seqs, num_kv_heads, max_blocks * block_size, head_dim], cut to the longest context,
+    # in q's dtype (a bfloat16 cache under a float32 q is read as float32)
     def gather(cache: torch.Tensor) -> torch.Tensor:
         blocks = cache[group.block_tables].transpose(1, 2)  # [S, kv_heads, blocks, bs, D]
-        return blocks.flatten(2, 3)[:, :, : group.max_seq_len]
+        return blocks.flatten(2, 3)[:, :, : group.max_seq_len].to(q.dtype)
 
     keys, values = gather(k_cache), gather(v_cache)
     if group.dense is not None:

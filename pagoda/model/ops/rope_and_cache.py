@@ -18,7 +18,8 @@ def rope_and_cache(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Rotates q [T, H, D] and k [T, KVH, D] in place by position, then caches k and v.
+    """Rotates q [T, H, D] and k [T, KVH, D] in place by position, then caches k and v (in
+    the caches' dtype: q's, or bfloat16 under a float32 q).
 
     cos_sin is the [max_positions, D] float32 table of RotaryEmbedding: cos | sin.
     """
@@ -44,5 +45,6 @@ def rope_and_cache_torch(
         x.copy_(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1))
     block_size = k_cache.shape[2]
     blocks, rows = slot_mapping // block_size, slot_mapping % block_size
-    k_cache[blocks, :, rows] = k  # [tokens, kv_heads, head_dim] into each head's row
-    v_cache[blocks, :, rows] = v
+    # [tokens, kv_heads, head_dim] into each head's row, rounded to the cache's dtype
+    k_cache[blocks, :, rows] = k.to(k_cache.dtype)
+    v_cache[blocks, :, rows] = v.to(v_cache.dtype)

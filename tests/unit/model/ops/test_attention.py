@@ -44,6 +44,34 @@ def test_decode_kernel_equals_float32(dtype: torch.dtype, dim: int) -> None:
         torch.testing.assert_close(out.float(), reference, **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dim", [32, 64, 128])
+def test_decode_kernel_over_a_bfloat16_cache(dim: int) -> None:
+    """A float32 query over a bfloat16 cache (--kv-cache-dtype bfloat16 on a float32
+    model) is the float32 attention over the cache's values."""
+    torch.manual_seed(0)
+    _, (q, _, _), attn, _, (kc, vc), _ = random_batch(
+        torch.float32, dim=dim, cache_dtype=torch.bfloat16
+    )
+    for group in attn.groups:
+        out = torch.ops.pagoda.paged_attention(
+            q[group.flat_index], kc, vc, group.block_tables, group.token_seq, group.positions, 0.3
+        )
+        assert out.dtype == torch.float32
+        reference = attend_group(q, kc.float(), vc.float(), group, 0.3)
+        torch.testing.assert_close(out, reference, **TOLERANCE[torch.float32])
+
+
+def test_paged_attention_over_a_bfloat16_cache_equals_the_pytorch_path() -> None:
+    qkv, (q, k, v), attn, positions, (kc, vc), table = random_batch(
+        torch.float32, cache_dtype=torch.bfloat16
+    )
+    torch.testing.assert_close(
+        paged_attention(q, kc, vc, attn, 0.3),
+        paged_attention_torch(q, kc, vc, attn, 0.3),
+        **TOLERANCE[torch.float32],
+    )
+
+
 def test_paged_attention_equals_the_pytorch_path() -> None:
     """paged_attention (kernel for decodes, matmuls for chunks) equals the PyTorch path."""
     qkv, (q, k, v), attn, positions, (kc, vc), table = random_batch(torch.float32)
