@@ -152,6 +152,7 @@ def engine_config_from_args(
         seed=args.seed,
         block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory,
+        kv_cache_dtype=args.kv_cache_dtype,
         enable_prefix_caching=args.enable_prefix_caching,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -302,6 +303,14 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         type=parse_size,
         default=CacheConfig.kv_cache_memory,
         help="memory for the KV cache, e.g. 512M or 2G (default: %(default)s bytes)",
+    )
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=DTYPES,
+        default=CacheConfig.kv_cache_dtype,
+        help="auto: the model's dtype; bfloat16 under a float32 model holds twice the tokens "
+        "in the same memory (attention still computes in float32); float32 needs a float32 "
+        "model",
     )
     p.add_argument(
         "--enable-prefix-caching",

@@ -72,9 +72,18 @@ class CacheConfig:
     # (23k in float32), room for the offline benchmark's 64 x 384 tokens at once.
     kv_cache_memory: int = 1 << 30
     enable_prefix_caching: bool = True
+    # auto: the model's dtype, as vLLM's auto; bfloat16 under a float32 model halves the
+    # cache's bytes a token (K and V rounded once, as written; attention still in float32)
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.block_size >= 1, "--block-size", self.block_size, "a positive integer")
+        _require(
+            self.kv_cache_dtype in DTYPES,
+            "--kv-cache-dtype",
+            self.kv_cache_dtype,
+            f"one of {', '.join(DTYPES)}",
+        )
         _require(
             self.kv_cache_memory >= 1,
             "--kv-cache-memory",
@@ -293,6 +302,7 @@ class EngineConfig:
         seed: int = ModelConfig.seed,
         block_size: int = CacheConfig.block_size,
         kv_cache_memory: int = CacheConfig.kv_cache_memory,
+        kv_cache_dtype: str = CacheConfig.kv_cache_dtype,
         enable_prefix_caching: bool = CacheConfig.enable_prefix_caching,
         max_num_seqs: int = SchedulerConfig.max_num_seqs,
         max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens,
@@ -316,6 +326,7 @@ class EngineConfig:
             cache=CacheConfig(
                 block_size=block_size,
                 kv_cache_memory=kv_cache_memory,
+                kv_cache_dtype=kv_cache_dtype,
                 enable_prefix_caching=enable_prefix_caching,
             ),
             scheduler=SchedulerConfig(

@@ -144,6 +144,7 @@ class AsyncEngineClient(EngineClient):
             num_gpu_blocks=info.num_blocks,
             block_size=info.block_size,
             enable_prefix_caching=self.engine_config.cache.enable_prefix_caching,
+            cache_dtype=self.engine_config.cache.kv_cache_dtype,
             speculative=self.engine_config.speculative is not None,
             structured=self.engine_config.structured,
         )

@@ -46,6 +46,7 @@ class ServingConfig:
     num_gpu_blocks: int  # blocks in the KV cache
     block_size: int  # tokens per block
     enable_prefix_caching: bool
+    cache_dtype: str = "auto"  # --kv-cache-dtype as given
     speculative: bool = False  # --speculative-config given: its metrics are exported
     # The defaults a request's constraint takes where it says nothing (JSON layout).
     structured: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)

@@ -151,7 +151,7 @@ class Metrics:
         # An info gauge, as vLLM's: the value is 1, the configuration is in the labels.
         cache_info = {
             "block_size": str(config.block_size),
-            "cache_dtype": "auto",  # the KV cache holds the model's dtype, as vLLM's "auto"
+            "cache_dtype": config.cache_dtype,  # --kv-cache-dtype as given, as vLLM's
             "enable_prefix_caching": str(config.enable_prefix_caching),
             "num_gpu_blocks": str(config.num_gpu_blocks),
         }

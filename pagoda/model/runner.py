@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from pagoda.config import EngineConfig
+from pagoda.config import ConfigError, EngineConfig
 from pagoda.core.batch import RunnerOutput, ScheduledRequest, SchedulerOutput
 from pagoda.model.attention_metadata import AttentionMetadata
 from pagoda.model.kv_memory import allocate_kv_cache
@@ -50,6 +50,21 @@ def computes_from_blocks(
     return on_cpu and quantization != "none" and (dtype == torch.bfloat16 or requested == "auto")
 
 
+def resolve_kv_cache_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype: the model's for auto; bfloat16 may hold a float32 model's keys
+    and values (the kernels read them as float32), a bfloat16 model's cache is bfloat16."""
+    if kv_cache_dtype == "auto":
+        return dtype
+    cache = {"float32": torch.float32, "bfloat16": torch.bfloat16}[kv_cache_dtype]
+    if cache != dtype and dtype != torch.float32:
+        raise ConfigError(
+            f"--kv-cache-dtype {kv_cache_dtype} with a {dtype} model: the cache holds the "
+            "model's dtype, or bfloat16 under float32 (give --dtype float32, or leave "
+            "--kv-cache-dtype auto)"
+        )
+    return cache
+
+
 def kv_bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
     element = torch.tensor([], dtype=dtype).element_size()
     return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * element
@@ -75,7 +90,8 @@ class ModelRunner:
         release_freed_memory()  # loading's temporaries, and the weights packing replaced
         self.spec = self.model.spec
         self.block_size = config.cache.block_size
-        per_block = kv_bytes_per_block(self.spec, self.block_size, self.dtype)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype)
+        per_block = kv_bytes_per_block(self.spec, self.block_size, self.kv_cache_dtype)
         self.num_blocks = config.cache.kv_cache_memory // per_block
         if self.num_blocks < 2:
             raise ValueError(
@@ -89,14 +105,15 @@ class ModelRunner:
                 self.block_size,
                 self.spec.num_kv_heads,
                 self.spec.head_dim,
-                self.dtype,
+                self.kv_cache_dtype,
                 self.device,
             )
         )
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.0f MiB)",
+            "KV cache: %d blocks of %d tokens in %s (%.0f MiB)",
             self.num_blocks,
             self.block_size,
+            str(self.kv_cache_dtype).removeprefix("torch."),
             self.num_blocks * per_block / 2**20,
         )
 

@@ -27,6 +27,7 @@ MODEL = Path("/nonexistent/model.gguf")  # from_flags only builds; nothing is lo
         ({"kv_cache_memory": 0}, "--kv-cache-memory"),
         ({"kv_cache_memory": -(1 << 20)}, "--kv-cache-memory"),
         ({"dtype": "float16"}, "--dtype"),
+        ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype"),
         ({"quantization": "q4"}, "--quantization"),
         ({"device": "tpu"}, "--device"),
     ],

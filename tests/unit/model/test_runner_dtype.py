@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pagoda.model import runner
-from pagoda.model.runner import computes_from_blocks, resolve_dtype
+from pagoda.config import ConfigError
+from pagoda.model.runner import computes_from_blocks, resolve_dtype, resolve_kv_cache_dtype
 
 
 @pytest.mark.parametrize(
@@ -35,3 +36,22 @@ def test_auto_is_bfloat16_only_where_the_cpu_computes_in_it(
     monkeypatch.setattr(runner, "_cpu_has_bf16", lambda: native)
     assert resolve_dtype("auto", "cpu") == expected
     assert resolve_dtype("float32", "cpu") == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("flag", "dtype", "cache"),
+    [
+        ("auto", torch.float32, torch.float32),  # the model's dtype, as vLLM's auto
+        ("auto", torch.bfloat16, torch.bfloat16),
+        ("bfloat16", torch.float32, torch.bfloat16),  # half the bytes under float32
+        ("bfloat16", torch.bfloat16, torch.bfloat16),
+        ("float32", torch.float32, torch.float32),
+    ],
+)
+def test_kv_cache_dtype(flag: str, dtype: torch.dtype, cache: torch.dtype) -> None:
+    assert resolve_kv_cache_dtype(flag, dtype) == cache
+
+
+def test_a_float32_cache_under_a_bfloat16_model_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match="--kv-cache-dtype float32"):
+        resolve_kv_cache_dtype("float32", torch.bfloat16)
