@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagoda.model import runner
 from pagoda.config import ConfigError
+from pagoda.model import runner
 from pagoda.model.runner import computes_from_blocks, resolve_dtype, resolve_kv_cache_dtype
 
 
