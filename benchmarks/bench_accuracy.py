@@ -1,11 +1,15 @@
 """bfloat16, with each --quantization, against float32: the same tokens?
 
     .venv/bin/python benchmarks/bench_accuracy.py [--model FILE] [--llama-cpp-python PYTHON]
+        [--kv-cache-dtype bfloat16]
 
 --model: a GGUF file or model directory (default: the default model). float32 with
 --quantization none computes with the file's weights dequantized exactly, so it is the
 reference. --llama-cpp-python: also llama.cpp on the same GGUF file (that interpreter must
 have llama-cpp-python, e.g. ../shared/anchors' llamacpp-venv), measured the same way.
+--kv-cache-dtype: instead of the configurations below, --dtype auto --quantization auto with
+its own KV cache and with this one (bfloat16 under auto's float32 on a CPU without native
+bfloat16), both against float32.
 
 Two measurements, one for each path a step can take:
 
@@ -51,9 +55,15 @@ PROMPTS = [
 ]
 
 
-# (dtype, quantization); float32 is the reference. gguf keeps no dense copy: a small model's
-# prompts then run from the blocks as a big model's do (the int8 GEMM for the k-quants).
-CONFIGS = [("float32", "none"), ("bfloat16", "none"), ("bfloat16", "auto"), ("bfloat16", "gguf")]
+# (dtype, quantization, KV cache dtype); float32 is the reference. gguf keeps no dense copy: a
+# small model's prompts then run from the blocks as a big model's do (the int8 GEMM for the
+# k-quants).
+CONFIGS = [
+    ("float32", "none", "auto"),
+    ("bfloat16", "none", "auto"),
+    ("bfloat16", "auto", "auto"),
+    ("bfloat16", "gguf", "auto"),
+]
 
 
 def sequence_logits(llm, sequences: list[list[int]]) -> list[torch.Tensor]:
@@ -107,15 +117,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="a GGUF file or model directory")
     parser.add_argument("--llama-cpp-python", default=None, help="measure llama.cpp too")
+    parser.add_argument("--kv-cache-dtype", default=None, choices=["float32", "bfloat16"])
     args = parser.parse_args()
+    configs = CONFIGS
+    if args.kv_cache_dtype:
+        configs = [CONFIGS[0], ("auto", "auto", "auto"), ("auto", "auto", args.kv_cache_dtype)]
 
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     runs, logits, sequence_runs = {}, {}, {}
     sequences: list[list[int]] = []
     prompt_ids: list[list[int]] = []
-    for config in CONFIGS:
-        dtype, quantization = config
-        llm = LLM(args.model, dtype=dtype, quantization=quantization, kv_cache_memory=128 << 20)
+    for config in configs:
+        dtype, quantization, kv_cache_dtype = config
+        llm = LLM(
+            args.model,
+            dtype=dtype,
+            quantization=quantization,
+            kv_cache_dtype=kv_cache_dtype,
+            kv_cache_memory=128 << 20,
+        )
         if not sequences:  # float32 writes the texts that every configuration reads
             lines = resources.files("pagoda.bench").joinpath("prompts.jsonl").read_text()
             texts = [json.loads(line)["prompt"] for line in lines.splitlines()[:12]]
@@ -139,20 +159,19 @@ def main() -> None:
                     )
                     out = model.compute_logits(model(torch.tensor(new), positions, attn)[-1:])
             rows.append(out)
-            if config == CONFIGS[0]:
+            if config == configs[0]:
                 prompt_ids.append(ids)
         logits[config] = torch.cat(rows)
 
-    configs: list[tuple[str, str]] = CONFIGS[1:]
+    reference, configs = configs[0], configs[1:]
     if args.llama_cpp_python:
         if args.model is None or not args.model.endswith(".gguf"):
             parser.error("--llama-cpp-python needs --model FILE.gguf")
-        llama = ("llama.cpp", "file types")
+        llama = ("llama.cpp", "file types", "float16")
         runs[llama], logits[llama], sequence_runs[llama] = llama_cpp_run(
             args.llama_cpp_python, args.model, sequences, prompt_ids, params.max_tokens
         )
         configs.append(llama)
-    reference = CONFIGS[0]
     results = []
     for config in configs:
         same = sum(a == b for a, b in zip(runs[reference], runs[config]))
@@ -164,6 +183,7 @@ def main() -> None:
         result = {
             "dtype": config[0],
             "quantization": config[1],
+            "kv_cache_dtype": config[2],
             "prompts": len(PROMPTS),
             "identical_continuations": same,
             "positions_before_first_divergence": agreeing / total,
@@ -175,7 +195,8 @@ def main() -> None:
             **whole_sequence_agreement(sequence_runs[reference], sequence_runs[config]),
         }
         print(
-            f"{config[0]}, quantization {config[1]} vs float32: {same}/{len(PROMPTS)} identical "
+            f"{config[0]}, quantization {config[1]}, KV cache {config[2]} vs float32: "
+            f"{same}/{len(PROMPTS)} identical "
             f"32-token continuations, {result['positions_before_first_divergence']:.0%} of "
             f"positions before the first divergence, next token equal on "
             f"{result['same_next_token']}/{len(PROMPTS)}, max logit difference "

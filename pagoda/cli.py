@@ -308,9 +308,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--kv-cache-dtype",
         choices=DTYPES,
         default=CacheConfig.kv_cache_dtype,
-        help="auto: the model's dtype; bfloat16 under a float32 model holds twice the tokens "
-        "in the same memory (attention still computes in float32); float32 needs a float32 "
-        "model",
+        help="auto: the model's dtype, but bfloat16 where a float32 model computes from a GGUF "
+        "file's quantized blocks; bfloat16 under a float32 model holds twice the tokens in the "
+        "same memory (attention still computes in float32); float32 needs a float32 model",
     )
     p.add_argument(
         "--enable-prefix-caching",

@@ -72,8 +72,9 @@ class CacheConfig:
     # (23k in float32), room for the offline benchmark's 64 x 384 tokens at once.
     kv_cache_memory: int = 1 << 30
     enable_prefix_caching: bool = True
-    # auto: the model's dtype, as vLLM's auto; bfloat16 under a float32 model halves the
-    # cache's bytes a token (K and V rounded once, as written; attention still in float32)
+    # auto: the model's dtype, as vLLM's auto, but bfloat16 where a float32 model computes
+    # from a GGUF file's blocks (runner.resolve_kv_cache_dtype). bfloat16 under a float32
+    # model halves the bytes a token (K and V rounded once, as written; attention in float32).
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:

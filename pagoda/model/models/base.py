@@ -60,6 +60,10 @@ class CausalLM(nn.Module):
             x, residual = layer(positions, x, residual, attn, keep if last else None)
         return self.norm(x, residual)[0]
 
+    def holds_blocks(self) -> bool:
+        """Whether some projection computes from a GGUF file's blocks (as read or repacked)."""
+        return any(isinstance(m, Linear) and bool(m.gguf or m.repacked) for m in self.modules())
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden_size] -> float32 logits [n, vocab_size]."""
         logits = self._output_layer(hidden)

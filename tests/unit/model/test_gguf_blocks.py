@@ -104,11 +104,17 @@ def assert_same_greedy(
             torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
 
 
+def test_a_dense_load_holds_no_blocks(tmp_path: Path) -> None:
+    model = load_model(write_tiny(tmp_path / "m.gguf", "Q8_0"), torch.float32)
+    assert not model.holds_blocks()
+
+
 @pytest.mark.parametrize("qtype", KERNEL_TYPES)
 def test_the_model_holds_no_dense_copy(tmp_path: Path, qtype: str) -> None:
     model = load_model(write_tiny(tmp_path / "m.gguf", qtype), torch.bfloat16, quantized=True)
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert linears and all(m.weight is None and (m.gguf or m.repacked) for m in linears)
+    assert model.holds_blocks()  # so a float32 run's KV cache is bfloat16 under auto
     assert model.embed_tokens.weight is None and model.embed_tokens.gguf is not None
     assert model.output_gguf is model.embed_tokens.gguf  # tied: one table
     # Only the norms' weights are left as parameters, and no buffer is a weight.

@@ -39,17 +39,22 @@ def test_auto_is_bfloat16_only_where_the_cpu_computes_in_it(
 
 
 @pytest.mark.parametrize(
-    ("flag", "dtype", "cache"),
+    ("flag", "dtype", "from_blocks", "cache"),
     [
-        ("auto", torch.float32, torch.float32),  # the model's dtype, as vLLM's auto
-        ("auto", torch.bfloat16, torch.bfloat16),
-        ("bfloat16", torch.float32, torch.bfloat16),  # half the bytes under float32
-        ("bfloat16", torch.bfloat16, torch.bfloat16),
-        ("float32", torch.float32, torch.float32),
+        ("auto", torch.float32, False, torch.float32),  # the model's dtype, as vLLM's auto
+        ("auto", torch.bfloat16, False, torch.bfloat16),
+        ("auto", torch.bfloat16, True, torch.bfloat16),
+        ("auto", torch.float32, True, torch.bfloat16),  # float32 from a GGUF file's blocks
+        ("float32", torch.float32, True, torch.float32),  # asked for: kept
+        ("bfloat16", torch.float32, False, torch.bfloat16),  # half the bytes under float32
+        ("bfloat16", torch.bfloat16, False, torch.bfloat16),
+        ("float32", torch.float32, False, torch.float32),
     ],
 )
-def test_kv_cache_dtype(flag: str, dtype: torch.dtype, cache: torch.dtype) -> None:
-    assert resolve_kv_cache_dtype(flag, dtype) == cache
+def test_kv_cache_dtype(
+    flag: str, dtype: torch.dtype, from_blocks: bool, cache: torch.dtype
+) -> None:
+    assert resolve_kv_cache_dtype(flag, dtype, from_blocks) == cache
 
 
 def test_a_float32_cache_under_a_bfloat16_model_is_refused_by_name() -> None:
