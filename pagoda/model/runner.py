@@ -19,13 +19,16 @@ from pagoda.sample.sampler import SamplerOutput, SamplingMetadata, sample
 logger = logging.getLogger(__name__)
 
 
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """ "auto" is bfloat16 where the hardware computes in it natively, float32 elsewhere."""
     if dtype == "auto":
         native_bf16 = device.startswith("cuda") or _cpu_has_bf16()
         dtype = "bfloat16" if native_bf16 else "float32"
         logger.info("dtype auto: using %s", dtype)
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    return TORCH_DTYPES[dtype]
 
 
 def _cpu_has_bf16() -> bool:
@@ -62,7 +65,7 @@ def resolve_kv_cache_dtype(
     model's cache is bfloat16."""
     if kv_cache_dtype == "auto":
         return torch.bfloat16 if from_blocks and dtype == torch.float32 else dtype
-    cache = {"float32": torch.float32, "bfloat16": torch.bfloat16}[kv_cache_dtype]
+    cache = TORCH_DTYPES[kv_cache_dtype]
     if cache != dtype and dtype != torch.float32:
         raise ConfigError(
             f"--kv-cache-dtype {kv_cache_dtype} with a {dtype} model: the cache holds the "
@@ -83,14 +86,13 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.model.dtype, config.device)
         cpu_bf16 = self.device.type == "cpu" and self.dtype == torch.bfloat16
         quantization = config.model.quantization
-        from_blocks = computes_from_blocks(
-            config.model.dtype, self.dtype, config.device, quantization
-        )
         self.model = load_model(
             config.model.path,
             self.dtype,
             self.device,
-            quantized=from_blocks,
+            quantized=computes_from_blocks(
+                config.model.dtype, self.dtype, config.device, quantization
+            ),
             dense_copy_max_bytes=DENSE_COPY_MAX_BYTES if quantization == "auto" else 0,
         )
         if cpu_bf16:
@@ -99,9 +101,7 @@ class ModelRunner:
         self.spec = self.model.spec
         self.block_size = config.cache.block_size
         self.kv_cache_dtype = resolve_kv_cache_dtype(
-            config.cache.kv_cache_dtype,
-            self.dtype,
-            from_blocks and self.model.holds_blocks(),
+            config.cache.kv_cache_dtype, self.dtype, self.model.holds_blocks()
         )
         per_block = kv_bytes_per_block(self.spec, self.block_size, self.kv_cache_dtype)
         self.num_blocks = config.cache.kv_cache_memory // per_block

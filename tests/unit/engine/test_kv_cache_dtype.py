@@ -3,6 +3,8 @@ greedy outputs that still do not change with batch composition, chunking or cach
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -52,13 +54,9 @@ def test_batching_and_chunking_do_not_change_greedy_tokens(llm: LLM) -> None:
     alone = [tokens(llm.generate(p, GREEDY, use_tqdm=False))[0] for p in PROMPTS]
     assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == alone
     scheduler = llm.engine.scheduler
-    budget = scheduler.config.max_num_batched_tokens
-    scheduler.config = type(scheduler.config)(
-        max_num_seqs=scheduler.config.max_num_seqs, max_num_batched_tokens=7
-    )
+    config = scheduler.config
+    scheduler.config = dataclasses.replace(config, max_num_batched_tokens=7)
     try:
         assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == alone
     finally:
-        scheduler.config = type(scheduler.config)(
-            max_num_seqs=scheduler.config.max_num_seqs, max_num_batched_tokens=budget
-        )
+        scheduler.config = config
