@@ -928,8 +928,19 @@ PAGODA_INLINE void microkernel(const typename RepackedOf<F>::T* p, int64_t super
 #endif
 
 // Above this many rows a tile is expanded once into gguf_gemm's layout and its microkernel
-// runs on it (the unpacking then costs less than redoing it for every 4 rows).
-constexpr int64_t kExpandRows = 16;
+// runs on it (the unpacking then costs less than redoing it for every 4 rows). On a Zen 3
+// (AVX2) Q4_K's unpacking (an and and a shift a vector) stays the cheaper up to 48 rows:
+// in one process, the variants alternating, the 8192 x 2048 projection at 20 / 32 / 40 rows
+// ran 85 / 91 / 119 GMAC/s read directly against 69 / 80 / 112 expanded (medians of 15),
+// level at 48 and 64; Q6_K's (its top bits too) lost there by 5-10 %.
+template <typename F>
+constexpr int64_t expand_rows() {
+#ifdef PAGODA_GGUF_GEMM_AVX512
+  return 16;
+#else
+  return std::is_same_v<F, Q4_K> ? 48 : 16;
+#endif
+}
 
 // gemm_impl's order of work without the decoding: a tile of kTileVectors column vectors, its
 // super-blocks kTileSupers at a time (summed in registers, then added to the output: the
@@ -946,9 +957,10 @@ void repacked_gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, i
   const int64_t tiles = (vectors + kTileVectors - 1) / kTileVectors;
   const T* wp = reinterpret_cast<const T*>(w.data_ptr<uint8_t>());
   float* op = out.data_ptr<float>();
+  const bool expanded = rows > expand_rows<F>();
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     static thread_local std::vector<P> buffer;
-    if (rows > kExpandRows) buffer.resize(kTileVectors * kTileSupers);
+    if (expanded) buffer.resize(kTileVectors * kTileSupers);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t v0 = tile * kTileVectors, v1 = std::min(vectors, v0 + kTileVectors);
       if (rows <= kRows) {
@@ -965,7 +977,7 @@ void repacked_gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, i
       for (int64_t s0 = 0; s0 < supers; s0 += kTileSupers) {
         const int64_t span = std::min(supers, s0 + kTileSupers) - s0;
         const bool add = s0 > 0;
-        if (rows > kExpandRows) {
+        if (expanded) {
           for (int64_t v = v0; v < v1; ++v) {
             for (int64_t s = s0; s < s0 + span; ++s) {
               expand<F>(wp[v * supers + s], &buffer[(v - v0) * span + (s - s0)]);
@@ -976,7 +988,7 @@ void repacked_gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, i
           const int r = static_cast<int>(std::min<int64_t>(kRows, rows - r0));
           int64_t v = v0;
           for (; v + kColumnVectors <= v1; v += kColumnVectors) {
-            if (rows > kExpandRows) {
+            if (expanded) {
               run_rows<F, kColumnVectors>(&buffer[(v - v0) * span], span, span, x, r0, r, s0, v,
                                           n, add, op);
             } else {
@@ -985,7 +997,7 @@ void repacked_gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, i
             }
           }
           for (; v < v1; ++v) {
-            if (rows > kExpandRows) {
+            if (expanded) {
               run_rows<F, 1>(&buffer[(v - v0) * span], span, span, x, r0, r, s0, v, n, add, op);
             } else {
               run_rows<F, 1>(wp + v * supers + s0, supers, span, x, r0, r, s0, v, n, add, op);
