@@ -17,14 +17,14 @@ namespace {
 template <typename T>
 inline void dot_heads(const float* q, const T* key, int64_t group, int64_t dim, float* scores,
                       int64_t stride) {
-#ifdef __AVX512F__
-  if (dim % 16 == 0) {
+#ifdef PAGODA_VEC
+  if (dim % vec::kLanes == 0) {
     for (int64_t h = 0; h < group; ++h) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t d = 0; d < dim; d += 16) {
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * dim + d), load16(key + d), acc);
+      vec::F32 acc = vec::zero();
+      for (int64_t d = 0; d < dim; d += vec::kLanes) {
+        acc = vec::fmadd(vec::load(q + h * dim + d), vec::load(key + d), acc);
       }
-      scores[h * stride] = _mm512_reduce_add_ps(acc);
+      scores[h * stride] = vec::sum(acc);
     }
     return;
   }
@@ -40,13 +40,13 @@ inline void dot_heads(const float* q, const T* key, int64_t group, int64_t dim, 
 template <typename T>
 inline void axpy_heads(const float* w, int64_t stride, const T* value, int64_t group, int64_t dim,
                        float* acc) {
-#ifdef __AVX512F__
-  if (dim % 16 == 0) {
-    for (int64_t d = 0; d < dim; d += 16) {
-      const __m512 v = load16(value + d);
+#ifdef PAGODA_VEC
+  if (dim % vec::kLanes == 0) {
+    for (int64_t d = 0; d < dim; d += vec::kLanes) {
+      const vec::F32 v = vec::load(value + d);
       for (int64_t h = 0; h < group; ++h) {
         float* a = acc + h * dim + d;
-        _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(w[h * stride]), v, _mm512_loadu_ps(a)));
+        vec::store(a, vec::fmadd(vec::set1(w[h * stride]), v, vec::load(a)));
       }
     }
     return;
@@ -57,7 +57,7 @@ inline void axpy_heads(const float* w, int64_t stride, const T* value, int64_t g
   }
 }
 
-#ifdef __AVX512F__
+#ifdef PAGODA_VEC
 // Asks for one cache row a block ahead of its use. A sequence's blocks lie scattered over
 // the cache, where the hardware prefetcher cannot follow: without this, decoding 32
 // sequences read scattered keys and values at 9-11 GB/s, with it at 14-16, measured
@@ -69,19 +69,20 @@ inline void prefetch_row(const K* row, int64_t dim) {
   for (int64_t b = 0; b < dim * int64_t(sizeof(K)); b += 64) _mm_prefetch(bytes + b, _MM_HINT_T0);
 }
 
-// One token's query heads that share KV head g, for head_dim = 16 C and G heads per KV
-// head, with the G x C accumulators held in registers: the keys first..len-1 and their
+// One token's query heads that share KV head g, for head_dim = C vectors and G heads per
+// KV head, with the G x C accumulators held in registers (with AVX-512; AVX2 has half the
+// registers of half the width, and keeps some in L1): the keys first..len-1 and their
 // values stream through once. scores is scratch of G * (len - first) floats. K: the caches'
 // element type, T: the output's.
 template <int C, int G, typename T, typename K>
 void attend_kv_head(const float* q, const K* kc, const K* vc, const int64_t* blocks,
                     int64_t block_size, int64_t kv_heads, int64_t g, int64_t first, int64_t len,
                     float* scores, T* out) {
-  constexpr int64_t dim = 16 * C;
+  constexpr int64_t dim = C * vec::kLanes;
   const int64_t n = len - first;  // scores[h * n + p - first]: head h, key p
-  __m512 qv[G][C];
+  vec::F32 qv[G][C];
   for (int h = 0; h < G; ++h)
-    for (int c = 0; c < C; ++c) qv[h][c] = _mm512_loadu_ps(q + h * dim + 16 * c);
+    for (int c = 0; c < C; ++c) qv[h][c] = vec::load(q + h * dim + c * vec::kLanes);
   // KV head g's row of position p, which lies in the sequence's block b.
   auto row = [&](const K* cache, int64_t b, int64_t p) {
     return cache_row(cache, blocks[b], g, p % block_size, kv_heads, block_size, dim);
@@ -91,33 +92,33 @@ void attend_kv_head(const float* q, const K* kc, const K* vc, const int64_t* blo
     const int64_t b = p / block_size;
     if (b < last_block) prefetch_row(row(kc, b + 1, p), dim);
     const K* key = row(kc, b, p);
-    __m512 kv[C];
-    for (int c = 0; c < C; ++c) kv[c] = load16(key + 16 * c);
+    vec::F32 kv[C];
+    for (int c = 0; c < C; ++c) kv[c] = vec::load(key + c * vec::kLanes);
     for (int h = 0; h < G; ++h) {
-      __m512 dot = _mm512_mul_ps(qv[h][0], kv[0]);
-      for (int c = 1; c < C; ++c) dot = _mm512_fmadd_ps(qv[h][c], kv[c], dot);
-      scores[h * n + p - first] = _mm512_reduce_add_ps(dot);
+      vec::F32 dot = vec::mul(qv[h][0], kv[0]);
+      for (int c = 1; c < C; ++c) dot = vec::fmadd(qv[h][c], kv[c], dot);
+      scores[h * n + p - first] = vec::sum(dot);
     }
   }
   float inv[G];
   for (int h = 0; h < G; ++h) inv[h] = 1.f / exp_shifted(scores + h * n, n);
-  __m512 acc[G][C];
+  vec::F32 acc[G][C];
   for (int h = 0; h < G; ++h)
-    for (int c = 0; c < C; ++c) acc[h][c] = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c) acc[h][c] = vec::zero();
   for (int64_t p = first; p < len; ++p) {
     const int64_t b = p / block_size;
     if (b < last_block) prefetch_row(row(vc, b + 1, p), dim);
     const K* value = row(vc, b, p);
-    __m512 vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = load16(value + 16 * c);
+    vec::F32 vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = vec::load(value + c * vec::kLanes);
     for (int h = 0; h < G; ++h) {
-      const __m512 w = _mm512_set1_ps(scores[h * n + p - first]);
-      for (int c = 0; c < C; ++c) acc[h][c] = _mm512_fmadd_ps(w, vv[c], acc[h][c]);
+      const vec::F32 w = vec::set1(scores[h * n + p - first]);
+      for (int c = 0; c < C; ++c) acc[h][c] = vec::fmadd(w, vv[c], acc[h][c]);
     }
   }
   for (int h = 0; h < G; ++h) {
     for (int c = 0; c < C; ++c) {
-      store16(out + h * dim + 16 * c, _mm512_mul_ps(acc[h][c], _mm512_set1_ps(inv[h])));
+      vec::store(out + h * dim + c * vec::kLanes, vec::mul(acc[h][c], vec::set1(inv[h])));
     }
   }
 }
@@ -129,20 +130,21 @@ using AttendKvHead = void (*)(const float*, const K*, const K*, const int64_t*, 
 // The register-blocked attend_kv_head for this shape, or nullptr.
 template <typename T, typename K>
 AttendKvHead<T, K> attend_kv_head_for(int64_t dim, int64_t group) {
+  constexpr int C64 = 64 / vec::kLanes, C128 = 128 / vec::kLanes;
   if (dim == 64) {
     switch (group) {
-      case 1: return attend_kv_head<4, 1, T, K>;
-      case 2: return attend_kv_head<4, 2, T, K>;
-      case 3: return attend_kv_head<4, 3, T, K>;
-      case 4: return attend_kv_head<4, 4, T, K>;
-      case 5: return attend_kv_head<4, 5, T, K>;
-      case 6: return attend_kv_head<4, 6, T, K>;
+      case 1: return attend_kv_head<C64, 1, T, K>;
+      case 2: return attend_kv_head<C64, 2, T, K>;
+      case 3: return attend_kv_head<C64, 3, T, K>;
+      case 4: return attend_kv_head<C64, 4, T, K>;
+      case 5: return attend_kv_head<C64, 5, T, K>;
+      case 6: return attend_kv_head<C64, 6, T, K>;
     }
   } else if (dim == 128) {
     switch (group) {
-      case 1: return attend_kv_head<8, 1, T, K>;
-      case 2: return attend_kv_head<8, 2, T, K>;
-      case 3: return attend_kv_head<8, 3, T, K>;
+      case 1: return attend_kv_head<C128, 1, T, K>;
+      case 2: return attend_kv_head<C128, 2, T, K>;
+      case 3: return attend_kv_head<C128, 3, T, K>;
     }
   }
   return nullptr;
@@ -168,7 +170,7 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
   const int64_t qs = q.stride(0), table_stride = block_tables.stride(0);
   const float s = static_cast<float>(scale);
 
-#ifdef __AVX512F__
+#ifdef PAGODA_VEC
   if (AttendKvHead<T, K> attend = attend_kv_head_for<T, K>(dim, group)) {
     at::parallel_for(0, tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> qf(group * dim), scores;

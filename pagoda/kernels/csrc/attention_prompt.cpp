@@ -252,15 +252,17 @@ void causal_softmax_impl(const at::Tensor& scores, const at::Tensor& query_pos,
       std::fill(o, o + first, from_f32<T>(0.f));
       o += first;
       int64_t p = 0;
-#ifdef __AVX512F__
-      for (; p + 16 <= n; p += 16) _mm512_storeu_ps(buf.data() + p, load16(row + p));
+#ifdef PAGODA_VEC
+      for (; p + vec::kLanes <= n; p += vec::kLanes) {
+        vec::store(buf.data() + p, vec::load(row + p));
+      }
 #endif
       for (; p < n; ++p) buf[p] = to_f32(row[p]);
       const float inv = 1.f / exp_shifted(buf.data(), n);
       p = 0;
-#ifdef __AVX512F__
-      for (; p + 16 <= n; p += 16) {
-        store16(o + p, _mm512_mul_ps(_mm512_loadu_ps(buf.data() + p), _mm512_set1_ps(inv)));
+#ifdef PAGODA_VEC
+      for (; p + vec::kLanes <= n; p += vec::kLanes) {
+        vec::store(o + p, vec::mul(vec::load(buf.data() + p), vec::set1(inv)));
       }
 #endif
       for (; p < n; ++p) o[p] = from_f32<T>(buf[p] * inv);

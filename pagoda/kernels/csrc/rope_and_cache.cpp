@@ -13,12 +13,12 @@ namespace {
 template <typename T>
 void rotate_row(T* x, const float* cos, const float* sin, int64_t half) {
   int64_t i = 0;
-#ifdef __AVX512F__
-  for (; i + 16 <= half; i += 16) {
-    const __m512 x1 = load16(x + i), x2 = load16(x + i + half);
-    const __m512 c = _mm512_loadu_ps(cos + i), s = _mm512_loadu_ps(sin + i);
-    store16(x + i, _mm512_sub_ps(_mm512_mul_ps(x1, c), _mm512_mul_ps(x2, s)));
-    store16(x + i + half, _mm512_add_ps(_mm512_mul_ps(x2, c), _mm512_mul_ps(x1, s)));
+#ifdef PAGODA_VEC
+  for (; i + vec::kLanes <= half; i += vec::kLanes) {
+    const vec::F32 x1 = vec::load(x + i), x2 = vec::load(x + i + half);
+    const vec::F32 c = vec::load(cos + i), s = vec::load(sin + i);
+    vec::store(x + i, vec::sub(vec::mul(x1, c), vec::mul(x2, s)));
+    vec::store(x + i + half, vec::add(vec::mul(x2, c), vec::mul(x1, s)));
   }
 #endif
   for (; i < half; ++i) {

@@ -18,6 +18,10 @@
 
 namespace pagoda {
 
+// For helpers inlined into a kernel's inner loop, so their vectors stay in registers (GCC
+// otherwise calls them and passes the vectors on the stack).
+#define PAGODA_INLINE inline __attribute__((always_inline))
+
 inline float to_f32(float x) { return x; }
 inline float to_f32(at::BFloat16 x) { return static_cast<float>(x); }
 template <typename T>
@@ -69,17 +73,80 @@ inline float f16(const uint8_t* p) {
 #endif
 
 #ifdef __AVX2__
-// 8 values of a row as float32.
+// 8 values of a row as float32, and back.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::BFloat16* p) {
   const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
 }
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(at::BFloat16* p, __m256 v) {
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, v);
+  for (int i = 0; i < 8; ++i) p[i] = at::BFloat16(tmp[i]);
+}
+
+#ifdef __FMA__
+// e^x for x <= 0, as exp16: 2^f by the same series, and 2^n put into the exponent's bits,
+// with n clamped at -126, the smallest normal exponent (e^x under 1.2e-38 comes out as that).
+inline __m256 exp8(__m256 x) {
+  const __m256 t = _mm256_max_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                 _mm256_set1_ps(-126.f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, n), _mm256_set1_ps(0.69314718f));
+  __m256 p = _mm256_set1_ps(1.f / 5040);
+  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) {
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c));
+  }
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+#endif
 #endif
 
-// For helpers inlined into a kernel's inner loop, so their vectors stay in registers (GCC
-// otherwise calls them and passes the vectors on the stack).
-#define PAGODA_INLINE inline __attribute__((always_inline))
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// float32 vectors of the widest kind the build has, for kernels written once for both:
+// 16 lanes with AVX-512, 8 with AVX2 and FMA.
+#define PAGODA_VEC 1
+namespace vec {
+#ifdef __AVX512F__
+using F32 = __m512;
+constexpr int64_t kLanes = 16;
+template <typename T>
+PAGODA_INLINE F32 load(const T* p) { return load16(p); }
+template <typename T>
+PAGODA_INLINE void store(T* p, F32 v) { store16(p, v); }
+PAGODA_INLINE F32 zero() { return _mm512_setzero_ps(); }
+PAGODA_INLINE F32 set1(float x) { return _mm512_set1_ps(x); }
+PAGODA_INLINE F32 add(F32 a, F32 b) { return _mm512_add_ps(a, b); }
+PAGODA_INLINE F32 sub(F32 a, F32 b) { return _mm512_sub_ps(a, b); }
+PAGODA_INLINE F32 mul(F32 a, F32 b) { return _mm512_mul_ps(a, b); }
+PAGODA_INLINE F32 fmadd(F32 a, F32 b, F32 c) { return _mm512_fmadd_ps(a, b, c); }
+PAGODA_INLINE float sum(F32 v) { return _mm512_reduce_add_ps(v); }
+PAGODA_INLINE F32 exp(F32 x) { return exp16(x); }
+#else
+using F32 = __m256;
+constexpr int64_t kLanes = 8;
+template <typename T>
+PAGODA_INLINE F32 load(const T* p) { return load8(p); }
+template <typename T>
+PAGODA_INLINE void store(T* p, F32 v) { store8(p, v); }
+PAGODA_INLINE F32 zero() { return _mm256_setzero_ps(); }
+PAGODA_INLINE F32 set1(float x) { return _mm256_set1_ps(x); }
+PAGODA_INLINE F32 add(F32 a, F32 b) { return _mm256_add_ps(a, b); }
+PAGODA_INLINE F32 sub(F32 a, F32 b) { return _mm256_sub_ps(a, b); }
+PAGODA_INLINE F32 mul(F32 a, F32 b) { return _mm256_mul_ps(a, b); }
+PAGODA_INLINE F32 fmadd(F32 a, F32 b, F32 c) { return _mm256_fmadd_ps(a, b, c); }
+PAGODA_INLINE float sum(F32 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+PAGODA_INLINE F32 exp(F32 x) { return exp8(x); }
+#endif
+}  // namespace vec
+#endif
 
 // Calls f with a value of x's element type (float or at::BFloat16), the types the
 // kernels are written for; any other type is an error naming the op.
@@ -102,14 +169,14 @@ inline float exp_shifted(float* scores, int64_t len) {
   const float top = *std::max_element(scores, scores + len);
   float sum = 0.f;
   int64_t p = 0;
-#ifdef __AVX512F__
-  __m512 total = _mm512_setzero_ps();
-  for (; p + 16 <= len; p += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + p), _mm512_set1_ps(top)));
-    _mm512_storeu_ps(scores + p, e);
-    total = _mm512_add_ps(total, e);
+#ifdef PAGODA_VEC
+  vec::F32 total = vec::zero();
+  for (; p + vec::kLanes <= len; p += vec::kLanes) {
+    const vec::F32 e = vec::exp(vec::sub(vec::load(scores + p), vec::set1(top)));
+    vec::store(scores + p, e);
+    total = vec::add(total, e);
   }
-  sum = _mm512_reduce_add_ps(total);
+  sum = vec::sum(total);
 #endif
   for (; p < len; ++p) {
     scores[p] = std::exp(scores[p] - top);

@@ -61,6 +61,62 @@ def test_decode_kernel_over_a_bfloat16_cache(dim: int) -> None:
         torch.testing.assert_close(out, reference, **TOLERANCE[torch.float32])
 
 
+def scattered_tables(
+    num_computed: list[int], num_new: list[int], block_size: int
+) -> tuple[list[list[int]], int]:
+    """Block tables for sequences of these lengths over a shuffled pool; and the pool's size."""
+    num_blocks = sum(-(-(c + n) // block_size) for c, n in zip(num_computed, num_new))
+    order = torch.randperm(num_blocks).tolist()
+    tables = []
+    for c, n in zip(num_computed, num_new):
+        used = -(-(c + n) // block_size)
+        tables.append(order[:used])
+        order = order[used:]
+    return tables, num_blocks
+
+
+# (query heads, KV heads, head_dim): every register-blocked group size of both head_dims,
+# and the general path's head_dim 256 (Gemma 3's) and 48.
+DECODE_SHAPES = [
+    (4, 4, 64),
+    (16, 8, 64),
+    (9, 3, 64),
+    (32, 8, 64),
+    (10, 2, 64),
+    (12, 2, 64),
+    (4, 4, 128),
+    (4, 2, 128),
+    (12, 4, 128),
+    (4, 1, 256),
+    (6, 2, 48),
+]
+
+
+@pytest.mark.parametrize("cache_dtype", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, dim", DECODE_SHAPES)
+def test_decode_kernel_over_long_scattered_contexts_equals_float32(
+    heads: int, kv_heads: int, dim: int, cache_dtype: torch.dtype
+) -> None:
+    """Decodes after 1 to 300 positions in scattered blocks of 16, a float32 query over a
+    cache of either dtype: the kernel's vector loops over whole and partial blocks, and its
+    reads a block ahead, against float32 attention over the cache's values."""
+    torch.manual_seed(0)
+    block_size = 16
+    num_computed = [0, 7, 16, 40, 129, 299]
+    num_new = [1] * len(num_computed)
+    tables, num_blocks = scattered_tables(num_computed, num_new, block_size)
+    attn, _ = AttentionMetadata.build(num_computed, num_new, tables, block_size)
+    (decodes,) = attn.groups
+    q = torch.randn(len(num_new), heads, dim)
+    shape = (num_blocks, kv_heads, block_size, dim)
+    kc, vc = torch.randn(shape).to(cache_dtype), torch.randn(shape).to(cache_dtype)
+    out = torch.ops.pagoda.paged_attention(
+        q, kc, vc, decodes.block_tables, decodes.token_seq, decodes.positions, dim**-0.5
+    )
+    reference = attend_group(q, kc.float(), vc.float(), decodes, dim**-0.5)
+    torch.testing.assert_close(out, reference, **TOLERANCE[torch.float32])
+
+
 def test_paged_attention_over_a_bfloat16_cache_equals_the_pytorch_path() -> None:
     qkv, (q, k, v), attn, positions, (kc, vc), table = random_batch(
         torch.float32, cache_dtype=torch.bfloat16
@@ -90,20 +146,6 @@ def prompt_kernel_built() -> bool:
 needs_prompt_kernel = pytest.mark.skipif(
     not prompt_kernel_built(), reason="the prompt attention kernel needs a CPU with AVX512-BF16"
 )
-
-
-def scattered_tables(
-    num_computed: list[int], num_new: list[int], block_size: int
-) -> tuple[list[list[int]], int]:
-    """Block tables for sequences of these lengths over a shuffled pool; and the pool's size."""
-    num_blocks = sum(-(-(c + n) // block_size) for c, n in zip(num_computed, num_new))
-    order = torch.randperm(num_blocks).tolist()
-    tables = []
-    for c, n in zip(num_computed, num_new):
-        used = -(-(c + n) // block_size)
-        tables.append(order[:used])
-        order = order[used:]
-    return tables, num_blocks
 
 
 # (query heads, KV heads, head_dim, block size): every register-blocked group size, both
