@@ -228,6 +228,14 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
 
 }  // namespace
 
+bool paged_attention_blocked(int64_t head_dim, int64_t heads_per_kv) {
+#ifdef PAGODA_VEC
+  return attend_kv_head_for<float, float>(head_dim, heads_per_kv) != nullptr;
+#else
+  return false;
+#endif
+}
+
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& block_tables,
                            const at::Tensor& token_seq, const at::Tensor& positions,

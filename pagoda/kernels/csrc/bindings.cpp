@@ -13,6 +13,8 @@
 
 #include <optional>
 
+#include "kv_cache.h"  // paged_attention
+
 namespace pagoda {
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
@@ -25,10 +27,6 @@ at::Tensor gelu_tanh_mul(const at::Tensor& x);
 void rope_and_cache(at::Tensor q, at::Tensor k, const at::Tensor& v, const at::Tensor& positions,
                     const at::Tensor& cos_sin, at::Tensor k_cache, at::Tensor v_cache,
                     const at::Tensor& slot_mapping);
-at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
-                           const at::Tensor& v_cache, const at::Tensor& block_tables,
-                           const at::Tensor& token_seq, const at::Tensor& positions,
-                           double scale, std::optional<int64_t> window);
 bool prompt_attention_supports(at::ScalarType dtype, int64_t head_dim, int64_t heads_per_kv);
 at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,

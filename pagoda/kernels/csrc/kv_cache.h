@@ -79,4 +79,12 @@ inline void check_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
               "token_seq and positions must be contiguous");
 }
 
+// In attention_decode.cpp: the decode kernel (torch.ops.pagoda.paged_attention), and
+// whether its register-blocked loop takes this shape in this build.
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& block_tables,
+                           const at::Tensor& token_seq, const at::Tensor& positions,
+                           double scale, std::optional<int64_t> window);
+bool paged_attention_blocked(int64_t head_dim, int64_t heads_per_kv);
+
 }  // namespace pagoda

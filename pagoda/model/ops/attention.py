@@ -44,9 +44,10 @@ def paged_attention(
     the keys at p - window < position <= p; the kernels do not read the blocks before.
     Returns [T, H * D]. The cache must already hold the batch's own keys and values.
     One kernel takes the decoding sequences: one query each, so the work is reading
-    their keys. Another takes prompt chunks in bfloat16, tiles of consecutive
-    tokens that share each key they read and skip the causal half; elsewhere
-    prompt chunks go to two matmuls, which use each key for every query at once.
+    their keys. Another takes prompt chunks in the shapes it states (prompt_kernel_takes):
+    with AVX512-BF16, tiles of consecutive tokens that share each key they read; on AVX2,
+    the decode kernel token by token. Both skip the causal half. Elsewhere prompt chunks
+    go to two matmuls, which use each key for every query at once.
     """
     if not kernels.available(q):
         return paged_attention_torch(q, k_cache, v_cache, attn, scale, window)

@@ -138,19 +138,20 @@ def test_paged_attention_equals_the_pytorch_path() -> None:
     )
 
 
-def prompt_kernel_built() -> bool:
-    """The prompt kernel is in a build for a CPU with AVX512-BF16 (else skip its tests)."""
-    return kernels.load() and prompt_kernel_takes(torch.bfloat16, 64, 1)
+def prompt_kernel_built(dtype: torch.dtype, dim: int, heads_per_kv: int) -> bool:
+    """Whether this build's prompt kernel takes the shape: its tiles with AVX512-BF16 (bfloat16,
+    head_dim 64 and 128), the decode kernel token by token with AVX2 alone (head_dim 64)."""
+    return kernels.load() and prompt_kernel_takes(dtype, dim, heads_per_kv)
 
 
-needs_prompt_kernel = pytest.mark.skipif(
-    not prompt_kernel_built(), reason="the prompt attention kernel needs a CPU with AVX512-BF16"
-)
+def skip_unless_prompt_kernel(dtype: torch.dtype, dim: int, heads_per_kv: int) -> None:
+    if not prompt_kernel_built(dtype, dim, heads_per_kv):
+        pytest.skip(f"this build's prompt kernel does not take {dtype} at head_dim {dim}")
 
 
 # (query heads, KV heads, head_dim, block size): every register-blocked group size, both
 # head_dims, and blocks smaller and larger than the kernel's tiles of 16 tokens and keys.
-@needs_prompt_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "heads, kv_heads, dim, block_size",
     [
@@ -163,15 +164,17 @@ needs_prompt_kernel = pytest.mark.skipif(
     ],
 )
 def test_prompt_attention_equals_float32(
-    heads: int, kv_heads: int, dim: int, block_size: int
+    heads: int, kv_heads: int, dim: int, block_size: int, dtype: torch.dtype
 ) -> None:
     """Chunks from position 0, after a context, longer and shorter than a tile, side by side
-    with a decode; the kernel against the PyTorch path in float32 on the same values."""
+    with a decode, queries of dtype over a bfloat16 cache; the kernel against the PyTorch
+    path in float32 on the same values."""
+    skip_unless_prompt_kernel(dtype, dim, heads // kv_heads)
     torch.manual_seed(0)
     num_computed, num_new = [0, 21, 40, 0, 5], [37, 16, 1, 2, 70]
     tables, num_blocks = scattered_tables(num_computed, num_new, block_size)
     attn, _ = AttentionMetadata.build(num_computed, num_new, tables, block_size)
-    q = torch.randn(sum(num_new), heads, dim).bfloat16()
+    q = torch.randn(sum(num_new), heads, dim).to(dtype)
     shape = (num_blocks, kv_heads, block_size, dim)
     kc, vc = torch.randn(shape).bfloat16(), torch.randn(shape).bfloat16()
     reference = paged_attention_torch(q.float(), kc.float(), vc.float(), attn, dim**-0.5)
@@ -185,14 +188,10 @@ def test_prompt_attention_equals_float32(
         chunks.positions,
         dim**-0.5,
     )
-    torch.testing.assert_close(
-        out.float(), reference[chunks.flat_index], **TOLERANCE[torch.bfloat16]
-    )
+    torch.testing.assert_close(out.float(), reference[chunks.flat_index], **TOLERANCE[dtype])
     # paged_attention takes it for the chunks, the decode kernel for the decode.
     torch.testing.assert_close(
-        paged_attention(q, kc, vc, attn, dim**-0.5).float(),
-        reference,
-        **TOLERANCE[torch.bfloat16],
+        paged_attention(q, kc, vc, attn, dim**-0.5).float(), reference, **TOLERANCE[dtype]
     )
 
 
@@ -200,7 +199,6 @@ def test_prompt_attention_equals_float32(
 VERIFY_SHAPES = [(9, 3, 64), (4, 4, 64), (4, 2, 128), (16, 4, 64), (10, 2, 64), (12, 2, 128)]
 
 
-@needs_prompt_kernel
 @pytest.mark.parametrize("window", [None, 3, 40])
 @pytest.mark.parametrize("heads, kv_heads, dim", VERIFY_SHAPES)
 def test_prompt_attention_of_short_runs_equals_float32(
@@ -209,6 +207,7 @@ def test_prompt_attention_of_short_runs_equals_float32(
     """A step that verifies drafts: runs of 2 to 17 tokens (a token and 1 to 16 drafts) after
     contexts of 1 to 300 positions, each run's token times heads filling a tile's lanes or not;
     the kernel against the PyTorch path in float32 on the same values."""
+    skip_unless_prompt_kernel(torch.bfloat16, dim, heads // kv_heads)
     torch.manual_seed(0)
     block_size = 16
     num_computed = [1, 40, 300, 15, 63, 7, 129]
@@ -226,7 +225,6 @@ def test_prompt_attention_of_short_runs_equals_float32(
     torch.testing.assert_close(out.float(), reference, **TOLERANCE[torch.bfloat16])
 
 
-@needs_prompt_kernel
 def test_prompt_kernel_states_its_shapes_and_refuses_others() -> None:
     takes = [
         (dtype, dim, group)
@@ -235,7 +233,9 @@ def test_prompt_kernel_states_its_shapes_and_refuses_others() -> None:
         for group in range(1, 9)
         if prompt_kernel_takes(dtype, dim, group)
     ]
-    assert takes == [(torch.bfloat16, dim, g) for dim in (64, 128) for g in range(1, 7)]
+    tiles = [(torch.bfloat16, dim, g) for dim in (64, 128) for g in range(1, 7)]
+    per_token = [(dtype, 64, g) for dtype in DTYPES for g in range(1, 7)]
+    assert takes in ([], tiles, per_token)  # no AVX2, AVX512-BF16, AVX2 without AVX-512
     qkv, (q, k, v), attn, positions, (kc, vc), table = random_batch(torch.bfloat16, dim=32)
     chunk = attn.groups[1]
     with pytest.raises(RuntimeError, match="does not take BFloat16 with head_dim 32"):
@@ -256,7 +256,7 @@ def test_attention_kernels_refuse_out_of_cache_blocks() -> None:
             torch.tensor([9]),
             0.3,
         )
-    if prompt_kernel_built():
+    if prompt_kernel_built(torch.bfloat16, 64, 3):
         qkv, (q, k, v), attn, positions, (kc, vc), table = random_batch(torch.bfloat16, dim=64)
         chunk = attn.groups[1]
         with pytest.raises(RuntimeError, match="out of the cache"):
@@ -349,7 +349,6 @@ def test_decode_kernel_with_window_equals_float32(
         torch.testing.assert_close(out.float(), reference, **TOLERANCE[dtype])
 
 
-@needs_prompt_kernel
 @pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize(
     "heads, kv_heads, dim, block_size", [(9, 3, 64, 16), (4, 4, 64, 4), (4, 2, 128, 32)]
@@ -358,6 +357,7 @@ def test_prompt_kernel_with_window_equals_float32(
     heads: int, kv_heads: int, dim: int, block_size: int, window: int
 ) -> None:
     """A prefill longer than the window, a chunk crossing the window's edge, short chunks."""
+    skip_unless_prompt_kernel(torch.bfloat16, dim, heads // kv_heads)
     torch.manual_seed(0)
     q, (kc, vc), attn, _ = window_batch(torch.bfloat16, heads, kv_heads, dim, block_size)
     chunks = next(g for g in attn.groups if g.max_query_len > 1)
@@ -378,8 +378,8 @@ def test_prompt_kernel_with_window_equals_float32(
 @pytest.mark.parametrize("window", [7, 24])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_paged_attention_with_window_equals_the_twin(dtype: torch.dtype, window: int) -> None:
-    """The dispatcher: decode kernel, and the prompt kernel (bfloat16) or matmuls with the
-    C++ softmax (float32), against the twin in float32."""
+    """The dispatcher: decode kernel, and the prompt kernel where the build has one for the
+    shape or matmuls with the C++ softmax, against the twin in float32."""
     torch.manual_seed(0)
     q, (kc, vc), attn, _ = window_batch(dtype, 6, 2, 64, 16)
     torch.testing.assert_close(
@@ -411,7 +411,7 @@ def test_a_window_wider_than_every_context_changes_nothing(dtype: torch.dtype) -
         args = (kc, vc, group.block_tables, group.token_seq, group.positions, 0.125)
         rows = q[group.flat_index]
         kernels_ = [torch.ops.pagoda.paged_attention]
-        if prompt_kernel_built() and dtype == torch.bfloat16 and group.max_query_len > 1:
+        if prompt_kernel_built(dtype, 64, 3) and group.max_query_len > 1:
             kernels_.append(torch.ops.pagoda.prompt_attention)
         for kernel in kernels_:
             assert torch.equal(kernel(rows, *args, 301), kernel(rows, *args))
@@ -439,7 +439,7 @@ def test_kernels_read_no_block_before_the_window(dtype: torch.dtype) -> None:
         assert before.any()  # some blocks lie before every window of their sequence
         tables = group.block_tables.masked_fill(before, 10**6)
         kernels_ = [torch.ops.pagoda.paged_attention]
-        if prompt_kernel_built() and dtype == torch.bfloat16 and group.max_query_len > 1:
+        if prompt_kernel_built(dtype, 64, 3) and group.max_query_len > 1:
             kernels_.append(torch.ops.pagoda.prompt_attention)
         reference = attend_group(q.float(), kc.float(), vc.float(), group, 0.125, window)
         for kernel in kernels_:
