@@ -22,24 +22,22 @@ void act_mul_impl(const at::Tensor& x, at::Tensor& out) {
       const T* up = gate + n;
       T* o = op + r * n;
       int64_t i = 0;
-#ifdef __AVX512F__
-      for (; i + 16 <= n; i += 16) {
-        // sigmoid(g) from e = e^-|g| <= 1, the range exp16 covers: 1 / (1 + e) for
+#ifdef PAGODA_VEC
+      for (; i + vec::kLanes <= n; i += vec::kLanes) {
+        // sigmoid(g) from e = e^-|g| <= 1, the range vec::exp covers: 1 / (1 + e) for
         // g >= 0, e / (1 + e) below.
-        const __m512 g = load16(gate + i);
-        __m512 s = g;  // sigmoid's argument
+        const vec::F32 g = vec::load(gate + i);
+        vec::F32 s = g;  // sigmoid's argument
         if constexpr (kGelu) {
-          const __m512 g3 = _mm512_mul_ps(_mm512_mul_ps(g, g), g);
-          s = _mm512_mul_ps(_mm512_set1_ps(2.f * kSqrt2OverPi),
-                            _mm512_fmadd_ps(g3, _mm512_set1_ps(0.044715f), g));
+          const vec::F32 g3 = vec::mul(vec::mul(g, g), g);
+          s = vec::mul(vec::set1(2.f * kSqrt2OverPi), vec::fmadd(g3, vec::set1(0.044715f), g));
         }
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(s)));
-        const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), e));
-        const __mmask16 negative = _mm512_cmp_ps_mask(s, _mm512_setzero_ps(), _CMP_LT_OQ);
-        const __m512 sigmoid = _mm512_mask_mul_ps(inv, negative, inv, e);
-        T act[16];  // rounded to T before the product, as the twin's activation is
-        store16(act, _mm512_mul_ps(g, sigmoid));
-        store16(o + i, _mm512_mul_ps(load16(act), load16(up + i)));
+        const vec::F32 e = vec::exp(vec::sub(vec::zero(), vec::abs(s)));
+        const vec::F32 inv = vec::div(vec::set1(1.f), vec::add(vec::set1(1.f), e));
+        const vec::F32 sigmoid = vec::mul(inv, vec::if_negative(s, e, vec::set1(1.f)));
+        T act[vec::kLanes];  // rounded to T before the product, as the twin's activation is
+        vec::store(act, vec::mul(g, sigmoid));
+        vec::store(o + i, vec::mul(vec::load(act), vec::load(up + i)));
       }
 #endif
       for (; i < n; ++i) {

@@ -123,6 +123,12 @@ PAGODA_INLINE F32 add(F32 a, F32 b) { return _mm512_add_ps(a, b); }
 PAGODA_INLINE F32 sub(F32 a, F32 b) { return _mm512_sub_ps(a, b); }
 PAGODA_INLINE F32 mul(F32 a, F32 b) { return _mm512_mul_ps(a, b); }
 PAGODA_INLINE F32 fmadd(F32 a, F32 b, F32 c) { return _mm512_fmadd_ps(a, b, c); }
+PAGODA_INLINE F32 div(F32 a, F32 b) { return _mm512_div_ps(a, b); }
+PAGODA_INLINE F32 abs(F32 a) { return _mm512_abs_ps(a); }
+// a where x < 0, else b.
+PAGODA_INLINE F32 if_negative(F32 x, F32 a, F32 b) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, zero(), _CMP_LT_OQ), b, a);
+}
 PAGODA_INLINE float sum(F32 v) { return _mm512_reduce_add_ps(v); }
 PAGODA_INLINE F32 exp(F32 x) { return exp16(x); }
 #else
@@ -138,6 +144,12 @@ PAGODA_INLINE F32 add(F32 a, F32 b) { return _mm256_add_ps(a, b); }
 PAGODA_INLINE F32 sub(F32 a, F32 b) { return _mm256_sub_ps(a, b); }
 PAGODA_INLINE F32 mul(F32 a, F32 b) { return _mm256_mul_ps(a, b); }
 PAGODA_INLINE F32 fmadd(F32 a, F32 b, F32 c) { return _mm256_fmadd_ps(a, b, c); }
+PAGODA_INLINE F32 div(F32 a, F32 b) { return _mm256_div_ps(a, b); }
+PAGODA_INLINE F32 abs(F32 a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), a); }
+// a where x < 0, else b.
+PAGODA_INLINE F32 if_negative(F32 x, F32 a, F32 b) {
+  return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, zero(), _CMP_LT_OQ));
+}
 PAGODA_INLINE float sum(F32 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
