@@ -169,6 +169,7 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
   T* op = out.data_ptr<T>();
   const int64_t qs = q.stride(0), table_stride = block_tables.stride(0);
   const float s = static_cast<float>(scale);
+  check_token_rows(block_tables, seq, pos, tokens, block_size);
 
 #ifdef PAGODA_VEC
   if (AttendKvHead<T, K> attend = attend_kv_head_for<T, K>(dim, group)) {

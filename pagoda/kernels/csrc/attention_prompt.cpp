@@ -339,11 +339,10 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k_cache,
   const int64_t* seq = token_seq.data_ptr<int64_t>();
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
+  check_token_rows(block_tables, seq, pos, tokens, block_size);
   // Tiles: up to kTile consecutive tokens of one sequence at consecutive positions.
   std::vector<int64_t> starts;
   for (int64_t t = 0; t < tokens; ++t) {
-    TORCH_CHECK(seq[t] >= 0 && seq[t] < block_tables.size(0) && pos[t] >= 0,
-                "token_seq and positions must index block_tables");
     if (t == 0 || seq[t] != seq[t - 1] || pos[t] != pos[t - 1] + 1 ||
         t - starts.back() == kTile) {
       starts.push_back(t);
@@ -352,9 +351,7 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k_cache,
   const int64_t num_tiles = starts.size();
   starts.push_back(tokens);
   for (int64_t i = 0; i < num_tiles; ++i) {  // every block a tile will read
-    const int64_t last = starts[i + 1] - 1, used = pos[last] / block_size + 1;
-    TORCH_CHECK(used <= block_tables.size(1), "block_tables is too short for position ",
-                pos[last]);
+    const int64_t last = starts[i + 1] - 1;
     check_blocks(tables + seq[last] * table_stride, window_start(pos[starts[i]], window),
                  pos[last] + 1, block_size, num_blocks);
   }

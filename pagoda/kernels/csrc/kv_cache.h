@@ -26,6 +26,17 @@ inline void check_blocks(const int64_t* blocks, int64_t first, int64_t len, int6
   }
 }
 
+// That each token's sequence has a row of block_tables, long enough for its position.
+inline void check_token_rows(const at::Tensor& block_tables, const int64_t* seq,
+                             const int64_t* pos, int64_t tokens, int64_t block_size) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(seq[t] >= 0 && seq[t] < block_tables.size(0) && pos[t] >= 0,
+                "token_seq and positions must index block_tables");
+    TORCH_CHECK(pos[t] / block_size < block_tables.size(1),
+                "block_tables is too short for position ", pos[t]);
+  }
+}
+
 // The first key a query at position pos sees: with a sliding window of W positions it
 // sees keys pos - W < p <= pos (a layer of local attention), without one keys 0..pos.
 inline int64_t window_start(int64_t pos, const std::optional<int64_t>& window) {
@@ -75,8 +86,10 @@ inline void check_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
   TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "query heads must be a multiple of KV heads");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.stride(1) == 1,
               "block_tables must be int64 with contiguous rows");
-  TORCH_CHECK(token_seq.is_contiguous() && positions.is_contiguous(),
-              "token_seq and positions must be contiguous");
+  TORCH_CHECK(token_seq.scalar_type() == at::kLong && positions.scalar_type() == at::kLong &&
+                  token_seq.is_contiguous() && positions.is_contiguous() &&
+                  token_seq.numel() == q.size(0) && positions.numel() == q.size(0),
+              "token_seq and positions must be contiguous int64, one per token of q");
 }
 
 // In attention_decode.cpp: the decode kernel (torch.ops.pagoda.paged_attention), and

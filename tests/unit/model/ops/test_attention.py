@@ -271,6 +271,30 @@ def test_attention_kernels_refuse_out_of_cache_blocks() -> None:
             )
 
 
+@pytest.mark.parametrize("dim", [32, 64])
+def test_attention_kernels_refuse_tokens_outside_their_tables(dim: int) -> None:
+    """A token whose sequence has no row of block_tables, a position past its row's blocks,
+    or token_seq and positions not one per query: a clear error from each kernel (dim 32:
+    the decode kernel's general loop, 64: its register-blocked one and the prompt kernel's
+    shapes), never a read outside the tensors."""
+    _, (q, _, _), attn, _, (kc, vc), _ = random_batch(torch.bfloat16, dim=dim)
+    chunk = attn.groups[1]  # 7 tokens of a 2-block sequence, positions 0..6
+    kernels_ = [torch.ops.pagoda.paged_attention]
+    if prompt_kernel_built(torch.bfloat16, dim, 3):
+        kernels_.append(torch.ops.pagoda.prompt_attention)
+    rows, seq, pos = q[chunk.flat_index], chunk.token_seq, chunk.positions
+    cases = [
+        (seq + 1, pos, "must index block_tables"),
+        (seq, pos + 8, "block_tables is too short for position"),
+        (seq[:3], pos, "one per token of q"),
+        (seq, pos.int(), "one per token of q"),
+    ]
+    for kernel in kernels_:
+        for bad_seq, bad_pos, message in cases:
+            with pytest.raises(RuntimeError, match=message):
+                kernel(rows, kc, vc, chunk.block_tables, bad_seq, bad_pos, 0.3)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_causal_softmax(dtype: torch.dtype) -> None:
     _, _, attn, _, _, _ = random_batch(dtype)
