@@ -1,6 +1,9 @@
-"""Shared by the op families' tests (tests/unit/model/ops): tolerances and a random batch."""
+"""Shared by the op families' tests (tests/unit/model/ops): tolerances, a random batch and the
+CPU's flags."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -36,3 +39,15 @@ def random_batch(
     caches = torch.randn(shape).to(cache_dtype), torch.randn(shape).to(cache_dtype)
     table = torch.randn(64, dim).float()
     return qkv, (q, k, v), attn, positions, caches, table
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (none where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()

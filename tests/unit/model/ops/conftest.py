@@ -3,9 +3,8 @@ linear_kernels / gemm_kernels for those that call the quantized ones."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from kernel_checks import cpu_flags
 
 from pagoda import envs, kernels
 from pagoda.model.ops.quantized_gemm import gemm_formats
@@ -15,18 +14,6 @@ from pagoda.model.ops.quantized_linear import kernel_formats
 # VNNI or, without it, for AVX2 + FMA + F16C: on a CPU that has these a build without those
 # kernels is a failure; on one without them their tests skip and the PyTorch twins run.
 AVX2_KERNEL_FLAGS = frozenset({"avx2", "fma", "f16c"})
-
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (none where it cannot be read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import DTYPES, TOLERANCE, random_batch
+from kernel_checks import DTYPES, TOLERANCE, cpu_flags, random_batch
 
 from pagoda import kernels
 from pagoda.model.attention_metadata import AttentionMetadata
@@ -233,9 +233,16 @@ def test_prompt_kernel_states_its_shapes_and_refuses_others() -> None:
         for group in range(1, 9)
         if prompt_kernel_takes(dtype, dim, group)
     ]
-    tiles = [(torch.bfloat16, dim, g) for dim in (64, 128) for g in range(1, 7)]
-    per_token = [(dtype, 64, g) for dtype in DTYPES for g in range(1, 7)]
-    assert takes in ([], tiles, per_token)  # no AVX2, AVX512-BF16, AVX2 without AVX-512
+    # The build is for this CPU (-march=native): the tiles with AVX512-BF16, the decode
+    # kernel token by token with AVX2 and FMA but no AVX-512, else nothing.
+    flags = cpu_flags()
+    if "avx512_bf16" in flags:
+        expected = [(torch.bfloat16, dim, g) for dim in (64, 128) for g in range(1, 7)]
+    elif {"avx2", "fma"} <= flags and "avx512f" not in flags:
+        expected = [(dtype, 64, g) for dtype in DTYPES for g in range(1, 7)]
+    else:
+        expected = []
+    assert takes == expected
     qkv, (q, k, v), attn, positions, (kc, vc), table = random_batch(torch.bfloat16, dim=32)
     chunk = attn.groups[1]
     with pytest.raises(RuntimeError, match="does not take BFloat16 with head_dim 32"):
