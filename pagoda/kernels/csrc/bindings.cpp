@@ -45,6 +45,8 @@ std::vector<std::string> gguf_gemm_formats();
 at::Tensor gguf_repack(const at::Tensor& w, const std::string& format);
 at::Tensor gguf_gemm_repacked(const at::Tensor& x, const at::Tensor& w, const std::string& format,
                               int64_t n);
+at::Tensor gguf_repacked_rows(const at::Tensor& w, const std::string& format, int64_t n,
+                              const at::Tensor& ids, at::ScalarType dtype);
 at::Tensor argmax_rows(const at::Tensor& x);
 
 }  // namespace pagoda
@@ -71,6 +73,7 @@ TORCH_LIBRARY(pagoda, m) {
   m.def("gguf_gemm(Tensor x, Tensor w, str format) -> Tensor");
   m.def("gguf_repack(Tensor w, str format) -> Tensor");
   m.def("gguf_gemm_repacked(Tensor x, Tensor w, str format, int n) -> Tensor");
+  m.def("gguf_repacked_rows(Tensor w, str format, int n, Tensor ids, ScalarType dtype) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def(
       "prompt_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
@@ -98,6 +101,7 @@ TORCH_LIBRARY_IMPL(pagoda, CPU, m) {
   m.impl("gguf_gemm", &gguf_gemm);
   m.impl("gguf_repack", &gguf_repack);
   m.impl("gguf_gemm_repacked", &gguf_gemm_repacked);
+  m.impl("gguf_repacked_rows", &gguf_repacked_rows);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("prompt_attention", &prompt_attention);
 }

@@ -20,6 +20,8 @@
 // gguf_repack lays a weight out once, at load, in a compact form of that layout (about the
 // file's bytes), and gguf_gemm_repacked computes from it what gguf_gemm computes from the
 // blocks, bit for bit, with no tile decoded a call: at every row count, one included.
+// gguf_repacked_rows reads rows back from that form as the file's decoding gives them, for
+// a tied embedding, whose table is the repacked output layer.
 //
 // On a CPU with AVX2 (+ FMA, F16C) but no AVX-512 the same tiles run an AVX2 microkernel
 // (maddubs: u8 x s8 pairs into int16, then madd with the scales), 8 columns a vector, to
@@ -601,6 +603,63 @@ void repack_impl(const at::Tensor& w, at::Tensor& out) {
   });
 }
 
+// Row `lane` of a repacked super-block of 16 rows: its 256 values as the file's decoding
+// computes them, (d sc_j) q + dm mn_j in float32 (both products exact, so one rounding),
+// Q6_K's (d sc_j) (q - 32). A tied embedding gathers its rows so, with no other copy kept.
+template <typename F>
+void unpack_row(const typename RepackedOf<F>::T& r, int lane, float* out) {
+  constexpr int kHalfQuads = F::kSubValues / 8;
+  const float d = f16(reinterpret_cast<const uint8_t*>(r.d + lane));
+  for (int j = 0; j < F::kSubs; ++j) {
+    const float scale = d * static_cast<float>(r.scale[j][lane]);
+    float min = 0.f;
+    if constexpr (F::kMins) {
+      min = f16(reinterpret_cast<const uint8_t*>(r.dm + lane)) *
+            static_cast<float>(r.mins[j / 2][2 * lane + j % 2]);
+    }
+    for (int s = 0; s < 2; ++s) {  // the sub-block's halves: low and high nibbles
+      for (int u = 0; u < kHalfQuads; ++u) {
+        for (int b = 0; b < 4; ++b) {
+          const uint8_t byte = r.q[j * kHalfQuads + u][4 * lane + b];
+          const int code = s == 0 ? byte & 0x0F : byte >> 4;
+          float* v = out + j * F::kSubValues + 4 * (s * kHalfQuads + u) + b;
+          if constexpr (F::kMins) {
+            *v = scale * static_cast<float>(code) + min;
+          } else {  // quad e = 2 s + u of the sub-block: its top bits at 2e, 2e + 1
+            const int top = (r.high[j][4 * lane + b] >> (2 * (2 * s + u))) & 3;
+            *v = scale * static_cast<float>((code | top << 4) - 32);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename F>
+void repacked_rows_impl(const at::Tensor& w, const at::Tensor& ids, at::Tensor& out) {
+  using T = typename RepackedOf<F>::T;
+  const int64_t supers = w.size(1), k = supers * kSuper;
+  const T* wp = reinterpret_cast<const T*>(w.data_ptr<uint8_t>());
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, ids.numel(), 16, [&](int64_t begin, int64_t end) {
+    alignas(64) float values[kSuper];
+    for (int64_t i = begin; i < end; ++i) {
+      const T* vector = wp + ip[i] / kLanes * supers;
+      const int lane = static_cast<int>(ip[i] % kLanes);
+      for (int64_t s = 0; s < supers; ++s) {
+        if (!bf16) {
+          unpack_row<F>(vector[s], lane, out.data_ptr<float>() + i * k + s * kSuper);
+          continue;
+        }
+        unpack_row<F>(vector[s], lane, values);
+        at::BFloat16* o = out.data_ptr<at::BFloat16>() + i * k + s * kSuper;
+        for (int l = 0; l < kSuper; ++l) o[l] = at::BFloat16(values[l]);
+      }
+    }
+  });
+}
+
 // A step of few rows reads the weight from memory once: as gguf_linear does, each super-block
 // requests the cache lines of the one kPrefetchSupers after it, into L2 (into L1 the requests
 // slowed a row's step down). A row then streams the 1B file's projections about as fast as
@@ -1014,13 +1073,14 @@ struct RepackFormat {
   int64_t bytes;     // the file's bytes a super-block of a row
   int64_t repacked;  // bytes a super-block of 16 columns, repacked
   void (*repack)(const at::Tensor&, at::Tensor&);
+  void (*rows)(const at::Tensor&, const at::Tensor&, at::Tensor&);
   void (*run)(const InputRows&, int64_t, const at::Tensor&, int64_t, at::Tensor&);
 };
 
 const RepackFormat kRepackFormats[] = {
-    {"Q4_K", Q4_K::kBytes, sizeof(RepackedQ4_K), &repack_impl<Q4_K>,
+    {"Q4_K", Q4_K::kBytes, sizeof(RepackedQ4_K), &repack_impl<Q4_K>, &repacked_rows_impl<Q4_K>,
      &repacked_gemm_impl<Q4_K>},
-    {"Q6_K", Q6_K::kBytes, sizeof(RepackedQ6_K), &repack_impl<Q6_K>,
+    {"Q6_K", Q6_K::kBytes, sizeof(RepackedQ6_K), &repack_impl<Q6_K>, &repacked_rows_impl<Q6_K>,
      &repacked_gemm_impl<Q6_K>},
 };
 
@@ -1121,6 +1181,31 @@ at::Tensor gguf_gemm_repacked(const at::Tensor& x, const at::Tensor& w, const st
   return out;
 #else
   TORCH_CHECK(false, "gguf_gemm_repacked needs a build with AVX-512 VNNI or AVX2");
+#endif
+}
+
+at::Tensor gguf_repacked_rows(const at::Tensor& w, const std::string& format, int64_t n,
+                              const at::Tensor& ids, at::ScalarType dtype) {
+#ifdef PAGODA_GGUF_GEMM
+  check_cpu(w, "w");
+  check_cpu(ids, "ids");
+  const RepackFormat& f = repack_format(format);
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 3 && w.is_contiguous() &&
+                  w.size(0) == (n + kLanes - 1) / kLanes && w.size(2) == f.repacked,
+              "w must be a repacked ", format, " weight of ", n, " rows");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1, "ids must be int64 [count]");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
+              "gguf_repacked_rows writes float32 or bfloat16");
+  const at::Tensor rows = ids.contiguous();
+  const int64_t* ip = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.numel(); ++i) {
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < n, "ids must be in [0, ", n, "), got ", ip[i]);
+  }
+  at::Tensor out = at::empty({rows.numel(), w.size(1) * kSuper}, w.options().dtype(dtype));
+  if (out.numel() > 0) f.rows(w, rows, out);
+  return out;
+#else
+  TORCH_CHECK(false, "gguf_repacked_rows needs a build with AVX-512 VNNI or AVX2");
 #endif
 }
 

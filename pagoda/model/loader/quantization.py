@@ -135,8 +135,10 @@ def choose_paths(
     output = model.output_gguf
     if output is not None:
         if repack and _repack_wins(output, dtype):
-            # the file's blocks stay the embedding's (a tied one gathers the rows it looks up)
             model.output_repacked = quantized_gemm.repack(output)
+            embedding = model.embed_tokens
+            if isinstance(embedding, Embedding) and embedding.gguf is output:  # tied
+                embedding.gather_from(model.output_repacked)
             release_pages()
         else:
             # timed on the output layer's own blocks: a large vocabulary's tensor, often of
@@ -303,6 +305,10 @@ def _log_choice(
         )
     if isinstance(embedding, Embedding) and embedding.gguf is not None:
         held.append(f"the embedding ({embedding.gguf.format})")
+    if isinstance(embedding, Embedding) and embedding.repacked is not None:
+        held.append(
+            f"the embedding ({embedding.repacked.format}, gathered from the repacked output layer)"
+        )
     if model.output_gguf is not None:
         tied = ", tied," if model.spec.tie_word_embeddings else ""
         repacked_output = ", repacked" if model.output_repacked is not None else ""
@@ -312,8 +318,10 @@ def _log_choice(
     blocks.update({id(w.data): w.data.nbytes for m in linears for w in m.repacked})
     if model.output_repacked is not None:
         blocks[id(model.output_repacked.data)] = model.output_repacked.data.nbytes
+    # a repacked output layer's file form is not read again (its pages were released)
+    unread = model.output_gguf if model.output_repacked is not None else None
     for w in (getattr(embedding, "gguf", None), model.output_gguf):
-        if w is not None:
+        if w is not None and w is not unread:
             blocks[id(w.blocks)] = w.blocks.nbytes
     paths = [f"{repacked} projections repacked for the int8 GEMM at every row count"]
     if repacked:

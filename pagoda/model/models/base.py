@@ -36,7 +36,8 @@ class CausalLM(nn.Module):
     output_gemm = False
     output_gguf: GGUFWeight | None = None  # the output layer in its file form, if held so
     # The output layer repacked for the int8 GEMM (quantized_gemm.repack), which then computes
-    # every step's logits; output_gguf stays, unread (a tied embedding gathers its rows).
+    # every step's logits (a tied embedding gathers its rows from it too); output_gguf stays,
+    # a view of the file that is not read again.
     output_repacked: RepackedWeight | None = None
     output_prepacked: torch.Tensor | None = None  # the output layer in oneDNN's layout
 

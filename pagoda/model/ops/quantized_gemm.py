@@ -135,6 +135,49 @@ def repack_torch(w: GGUFWeight) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def repacked_rows(w: RepackedWeight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ids of w's matrix, [len(ids), cols] in dtype, decoded from its repacked form
+    alone (a tied embedding's lookup when the output layer is repacked): the file's values,
+    to the bit."""
+    if kernels.available(w.data) and w.format in repack_formats():
+        return torch.ops.pagoda.gguf_repacked_rows(w.data, w.format, w.rows, ids, dtype)
+    return repacked_rows_torch(w, ids).to(dtype)
+
+
+def repacked_rows_torch(w: RepackedWeight, ids: torch.Tensor) -> torch.Tensor:
+    """repack_torch's layout read back for rows ids: float32 (d * sc) * q + dm * mn, Q6_K's
+    as (d * sc) * (q - 32), as the file's decoding computes them."""
+    n, q4 = len(ids), w.format == "Q4_K"
+    if n == 0:
+        return torch.zeros(0, w.cols)
+    subs, values = (8, 32) if q4 else (16, 16)
+    half = values // 8  # quads in half a sub-block
+    # [n, supers, bytes]: the rows' vectors, then each row's lane of every per-lane field
+    data = w.data[ids // LANES]
+    lane = (ids % LANES).reshape(n, 1, 1, 1)
+
+    def field(start: int, count: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """bytes [start, start + count * 16 * width) as [n, supers, count, width] of the lane."""
+        t = data[..., start : start + count * LANES * width].reshape(n, -1, count, LANES, width)
+        index = lane.unsqueeze(-1).expand(n, t.shape[1], count, 1, width)
+        return t.gather(3, index).squeeze(3).contiguous().view(dtype)
+
+    quads = field(0, subs * half, 4, torch.uint8).reshape(n, -1, subs, 1, half * 4)
+    codes = torch.cat([quads & 0x0F, quads >> 4], dim=3).reshape(n, -1, subs, values)
+    if q4:
+        sc = field(2048, subs, 1, torch.uint8)
+        mn = field(2048 + 128, 4, 2, torch.uint8).reshape(n, -1, subs, 1)
+        d = field(2304, 1, 2, torch.float16).float()
+        dm = field(2336, 1, 2, torch.float16).float()
+        return ((d * sc) * codes + dm * mn).reshape(n, -1)
+    top = field(2048, subs, 4, torch.uint8).reshape(n, -1, subs, 1, 4)
+    shifts = (2 * torch.arange(4, dtype=torch.uint8)).reshape(4, 1)  # quad e's bits 2e, 2e + 1
+    codes |= (((top >> shifts) & 3) << 4).reshape(n, -1, subs, values)
+    sc = field(3072, subs, 1, torch.int8)
+    d = field(3328, 1, 2, torch.float16).float()
+    return ((d * sc) * (codes.to(torch.int16) - 32)).reshape(n, -1)
+
+
 def _f16_bytes(t: torch.Tensor) -> torch.Tensor:
     """[vectors, supers, 1, 16] float32 -> [vectors, supers, 32] the float16 bytes."""
     return t.half().contiguous().view(torch.uint8).reshape(t.shape[0], t.shape[1], -1)

@@ -115,8 +115,13 @@ def test_the_model_holds_no_dense_copy(tmp_path: Path, qtype: str) -> None:
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert linears and all(m.weight is None and (m.gguf or m.repacked) for m in linears)
     assert model.holds_blocks()  # so a float32 run's KV cache is bfloat16 under auto
-    assert model.embed_tokens.weight is None and model.embed_tokens.gguf is not None
-    assert model.output_gguf is model.embed_tokens.gguf  # tied: one table
+    embedding = model.embed_tokens
+    assert embedding.weight is None
+    # tied: one table, the file's blocks or, with the output layer repacked, that form
+    if model.output_repacked is None:
+        assert embedding.gguf is model.output_gguf and embedding.repacked is None
+    else:
+        assert embedding.repacked is model.output_repacked and embedding.gguf is None
     # Only the norms' weights are left as parameters, and no buffer is a weight.
     assert all(name.endswith("norm.weight") for name, _ in model.named_parameters())
     assert all(name.endswith("cos_sin") for name, _ in model.named_buffers())
@@ -442,7 +447,8 @@ def test_a_repacked_output_layer_gives_the_gemms_logits(
     tmp_path: Path, tied: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Logits of 1 to 20 rows from the repacked output layer: the int8 GEMM's on the file's
-    blocks, bit for bit; a tied embedding still gathers its rows from the file's blocks."""
+    blocks, bit for bit; a tied embedding gathers its rows from the repacked form, the file's
+    values to the bit, and no longer reads the file."""
     monkeypatch.setattr(quantization, "_repack_wins", lambda *args: True)
     path = write_tiny(tmp_path / "m.gguf", "Q6_K", tied=tied)
     model = load_model(path, torch.float32, quantized=True)
@@ -451,5 +457,12 @@ def test_a_repacked_output_layer_gives_the_gemms_logits(
     for rows in (1, 3, 20):
         hidden = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
         assert torch.equal(model.compute_logits(hidden), quantized_gemm.gguf_gemm(hidden, w))
+    embedding = model.embed_tokens
     if tied:
-        assert model.embed_tokens.gguf is w
+        assert embedding.gguf is None and embedding.repacked is model.output_repacked
+        ids = torch.tensor([0, 5, 255, 5, 17])
+        assert torch.equal(
+            embedding(ids), quantized_linear.dequantize_rows(w.rows(ids), torch.float32)
+        )
+    else:
+        assert embedding.repacked is None

@@ -12,6 +12,7 @@ from tiny_gguf import random_blocks
 
 from pagoda.model.ops.quantized_gemm import (
     REPACKED_BYTES,
+    RepackedWeight,
     gemm_formats,
     gguf_gemm,
     gguf_gemm_repacked,
@@ -20,6 +21,8 @@ from pagoda.model.ops.quantized_gemm import (
     repack,
     repack_formats,
     repack_torch,
+    repacked_rows,
+    repacked_rows_torch,
 )
 from pagoda.model.ops.quantized_linear import GGUFWeight
 from pagoda.model.quants import FORMATS, dequantize
@@ -227,3 +230,40 @@ def test_the_repacked_gemm_rejects_a_weight_of_other_columns(gemm_kernels: None)
         torch.ops.pagoda.gguf_gemm_repacked(torch.randn(3, 256), w.data, "Q4_K", 20)
     with pytest.raises(RuntimeError, match="no layout for format Q8_0"):
         torch.ops.pagoda.gguf_gemm_repacked(torch.randn(3, 512), w.data, "Q8_0", 20)
+
+
+@pytest.mark.parametrize("qtype", GEMM_FORMATS)
+@pytest.mark.parametrize(("n", "cols"), [(1, 256), (16, 512), (40, 768), (133, 2560)])
+def test_rows_of_a_repacked_weight_are_the_files_rows(qtype: str, n: int, cols: int) -> None:
+    """The twin reads any row back from the repacked bytes alone (a lane of a partial vector
+    too), to the bit of the file's decoding; so a tied embedding needs no other copy."""
+    w = random_weight(qtype, n, cols, seed=n + cols)
+    repacked = RepackedWeight(repack_torch(w), qtype, n)
+    ids = torch.tensor([n - 1, 0, n // 2, n - 1, n // 3], dtype=torch.int64)
+    got = repacked_rows_torch(repacked, ids)
+    assert got.dtype == torch.float32 and got.shape == (len(ids), cols)
+    assert torch.equal(got, dequantize(w.rows(ids).blocks, qtype).reshape(len(ids), cols))
+
+
+@pytest.mark.parametrize("qtype", GEMM_FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "cols", "count"), [(1, 256, 1), (40, 768, 0), (133, 2560, 300)])
+def test_the_row_gather_equals_its_twin(
+    gemm_kernels: None, qtype: str, dtype: torch.dtype, n: int, cols: int, count: int
+) -> None:
+    w = repack(random_weight(qtype, n, cols, seed=n))
+    ids = torch.randint(0, n, (count,), generator=torch.Generator().manual_seed(count))
+    got = repacked_rows(w, ids, dtype)
+    assert got.dtype == dtype and got.shape == (count, cols)
+    assert torch.equal(got, repacked_rows_torch(w, ids).to(dtype))
+
+
+def test_the_row_gather_refuses_rows_outside_the_weight(gemm_kernels: None) -> None:
+    w = repack(random_weight("Q6_K", 20, 256))
+    for bad in (20, -1):
+        with pytest.raises(RuntimeError, match="ids must be in \\[0, 20\\)"):
+            repacked_rows(w, torch.tensor([3, bad]), torch.float32)
+    with pytest.raises(RuntimeError, match="ids must be int64"):
+        torch.ops.pagoda.gguf_repacked_rows(
+            w.data, "Q6_K", 20, torch.tensor([3]).int(), torch.float32
+        )
