@@ -641,19 +641,20 @@ void repacked_rows_impl(const at::Tensor& w, const at::Tensor& ids, at::Tensor& 
   const int64_t supers = w.size(1), k = supers * kSuper;
   const T* wp = reinterpret_cast<const T*>(w.data_ptr<uint8_t>());
   const int64_t* ip = ids.data_ptr<int64_t>();
-  const bool bf16 = out.scalar_type() == at::kBFloat16;
+  float* of = out.scalar_type() == at::kFloat ? out.data_ptr<float>() : nullptr;
+  at::BFloat16* ob = of ? nullptr : out.data_ptr<at::BFloat16>();
   at::parallel_for(0, ids.numel(), 16, [&](int64_t begin, int64_t end) {
     alignas(64) float values[kSuper];
     for (int64_t i = begin; i < end; ++i) {
       const T* vector = wp + ip[i] / kLanes * supers;
       const int lane = static_cast<int>(ip[i] % kLanes);
       for (int64_t s = 0; s < supers; ++s) {
-        if (!bf16) {
-          unpack_row<F>(vector[s], lane, out.data_ptr<float>() + i * k + s * kSuper);
+        if (of) {
+          unpack_row<F>(vector[s], lane, of + i * k + s * kSuper);
           continue;
         }
         unpack_row<F>(vector[s], lane, values);
-        at::BFloat16* o = out.data_ptr<at::BFloat16>() + i * k + s * kSuper;
+        at::BFloat16* o = ob + i * k + s * kSuper;
         for (int l = 0; l < kSuper; ++l) o[l] = at::BFloat16(values[l]);
       }
     }
