@@ -145,6 +145,9 @@ AttendKvHead<T, K> attend_kv_head_for(int64_t dim, int64_t group) {
       case 1: return attend_kv_head<C128, 1, T, K>;
       case 2: return attend_kv_head<C128, 2, T, K>;
       case 3: return attend_kv_head<C128, 3, T, K>;
+      // Llama 3 8B's shape: more accumulators than registers on either ISA, some kept in L1,
+      // still 1.8-3.1x the general loop on AVX2 (BENCHMARKS.md, section 13).
+      case 4: return attend_kv_head<C128, 4, T, K>;
     }
   }
   return nullptr;
