@@ -152,6 +152,9 @@ def repacked_rows_torch(w: RepackedWeight, ids: torch.Tensor) -> torch.Tensor:
         return torch.zeros(0, w.cols)
     subs, values = (8, 32) if q4 else (16, 16)
     half = values // 8  # quads in half a sub-block
+    # repack_torch's parts at these byte offsets: the codes' 32 vectors of 64 at 0; Q4_K's
+    # sc at 2048, minimums at 2176, d at 2304, dm at 2336; Q6_K's top bits at 2048, sc at
+    # 3072, d at 3328.
     # [n, supers, bytes]: the rows' vectors, then each row's lane of every per-lane field
     data = w.data[ids // LANES]
     lane = (ids % LANES).reshape(n, 1, 1, 1)
