@@ -605,9 +605,10 @@ void repack_impl(const at::Tensor& w, at::Tensor& out) {
 
 // Row `lane` of a repacked super-block of 16 rows: its 256 values as the file's decoding
 // computes them, (d sc_j) q + dm mn_j in float32 (both products exact, so one rounding),
-// Q6_K's (d sc_j) (q - 32). A tied embedding gathers its rows so, with no other copy kept.
-template <typename F>
-void unpack_row(const typename RepackedOf<F>::T& r, int lane, float* out) {
+// Q6_K's (d sc_j) (q - 32), rounded once to T. A tied embedding gathers its rows so, with no
+// other copy kept.
+template <typename F, typename T>
+void unpack_row(const typename RepackedOf<F>::T& r, int lane, T* out) {
   constexpr int kHalfQuads = F::kSubValues / 8;
   const float d = f16(reinterpret_cast<const uint8_t*>(r.d + lane));
   for (int j = 0; j < F::kSubs; ++j) {
@@ -622,12 +623,12 @@ void unpack_row(const typename RepackedOf<F>::T& r, int lane, float* out) {
         for (int b = 0; b < 4; ++b) {
           const uint8_t byte = r.q[j * kHalfQuads + u][4 * lane + b];
           const int code = s == 0 ? byte & 0x0F : byte >> 4;
-          float* v = out + j * F::kSubValues + 4 * (s * kHalfQuads + u) + b;
+          T* v = out + j * F::kSubValues + 4 * (s * kHalfQuads + u) + b;
           if constexpr (F::kMins) {
-            *v = scale * static_cast<float>(code) + min;
+            *v = from_f32<T>(scale * static_cast<float>(code) + min);
           } else {  // quad e = 2 s + u of the sub-block: its top bits at 2e, 2e + 1
             const int top = (r.high[j][4 * lane + b] >> (2 * (2 * s + u))) & 3;
-            *v = scale * static_cast<float>((code | top << 4) - 32);
+            *v = from_f32<T>(scale * static_cast<float>((code | top << 4) - 32));
           }
         }
       }
@@ -637,27 +638,22 @@ void unpack_row(const typename RepackedOf<F>::T& r, int lane, float* out) {
 
 template <typename F>
 void repacked_rows_impl(const at::Tensor& w, const at::Tensor& ids, at::Tensor& out) {
-  using T = typename RepackedOf<F>::T;
+  using R = typename RepackedOf<F>::T;
   const int64_t supers = w.size(1), k = supers * kSuper;
-  const T* wp = reinterpret_cast<const T*>(w.data_ptr<uint8_t>());
+  const R* wp = reinterpret_cast<const R*>(w.data_ptr<uint8_t>());
   const int64_t* ip = ids.data_ptr<int64_t>();
-  float* of = out.scalar_type() == at::kFloat ? out.data_ptr<float>() : nullptr;
-  at::BFloat16* ob = of ? nullptr : out.data_ptr<at::BFloat16>();
-  at::parallel_for(0, ids.numel(), 16, [&](int64_t begin, int64_t end) {
-    alignas(64) float values[kSuper];
-    for (int64_t i = begin; i < end; ++i) {
-      const T* vector = wp + ip[i] / kLanes * supers;
-      const int lane = static_cast<int>(ip[i] % kLanes);
-      for (int64_t s = 0; s < supers; ++s) {
-        if (of) {
-          unpack_row<F>(vector[s], lane, of + i * k + s * kSuper);
-          continue;
+  dispatch_float_types(out, "gguf_repacked_rows", [&](auto t) {
+    using T = decltype(t);
+    T* op = out.data_ptr<T>();
+    at::parallel_for(0, ids.numel(), 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const R* vector = wp + ip[i] / kLanes * supers;
+        const int lane = static_cast<int>(ip[i] % kLanes);
+        for (int64_t s = 0; s < supers; ++s) {
+          unpack_row<F>(vector[s], lane, op + i * k + s * kSuper);
         }
-        unpack_row<F>(vector[s], lane, values);
-        at::BFloat16* o = ob + i * k + s * kSuper;
-        for (int l = 0; l < kSuper; ++l) o[l] = at::BFloat16(values[l]);
       }
-    }
+    });
   });
 }
 
