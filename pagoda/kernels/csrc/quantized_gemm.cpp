@@ -286,8 +286,8 @@ PAGODA_INLINE void microkernel(const Packed<F::kSubs>* p, int64_t stride, int64_
 }
 
 #else
-// Rows r0 .. r0 + R - 1 of the input against half `half` (its columns 8 half .. 8 half + 7)
-// of a column vector's super-blocks p[0 .. supers - 1] (s0 .. s0 + supers - 1) into acc[r].
+// Rows r0 .. r0 + R - 1 of the input against a column vector's super-blocks p[0 .. supers - 1]
+// (s0 .. s0 + supers - 1) into acc[h R + r]: h = 0 its columns 0 .. 7, h = 1 columns 8 .. 15.
 //
 // maddubs multiplies the u8 codes by the s8 inputs and adds each two products into int16
 // (|2 x 63 x 127| = 16002: no saturation), and a sub-block's such pairs are summed in int16
@@ -297,12 +297,19 @@ PAGODA_INLINE void microkernel(const Packed<F::kSubs>* p, int64_t stride, int64_
 // products, |.| <= 8 x 32 x 127 = 32512; the int16 adds wrap on the way there, which leaves
 // the end exact. The integer totals are the AVX-512 kernel's, and so are the float operations
 // on them, lane for lane.
+//
+// Both halves of a quad's 64 bytes against up to 3 rows: 6 maddubs for 2 weight loads and 3
+// input broadcasts, where one half against 4 rows took 1 + 4 loads for 4: the loads, not the
+// products, bound this loop on a Zen 3. The sub-block loop is not unrolled, so that the 6
+// sums, the 2 weight vectors and the broadcast stay in registers (the totals go to the
+// stack once a sub-block). In the op, the two kernels alternating in one process at 512
+// rows (GMAC/s, medians of 5): Q4_K 8192 x 2048 72 -> 89, Q6_K 2048 x 8192 58 -> 83.
 template <typename F, int R>
 PAGODA_INLINE void microkernel(const Packed<F::kSubs>* p, int64_t supers, const InputRows& x,
-                               int64_t r0, int64_t s0, int half, __m256* acc) {
+                               int64_t r0, int64_t s0, __m256* acc) {
+  static_assert(R <= 3, "6 sums and 6 totals fill the registers the loop leaves");
   constexpr int kQuads = F::kSubValues / 4;  // quads of 4 codes a sub-block
-  const int lane0 = 8 * half;
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int i = 0; i < 2 * R; ++i) acc[i] = _mm256_setzero_ps();
   const int64_t k = x.supers * kSuper;
   for (int64_t s = 0; s < supers; ++s) {
     const int64_t sb = s0 + s;
@@ -313,64 +320,92 @@ PAGODA_INLINE void microkernel(const Packed<F::kSubs>* p, int64_t supers, const 
       xc[r] = x.codes + (r0 + r) * k + sb * kSuper;
       off[r] = x.off16 + (r0 + r) * x.supers * 16 + sb * 16;
     }
-    __m256i total[R];
-    for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_si256();
-#pragma GCC unroll 16
+    __m256i total[2][R];
+    for (int h = 0; h < 2; ++h)
+      for (int r = 0; r < R; ++r) total[h][r] = _mm256_setzero_si256();
+#pragma GCC unroll 1
     for (int j = 0; j < F::kSubs; ++j) {
-      __m256i sum[R];
-      for (int r = 0; r < R; ++r) {
-        sum[r] = F::kMins ? _mm256_setzero_si256() : _mm256_set1_epi32(off[r][j]);
+      __m256i sum[2][R];
+      if constexpr (!F::kMins) {
+        for (int r = 0; r < R; ++r) sum[0][r] = sum[1][r] = _mm256_set1_epi32(off[r][j]);
       }
 #pragma GCC unroll 8
       for (int u = 0; u < kQuads; ++u) {
         const int t = j * kQuads + u;
-        const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(pc.q[t] + 4 * lane0));
+        __m256i w[2] = {_mm256_load_si256(reinterpret_cast<const __m256i*>(pc.q[t])),
+                        _mm256_load_si256(reinterpret_cast<const __m256i*>(pc.q[t] + 32))};
+        asm("" : "+x"(w[0]), "+x"(w[1]));  // loaded once, not again for every row
         for (int r = 0; r < R; ++r) {
           int32_t four;
           std::memcpy(&four, xc[r] + 4 * t, 4);
-          sum[r] = _mm256_add_epi16(sum[r], _mm256_maddubs_epi16(w, _mm256_set1_epi32(four)));
-          // An empty asm keeps each running sum in its register: the int16 adds are
-          // associative, and GCC otherwise reordered the unrolled sub-blocks into products
-          // first, spilled to the stack (~440 stack accesses a super-block), which made the
-          // Q4_K GEMM 1.4-1.5x slower on a Zen 3 at 256 rows.
-          asm("" : "+x"(sum[r]));
+          const __m256i xb = _mm256_set1_epi32(four);
+          for (int h = 0; h < 2; ++h) {
+            const __m256i product = _mm256_maddubs_epi16(w[h], xb);
+            // Q4_K's sums start at the first product (no register held at zero)
+            sum[h][r] = F::kMins && u == 0 ? product : _mm256_add_epi16(sum[h][r], product);
+            // An empty asm keeps each running sum in its register: the int16 adds are
+            // associative, and GCC otherwise reordered the unrolled sub-blocks into products
+            // first, spilled to the stack (~440 stack accesses a super-block), which made the
+            // Q4_K GEMM 1.4-1.5x slower on a Zen 3 at 256 rows.
+            asm("" : "+x"(sum[h][r]));
+          }
         }
       }
-      const __m256i sc = _mm256_load_si256(reinterpret_cast<const __m256i*>(pc.scale[j] + lane0));
-      for (int r = 0; r < R; ++r) {
-        total[r] = _mm256_add_epi32(total[r], _mm256_madd_epi16(sum[r], sc));
-        asm("" : "+x"(total[r]));
+      for (int h = 0; h < 2; ++h) {
+        const __m256i sc = _mm256_load_si256(reinterpret_cast<const __m256i*>(pc.scale[j] + 8 * h));
+        for (int r = 0; r < R; ++r) {
+          total[h][r] = _mm256_add_epi32(total[h][r], _mm256_madd_epi16(sum[h][r], sc));
+          asm("" : "+x"(total[h][r]));
+        }
       }
     }
-    const __m256 d = _mm256_load_ps(pc.d + lane0);
-    for (int r = 0; r < R; ++r) {
-      const __m256 dx = _mm256_set1_ps(x.scale[(r0 + r) * x.supers + sb]);
-      __m256 v = _mm256_mul_ps(d, _mm256_cvtepi32_ps(total[r]));
-      if constexpr (F::kMins) {
-        const int16_t* s32 = x.sum32 + (r0 + r) * x.supers * 8 + sb * 8;
-        __m256i m = _mm256_setzero_si256();
-        for (int q = 0; q < 4; ++q) {
-          int32_t pair;
-          std::memcpy(&pair, s32 + 2 * q, 4);
-          const __m256i mins =
-              _mm256_load_si256(reinterpret_cast<const __m256i*>(pc.mins[q] + lane0));
-          m = _mm256_add_epi32(m, _mm256_madd_epi16(mins, _mm256_set1_epi32(pair)));
+    for (int h = 0; h < 2; ++h) {
+      const __m256 d = _mm256_load_ps(pc.d + 8 * h);
+      for (int r = 0; r < R; ++r) {
+        const __m256 dx = _mm256_set1_ps(x.scale[(r0 + r) * x.supers + sb]);
+        __m256 v = _mm256_mul_ps(d, _mm256_cvtepi32_ps(total[h][r]));
+        if constexpr (F::kMins) {
+          const int16_t* s32 = x.sum32 + (r0 + r) * x.supers * 8 + sb * 8;
+          __m256i m = _mm256_setzero_si256();
+          for (int q = 0; q < 4; ++q) {
+            int32_t pair;
+            std::memcpy(&pair, s32 + 2 * q, 4);
+            const __m256i mins =
+                _mm256_load_si256(reinterpret_cast<const __m256i*>(pc.mins[q] + 8 * h));
+            m = _mm256_add_epi32(m, _mm256_madd_epi16(mins, _mm256_set1_epi32(pair)));
+          }
+          v = _mm256_fmadd_ps(_mm256_load_ps(pc.dm + 8 * h), _mm256_cvtepi32_ps(m), v);
         }
-        v = _mm256_fmadd_ps(_mm256_load_ps(pc.dm + lane0), _mm256_cvtepi32_ps(m), v);
+        acc[h * R + r] = _mm256_fmadd_ps(v, dx, acc[h * R + r]);
       }
-      acc[r] = _mm256_fmadd_ps(v, dx, acc[r]);
     }
   }
 }
 #endif
 
 // The weight is decoded kTileVectors x 16 columns by kTileSupers super-blocks at a time
-// (8 x 16 x 2048 weights: 320 KB for Q4_K, 350 KB for Q6_K, kept in L2); every kRows input
+// (8 x 16 x 2048 weights: 320 KB for Q4_K, 350 KB for Q6_K, kept in L2); every block of input
 // rows run through the tile's columns kColumnVectors vectors at a time.
 constexpr int64_t kTileVectors = 8;
 constexpr int64_t kTileSupers = 8;
 constexpr int kColumnVectors = 2;
 constexpr int kRows = 4;
+
+template <typename P>
+struct IsPacked : std::false_type {};
+template <int kSubs>
+struct IsPacked<Packed<kSubs>> : std::true_type {};
+
+// Input rows a block of the microkernel takes from P: kRows, but 3 for the AVX2 kernel on
+// decoded tiles, whose blocks are a whole column vector wide.
+template <typename P>
+constexpr int block_rows() {
+#ifdef PAGODA_GGUF_GEMM_AVX512
+  return kRows;
+#else
+  return IsPacked<P>::value ? 3 : kRows;
+#endif
+}
 
 #ifdef PAGODA_GGUF_GEMM_AVX512
 template <typename F, int NC, int R, typename P>
@@ -419,33 +454,45 @@ template <typename F, int NC, int R, typename P>
 void run_block(const P* p, int64_t stride, int64_t supers, const InputRows& x, int64_t r0,
                int64_t s0, int64_t v0, int64_t n, bool add, float* out) {
   for (int c = 0; c < NC; ++c) {
-    for (int half = 0; half < 2; ++half) {
-      const int64_t col = (v0 + c) * kLanes + 8 * half;
-      if (col >= n) break;
-      __m256 acc[R];
-      microkernel<F, R>(p + c * stride, supers, x, r0, s0, half, acc);
+    const int64_t col = (v0 + c) * kLanes;
+    if constexpr (IsPacked<P>::value) {
+      __m256 acc[2 * R];
+      microkernel<F, R>(p + c * stride, supers, x, r0, s0, acc);
       store_columns<R>(acc, r0, col, n, add, out);
+      if (col + 8 < n) store_columns<R>(acc + R, r0, col + 8, n, add, out);
+    } else {
+      for (int half = 0; half < 2 && col + 8 * half < n; ++half) {
+        __m256 acc[R];
+        microkernel<F, R>(p + c * stride, supers, x, r0, s0, half, acc);
+        store_columns<R>(acc, r0, col + 8 * half, n, add, out);
+      }
     }
   }
 }
 #endif
 
-// P: Packed (a tile decoded or expanded) or the repacked form, read as it is.
+// P: Packed (a tile decoded or expanded) or the repacked form, read as it is; rows at most
+// block_rows<P>().
 template <typename F, int NC, typename P>
 void run_rows(const P* p, int64_t stride, int64_t supers, const InputRows& x, int64_t r0,
               int rows, int64_t s0, int64_t v0, int64_t n, bool add, float* out) {
+  static_assert(block_rows<P>() == 3 || block_rows<P>() == 4);
   switch (rows) {
     case 1: run_block<F, NC, 1>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
     case 2: run_block<F, NC, 2>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
     case 3: run_block<F, NC, 3>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
-    default: run_block<F, NC, 4>(p, stride, supers, x, r0, s0, v0, n, add, out); break;
+    default:
+      if constexpr (block_rows<P>() == 4) {
+        run_block<F, NC, 4>(p, stride, supers, x, r0, s0, v0, n, add, out);
+      }
+      break;
   }
 }
 
 template <typename F>
 void gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, at::Tensor& out) {
-  static_assert(kRows == 4);
   using P = Packed<F::kSubs>;
+  constexpr int kBlock = block_rows<P>();
   const int64_t n = w.size(0), row_bytes = w.size(1), supers = x.supers;
   const int64_t vectors = (n + kLanes - 1) / kLanes;
   const int64_t tiles = (vectors + kTileVectors - 1) / kTileVectors;
@@ -475,8 +522,8 @@ void gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, at::Tensor
           }
         }
         const bool add = s0 > 0;
-        for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-          const int r = static_cast<int>(std::min<int64_t>(kRows, rows - r0));
+        for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+          const int r = static_cast<int>(std::min<int64_t>(kBlock, rows - r0));
           int64_t v = v0;
           for (; v + kColumnVectors <= v1; v += kColumnVectors) {
             run_rows<F, kColumnVectors>(&buffer[(v - v0) * span], span, span, x, r0, r, s0, v,
@@ -1014,6 +1061,7 @@ void repacked_gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, i
   const T* wp = reinterpret_cast<const T*>(w.data_ptr<uint8_t>());
   float* op = out.data_ptr<float>();
   const bool expanded = rows > expand_rows<F>();
+  const int block = expanded ? block_rows<P>() : block_rows<T>();
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     static thread_local std::vector<P> buffer;
     if (expanded) buffer.resize(kTileVectors * kTileSupers);
@@ -1040,8 +1088,8 @@ void repacked_gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, i
             }
           }
         }
-        for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-          const int r = static_cast<int>(std::min<int64_t>(kRows, rows - r0));
+        for (int64_t r0 = 0; r0 < rows; r0 += block) {
+          const int r = static_cast<int>(std::min<int64_t>(block, rows - r0));
           int64_t v = v0;
           for (; v + kColumnVectors <= v1; v += kColumnVectors) {
             if (expanded) {
