@@ -1032,16 +1032,16 @@ PAGODA_INLINE void microkernel(const typename RepackedOf<F>::T* p, int64_t super
 
 // Above this many rows a tile is expanded once into gguf_gemm's layout and its microkernel
 // runs on it (the unpacking then costs less than redoing it for every 4 rows). On a Zen 3
-// (AVX2) Q4_K's unpacking (an and and a shift a vector) stays the cheaper up to 48 rows:
-// in one process, the variants alternating, the 8192 x 2048 projection at 20 / 32 / 40 rows
-// ran 85 / 91 / 119 GMAC/s read directly against 69 / 80 / 112 expanded (medians of 15),
-// level at 48 and 64; Q6_K's (its top bits too) lost there by 5-10 %.
+// (AVX2), in one process, the variants alternating (GMAC/s, medians of 9): Q4_K's 8192 x
+// 2048 projection read directly against expanded at 8 / 12 / 24 / 32 rows 76 / 79 / 92 / 94
+// against 59 / 72 / 97 / 105, level at 16; Q6_K's 2048 x 8192 (its top bits cost three more
+// operations a vector) 44 against 41 at 8 rows, 53 / 53 against 58 / 63 at 12 / 16.
 template <typename F>
 constexpr int64_t expand_rows() {
 #ifdef PAGODA_GGUF_GEMM_AVX512
   return 16;
 #else
-  return std::is_same_v<F, Q4_K> ? 48 : 16;
+  return std::is_same_v<F, Q4_K> ? 16 : 8;
 #endif
 }
 

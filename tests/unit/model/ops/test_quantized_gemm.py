@@ -198,13 +198,13 @@ def test_repacking_equals_its_twin(gemm_kernels: None, qtype: str, n: int, cols:
 
 @pytest.mark.parametrize("qtype", GEMM_FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 17, 33, 48, 49, 64, 96, 255, 300])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 48, 49, 64, 96, 255, 300])
 def test_the_repacked_gemm_is_the_gemm_bit_for_bit(
     gemm_kernels: None, qtype: str, dtype: torch.dtype, rows: int
 ) -> None:
-    """Row counts around the microkernel's 4 rows, its few-row order of work and where tiles
-    are expanded (above 16 rows; on AVX2 above 48 for Q4_K); 133 weight rows (a partial
-    vector of 5 columns); 10 super-blocks a row (summed 8 and 2)."""
+    """Row counts around the microkernels' blocks of 3 and 4 rows, the few-row order of work
+    and where tiles are expanded (above 16 rows; on AVX2 above 8 for Q6_K); 133 weight rows
+    (a partial vector of 5 columns); 10 super-blocks a row (summed 8 and 2)."""
     cols = 256 * 10
     w = random_weight(qtype, 133, cols, seed=rows)
     x = (torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows)) * 2).to(dtype)
