@@ -1047,9 +1047,9 @@ constexpr int64_t expand_rows() {
 
 // gemm_impl's order of work without the decoding: a tile of kTileVectors column vectors, its
 // super-blocks kTileSupers at a time (summed in registers, then added to the output: the
-// same float operations as gguf_gemm's), every kRows rows through them. Up to kRows rows
-// each column vector runs through all its super-blocks before the next (two vectors at a
-// time, two streams a thread, read about 10 % slower at one row).
+// same float operations as gguf_gemm's), every block of rows (block_rows of the form read)
+// through them. Up to kRows rows each column vector runs through all its super-blocks before
+// the next (two vectors at a time, two streams a thread, read about 10 % slower at one row).
 template <typename F>
 void repacked_gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, int64_t n,
                         at::Tensor& out) {
