@@ -301,9 +301,11 @@ PAGODA_INLINE void microkernel(const Packed<F::kSubs>* p, int64_t stride, int64_
 // Both halves of a quad's 64 bytes against up to 3 rows: 6 maddubs for 2 weight loads and 3
 // input broadcasts, where one half against 4 rows took 1 + 4 loads for 4: the loads, not the
 // products, bound this loop on a Zen 3. The sub-block loop is not unrolled, so that the 6
-// sums, the 2 weight vectors and the broadcast stay in registers (the totals go to the
-// stack once a sub-block). In the op, the two kernels alternating in one process at 512
-// rows (GMAC/s, medians of 5): Q4_K 8192 x 2048 72 -> 89, Q6_K 2048 x 8192 58 -> 83.
+// sums, the 2 weight vectors and the broadcast stay in registers through the products (the
+// 16 registers then leave none for the totals: GCC keeps them, and the sums for their
+// madd, on the stack, a load and a store each a sub-block). In the op, the two kernels
+// alternating in one process at 512 rows (GMAC/s, medians of 5): Q4_K 8192 x 2048 72 -> 89,
+// Q6_K 2048 x 8192 58 -> 83.
 template <typename F, int R>
 PAGODA_INLINE void microkernel(const Packed<F::kSubs>* p, int64_t supers, const InputRows& x,
                                int64_t r0, int64_t s0, __m256* acc) {
