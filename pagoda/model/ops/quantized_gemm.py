@@ -32,8 +32,28 @@ from pagoda.model.ops.quantized_linear import GGUFWeight
 from pagoda.model.quants import BLOCK_BYTES, SUPER_BLOCK, integer_form
 
 LANES = 16  # output columns a vector of the microkernel
+# A repacked super-block of 16 columns, field by field in byte order: (name, entries a
+# lane, bytes an entry), each field [entries][16 lanes][bytes] (csrc/quantized_gemm.cpp's
+# RepackedQ4_K and RepackedQ6_K). "q": the 32 code vectors of 64 bytes, a lane's 4 bytes
+# each; "pad": Q6_K's 32 zero bytes, to a multiple of 64.
+REPACKED_FIELDS = {
+    "Q4_K": (("q", 32, 4), ("sc", 8, 1), ("mn", 4, 2), ("d", 1, 2), ("dm", 1, 2)),
+    "Q6_K": (("q", 32, 4), ("high", 16, 4), ("sc", 16, 1), ("d", 1, 2), ("pad", 1, 2)),
+}
+
+
+def _field_starts(fields: tuple[tuple[str, int, int], ...]) -> dict[str, int]:
+    """Each field's first byte, and "end": the bytes of the whole."""
+    starts, at = {}, 0
+    for name, count, width in fields:
+        starts[name] = at
+        at += LANES * count * width
+    return starts | {"end": at}
+
+
+REPACKED_OFFSETS = {fmt: _field_starts(fields) for fmt, fields in REPACKED_FIELDS.items()}
 # Bytes of a super-block of 16 columns, repacked (the file's: 16 x 144 and 16 x 210).
-REPACKED_BYTES = {"Q4_K": 2368, "Q6_K": 3392}
+REPACKED_BYTES = {fmt: starts["end"] for fmt, starts in REPACKED_OFFSETS.items()}
 
 
 @dataclass(frozen=True)
@@ -88,15 +108,15 @@ def gguf_gemm_repacked(x: torch.Tensor, w: RepackedWeight) -> torch.Tensor:
 
 
 def repack_torch(w: GGUFWeight) -> torch.Tensor:
-    """The bytes repack gives, [ceil(rows / 16), supers, REPACKED_BYTES[format]] uint8.
+    """The bytes repack gives, [ceil(rows / 16), supers, REPACKED_BYTES[format]] uint8,
+    the fields of REPACKED_FIELDS in turn.
 
     Per 16 columns (lanes L; columns past the last are zeros) and super-block: the codes
     as 64 quads t of 4 consecutive codes, byte 4 L + b of quad t the code 4 t + b of column
     L; vector j h + u (h the quads of half a sub-block) holds quad 2 j h + u in its low
-    nibbles and quad (2 j + 1) h + u in its high ones. Q4_K then: sc [8][16] bytes, the
-    minimums [4][16 lanes][2] (mn_2p, mn_2p+1), d [16] and dm = -dmin [16] float16. Q6_K:
-    the top 2 bits [16][64] (quad 4 j + e's at bits 2 e, 2 e + 1 of the sub-block j's
-    vector), sc [16][16] int8, d [16] float16, 32 zero bytes."""
+    nibbles and quad (2 j + 1) h + u in its high ones. Q4_K then: sc bytes, the minimums
+    (mn_2p, mn_2p+1) a lane, d and dm = -dmin float16. Q6_K: the top 2 bits (quad 4 j +
+    e's at bits 2 e, 2 e + 1 of the sub-block j's vector), sc int8, d float16."""
     q, sc, mn, d, dm = integer_form(w.format, w.blocks.reshape(-1, BLOCK_BYTES[w.format]))
     n, supers = w.blocks.shape[0], q.shape[0] // max(w.blocks.shape[0], 1)
     vectors = -(-n // LANES)
@@ -113,26 +133,24 @@ def repack_torch(w: GGUFWeight) -> torch.Tensor:
     half = 64 // subs // 2  # quads in half a sub-block
     t = torch.arange(64).reshape(subs, 2, half)
     packed = (quads[:, :, t[:, 0]] & 0x0F) | ((quads[:, :, t[:, 1]] & 0x0F) << 4)
-    parts = [packed.reshape(vectors, supers, -1)]
+    parts = {"q": packed, "d": _f16_bytes(lanes(d))}
     if w.format == "Q4_K":
         minimums = lanes(mn.to(torch.uint8)).reshape(vectors, supers, 4, 2, LANES)
-        parts += [
-            lanes(sc.to(torch.uint8)).reshape(vectors, supers, -1),
-            minimums.transpose(-1, -2).reshape(vectors, supers, -1),
-            _f16_bytes(lanes(d)),
-            _f16_bytes(lanes(dm)),
-        ]
+        parts |= {
+            "sc": lanes(sc.to(torch.uint8)),
+            "mn": minimums.transpose(-1, -2),
+            "dm": _f16_bytes(lanes(dm)),
+        }
     else:
         top = (quads.reshape(vectors, supers, subs, 4, 64) >> 4) & 3
         shift = (2 * torch.arange(4, dtype=torch.uint8)).reshape(4, 1)
-        high = (top << shift).sum(3, dtype=torch.uint8)
-        parts += [
-            high.reshape(vectors, supers, -1),
-            lanes(sc.to(torch.int8)).reshape(vectors, supers, -1).view(torch.uint8),
-            _f16_bytes(lanes(d)),
-            torch.zeros(vectors, supers, 32, dtype=torch.uint8),
-        ]
-    return torch.cat(parts, dim=-1)
+        parts |= {
+            "high": (top << shift).sum(3, dtype=torch.uint8),
+            "sc": lanes(sc.to(torch.int8)).contiguous().view(torch.uint8),
+            "pad": torch.zeros(vectors, supers, 32, dtype=torch.uint8),
+        }
+    fields = REPACKED_FIELDS[w.format]
+    return torch.cat([parts[name].reshape(vectors, supers, -1) for name, _, _ in fields], dim=-1)
 
 
 def repacked_rows(w: RepackedWeight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -152,32 +170,30 @@ def repacked_rows_torch(w: RepackedWeight, ids: torch.Tensor) -> torch.Tensor:
         return torch.zeros(0, w.cols)
     subs, values = (8, 32) if q4 else (16, 16)
     half = values // 8  # quads in half a sub-block
-    # repack_torch's parts at these byte offsets: the codes' 32 vectors of 64 at 0; Q4_K's
-    # sc at 2048, minimums at 2176, d at 2304, dm at 2336; Q6_K's top bits at 2048, sc at
-    # 3072, d at 3328.
     # [n, supers, bytes]: the rows' vectors, then each row's lane of every per-lane field
     data = w.data[ids // LANES]
     lane = (ids % LANES).reshape(n, 1, 1, 1)
+    fields = {name: (count, width) for name, count, width in REPACKED_FIELDS[w.format]}
 
-    def field(start: int, count: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-        """bytes [start, start + count * 16 * width) as [n, supers, count, width] of the lane."""
+    def field(name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The field as [n, supers, entries, bytes an entry] of each row's lane, in dtype."""
+        (count, width), start = fields[name], REPACKED_OFFSETS[w.format][name]
         t = data[..., start : start + count * LANES * width].reshape(n, -1, count, LANES, width)
         index = lane.unsqueeze(-1).expand(n, t.shape[1], count, 1, width)
         return t.gather(3, index).squeeze(3).contiguous().view(dtype)
 
-    quads = field(0, subs * half, 4, torch.uint8).reshape(n, -1, subs, 1, half * 4)
+    quads = field("q", torch.uint8).reshape(n, -1, subs, 1, half * 4)
     codes = torch.cat([quads & 0x0F, quads >> 4], dim=3).reshape(n, -1, subs, values)
+    d = field("d", torch.float16).float()
     if q4:
-        sc = field(2048, subs, 1, torch.uint8)
-        mn = field(2048 + 128, 4, 2, torch.uint8).reshape(n, -1, subs, 1)
-        d = field(2304, 1, 2, torch.float16).float()
-        dm = field(2336, 1, 2, torch.float16).float()
+        sc = field("sc", torch.uint8)
+        mn = field("mn", torch.uint8).reshape(n, -1, subs, 1)
+        dm = field("dm", torch.float16).float()
         return ((d * sc) * codes + dm * mn).reshape(n, -1)
-    top = field(2048, subs, 4, torch.uint8).reshape(n, -1, subs, 1, 4)
+    top = field("high", torch.uint8).reshape(n, -1, subs, 1, 4)
     shifts = (2 * torch.arange(4, dtype=torch.uint8)).reshape(4, 1)  # quad e's bits 2e, 2e + 1
     codes |= (((top >> shifts) & 3) << 4).reshape(n, -1, subs, values)
-    sc = field(3072, subs, 1, torch.int8)
-    d = field(3328, 1, 2, torch.float16).float()
+    sc = field("sc", torch.int8)
     return ((d * sc) * (codes.to(torch.int16) - 32)).reshape(n, -1)
 
 
