@@ -286,6 +286,29 @@ PAGODA_INLINE void microkernel(const Packed<F::kSubs>* p, int64_t stride, int64_
 }
 
 #else
+// A super-block's integer totals of R rows (8 columns) added to acc[r] as floats: dx (d
+// total + dm sum_q mins_q . the inputs' sub-block sums), the operations of every kernel, in
+// their order. mins and dm are Q4_K's (mins: the minimums' int16 pairs of 4 sub-block pairs).
+template <typename F, int R>
+PAGODA_INLINE void add_super_block(const __m256i* total, __m256 d, __m256 dm, const __m256i* mins,
+                                   const InputRows& x, int64_t r0, int64_t sb, __m256* acc) {
+  for (int r = 0; r < R; ++r) {
+    const __m256 dx = _mm256_set1_ps(x.scale[(r0 + r) * x.supers + sb]);
+    __m256 v = _mm256_mul_ps(d, _mm256_cvtepi32_ps(total[r]));
+    if constexpr (F::kMins) {
+      const int16_t* s32 = x.sum32 + (r0 + r) * x.supers * 8 + sb * 8;
+      __m256i m = _mm256_setzero_si256();
+      for (int q = 0; q < 4; ++q) {
+        int32_t pair;
+        std::memcpy(&pair, s32 + 2 * q, 4);
+        m = _mm256_add_epi32(m, _mm256_madd_epi16(mins[q], _mm256_set1_epi32(pair)));
+      }
+      v = _mm256_fmadd_ps(dm, _mm256_cvtepi32_ps(m), v);
+    }
+    acc[r] = _mm256_fmadd_ps(v, dx, acc[r]);
+  }
+}
+
 // Rows r0 .. r0 + R - 1 of the input against a column vector's super-blocks p[0 .. supers - 1]
 // (s0 .. s0 + supers - 1) into acc[h R + r]: h = 0 its columns 0 .. 7, h = 1 columns 8 .. 15.
 //
@@ -362,24 +385,16 @@ PAGODA_INLINE void microkernel(const Packed<F::kSubs>* p, int64_t supers, const 
       }
     }
     for (int h = 0; h < 2; ++h) {
-      const __m256 d = _mm256_load_ps(pc.d + 8 * h);
-      for (int r = 0; r < R; ++r) {
-        const __m256 dx = _mm256_set1_ps(x.scale[(r0 + r) * x.supers + sb]);
-        __m256 v = _mm256_mul_ps(d, _mm256_cvtepi32_ps(total[h][r]));
-        if constexpr (F::kMins) {
-          const int16_t* s32 = x.sum32 + (r0 + r) * x.supers * 8 + sb * 8;
-          __m256i m = _mm256_setzero_si256();
-          for (int q = 0; q < 4; ++q) {
-            int32_t pair;
-            std::memcpy(&pair, s32 + 2 * q, 4);
-            const __m256i mins =
-                _mm256_load_si256(reinterpret_cast<const __m256i*>(pc.mins[q] + 8 * h));
-            m = _mm256_add_epi32(m, _mm256_madd_epi16(mins, _mm256_set1_epi32(pair)));
-          }
-          v = _mm256_fmadd_ps(_mm256_load_ps(pc.dm + 8 * h), _mm256_cvtepi32_ps(m), v);
+      __m256i mins[4] = {};
+      __m256 dm = _mm256_setzero_ps();
+      if constexpr (F::kMins) {
+        for (int q = 0; q < 4; ++q) {
+          mins[q] = _mm256_load_si256(reinterpret_cast<const __m256i*>(pc.mins[q] + 8 * h));
         }
-        acc[h * R + r] = _mm256_fmadd_ps(v, dx, acc[h * R + r]);
+        dm = _mm256_load_ps(pc.dm + 8 * h);
       }
+      add_super_block<F, R>(total[h], _mm256_load_ps(pc.d + 8 * h), dm, mins, x, r0, sb,
+                            acc + h * R);
     }
   }
 }
@@ -1006,27 +1021,18 @@ PAGODA_INLINE void microkernel(const typename RepackedOf<F>::T* p, int64_t super
         asm("" : "+x"(total[r]));
       }
     }
+    __m256i mins[4] = {};
+    __m256 dm = _mm256_setzero_ps();
+    if constexpr (F::kMins) {
+      for (int q = 0; q < 4; ++q) {
+        mins[q] = _mm256_cvtepu8_epi16(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(pc.mins[q] + 16 * half)));
+      }
+      dm = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pc.dm + lane0)));
+    }
     const __m256 d =
         _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pc.d + lane0)));
-    for (int r = 0; r < R; ++r) {
-      const __m256 dx = _mm256_set1_ps(x.scale[(r0 + r) * x.supers + sb]);
-      __m256 v = _mm256_mul_ps(d, _mm256_cvtepi32_ps(total[r]));
-      if constexpr (F::kMins) {
-        const int16_t* s32 = x.sum32 + (r0 + r) * x.supers * 8 + sb * 8;
-        __m256i m = _mm256_setzero_si256();
-        for (int q = 0; q < 4; ++q) {
-          int32_t pair;
-          std::memcpy(&pair, s32 + 2 * q, 4);
-          const __m256i mins = _mm256_cvtepu8_epi16(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(pc.mins[q] + 16 * half)));
-          m = _mm256_add_epi32(m, _mm256_madd_epi16(mins, _mm256_set1_epi32(pair)));
-        }
-        const __m256 dm =
-            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pc.dm + lane0)));
-        v = _mm256_fmadd_ps(dm, _mm256_cvtepi32_ps(m), v);
-      }
-      acc[r] = _mm256_fmadd_ps(v, dx, acc[r]);
-    }
+    add_super_block<F, R>(total, d, dm, mins, x, r0, sb, acc);
   }
 }
 
