@@ -42,18 +42,21 @@ REPACKED_FIELDS = {
 }
 
 
-def _field_starts(fields: tuple[tuple[str, int, int], ...]) -> dict[str, int]:
-    """Each field's first byte, and "end": the bytes of the whole."""
-    starts, at = {}, 0
+def _layout(fields: tuple[tuple[str, int, int], ...]) -> dict[str, tuple[int, int, int]]:
+    """Each field's (first byte, entries a lane, bytes an entry)."""
+    layout, at = {}, 0
     for name, count, width in fields:
-        starts[name] = at
+        layout[name] = (at, count, width)
         at += LANES * count * width
-    return starts | {"end": at}
+    return layout
 
 
-REPACKED_OFFSETS = {fmt: _field_starts(fields) for fmt, fields in REPACKED_FIELDS.items()}
+REPACKED_LAYOUT = {fmt: _layout(fields) for fmt, fields in REPACKED_FIELDS.items()}
 # Bytes of a super-block of 16 columns, repacked (the file's: 16 x 144 and 16 x 210).
-REPACKED_BYTES = {fmt: starts["end"] for fmt, starts in REPACKED_OFFSETS.items()}
+REPACKED_BYTES = {
+    fmt: sum(LANES * count * width for _, count, width in fields)
+    for fmt, fields in REPACKED_FIELDS.items()
+}
 
 
 @dataclass(frozen=True)
@@ -173,11 +176,11 @@ def repacked_rows_torch(w: RepackedWeight, ids: torch.Tensor) -> torch.Tensor:
     # [n, supers, bytes]: the rows' vectors, then each row's lane of every per-lane field
     data = w.data[ids // LANES]
     lane = (ids % LANES).reshape(n, 1, 1, 1)
-    fields = {name: (count, width) for name, count, width in REPACKED_FIELDS[w.format]}
+    layout = REPACKED_LAYOUT[w.format]
 
     def field(name: str, dtype: torch.dtype) -> torch.Tensor:
         """The field as [n, supers, entries, bytes an entry] of each row's lane, in dtype."""
-        (count, width), start = fields[name], REPACKED_OFFSETS[w.format][name]
+        start, count, width = layout[name]
         t = data[..., start : start + count * LANES * width].reshape(n, -1, count, LANES, width)
         index = lane.unsqueeze(-1).expand(n, t.shape[1], count, 1, width)
         return t.gather(3, index).squeeze(3).contiguous().view(dtype)
