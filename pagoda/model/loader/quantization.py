@@ -210,9 +210,10 @@ def _repack_wins(
     served step sees (1.4-1.9x on the 1B file's formats). At one row a served step streams
     the weight from memory, where the two are within about 10 % (BENCHMARKS.md, section 9),
     but the sample sits in the cache; above the rows where it expands its tiles
-    (`expand_rows` in quantized_gemm.cpp) the repacked GEMM runs gguf_gemm's microkernel
-    without decoding the file's blocks. Timing those too only let the noise of a loaded
-    machine (the API process starting beside the engine) undo the choice.
+    (`expand_rows` in csrc/quantized_gemm_avx512.h and _avx2.h) the repacked GEMM runs
+    gguf_gemm's microkernel without decoding the file's blocks. Timing those too only let
+    the noise of a loaded machine (the API process starting beside the engine) undo the
+    choice.
     """
     sample, cols = _sample(w)
     if w.format not in quantized_gemm.repack_formats() or not quantized_gemm.gemm_takes(

@@ -33,7 +33,7 @@ from pagoda.model.quants import BLOCK_BYTES, SUPER_BLOCK, integer_form
 
 LANES = 16  # output columns a vector of the microkernel
 # A repacked super-block of 16 columns, field by field in byte order: (name, entries a
-# lane, bytes an entry), each field [entries][16 lanes][bytes] (csrc/quantized_gemm.cpp's
+# lane, bytes an entry), each field [entries][16 lanes][bytes] (csrc/quantized_gemm.h's
 # RepackedQ4_K and RepackedQ6_K). "q": the 32 code vectors of 64 bytes, a lane's 4 bytes
 # each; "pad": Q6_K's 32 zero bytes, to a multiple of 64.
 REPACKED_FIELDS = {
