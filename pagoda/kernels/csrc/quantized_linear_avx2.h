@@ -395,63 +395,13 @@ PAGODA_INLINE void dot_rows(const uint8_t* w, const uint8_t* ahead, const Quanti
   for (int r = 0; r < R; ++r) acc[r] = a[r];
 }
 
-// The weight is read in chunks of kChunkRows rows; for more than one input row, each chunk
-// in slices of kChunkUnits units, and every slice in passes of up to kMaxRowsPerPass input
-// rows, so that a pass's inputs stay in the L1 cache while the chunk's rows go by, and its
-// weight bytes in L2 for the next pass.
-constexpr int64_t kChunkRows = 16;
-constexpr int64_t kChunkUnits = 16;
-// Each unit's cache lines are requested this many bytes (rounded up to whole weight rows)
-// before they are used, as the AVX-512 kernel does.
-constexpr int64_t kPrefetchBytes = 2048;
-
-template <typename F>
-void gguf_linear_impl(const QuantizedRows& x, int64_t rows, const at::Tensor& w,
-                      at::Tensor& out) {
-  const int64_t n = w.size(0), row_bytes = w.size(1), units = x.units;
-  const int64_t slice = rows == 1 ? units : kChunkUnits;
-  const int64_t ahead =
-      row_bytes * std::max<int64_t>(1, (kPrefetchBytes + row_bytes - 1) / row_bytes);
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const bool bf16 = out.scalar_type() == at::kBFloat16;
-  float* of = bf16 ? nullptr : out.data_ptr<float>();
-  at::BFloat16* ob = bf16 ? out.data_ptr<at::BFloat16>() : nullptr;
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    std::vector<__m256> acc(kChunkRows * rows);  // [weight row of the chunk, input row]
-    for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
-      const int64_t c1 = std::min(end, c0 + kChunkRows);
-      std::fill(acc.begin(), acc.end(), _mm256_setzero_ps());
-      for (int64_t v0 = 0; v0 < units; v0 += slice) {
-        const int64_t v1 = std::min(units, v0 + slice);
-        for (int64_t r0 = 0; r0 < rows; r0 += kMaxRowsPerPass) {
-          const int64_t pass = std::min<int64_t>(rows - r0, kMaxRowsPerPass);
-          for (int64_t j = c0; j < c1; ++j) {
-            __m256* a = &acc[(j - c0) * rows + r0];
-            const uint8_t* wj = wp + j * row_bytes;
-            switch (pass) {
-#define PAGODA_ROWS(R) \
-  case R:              \
-    dot_rows<F, R>(wj, wj + ahead, x, r0, v0, v1, a); \
-    break;
-              PAGODA_ROWS(1) PAGODA_ROWS(2) PAGODA_ROWS(3) PAGODA_ROWS(4)
-#undef PAGODA_ROWS
-            }
-          }
-        }
-      }
-      for (int64_t j = c0; j < c1; ++j) {
-        for (int64_t r = 0; r < rows; ++r) {
-          const float sum = sum8(acc[(j - c0) * rows + r]);
-          if (bf16) {
-            ob[r * n + j] = at::BFloat16(sum);
-          } else {
-            of[r * n + j] = sum;
-          }
-        }
-      }
-    }
-  });
-}
+// What gguf_linear's order of work (quantized_linear.cpp) takes from this kernel: dot_rows
+// runs over units (steps of 4 blocks), up to 4 input rows a pass, each row's sums in a
+// vector of 8 floats.
+constexpr int64_t kStepBlocks = kUnit;
+using Sums = __m256;
+PAGODA_INLINE Sums zero_sums() { return _mm256_setzero_ps(); }
+PAGODA_INLINE float total(Sums v) { return sum8(v); }
 
 // The dequantizer: a row's units decoded with the product's decoders, each weight written
 // as scale * q + min in float32 (exact: quantized_linear.cpp says why), rounded once to the

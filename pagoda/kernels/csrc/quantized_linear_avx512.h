@@ -1,11 +1,7 @@
 // gguf_linear's kernel and the dequantizer's decoding with AVX-512 (VNNI, BW, VL, DQ), for
-// quantized_linear.cpp, which includes this header where the CPU has them.
-//
-// As llama.cpp does, the input rows are quantized to int8 per 32 values (scale dx = max|x| /
-// 127) and the weights' codes are dotted with them by VNNI instructions (dpbusd: 64 byte
-// products summed in fours). The weight is read once for up to 8 input rows; its bytes are
-// what the GGUF file holds (0.56 bytes a weight for Q4_K, 0.82 for Q6_K, 1.06 for Q8_0), so
-// a decode step, whose time is reading the weights, reads no more than the file's size.
+// quantized_linear.cpp, which includes this header where the CPU has them. The weights'
+// codes are dotted with the int8 inputs by VNNI instructions (dpbusd: 64 byte products
+// summed in fours), the weight read once for up to 8 input rows.
 //
 // Every format comes down to groups of 8 blocks of 32 weights (a K-quant super-block, or 8
 // consecutive legacy blocks) with unsigned codes q, a scale and a minimum per 16 or 32
@@ -20,6 +16,7 @@
 // in lane 8 + i of its last 16, and one float product per group and input row scales them
 // all: acc += float(dot) * (scale * dx) + min * (dx * sum of the input codes). Per block and
 // input row that is half a dpbusd and half a float instruction, where one 256-bit dpbusd per
+// block needed a float conversion, product and sum of its own.
 
 #pragma once
 
@@ -410,71 +407,13 @@ PAGODA_INLINE void dot_rows(const uint8_t* w, const uint8_t* ahead, const Quanti
   for (int r = 0; r < R; ++r) acc[r] = a[r];
 }
 
-// The weight is read in chunks of kChunkRows rows; for more than one input row, each chunk
-// in slices of kChunkGroups groups, and every slice in passes of up to kMaxRowsPerPass input
-// rows, so that a pass's inputs (8 rows of 2048 values: 22 KB) stay in the L1 cache while
-// the chunk's rows go by, and its weight bytes in L2 for the next pass. Each weight group
-// is decoded once a pass: passes of 8 rows measured faster than decoding a chunk once into
-// a buffer that every pass reads.
-constexpr int64_t kChunkRows = 16;
-constexpr int64_t kChunkGroups = 8;
-// The weight streams from memory (a decode step reads every byte of it once): the hardware's
-// prefetcher alone left the loop waiting on it, at about 24 GB/s for Q4_K where the copy
-// bandwidth is 33; requesting each group's cache lines this many bytes (rounded up to whole
-// weight rows) before they are used brings it to about 30.
-constexpr int64_t kPrefetchBytes = 2048;
-
-template <typename F>
-void gguf_linear_impl(const QuantizedRows& x, int64_t rows, const at::Tensor& w,
-                      at::Tensor& out) {
-  const int64_t n = w.size(0), row_bytes = w.size(1), groups = x.groups;
-  const int64_t slice = rows == 1 ? groups : kChunkGroups;
-  // dot_rows prefetches the same groups of the weight row at least kPrefetchBytes below
-  const int64_t ahead =
-      row_bytes * std::max<int64_t>(1, (kPrefetchBytes + row_bytes - 1) / row_bytes);
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  // float32, or bfloat16 rounded from the same float32 sum (a decode step's projections
-  // then need no conversion of their own)
-  const bool bf16 = out.scalar_type() == at::kBFloat16;
-  float* of = bf16 ? nullptr : out.data_ptr<float>();
-  at::BFloat16* ob = bf16 ? out.data_ptr<at::BFloat16>() : nullptr;
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    std::vector<__m512> acc(kChunkRows * rows);  // [weight row of the chunk, input row]
-    for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
-      const int64_t c1 = std::min(end, c0 + kChunkRows);
-      std::fill(acc.begin(), acc.end(), _mm512_setzero_ps());
-      for (int64_t g0 = 0; g0 < groups; g0 += slice) {
-        const int64_t g1 = std::min(groups, g0 + slice);
-        for (int64_t r0 = 0; r0 < rows; r0 += kMaxRowsPerPass) {
-          const int64_t pass = std::min<int64_t>(rows - r0, kMaxRowsPerPass);
-          for (int64_t j = c0; j < c1; ++j) {
-            __m512* a = &acc[(j - c0) * rows + r0];
-            const uint8_t* wj = wp + j * row_bytes;
-            switch (pass) {
-#define PAGODA_ROWS(R) \
-  case R:              \
-    dot_rows<F, R>(wj, wj + ahead, x, r0, g0, g1, a); \
-    break;
-              PAGODA_ROWS(1) PAGODA_ROWS(2) PAGODA_ROWS(3) PAGODA_ROWS(4)
-              PAGODA_ROWS(5) PAGODA_ROWS(6) PAGODA_ROWS(7) PAGODA_ROWS(8)
-#undef PAGODA_ROWS
-            }
-          }
-        }
-      }
-      for (int64_t j = c0; j < c1; ++j) {
-        for (int64_t r = 0; r < rows; ++r) {
-          const float sum = _mm512_reduce_add_ps(acc[(j - c0) * rows + r]);
-          if (bf16) {
-            ob[r * n + j] = at::BFloat16(sum);
-          } else {
-            of[r * n + j] = sum;
-          }
-        }
-      }
-    }
-  });
-}
+// What gguf_linear's order of work (quantized_linear.cpp) takes from this kernel: dot_rows
+// runs over groups (steps of 8 blocks), up to 8 input rows a pass, each row's sums in a
+// vector of 16 floats.
+constexpr int64_t kStepBlocks = kGroup;
+using Sums = __m512;
+PAGODA_INLINE Sums zero_sums() { return _mm512_setzero_ps(); }
+PAGODA_INLINE float total(Sums v) { return _mm512_reduce_add_ps(v); }
 
 // The dequantizer decodes a group of 8 blocks at a time with gguf_linear's decoders
 // (decode_group) and writes each weight as scale * q + min in float32, rounded once to the
