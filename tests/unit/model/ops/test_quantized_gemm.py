@@ -3,6 +3,9 @@ dequantization and a float32 product."""
 
 from __future__ import annotations
 
+import gc
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -194,6 +197,44 @@ def test_repacking_equals_its_twin(gemm_kernels: None, qtype: str, n: int, cols:
     assert got.data.shape == (-(-n // 16), cols // 256, REPACKED_BYTES[qtype])
     assert got.rows == n and got.cols == cols
     assert torch.equal(got.data, repack_torch(w))
+
+
+def mapping_of(address: int) -> dict[str, str] | None:
+    """The /proc/self/smaps entry of the mapping that starts at address (None if none does):
+    its fields by name, and its range as "range"."""
+    entry: dict[str, str] | None = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split()[0]
+        if "-" in first and ":" not in first:  # a mapping's first line: start-end perms ...
+            if entry is not None:
+                return entry
+            start, _, end = first.partition("-")
+            entry = {"range": first} if int(start, 16) == address else None
+        elif entry is not None and ":" in first:
+            entry[first.rstrip(":")] = line.split(":", 1)[1].strip()
+    return entry
+
+
+def transparent_huge_pages() -> bool:
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return path.exists() and "[never]" not in path.read_text()
+
+
+@pytest.mark.skipif(not transparent_huge_pages(), reason="no transparent huge pages here")
+def test_a_repacked_weight_lies_on_huge_pages(gemm_kernels: None) -> None:
+    """A repacked weight streams through the caches at every step: its mapping starts on a
+    2 MiB boundary, is advised for huge pages and ends at its last 4 KiB page (no memory
+    added), and is unmapped when the weight dies."""
+    w = repack(random_weight("Q4_K", 16 * 84, 256 * 16))  # 84 x 16 x 2368 bytes: 3.0 MiB
+    address, nbytes = w.data.data_ptr(), w.data.numel()
+    assert address % (2 << 20) == 0
+    mapping = mapping_of(address)
+    assert mapping is not None and mapping["THPeligible"] == "1"
+    start, end = (int(a, 16) for a in mapping["range"].split("-"))
+    assert end - start == -(-nbytes // 4096) * 4096
+    del w
+    gc.collect()
+    assert mapping_of(address) is None
 
 
 @pytest.mark.parametrize("qtype", GEMM_FORMATS)
