@@ -315,7 +315,7 @@ void repacked_gemm_impl(const InputRows& x, int64_t rows, const at::Tensor& w, i
 
 // A tensor for a repacked weight, on 2 MiB pages where the kernel has transparent huge pages:
 // the weight streams through the caches at every step, and on 4 KiB pages each 4 KiB of it
-// cost a TLB miss (on a Zen 3, a one-sequence step of the 1B file took 8 % longer); at load,
+// cost a TLB miss (on a Zen 3, a one-sequence step of the 1B file took 3-8 % longer); at load,
 // it also faults in 512 times fewer pages. The mapping starts on a 2 MiB boundary and ends
 // at the tensor's last 4 KiB page, so a part-filled last 2 MiB stays in 4 KiB pages and no
 // memory is added. Below 2 MiB, or where mmap fails, at::empty.
