@@ -58,8 +58,7 @@ PAGODA_INLINE void dot_pass(int64_t rows, const uint8_t* w, const uint8_t* ahead
 template <typename F>
 void gguf_linear_impl(const QuantizedRows& x, int64_t rows, const at::Tensor& w,
                       at::Tensor& out) {
-  const int64_t n = w.size(0), row_bytes = w.size(1);
-  const int64_t steps = (x.blocks + kStepBlocks - 1) / kStepBlocks;  // of dot_rows, a row
+  const int64_t n = w.size(0), row_bytes = w.size(1), steps = steps_of(x);
   const int64_t slice = rows == 1 ? steps : kSliceBlocks / kStepBlocks;
   // dot_rows prefetches the same steps of the weight row at least kPrefetchBytes below
   const int64_t ahead =

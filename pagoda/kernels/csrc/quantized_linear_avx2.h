@@ -399,6 +399,7 @@ PAGODA_INLINE void dot_rows(const uint8_t* w, const uint8_t* ahead, const Quanti
 // runs over units (steps of 4 blocks), up to 4 input rows a pass, each row's sums in a
 // vector of 8 floats.
 constexpr int64_t kStepBlocks = kUnit;
+PAGODA_INLINE int64_t steps_of(const QuantizedRows& x) { return x.units; }
 using Sums = __m256;
 PAGODA_INLINE Sums zero_sums() { return _mm256_setzero_ps(); }
 PAGODA_INLINE float total(Sums v) { return sum8(v); }

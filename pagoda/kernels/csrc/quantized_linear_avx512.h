@@ -411,6 +411,7 @@ PAGODA_INLINE void dot_rows(const uint8_t* w, const uint8_t* ahead, const Quanti
 // runs over groups (steps of 8 blocks), up to 8 input rows a pass, each row's sums in a
 // vector of 16 floats.
 constexpr int64_t kStepBlocks = kGroup;
+PAGODA_INLINE int64_t steps_of(const QuantizedRows& x) { return x.groups; }
 using Sums = __m512;
 PAGODA_INLINE Sums zero_sums() { return _mm512_setzero_ps(); }
 PAGODA_INLINE float total(Sums v) { return _mm512_reduce_add_ps(v); }
