@@ -90,7 +90,7 @@ def main() -> None:
     llm.generate(prompts, params, use_tqdm=False)
     done.set()
 
-    per_block = kv_bytes_per_block(runner.spec, runner.block_size, runner.dtype)
+    per_block = kv_bytes_per_block(runner.spec, runner.block_size, runner.kv_cache_dtype)
     after_heap = heap_mib()
     record = {
         "anon_ready_mib": ready_anon,
